@@ -39,13 +39,13 @@ const COMMON: &[Edge] = &[
     edge(
         S::PostcopyActive,
         S::PostcopyPaused,
-        "failed | channel-lost",
+        "failed or channel-lost",
     ),
     edge(S::PostcopyRecover, S::PostcopyActive, "resumed"),
     edge(
         S::PostcopyRecover,
         S::PostcopyPaused,
-        "failed | channel-lost",
+        "failed or channel-lost",
     ),
 ];
 
@@ -66,7 +66,7 @@ const SOURCE: &[Edge] = &[
     edge(
         S::PostcopyRecoverSetup,
         S::PostcopyPaused,
-        "failed | channel-lost",
+        "failed or channel-lost",
     ),
 ];
 
@@ -92,7 +92,7 @@ const SOURCE_QEMU11: &[Edge] = &[
     edge(
         S::PostcopyDevice,
         S::PostcopyPaused,
-        "failed | channel-lost",
+        "failed or channel-lost",
     ),
 ];
 

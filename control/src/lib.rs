@@ -91,7 +91,9 @@
 //!    is already decided, is accepted and does nothing. `cancel` in any postcopy status is
 //!    refused: the guest already runs on the destination; `pause` and `recover` are the way out.
 //!    After an error the default profile stays on the current status until `drained`, then
-//!    shows `failed`; [`Profile::Qemu11`] shows `failing` in between.
+//!    shows `failed`; [`Profile::Qemu11`] shows `failing` in between. While the end is decided
+//!    but not yet drained, progress facts (a pass, `switchover`, ...) are ignored: the data
+//!    plane is stopping.
 //! 4. **Postcopy** (needs the `postcopy-ram` option). `start-postcopy` is accepted in `setup`
 //!    and `active` and shows nothing by itself. Then `switchover` → `device`, and
 //!    `postcopy-started` → `postcopy-active` (under QEMU 11: `postcopy-device`, then
@@ -108,6 +110,22 @@
 //!    `reconnected` while `active`, `drained` before any outcome, a source-only input on the
 //!    destination, a pass out of order) returns a typed [`StepError`] and changes nothing.
 //!    In pre-copy a `channel-lost` is an error like `failed`.
+//!
+//! # What a consumer sees
+//!
+//! | migration | source events (`qemu-10`) | `qemu-11` differs |
+//! |---|---|---|
+//! | precopy | `setup, active, device, completed` | |
+//! | with `pause-before-switchover` | `setup, active, pre-switchover, device, completed` | |
+//! | an error | `setup, active, failed` | `setup, active, failing, failed` |
+//! | a cancel | `setup, active, cancelling, cancelled` | |
+//! | postcopy | `setup, active, device, postcopy-active, completed` | `device, postcopy-device, postcopy-active` |
+//! | postcopy, channel lost and recovered | `... postcopy-active, postcopy-paused, postcopy-recover-setup, postcopy-recover, postcopy-active, ...` | |
+//! | destination | `setup, active, completed` (error: `setup, active, failed`) | error: `setup, active, failing, failed` |
+//!
+//! The source adds a `MIGRATION_PASS` for each dirty sync: pass 1 during `setup`, one per
+//! round while `active`, the last after `device`. When `completed`, `failed` or `cancelled`
+//! arrives, everything has stopped: the next `migrate` may follow at once.
 //!
 //! Every emitted change is an edge of the [`Graph`] for the machine's side and profile; the
 //! tests check that for every input sequence up to length 9 and for random long ones, and that
@@ -137,9 +155,9 @@
 //!     active --> cancelling: cancel
 //!     cancelling --> cancelled: drained
 //!     postcopy_active --> completed: completed, then drained
-//!     postcopy_active --> postcopy_paused: failed | channel-lost
+//!     postcopy_active --> postcopy_paused: failed or channel-lost
 //!     postcopy_recover --> postcopy_active: resumed
-//!     postcopy_recover --> postcopy_paused: failed | channel-lost
+//!     postcopy_recover --> postcopy_paused: failed or channel-lost
 //!     active --> device: switchover
 //!     active --> pre_switchover: switchover (pause-before-switchover)
 //!     pre_switchover --> device: continue
@@ -148,7 +166,7 @@
 //!     device --> completed: completed, then drained
 //!     postcopy_paused --> postcopy_recover_setup: recover
 //!     postcopy_recover_setup --> postcopy_recover: reconnected
-//!     postcopy_recover_setup --> postcopy_paused: failed | channel-lost
+//!     postcopy_recover_setup --> postcopy_paused: failed or channel-lost
 //!     setup --> failed: failed, then drained
 //!     active --> failed: failed, then drained
 //!     pre_switchover --> failed: failed, then drained
@@ -176,9 +194,9 @@
 //!     active --> cancelling: cancel
 //!     cancelling --> cancelled: drained
 //!     postcopy_active --> completed: completed, then drained
-//!     postcopy_active --> postcopy_paused: failed | channel-lost
+//!     postcopy_active --> postcopy_paused: failed or channel-lost
 //!     postcopy_recover --> postcopy_active: resumed
-//!     postcopy_recover --> postcopy_paused: failed | channel-lost
+//!     postcopy_recover --> postcopy_paused: failed or channel-lost
 //!     active --> device: switchover
 //!     active --> pre_switchover: switchover (pause-before-switchover)
 //!     pre_switchover --> device: continue
@@ -187,7 +205,7 @@
 //!     device --> completed: completed, then drained
 //!     postcopy_paused --> postcopy_recover_setup: recover
 //!     postcopy_recover_setup --> postcopy_recover: reconnected
-//!     postcopy_recover_setup --> postcopy_paused: failed | channel-lost
+//!     postcopy_recover_setup --> postcopy_paused: failed or channel-lost
 //!     setup --> failing: failed
 //!     active --> failing: failed
 //!     pre_switchover --> failing: failed
@@ -196,7 +214,7 @@
 //!     device --> postcopy_device: postcopy-started
 //!     postcopy_device --> postcopy_active: device-loaded
 //!     postcopy_device --> completed: completed, then drained
-//!     postcopy_device --> postcopy_paused: failed | channel-lost
+//!     postcopy_device --> postcopy_paused: failed or channel-lost
 //! ```
 //!
 //! ## Destination, `qemu-10`
@@ -216,9 +234,9 @@
 //!     active --> cancelling: cancel
 //!     cancelling --> cancelled: drained
 //!     postcopy_active --> completed: completed, then drained
-//!     postcopy_active --> postcopy_paused: failed | channel-lost
+//!     postcopy_active --> postcopy_paused: failed or channel-lost
 //!     postcopy_recover --> postcopy_active: resumed
-//!     postcopy_recover --> postcopy_paused: failed | channel-lost
+//!     postcopy_recover --> postcopy_paused: failed or channel-lost
 //!     active --> completed: completed, then drained
 //!     active --> postcopy_active: postcopy-started
 //!     postcopy_paused --> postcopy_recover: recover, then reconnected
@@ -243,9 +261,9 @@
 //!     active --> cancelling: cancel
 //!     cancelling --> cancelled: drained
 //!     postcopy_active --> completed: completed, then drained
-//!     postcopy_active --> postcopy_paused: failed | channel-lost
+//!     postcopy_active --> postcopy_paused: failed or channel-lost
 //!     postcopy_recover --> postcopy_active: resumed
-//!     postcopy_recover --> postcopy_paused: failed | channel-lost
+//!     postcopy_recover --> postcopy_paused: failed or channel-lost
 //!     active --> completed: completed, then drained
 //!     active --> postcopy_active: postcopy-started
 //!     postcopy_paused --> postcopy_recover: recover, then reconnected

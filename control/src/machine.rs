@@ -490,7 +490,6 @@ impl Machine {
             };
         }
         match trigger {
-            Trigger::Migrate => unreachable!("handled above"),
             Trigger::Cancel if run.phase.is_postcopy() => {
                 return Err(StepError::CancelInPostcopy { status });
             }
