@@ -1,0 +1,394 @@
+//! Dirty pages: per-region atomic bitmaps in KVM dirty-log word format, and the runs of dirty
+//! pages they describe.
+//!
+//! A bitmap is a `u64` word per 64 pages, bit `i` of word `w` standing for page `64 * w + i`
+//! (the layout `KVM_GET_DIRTY_LOG` and vm-memory's `AtomicBitmap` use). Bits past the region's
+//! last page are ignored. [`runs`] turns words into runs of consecutive dirty pages, skipping
+//! zero words and jumping with `trailing_zeros`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::memory::GuestMemory;
+
+/// A run of consecutive pages `start .. start + len` within one region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PageRun {
+    /// The first page.
+    pub start: u64,
+    /// How many pages (never zero).
+    pub len: u64,
+}
+
+impl PageRun {
+    /// One past the last page.
+    pub const fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+/// A dirty bitmap for one region, safe to mark from any thread.
+#[derive(Debug)]
+pub struct DirtyBitmap {
+    words: Vec<AtomicU64>,
+    pages: u64,
+}
+
+fn words_for(pages: u64) -> usize {
+    usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX)
+}
+
+/// The mask of valid bits in word `index` of a bitmap over `pages` pages.
+fn valid_mask(index: usize, pages: u64) -> u64 {
+    let first = index as u64 * 64;
+    match pages.saturating_sub(first) {
+        0 => 0,
+        n if n >= 64 => u64::MAX,
+        n => (1u64 << n) - 1,
+    }
+}
+
+impl DirtyBitmap {
+    /// A clean bitmap over `pages` pages.
+    pub fn new(pages: u64) -> Self {
+        DirtyBitmap {
+            words: (0..words_for(pages)).map(|_| AtomicU64::new(0)).collect(),
+            pages,
+        }
+    }
+
+    /// A bitmap with every page dirty (the first round of a migration).
+    pub fn all(pages: u64) -> Self {
+        let bitmap = DirtyBitmap::new(pages);
+        bitmap.set_range(0, pages);
+        bitmap
+    }
+
+    /// How many pages it covers.
+    pub const fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Marks `page` dirty; pages past the end are ignored.
+    pub fn set(&self, page: u64) {
+        if page < self.pages {
+            self.words[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Marks pages `start .. start + count` dirty, clipped to the bitmap.
+    pub fn set_range(&self, start: u64, count: u64) {
+        let end = start.saturating_add(count).min(self.pages);
+        let mut page = start;
+        while page < end {
+            let bit = page % 64;
+            let n = (64 - bit).min(end - page);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[(page / 64) as usize].fetch_or(mask, Ordering::Relaxed);
+            page += n;
+        }
+    }
+
+    /// Whether `page` is dirty.
+    pub fn is_set(&self, page: u64) -> bool {
+        page < self.pages
+            && self.words[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) != 0
+    }
+
+    /// ORs in a caller's bitmap words (e.g. from `KVM_GET_DIRTY_LOG`); words and bits past the
+    /// end are ignored.
+    pub fn merge(&self, words: &[u64]) {
+        for (index, (word, &incoming)) in self.words.iter().zip(words).enumerate() {
+            let incoming = incoming & valid_mask(index, self.pages);
+            if incoming != 0 {
+                word.fetch_or(incoming, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Takes the dirty pages and clears them, atomically per word: a page marked concurrently
+    /// is either in the result or still set afterwards, never lost.
+    pub fn take(&self) -> Vec<u64> {
+        self.words
+            .iter()
+            .enumerate()
+            .map(|(index, w)| w.swap(0, Ordering::Relaxed) & valid_mask(index, self.pages))
+            .collect()
+    }
+
+    /// How many pages are dirty now.
+    pub fn count(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+}
+
+/// The runs of consecutive set bits in `words`, clipped to `pages` pages.
+pub fn runs(words: &[u64], pages: u64) -> Runs<'_> {
+    Runs {
+        words,
+        pages,
+        index: 0,
+        current: words.first().copied().unwrap_or(0) & valid_mask(0, pages),
+    }
+}
+
+/// Iterator over the dirty runs of a word slice; see [`runs`].
+#[derive(Debug, Clone)]
+pub struct Runs<'a> {
+    words: &'a [u64],
+    pages: u64,
+    /// The word being scanned.
+    index: usize,
+    /// Its bits not yet consumed.
+    current: u64,
+}
+
+impl Runs<'_> {
+    /// Advances to the next non-zero word; false at the end.
+    fn seek(&mut self) -> bool {
+        while self.current == 0 {
+            self.index += 1;
+            match self.words.get(self.index) {
+                Some(&w) => self.current = w & valid_mask(self.index, self.pages),
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+impl Iterator for Runs<'_> {
+    type Item = PageRun;
+
+    fn next(&mut self) -> Option<PageRun> {
+        if !self.seek() {
+            return None;
+        }
+        let bit = self.current.trailing_zeros();
+        let base = self.index as u64 * 64;
+        let start = base + u64::from(bit);
+        // Ones from `bit` upwards; the shift brings in zeros at the top, so this is at most
+        // 64 - bit.
+        let ones = (!(self.current >> bit)).trailing_zeros();
+        if bit + ones < 64 {
+            self.current &= !(((1u64 << ones) - 1) << bit);
+            let len = u64::from(ones);
+            return Some(PageRun { start, len });
+        }
+        // The run reaches the top of this word: it goes on while the next words start with
+        // set bits.
+        self.current = 0;
+        let mut end = base + 64;
+        while let Some(&word) = self.words.get(self.index + 1) {
+            let word = word & valid_mask(self.index + 1, self.pages);
+            if word & 1 == 0 {
+                break;
+            }
+            self.index += 1;
+            let ones = (!word).trailing_zeros();
+            end = self.index as u64 * 64 + u64::from(ones);
+            if ones < 64 {
+                self.current = word & !((1u64 << ones) - 1);
+                break;
+            }
+        }
+        Some(PageRun {
+            start,
+            len: end - start,
+        })
+    }
+}
+
+/// The dirty pages of every region of a guest memory, taken at one moment: what one round
+/// sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtySet {
+    /// Per region index: (bitmap words, page count).
+    regions: Vec<(Vec<u64>, u64)>,
+}
+
+impl DirtySet {
+    /// Every page of `memory`.
+    pub fn all(memory: &GuestMemory) -> Self {
+        DirtySet {
+            regions: memory
+                .regions()
+                .iter()
+                .map(|r| {
+                    let pages = r.layout().pages();
+                    (DirtyBitmap::all(pages).take(), pages)
+                })
+                .collect(),
+        }
+    }
+
+    /// No page of `memory`.
+    pub fn none(memory: &GuestMemory) -> Self {
+        DirtySet {
+            regions: memory
+                .regions()
+                .iter()
+                .map(|r| {
+                    let pages = r.layout().pages();
+                    (vec![0; words_for(pages)], pages)
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes (and clears) the pages marked in `bitmaps`, one per region index.
+    pub fn take(bitmaps: &[DirtyBitmap]) -> Self {
+        DirtySet {
+            regions: bitmaps.iter().map(|b| (b.take(), b.pages())).collect(),
+        }
+    }
+
+    /// Marks `page` of region `region` (ignored if out of range).
+    pub fn insert(&mut self, region: usize, page: u64) {
+        if let Some((words, pages)) = self.regions.get_mut(region)
+            && page < *pages
+        {
+            words[(page / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+
+    /// How many regions it covers.
+    pub fn region_count(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// The dirty runs of region `region`.
+    pub fn runs(&self, region: usize) -> Runs<'_> {
+        match self.regions.get(region) {
+            Some((words, pages)) => runs(words, *pages),
+            None => runs(&[], 0),
+        }
+    }
+
+    /// The bitmap words of region `region` (empty if there is no such region).
+    pub fn words(&self, region: usize) -> &[u64] {
+        self.regions.get(region).map_or(&[], |(words, _)| words)
+    }
+
+    /// How many pages are dirty.
+    pub fn count(&self) -> u64 {
+        self.regions
+            .iter()
+            .flat_map(|(words, _)| words)
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The model: one bit at a time.
+    fn naive_runs(words: &[u64], pages: u64) -> Vec<PageRun> {
+        let mut out: Vec<PageRun> = Vec::new();
+        for page in 0..pages.min(words.len() as u64 * 64) {
+            if words[(page / 64) as usize] >> (page % 64) & 1 == 1 {
+                match out.last_mut() {
+                    Some(run) if run.end() == page => run.len += 1,
+                    _ => out.push(PageRun {
+                        start: page,
+                        len: 1,
+                    }),
+                }
+            }
+        }
+        out
+    }
+
+    fn word_strategy() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0u64),
+            Just(u64::MAX),
+            Just(1u64),
+            Just(1u64 << 63),
+            any::<u64>(),
+            (0u32..64, 0u32..64).prop_map(|(a, b)| {
+                let (lo, hi) = (a.min(b), a.max(b));
+                (u64::MAX >> (63 - (hi - lo))) << lo
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn runs_match_a_per_bit_loop(
+            words in prop::collection::vec(word_strategy(), 0..12),
+            slack in 0u64..130,
+        ) {
+            let pages = (words.len() as u64 * 64).saturating_sub(slack);
+            let fast: Vec<PageRun> = runs(&words, pages).collect();
+            prop_assert_eq!(fast, naive_runs(&words, pages));
+        }
+
+        #[test]
+        fn bitmap_set_range_take_and_merge(
+            pages in 1u64..400,
+            ranges in prop::collection::vec((0u64..420, 0u64..200), 0..8),
+            incoming in prop::collection::vec(any::<u64>(), 0..9),
+        ) {
+            let bitmap = DirtyBitmap::new(pages);
+            let mut model = vec![false; pages as usize];
+            for &(start, count) in &ranges {
+                bitmap.set_range(start, count);
+                for p in start..start.saturating_add(count).min(pages) {
+                    model[p as usize] = true;
+                }
+            }
+            bitmap.merge(&incoming);
+            for (w, word) in incoming.iter().enumerate() {
+                for bit in 0..64 {
+                    let p = w as u64 * 64 + bit;
+                    if p < pages && word >> bit & 1 == 1 {
+                        model[p as usize] = true;
+                    }
+                }
+            }
+            for p in 0..pages {
+                prop_assert_eq!(bitmap.is_set(p), model[p as usize]);
+            }
+            prop_assert_eq!(bitmap.count(), model.iter().filter(|&&d| d).count() as u64);
+            let words = bitmap.take();
+            prop_assert_eq!(bitmap.count(), 0);
+            let taken: u64 = runs(&words, pages).map(|r| r.len).sum();
+            prop_assert_eq!(taken, model.iter().filter(|&&d| d).count() as u64);
+        }
+    }
+
+    #[test]
+    fn edges() {
+        assert_eq!(runs(&[], 0).count(), 0);
+        assert_eq!(
+            runs(&[u64::MAX; 3], 192).collect::<Vec<_>>(),
+            [PageRun { start: 0, len: 192 }]
+        );
+        assert_eq!(
+            runs(&[u64::MAX; 3], 130).collect::<Vec<_>>(),
+            [PageRun { start: 0, len: 130 }]
+        );
+        assert_eq!(
+            runs(&[1 << 63, 1, 0, 1 << 5], 256).collect::<Vec<_>>(),
+            [
+                PageRun { start: 63, len: 2 },
+                PageRun { start: 197, len: 1 }
+            ]
+        );
+        let all = DirtyBitmap::all(100);
+        assert_eq!(all.count(), 100);
+        all.set(1000);
+        assert!(!all.is_set(1000));
+    }
+}

@@ -1,0 +1,231 @@
+//! The sessions' error: what ended a migration, with the channel it happened on.
+
+use std::fmt::Write as _;
+use std::io;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::memory::MemoryError;
+use crate::wire::DecodeError;
+
+/// Why a send or receive session failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The options make no sense (zero channels, say).
+    #[error("invalid options: {0}")]
+    Config(String),
+    /// Connecting a channel failed.
+    #[error("channel {channel}: cannot connect to {endpoint}")]
+    Connect {
+        /// The channel.
+        channel: u16,
+        /// Where to.
+        endpoint: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Binding or accepting failed.
+    #[error("cannot listen on {endpoint}")]
+    Listen {
+        /// Where.
+        endpoint: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A read or write failed.
+    #[error("channel {channel}: {op} failed")]
+    Io {
+        /// The channel.
+        channel: u16,
+        /// What was being done, e.g. "receiving a frame header".
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer stopped answering.
+    #[error("channel {channel}: timed out after {timeout:?} {op}")]
+    Timeout {
+        /// The channel.
+        channel: u16,
+        /// What was being waited for.
+        op: &'static str,
+        /// The timeout in force.
+        timeout: Duration,
+    },
+    /// The peer closed the connection too early.
+    #[error("channel {channel}: the peer closed the connection while {op}")]
+    Closed {
+        /// The channel.
+        channel: u16,
+        /// What was being done.
+        op: &'static str,
+    },
+    /// Bytes that are not valid protocol (corruption, another program, a hostile peer).
+    #[error("channel {channel}: invalid data from the peer")]
+    Decode {
+        /// The channel.
+        channel: u16,
+        /// What was wrong.
+        #[source]
+        source: DecodeError,
+    },
+    /// Valid frames in an invalid order or with invalid content.
+    #[error("channel {channel}: {problem}")]
+    Protocol {
+        /// The channel.
+        channel: u16,
+        /// What was wrong.
+        problem: String,
+    },
+    /// The receiver refused the hello.
+    #[error("channel {channel}: the receiver refused the connection: {reason}")]
+    Refused {
+        /// The channel.
+        channel: u16,
+        /// The receiver's reason.
+        reason: String,
+    },
+    /// The peer reported that it failed.
+    #[error("the {peer} failed: {message}")]
+    PeerFailed {
+        /// "sender" or "receiver".
+        peer: &'static str,
+        /// Its message.
+        message: String,
+    },
+    /// Guest memory access failed (a page outside guest memory, say).
+    #[error("channel {channel}: guest memory")]
+    Memory {
+        /// The channel.
+        channel: u16,
+        /// What was wrong.
+        #[source]
+        source: MemoryError,
+    },
+    /// The session already ended (completed, failed or cancelled).
+    #[error("the migration session has already ended")]
+    Ended,
+    /// The session was cancelled.
+    #[error("the migration was cancelled")]
+    Cancelled,
+    /// A worker thread could not be started.
+    #[error("cannot start a {what} thread")]
+    Spawn {
+        /// Which thread.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// Whether this is a checksum mismatch (data corrupted in transit).
+    pub fn is_checksum(&self) -> bool {
+        matches!(self, Error::Decode { source, .. } if source.is_checksum())
+    }
+
+    /// Whether the peer stopped answering.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
+    /// Whether this is a cancellation rather than a failure.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, Error::Cancelled)
+    }
+
+    /// The message with every cause, `outer: inner: innermost`, for a `failed` fact.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            let _ = write!(text, ": {cause}");
+            source = cause.source();
+        }
+        text
+    }
+
+    /// Whether this error explains `earlier`: the peer's own failure message beats the broken
+    /// connection it caused on our side.
+    pub(crate) fn explains(&self, earlier: &Error) -> bool {
+        matches!(self, Error::PeerFailed { .. })
+            && matches!(
+                earlier,
+                Error::Io { .. } | Error::Closed { .. } | Error::Timeout { .. }
+            )
+    }
+
+    /// Classifies an I/O error on `channel` while doing `op`.
+    pub(crate) fn io(channel: u16, op: &'static str, timeout: Duration, source: io::Error) -> Self {
+        match source.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::Timeout {
+                channel,
+                op,
+                timeout,
+            },
+            io::ErrorKind::UnexpectedEof => Error::Closed { channel, op },
+            _ => Error::Io {
+                channel,
+                op,
+                source,
+            },
+        }
+    }
+
+    pub(crate) fn protocol(channel: u16, problem: impl Into<String>) -> Self {
+        Error::Protocol {
+            channel,
+            problem: problem.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chains_read_as_one_message() {
+        let err = Error::Decode {
+            channel: 2,
+            source: DecodeError::Checksum {
+                what: "frame",
+                expected: 1,
+                actual: 2,
+            },
+        };
+        assert!(err.is_checksum());
+        assert_eq!(
+            err.chain(),
+            "channel 2: invalid data from the peer: frame checksum mismatch: header says \
+             0x00000001, bytes give 0x00000002"
+        );
+        let timeout = Error::io(
+            0,
+            "waiting for the hello",
+            Duration::from_secs(1),
+            io::ErrorKind::WouldBlock.into(),
+        );
+        assert!(timeout.is_timeout());
+        assert_eq!(
+            timeout.to_string(),
+            "channel 0: timed out after 1s waiting for the hello"
+        );
+        let eof = Error::io(
+            1,
+            "receiving a frame",
+            Duration::ZERO,
+            io::ErrorKind::UnexpectedEof.into(),
+        );
+        assert_eq!(
+            eof.to_string(),
+            "channel 1: the peer closed the connection while receiving a frame"
+        );
+    }
+}

@@ -1,0 +1,635 @@
+//! Guest memory: regions of guest RAM mapped into this process.
+//!
+//! [`GuestMemory`] is the one type that owns the mappings and the raw pointers into them. Guest
+//! pages are never handed out as `&[u8]` by the public API: on the source the guest keeps writing
+//! them while they are read, so every read is a copy through a raw pointer into memory ramjet
+//! owns ([`GuestMemory::read`]), and whatever is checksummed or sent is that copy. Every offset
+//! that comes from a peer is bounds-checked here before any pointer is formed.
+//!
+//! The receiver writes pages through the crate-private `page_mut`, whose callers guarantee that
+//! no two threads touch the same page at once (the wire protocol's page → channel assignment and
+//! the once-per-round rule make that true even for a hostile peer; see `recv.rs`).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use memmap2::{Advice, MmapOptions, MmapRaw};
+use thiserror::Error;
+
+/// Bytes per guest page. ramjet moves 4 KiB pages; larger host pages still hold 4 KiB guest
+/// pages.
+pub const PAGE_SIZE: usize = 4096;
+const PAGE_SIZE_U64: u64 = PAGE_SIZE as u64;
+
+/// A guest physical address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct GuestAddr(pub u64);
+
+/// Where a region sits in the guest: its id, guest base address and length. Sender and receiver
+/// must agree on every region's layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RegionLayout {
+    id: u32,
+    guest_base: GuestAddr,
+    len: u64,
+}
+
+impl RegionLayout {
+    /// A layout; `len` must be a whole number of pages (checked by [`GuestMemory::new`]).
+    pub const fn new(id: u32, guest_base: GuestAddr, len: u64) -> Self {
+        RegionLayout {
+            id,
+            guest_base,
+            len,
+        }
+    }
+
+    /// The region's id.
+    pub const fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The guest address of its first byte.
+    pub const fn guest_base(&self) -> GuestAddr {
+        self.guest_base
+    }
+
+    /// Its length in bytes.
+    pub const fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it is empty (never true in a valid [`GuestMemory`]).
+    pub const fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Its length in pages.
+    pub const fn pages(&self) -> u64 {
+        self.len / PAGE_SIZE_U64
+    }
+}
+
+/// What backs a region's mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Anonymous private memory (with `MADV_HUGEPAGE`).
+    Anonymous,
+    /// A memory-image file mapped shared.
+    File,
+    /// A memfd, which another process can map too.
+    Memfd,
+}
+
+/// Errors from building or accessing guest memory.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum MemoryError {
+    /// The kernel refused a mapping or a memfd.
+    #[error("cannot map {what} of {len} bytes")]
+    Map {
+        /// What was being mapped.
+        what: &'static str,
+        /// Its length.
+        len: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A region length or guest base that is not page-aligned, or zero.
+    #[error(
+        "region {id}: base {base:#x} and length {len} must be non-zero multiples of {PAGE_SIZE}"
+    )]
+    Unaligned {
+        /// The region id.
+        id: u32,
+        /// Its guest base.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// Two regions with the same id.
+    #[error("region id {id} is used twice")]
+    DuplicateId {
+        /// The id.
+        id: u32,
+    },
+    /// Two regions that overlap in guest address space.
+    #[error("regions {first} and {second} overlap in guest memory")]
+    Overlap {
+        /// The first region's id.
+        first: u32,
+        /// The second region's id.
+        second: u32,
+    },
+    /// A memory with no region.
+    #[error("guest memory needs at least one region")]
+    Empty,
+    /// Two memories compared page by page have different layouts.
+    #[error("the guest memory layouts differ")]
+    LayoutMismatch,
+    /// An access outside a region, or to a region that does not exist.
+    #[error("{len} bytes at offset {offset:#x} of region index {region} are outside guest memory")]
+    OutOfBounds {
+        /// The region index.
+        region: usize,
+        /// The offset into it.
+        offset: u64,
+        /// The access length.
+        len: u64,
+    },
+}
+
+/// One mapped region of guest RAM.
+#[derive(Debug)]
+pub struct Region {
+    layout: RegionLayout,
+    /// The mapping; `MmapRaw` never creates references to the mapped bytes.
+    map: MmapRaw,
+    backing: Backing,
+    /// Whether every byte is known to be zero (fresh anonymous or memfd memory that nothing has
+    /// written yet).
+    known_zero: AtomicBool,
+    /// The memfd, kept open so the region can be shared.
+    memfd: Option<File>,
+}
+
+impl Region {
+    /// Fresh anonymous memory, zero-filled, with transparent huge pages requested.
+    pub fn anonymous(id: u32, guest_base: GuestAddr, len: u64) -> Result<Self, MemoryError> {
+        let layout = checked_layout(id, guest_base, len)?;
+        let map_len = map_len(len)?;
+        let map = MmapOptions::new()
+            .len(map_len)
+            .map_anon()
+            .map_err(|source| MemoryError::Map {
+                what: "anonymous memory",
+                len,
+                source,
+            })?;
+        // Huge pages make faults and TLB misses cheaper; without THP this is refused, harmlessly.
+        let _ = map.advise(Advice::HugePage);
+        Ok(Region {
+            layout,
+            map: MmapRaw::from(map),
+            backing: Backing::Anonymous,
+            known_zero: AtomicBool::new(true),
+            memfd: None,
+        })
+    }
+
+    /// A new memfd of `len` bytes, zero-filled, mapped shared.
+    pub fn memfd(id: u32, guest_base: GuestAddr, len: u64) -> Result<Self, MemoryError> {
+        let layout = checked_layout(id, guest_base, len)?;
+        let map_err = |source| MemoryError::Map {
+            what: "a memfd",
+            len,
+            source,
+        };
+        // SAFETY: the name is a NUL-terminated C string literal; the call has no other inputs.
+        let fd = unsafe { libc::memfd_create(c"ramjet-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(map_err(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len).map_err(map_err)?;
+        let map = MmapOptions::new()
+            .len(map_len(len)?)
+            .map_raw(&file)
+            .map_err(map_err)?;
+        Ok(Region {
+            layout,
+            map,
+            backing: Backing::Memfd,
+            known_zero: AtomicBool::new(true),
+            memfd: Some(file),
+        })
+    }
+
+    /// Maps a memory-image file shared: writes go to the file. Its length must be a whole
+    /// number of pages.
+    ///
+    /// # Safety
+    ///
+    /// While the region lives, no other process or thread may truncate the file (accessing a
+    /// truncated mapping raises `SIGBUS`), and on a receiver nothing else may write the file
+    /// (the receiver verifies checksums over the bytes it wrote). This is memmap2's contract for
+    /// file mappings.
+    pub unsafe fn from_file(
+        id: u32,
+        guest_base: GuestAddr,
+        file: &File,
+    ) -> Result<Self, MemoryError> {
+        let len = file
+            .metadata()
+            .map_err(|source| MemoryError::Map {
+                what: "an image file",
+                len: 0,
+                source,
+            })?
+            .len();
+        let layout = checked_layout(id, guest_base, len)?;
+        let map = MmapOptions::new()
+            .len(map_len(len)?)
+            .map_raw(file)
+            .map_err(|source| MemoryError::Map {
+                what: "an image file",
+                len,
+                source,
+            })?;
+        Ok(Region {
+            layout,
+            map,
+            backing: Backing::File,
+            known_zero: AtomicBool::new(false),
+            memfd: None,
+        })
+    }
+
+    /// Where the region sits in the guest.
+    pub const fn layout(&self) -> RegionLayout {
+        self.layout
+    }
+
+    /// What backs it.
+    pub const fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// The memfd behind a [`Backing::Memfd`] region, to share it with another process.
+    pub fn memfd_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.memfd.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Faults every page in for writing now (`MADV_POPULATE_WRITE`, or a touch per page on
+    /// older kernels), as a VMM preallocates guest RAM at start-up, so that receiving a
+    /// migration does not pay for page faults.
+    pub fn prefault(&self) -> io::Result<()> {
+        // SAFETY: the range is exactly this mapping, which stays alive for the call;
+        // MADV_POPULATE_WRITE only faults pages in and does not change their contents.
+        let ret = unsafe {
+            libc::madvise(
+                self.map.as_mut_ptr().cast(),
+                self.map.len(),
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if ret == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINVAL) {
+            return Err(err);
+        }
+        // Kernels before 5.14: touch one byte per page, atomically, so a concurrent writer
+        // never loses a write.
+        for page in 0..self.layout.pages() {
+            let offset = page * PAGE_SIZE_U64;
+            let p = self
+                .ptr_at(offset, 1)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            // SAFETY: `p` is in bounds and aligned for u8; an atomic add of zero keeps the value.
+            let atomic = unsafe { AtomicU8::from_ptr(p) };
+            atomic.fetch_add(0, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// A pointer to `len` bytes at `offset`, after checking they lie inside the region.
+    fn ptr_at(&self, offset: u64, len: u64) -> Result<*mut u8, (u64, u64)> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.layout.len => {
+                // The bounds check above keeps `offset` below the mapping length, a usize.
+                let offset = usize::try_from(offset).map_err(|_| (offset, len))?;
+                // SAFETY: offset + len <= the mapping length, so the result stays within (or one
+                // past the end of) the mapping.
+                Ok(unsafe { self.map.as_mut_ptr().add(offset) })
+            }
+            _ => Err((offset, len)),
+        }
+    }
+}
+
+fn checked_layout(id: u32, guest_base: GuestAddr, len: u64) -> Result<RegionLayout, MemoryError> {
+    if len == 0 || !len.is_multiple_of(PAGE_SIZE_U64) || !guest_base.0.is_multiple_of(PAGE_SIZE_U64)
+    {
+        return Err(MemoryError::Unaligned {
+            id,
+            base: guest_base.0,
+            len,
+        });
+    }
+    if guest_base.0.checked_add(len).is_none() {
+        return Err(MemoryError::Unaligned {
+            id,
+            base: guest_base.0,
+            len,
+        });
+    }
+    Ok(RegionLayout::new(id, guest_base, len))
+}
+
+fn map_len(len: u64) -> Result<usize, MemoryError> {
+    usize::try_from(len).map_err(|_| MemoryError::Map {
+        what: "memory",
+        len,
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })
+}
+
+/// The guest RAM: one or more regions, addressed by their index in the list.
+#[derive(Debug)]
+pub struct GuestMemory {
+    regions: Vec<Region>,
+}
+
+impl GuestMemory {
+    /// Guest memory from regions, which must have distinct ids and must not overlap.
+    pub fn new(regions: Vec<Region>) -> Result<Self, MemoryError> {
+        if regions.is_empty() {
+            return Err(MemoryError::Empty);
+        }
+        for (i, a) in regions.iter().enumerate() {
+            for b in &regions[i + 1..] {
+                let (a, b) = (a.layout, b.layout);
+                if a.id == b.id {
+                    return Err(MemoryError::DuplicateId { id: a.id });
+                }
+                let a_end = a.guest_base.0 + a.len;
+                let b_end = b.guest_base.0 + b.len;
+                if a.guest_base.0 < b_end && b.guest_base.0 < a_end {
+                    return Err(MemoryError::Overlap {
+                        first: a.id,
+                        second: b.id,
+                    });
+                }
+            }
+        }
+        Ok(GuestMemory { regions })
+    }
+
+    /// One anonymous region of `len` bytes, id 0, at guest address 0.
+    pub fn anonymous(len: u64) -> Result<Self, MemoryError> {
+        GuestMemory::new(vec![Region::anonymous(0, GuestAddr(0), len)?])
+    }
+
+    /// Anonymous memory with the same layout as `layout`, e.g. for a receiver.
+    pub fn anonymous_like(layout: &[RegionLayout]) -> Result<Self, MemoryError> {
+        let regions = layout
+            .iter()
+            .map(|l| Region::anonymous(l.id, l.guest_base, l.len))
+            .collect::<Result<Vec<_>, _>>()?;
+        GuestMemory::new(regions)
+    }
+
+    /// The regions, in index order.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Every region's layout, in index order.
+    pub fn layout(&self) -> Vec<RegionLayout> {
+        self.regions.iter().map(|r| r.layout).collect()
+    }
+
+    /// Total bytes of guest RAM.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.layout.len).sum()
+    }
+
+    /// Total pages of guest RAM.
+    pub fn total_pages(&self) -> u64 {
+        self.total_bytes() / PAGE_SIZE_U64
+    }
+
+    /// Faults every region in for writing (see [`Region::prefault`]).
+    pub fn prefault(&self) -> io::Result<()> {
+        self.regions.iter().try_for_each(Region::prefault)
+    }
+
+    /// Whether region `region` is known to be all zero, forgetting it: the caller is about to
+    /// write the region (a receiver, whose zero pages then need no write).
+    pub(crate) fn take_known_zero(&self, region: usize) -> bool {
+        self.regions
+            .get(region)
+            .is_some_and(|r| r.known_zero.swap(false, Ordering::Relaxed))
+    }
+
+    fn forget_zero(&self, region: usize) {
+        if let Some(r) = self.regions.get(region) {
+            r.known_zero.store(false, Ordering::Relaxed);
+        }
+    }
+
+    fn ptr(&self, region: usize, offset: u64, len: usize) -> Result<*mut u8, MemoryError> {
+        let len64 = len as u64;
+        let out_of_bounds = || MemoryError::OutOfBounds {
+            region,
+            offset,
+            len: len64,
+        };
+        self.regions
+            .get(region)
+            .ok_or_else(out_of_bounds)?
+            .ptr_at(offset, len64)
+            .map_err(|_| out_of_bounds())
+    }
+
+    /// Copies guest bytes at `offset` of region `region` into `dst`.
+    ///
+    /// The guest may be writing the same bytes meanwhile; the copy is then a mix of old and new
+    /// bytes, which is fine for migration because such a write dirties the page again and it is
+    /// sent again. Whatever is checksummed and sent is `dst`, never the guest page.
+    pub fn read(&self, region: usize, offset: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
+        let src = self.ptr(region, offset, dst.len())?;
+        // SAFETY: `ptr` checked that `dst.len()` bytes at `src` lie inside the mapping, which
+        // lives as long as `self`; `dst` is ours and cannot overlap a mapping we own. No
+        // reference to guest memory is formed: the bytes are copied through the raw pointer.
+        unsafe { ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    /// Copies `src` into guest memory at `offset` of region `region`.
+    pub fn write(&self, region: usize, offset: u64, src: &[u8]) -> Result<(), MemoryError> {
+        let dst = self.ptr(region, offset, src.len())?;
+        self.forget_zero(region);
+        // SAFETY: `ptr` checked the destination range; `src` is caller memory, not part of a
+        // mapping we own, so the ranges do not overlap.
+        unsafe { ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+        Ok(())
+    }
+
+    /// Sets `len` guest bytes at `offset` of region `region` to `byte`.
+    pub fn fill(
+        &self,
+        region: usize,
+        offset: u64,
+        len: usize,
+        byte: u8,
+    ) -> Result<(), MemoryError> {
+        let dst = self.ptr(region, offset, len)?;
+        self.forget_zero(region);
+        // SAFETY: `ptr` checked that the `len` bytes at `dst` lie inside the mapping.
+        unsafe { ptr::write_bytes(dst, byte, len) };
+        Ok(())
+    }
+
+    /// Whether this memory has the same bytes as `other` (which must have the same layout),
+    /// compared page by page. Meant for verification while neither side is being written.
+    pub fn content_eq(&self, other: &GuestMemory) -> Result<bool, MemoryError> {
+        Ok(self.first_difference(other)?.is_none())
+    }
+
+    /// The first page (region index, page) where this memory and `other` differ, or `None` if
+    /// they are identical; an error if their layouts differ.
+    pub fn first_difference(
+        &self,
+        other: &GuestMemory,
+    ) -> Result<Option<(usize, u64)>, MemoryError> {
+        if self.layout() != other.layout() {
+            return Err(MemoryError::LayoutMismatch);
+        }
+        let mut a = vec![0u8; PAGE_SIZE];
+        let mut b = vec![0u8; PAGE_SIZE];
+        for (index, region) in self.regions.iter().enumerate() {
+            for page in 0..region.layout.pages() {
+                self.read(index, page * PAGE_SIZE_U64, &mut a)?;
+                other.read(index, page * PAGE_SIZE_U64, &mut b)?;
+                if a != b {
+                    return Ok(Some((index, page)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The guest page `page` of region `region` as a mutable slice.
+    ///
+    /// # Safety
+    ///
+    /// For as long as the slice lives, no other thread or process may read or write this page
+    /// (the receiver's protocol checks guarantee that: each page belongs to one channel, is
+    /// written at most once per round, and rounds are separated by a barrier).
+    #[expect(
+        clippy::mut_from_ref,
+        reason = "guest memory is shared mutable memory behind raw pointers, like an UnsafeCell"
+    )]
+    pub(crate) unsafe fn page_mut(
+        &self,
+        region: usize,
+        page: u64,
+    ) -> Result<&mut [u8], MemoryError> {
+        let offset = page.saturating_mul(PAGE_SIZE_U64);
+        let p = self.ptr(region, offset, PAGE_SIZE)?;
+        // SAFETY: `ptr` checked that the page lies inside the mapping, which outlives the borrow
+        // of `self`; the caller guarantees exclusive access for the slice's lifetime.
+        Ok(unsafe { std::slice::from_raw_parts_mut(p, PAGE_SIZE) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anonymous_memory_is_zero_and_holds_writes() {
+        let memory = GuestMemory::anonymous(16 * PAGE_SIZE_U64).unwrap();
+        assert_eq!(memory.total_pages(), 16);
+        assert!(memory.take_known_zero(0));
+        assert!(!memory.take_known_zero(0), "taken");
+        let mut page = vec![1u8; PAGE_SIZE];
+        memory.read(0, 5 * PAGE_SIZE_U64, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0));
+        memory.write(0, 5 * PAGE_SIZE_U64 + 10, b"ramjet").unwrap();
+        memory.read(0, 5 * PAGE_SIZE_U64, &mut page).unwrap();
+        assert_eq!(&page[10..16], b"ramjet");
+        memory.fill(0, 0, PAGE_SIZE, 0xAB).unwrap();
+        memory.read(0, 0, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0xAB));
+        memory.prefault().unwrap();
+    }
+
+    #[test]
+    fn every_access_is_bounds_checked() {
+        let memory = GuestMemory::anonymous(4 * PAGE_SIZE_U64).unwrap();
+        let mut buf = [0u8; 8];
+        for (region, offset) in [
+            (0, 4 * PAGE_SIZE_U64 - 4),
+            (0, 4 * PAGE_SIZE_U64),
+            (0, u64::MAX - 2),
+            (1, 0),
+            (usize::MAX, 0),
+        ] {
+            let err = memory.read(region, offset, &mut buf).unwrap_err();
+            assert!(matches!(err, MemoryError::OutOfBounds { .. }), "{err}");
+            assert!(memory.write(region, offset, &buf).is_err());
+            assert!(memory.fill(region, offset, 8, 0).is_err());
+        }
+        // SAFETY: the call fails its bounds check before forming any slice.
+        let err = unsafe { memory.page_mut(0, 4) }.unwrap_err();
+        assert!(err.to_string().contains("outside guest memory"), "{err}");
+        // SAFETY: as above; the multiplication overflows and is refused.
+        assert!(unsafe { memory.page_mut(0, u64::MAX) }.is_err());
+    }
+
+    #[test]
+    fn layouts_are_validated() {
+        let r = |id, base, len| Region::anonymous(id, GuestAddr(base), len);
+        assert!(matches!(r(0, 0, 100), Err(MemoryError::Unaligned { .. })));
+        assert!(matches!(r(0, 1, 4096), Err(MemoryError::Unaligned { .. })));
+        assert!(matches!(r(0, 0, 0), Err(MemoryError::Unaligned { .. })));
+        assert!(matches!(GuestMemory::new(vec![]), Err(MemoryError::Empty)));
+        let dup = GuestMemory::new(vec![r(1, 0, 4096).unwrap(), r(1, 8192, 4096).unwrap()]);
+        assert!(matches!(dup, Err(MemoryError::DuplicateId { id: 1 })));
+        let overlap = GuestMemory::new(vec![r(1, 0, 8192).unwrap(), r(2, 4096, 4096).unwrap()]);
+        assert!(matches!(
+            overlap,
+            Err(MemoryError::Overlap {
+                first: 1,
+                second: 2
+            })
+        ));
+        let ok =
+            GuestMemory::new(vec![r(1, 0, 8192).unwrap(), r(2, 1 << 32, 4096).unwrap()]).unwrap();
+        assert_eq!(ok.total_pages(), 3);
+        let like = GuestMemory::anonymous_like(&ok.layout()).unwrap();
+        assert_eq!(like.layout(), ok.layout());
+        assert!(like.content_eq(&ok).unwrap());
+    }
+
+    #[test]
+    fn memfd_and_file_regions_share_their_bytes() {
+        let region = Region::memfd(3, GuestAddr(0), 2 * PAGE_SIZE_U64).unwrap();
+        assert_eq!(region.backing(), Backing::Memfd);
+        let fd = region.memfd_fd().unwrap().try_clone_to_owned().unwrap();
+        let memory = GuestMemory::new(vec![region]).unwrap();
+        memory.write(0, PAGE_SIZE_U64, b"shared").unwrap();
+        // Map the same memfd as a file: it sees the write.
+        let file = File::from(fd);
+        // SAFETY: the memfd is private to this test and never truncated.
+        let again = unsafe { Region::from_file(3, GuestAddr(0), &file) }.unwrap();
+        assert_eq!(again.backing(), Backing::File);
+        let other = GuestMemory::new(vec![again]).unwrap();
+        let mut buf = [0u8; 6];
+        other.read(0, PAGE_SIZE_U64, &mut buf).unwrap();
+        assert_eq!(&buf, b"shared");
+        assert!(memory.content_eq(&other).unwrap());
+        other.write(0, PAGE_SIZE_U64 + 1, b"x").unwrap();
+        memory.read(0, PAGE_SIZE_U64, &mut buf).unwrap();
+        assert_eq!(&buf, b"sxared");
+        let unshared = GuestMemory::new(vec![
+            Region::anonymous(3, GuestAddr(0), 2 * PAGE_SIZE_U64).unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(memory.first_difference(&unshared).unwrap(), Some((0, 1)));
+        let other_layout = GuestMemory::anonymous(8192).unwrap();
+        assert!(matches!(
+            memory.first_difference(&other_layout),
+            Err(MemoryError::LayoutMismatch)
+        ));
+    }
+}

@@ -1,0 +1,871 @@
+//! The sending side of a migration.
+//!
+//! ```text
+//!  caller ── round(dirty) ──> jobs ──> codec workers ──> per-channel queue ──> writer ──> socket
+//!                              (one job per 64-page chunk)    (FIFO)                        │
+//!  confirm <─────────────────────────────────────────────── return-path reader <───────────┘
+//! ```
+//!
+//! A round splits the dirty set into 64-page chunks; each chunk is a job for the codec worker
+//! pool, which copies the dirty pages out of guest memory into a pooled frame buffer, elides zero
+//! pages, compresses what the gate lets through and seals the frame with its crc. The frame goes
+//! to the queue of the chunk's fixed channel, whose writer sends queued frames in large vectored
+//! writes and gives the buffers back to the pool. When every job of a round is encoded (a
+//! barrier), an end-of-round frame is queued on each channel; since queues and sockets are FIFO,
+//! every frame of round N reaches the receiver before any frame of round N+1 on that channel.
+
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{self as channel, Receiver, RecvTimeoutError};
+use ramjet_control::Fact;
+
+use crate::codec::{Batch, BufferPool, Compression, Encoder, frame_capacity};
+use crate::dirty::DirtySet;
+use crate::error::Error;
+use crate::memory::GuestMemory;
+use crate::session::{Abort, CancelHandle, Counters, FactSink, Stats};
+use crate::transport::{Blocking, Endpoint, LinkReader, LinkWriter, Stream, Transport};
+use crate::wire::{
+    CHUNK_PAGES, FrameHeader, FrameKind, Hello, HelloReply, MAX_CHANNELS, MAX_DEVICE_STATE,
+    MAX_PAYLOAD, MAX_REGIONS, Verdict, channel_of,
+};
+
+// A dirty-bitmap word is exactly one channel-assignment chunk, so a word becomes a job.
+const _: () = assert!(CHUNK_PAGES == 64);
+/// [`CHUNK_PAGES`] as an array length.
+const CHUNK_LEN: usize = 64;
+
+/// Frames queued per channel before workers wait for its writer.
+const QUEUE_FRAMES: usize = 8;
+/// A writer sends up to this many bytes in one vectored write.
+const WRITE_BATCH_BYTES: usize = 1 << 20;
+/// How long the clean-up after a failure waits for the peer's own error message.
+const GRACE: Duration = Duration::from_millis(500);
+
+/// How to send.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    /// Number of channels (sockets), 1 to 64.
+    pub channels: u16,
+    /// Page compression.
+    pub compression: Compression,
+    /// Codec worker threads (at least 1).
+    pub workers: usize,
+    /// Limit for connecting, the handshake, each socket write and the final confirmation.
+    pub timeout: Duration,
+    /// How bytes move.
+    pub transport: Arc<dyn Transport>,
+    /// Cancels the session from another thread.
+    pub cancel: CancelHandle,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            channels: 2,
+            compression: Compression::Auto,
+            workers: thread::available_parallelism().map_or(2, usize::from),
+            timeout: Duration::from_secs(30),
+            transport: Arc::new(Blocking),
+            cancel: CancelHandle::new(),
+        }
+    }
+}
+
+/// What one round sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundStats {
+    /// The round number, from 1.
+    pub round: u32,
+    /// Pages sent in it.
+    pub pages: u64,
+}
+
+/// What a completed migration sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    /// Rounds sent.
+    pub rounds: u32,
+    /// Final counters.
+    pub stats: Stats,
+    /// From connecting to the receiver's confirmation.
+    pub elapsed: Duration,
+}
+
+/// What the receiver confirmed.
+#[derive(Debug, Clone, Copy)]
+struct Confirmation {
+    pages: u64,
+    device_state_len: u64,
+}
+
+/// A frame on its way to a writer.
+enum Outgoing {
+    /// A pages frame in a pool buffer: the first `len` bytes.
+    Pooled(Vec<u8>, usize),
+    /// A control frame.
+    Control(Vec<u8>),
+    /// Our error message for the receiver: sent even while the session is stopping.
+    Farewell(Vec<u8>),
+}
+
+impl Outgoing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Outgoing::Pooled(buf, len) => &buf[..*len],
+            Outgoing::Control(frame) | Outgoing::Farewell(frame) => frame,
+        }
+    }
+}
+
+/// The dirty pages of one 64-page chunk.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    region: u32,
+    chunk: u64,
+    mask: u64,
+    round: u32,
+    channel: u16,
+}
+
+/// A running send session: connected channels and the threads that feed them.
+///
+/// Facts: `setup-done` once every channel is connected, `pass N` as each round starts,
+/// `switchover` from [`Sender::switchover`], `completed` once the receiver confirmed every page,
+/// `failed` with the first error, and `drained` last, when every thread and socket of the
+/// session has stopped. Dropping an unfinished sender cancels it.
+pub struct Sender {
+    memory: Arc<GuestMemory>,
+    timeout: Duration,
+    abort: Arc<Abort>,
+    sink: Arc<dyn FactSink>,
+    counters: Arc<Counters>,
+    jobs: Option<channel::Sender<Job>>,
+    acks: Receiver<()>,
+    queues: Vec<channel::Sender<Outgoing>>,
+    confirm: Receiver<Result<Confirmation, Error>>,
+    reader_exits: Receiver<()>,
+    workers: Vec<JoinHandle<()>>,
+    writers: Vec<JoinHandle<()>>,
+    readers: Vec<JoinHandle<()>>,
+    round: u32,
+    round_pages: Vec<u64>,
+    total_pages: Vec<u64>,
+    started: Instant,
+    ended: bool,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("channels", &self.queues.len())
+            .field("round", &self.round)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+fn random_session_id() -> [u8; 16] {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut id = [0u8; 16];
+    for half in id.chunks_exact_mut(8) {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u128(Instant::now().elapsed().as_nanos());
+        half.copy_from_slice(&hasher.finish().to_le_bytes());
+    }
+    id
+}
+
+/// Sends the hello on `stream` and reads the receiver's verdict.
+fn handshake(stream: &mut Stream, hello: &Hello, timeout: Duration) -> Result<(), Error> {
+    use std::io::{Read, Write};
+    let channel = hello.channel;
+    let io = |op, e| Error::io(channel, op, timeout, e);
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| io("setting socket timeouts", e))?;
+    stream
+        .write_all(&hello.encode())
+        .map_err(|e| io("sending the hello", e))?;
+    let mut fixed = [0u8; HelloReply::FIXED_LEN];
+    stream
+        .read_exact(&mut fixed)
+        .map_err(|e| io("waiting for the receiver's hello reply", e))?;
+    let decode = |source| Error::Decode { channel, source };
+    let len = HelloReply::reason_len(&fixed).map_err(decode)?;
+    let mut reason = vec![0u8; len];
+    stream
+        .read_exact(&mut reason)
+        .map_err(|e| io("reading the hello reply", e))?;
+    match HelloReply::decode(&fixed, &reason).map_err(decode)?.verdict {
+        Verdict::Accept => {}
+        Verdict::Refuse(reason) => return Err(Error::Refused { channel, reason }),
+    }
+    // The return path idles until the end: only writes keep a timeout.
+    stream
+        .set_read_timeout(None)
+        .map_err(|e| io("setting socket timeouts", e))
+}
+
+impl Sender {
+    /// Connects every channel to `endpoint` and greets the receiver. Reports `setup-done` on
+    /// success; on failure reports `failed` (unless cancelled) and `drained`.
+    pub fn connect(
+        memory: Arc<GuestMemory>,
+        endpoint: &Endpoint,
+        options: &SendOptions,
+        sink: Arc<dyn FactSink>,
+    ) -> Result<Sender, Error> {
+        let abort = options.cancel.abort();
+        let connected = Self::connect_streams(&memory, endpoint, options, &abort);
+        let streams = match connected {
+            Ok(streams) => streams,
+            Err(err) => {
+                abort.fail(err);
+                abort.shutdown_all();
+                let err = abort.take_error();
+                if !err.is_cancelled() {
+                    sink.fact(Fact::Failed(err.chain()));
+                }
+                sink.fact(Fact::Drained);
+                return Err(err);
+            }
+        };
+        let sender = Self::start(memory, &streams, options, &abort, sink);
+        sender.sink.fact(Fact::SetupDone);
+        Ok(sender)
+    }
+
+    fn connect_streams(
+        memory: &GuestMemory,
+        endpoint: &Endpoint,
+        options: &SendOptions,
+        abort: &Abort,
+    ) -> Result<Vec<Stream>, Error> {
+        if options.channels == 0 || options.channels > MAX_CHANNELS {
+            return Err(Error::Config(format!(
+                "channels must be 1 to {MAX_CHANNELS}, not {}",
+                options.channels
+            )));
+        }
+        if options.workers == 0 {
+            return Err(Error::Config("at least one codec worker is needed".into()));
+        }
+        if memory.regions().len() > MAX_REGIONS as usize {
+            return Err(Error::Config(format!(
+                "at most {MAX_REGIONS} memory regions can be migrated"
+            )));
+        }
+        let session = random_session_id();
+        let mut streams = Vec::with_capacity(usize::from(options.channels));
+        for channel in 0..options.channels {
+            if abort.is_stopped() {
+                return Err(Error::Cancelled);
+            }
+            let mut stream =
+                Stream::connect(endpoint, options.timeout).map_err(|source| Error::Connect {
+                    channel,
+                    endpoint: endpoint.to_string(),
+                    source,
+                })?;
+            abort
+                .register(&stream)
+                .map_err(|e| Error::io(channel, "duplicating the socket", options.timeout, e))?;
+            let hello = Hello {
+                session,
+                channel,
+                channels: options.channels,
+                regions: memory.layout(),
+            };
+            handshake(&mut stream, &hello, options.timeout)?;
+            streams.push(stream);
+        }
+        Ok(streams)
+    }
+
+    /// Starts the workers, writers and return-path readers over connected streams.
+    fn start(
+        memory: Arc<GuestMemory>,
+        streams: &[Stream],
+        options: &SendOptions,
+        abort: &Arc<Abort>,
+        sink: Arc<dyn FactSink>,
+    ) -> Sender {
+        let channels = streams.len();
+        let counters = Arc::new(Counters::default());
+        let pool = BufferPool::new(
+            channels * (QUEUE_FRAMES + 4) + options.workers * 2,
+            frame_capacity(CHUNK_LEN),
+        );
+        let (jobs_tx, jobs_rx) = channel::bounded::<Job>(options.workers * 4);
+        let (acks_tx, acks_rx) = channel::unbounded::<()>();
+        let (confirm_tx, confirm_rx) = channel::bounded(2);
+        let (exit_tx, exit_rx) = channel::unbounded();
+        let mut queues = Vec::with_capacity(channels);
+        let mut sender = Sender {
+            memory: Arc::clone(&memory),
+            timeout: options.timeout,
+            abort: Arc::clone(abort),
+            sink,
+            counters: Arc::clone(&counters),
+            jobs: Some(jobs_tx),
+            acks: acks_rx,
+            queues: Vec::new(),
+            confirm: confirm_rx,
+            reader_exits: exit_rx,
+            workers: Vec::new(),
+            writers: Vec::new(),
+            readers: Vec::new(),
+            round: 0,
+            round_pages: vec![0; channels],
+            total_pages: vec![0; channels],
+            started: Instant::now(),
+            ended: false,
+        };
+        for (index, stream) in streams.iter().enumerate() {
+            let channel = u16::try_from(index).unwrap_or(u16::MAX);
+            let (queue_tx, queue_rx) = channel::bounded(QUEUE_FRAMES);
+            queues.push(queue_tx);
+            let split = options.transport.split(stream);
+            let (writer, reader) = match split {
+                Ok(halves) => halves,
+                Err(e) => {
+                    abort.fail(Error::io(
+                        channel,
+                        "setting up the transport",
+                        options.timeout,
+                        e,
+                    ));
+                    continue;
+                }
+            };
+            let ctx = WriterContext {
+                channel,
+                queue: queue_rx,
+                pool: pool.clone(),
+                abort: Arc::clone(abort),
+                counters: Arc::clone(&counters),
+                timeout: options.timeout,
+            };
+            sender.spawn_into(true, "writer", move || ctx.run(writer));
+            let confirm = (channel == 0).then(|| confirm_tx.clone());
+            let (abort_r, exit) = (Arc::clone(abort), exit_tx.clone());
+            let counters_r = Arc::clone(&counters);
+            let timeout = options.timeout;
+            sender.spawn_into(false, "return-path reader", move || {
+                return_path(
+                    channel,
+                    reader,
+                    &abort_r,
+                    &counters_r,
+                    confirm.as_ref(),
+                    timeout,
+                );
+                let _ = exit.send(());
+            });
+        }
+        for _ in 0..options.workers {
+            let ctx = WorkerContext {
+                memory: Arc::clone(&memory),
+                jobs: jobs_rx.clone(),
+                acks: acks_tx.clone(),
+                queues: queues.clone(),
+                pool: pool.clone(),
+                abort: Arc::clone(abort),
+                counters: Arc::clone(&counters),
+                compression: options.compression,
+            };
+            sender.spawn_worker(move || ctx.run());
+        }
+        sender.queues = queues;
+        sender.memory = memory;
+        sender
+    }
+
+    fn spawn_into(&mut self, writer: bool, what: &'static str, f: impl FnOnce() + Send + 'static) {
+        match thread::Builder::new()
+            .name(format!("ramjet-{what}"))
+            .spawn(f)
+        {
+            Ok(handle) if writer => self.writers.push(handle),
+            Ok(handle) => self.readers.push(handle),
+            Err(source) => self.abort.fail(Error::Spawn { what, source }),
+        }
+    }
+
+    fn spawn_worker(&mut self, f: impl FnOnce() + Send + 'static) {
+        match thread::Builder::new().name("ramjet-codec".into()).spawn(f) {
+            Ok(handle) => self.workers.push(handle),
+            Err(source) => self.abort.fail(Error::Spawn {
+                what: "codec worker",
+                source,
+            }),
+        }
+    }
+
+    /// The live counters, to sample from another thread.
+    pub fn counters(&self) -> Arc<Counters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// The rounds sent so far.
+    pub fn rounds(&self) -> u32 {
+        self.round
+    }
+
+    /// Sends one round: every page in `dirty` (reports `pass N` first). Returns once every
+    /// page of the round is encoded and queued; the sockets may still be sending.
+    pub fn round(&mut self, dirty: &DirtySet) -> Result<RoundStats, Error> {
+        self.check()?;
+        if dirty.region_count() != self.memory.regions().len() {
+            let err = Error::Config(format!(
+                "the dirty set covers {} regions, the guest memory has {}",
+                dirty.region_count(),
+                self.memory.regions().len()
+            ));
+            return Err(self.fail(err));
+        }
+        self.round += 1;
+        let round = self.round;
+        self.sink.fact(Fact::Pass(u64::from(round)));
+        self.counters.set_round(round);
+        let mut remaining = dirty.count();
+        self.counters.set_remaining_pages(remaining);
+        self.round_pages.fill(0);
+        let channels = u16::try_from(self.queues.len()).unwrap_or(MAX_CHANNELS);
+        let mut dispatched = 0u64;
+        let jobs = self.jobs.clone();
+        'regions: for region in 0..dirty.region_count() {
+            for (index, &mask) in dirty.words(region).iter().enumerate() {
+                if mask == 0 {
+                    continue;
+                }
+                if self.abort.is_stopped() {
+                    break 'regions;
+                }
+                let chunk = index as u64;
+                let channel = channel_of(chunk * CHUNK_PAGES, channels);
+                let pages = u64::from(mask.count_ones());
+                let job = Job {
+                    region: u32::try_from(region).unwrap_or(u32::MAX),
+                    chunk,
+                    mask,
+                    round,
+                    channel,
+                };
+                if jobs.as_ref().is_none_or(|jobs| jobs.send(job).is_err()) {
+                    break 'regions;
+                }
+                dispatched += 1;
+                self.round_pages[usize::from(channel)] += pages;
+                remaining -= pages;
+                self.counters.set_remaining_pages(remaining);
+            }
+        }
+        // The barrier: every job of this round is encoded and queued before its end marker.
+        for _ in 0..dispatched {
+            if self.acks.recv().is_err() {
+                self.abort
+                    .fail(Error::protocol(0, "the codec workers stopped unexpectedly"));
+                break;
+            }
+        }
+        self.check()?;
+        for (channel, queue) in self.queues.iter().enumerate() {
+            let pages = self.round_pages[channel];
+            self.total_pages[channel] += pages;
+            let _ = queue.send(Outgoing::Control(FrameHeader::end_of_round(round, pages)));
+        }
+        self.check()?;
+        Ok(RoundStats {
+            round,
+            pages: self.round_pages.iter().sum(),
+        })
+    }
+
+    /// Reports `switchover`: the caller has paused the guest, and the next round is the last.
+    pub fn switchover(&mut self) -> Result<(), Error> {
+        self.check()?;
+        self.sink.fact(Fact::Switchover);
+        Ok(())
+    }
+
+    /// Sends the device state and the end of the stream, then waits for the receiver to
+    /// confirm every page. Reports `completed` and then `drained`.
+    pub fn finish(mut self, device_state: &[u8]) -> Result<Summary, Error> {
+        self.check()?;
+        if device_state.len() as u64 > MAX_DEVICE_STATE {
+            let err = Error::Config(format!(
+                "device state of {} bytes exceeds the limit of {MAX_DEVICE_STATE}",
+                device_state.len()
+            ));
+            return Err(self.fail(err));
+        }
+        if let Some(first) = self.queues.first() {
+            let mut offset = 0u64;
+            for piece in device_state.chunks(MAX_PAYLOAD as usize) {
+                let frame = FrameHeader::device_state(offset, piece);
+                let _ = first.send(Outgoing::Control(frame));
+                offset += piece.len() as u64;
+            }
+        }
+        for (channel, queue) in self.queues.iter().enumerate() {
+            let frame = FrameHeader::end_of_stream(self.round, self.total_pages[channel]);
+            let _ = queue.send(Outgoing::Control(frame));
+        }
+        self.jobs = None;
+        let deadline = Instant::now() + self.timeout;
+        let confirmation = loop {
+            if self.abort.is_stopped() {
+                return Err(self.fail_stopped());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let err = Error::Timeout {
+                    channel: 0,
+                    op: "waiting for the receiver's confirmation",
+                    timeout: self.timeout,
+                };
+                return Err(self.fail(err));
+            }
+            match self
+                .confirm
+                .recv_timeout(left.min(Duration::from_millis(50)))
+            {
+                Ok(Ok(confirmation)) => break confirmation,
+                Ok(Err(err)) => return Err(self.fail(err)),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    let err = Error::Closed {
+                        channel: 0,
+                        op: "waiting for the receiver's confirmation",
+                    };
+                    return Err(self.fail(err));
+                }
+            }
+        };
+        let sent: u64 = self.total_pages.iter().sum();
+        if confirmation.pages != sent || confirmation.device_state_len != device_state.len() as u64
+        {
+            let err = Error::protocol(
+                0,
+                format!(
+                    "the receiver confirmed {} pages and {} bytes of device state, {} and {} \
+                     were sent",
+                    confirmation.pages,
+                    confirmation.device_state_len,
+                    sent,
+                    device_state.len()
+                ),
+            );
+            return Err(self.fail(err));
+        }
+        self.counters
+            .add_device_state_bytes(device_state.len() as u64);
+        self.counters.set_remaining_pages(0);
+        let elapsed = self.started.elapsed();
+        self.sink.fact(Fact::Completed);
+        self.abort.shutdown_all();
+        self.stop_threads();
+        self.ended = true;
+        self.sink.fact(Fact::Drained);
+        Ok(Summary {
+            rounds: self.round,
+            stats: self.counters.snapshot(),
+            elapsed,
+        })
+    }
+
+    /// Fails with the stop reason if the session has stopped or ended.
+    fn check(&mut self) -> Result<(), Error> {
+        if self.ended {
+            return Err(Error::Ended);
+        }
+        if self.abort.is_stopped() {
+            return Err(self.fail_stopped());
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, err: Error) -> Error {
+        self.abort.fail(err);
+        self.fail_stopped()
+    }
+
+    /// Ends a stopped session: tells the receiver why, stops every thread, reports `failed`
+    /// (unless cancelled) and `drained`, and returns the reason.
+    fn fail_stopped(&mut self) -> Error {
+        if self.ended {
+            return Error::Ended;
+        }
+        self.ended = true;
+        let cancelled = self.abort.is_cancelled();
+        let err = self.abort.take_error();
+        if !cancelled && !matches!(err, Error::PeerFailed { .. }) {
+            let farewell = FrameHeader::error(&err.chain());
+            for queue in &self.queues {
+                let _ = queue.try_send(Outgoing::Farewell(farewell.clone()));
+            }
+        }
+        self.jobs = None;
+        self.queues.clear();
+        // Give the receiver a moment to answer with its own error, then stop everything.
+        let deadline = Instant::now() + GRACE;
+        for _ in 0..self.readers.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.reader_exits.recv_timeout(left).is_err() {
+                break;
+            }
+        }
+        self.abort.shutdown_all();
+        self.stop_threads();
+        // A peer's message that arrived during the grace period explains the failure better.
+        let err = match self.abort.take_error() {
+            Error::PeerFailed { peer, message } => Error::PeerFailed { peer, message },
+            _ => err,
+        };
+        if !cancelled {
+            self.sink.fact(Fact::Failed(err.chain()));
+        }
+        self.sink.fact(Fact::Drained);
+        err
+    }
+
+    /// Closes the job and frame queues and joins every thread.
+    fn stop_threads(&mut self) {
+        self.jobs = None;
+        self.queues.clear();
+        for handle in self
+            .workers
+            .drain(..)
+            .chain(self.writers.drain(..))
+            .chain(self.readers.drain(..))
+        {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.abort.cancel();
+            let _ = self.fail_stopped();
+        }
+    }
+}
+
+/// What a codec worker needs.
+struct WorkerContext {
+    memory: Arc<GuestMemory>,
+    jobs: Receiver<Job>,
+    acks: channel::Sender<()>,
+    queues: Vec<channel::Sender<Outgoing>>,
+    pool: BufferPool,
+    abort: Arc<Abort>,
+    counters: Arc<Counters>,
+    compression: Compression,
+}
+
+impl WorkerContext {
+    fn run(self) {
+        let mut encoder = Encoder::new();
+        let mut offsets = [0u32; CHUNK_LEN];
+        while let Ok(job) = self.jobs.recv() {
+            if !self.abort.is_stopped() {
+                self.encode(&mut encoder, &mut offsets, job);
+            }
+            let _ = self.acks.send(());
+        }
+    }
+
+    fn encode(&self, encoder: &mut Encoder, offsets: &mut [u32; CHUNK_LEN], job: Job) {
+        let Some(queue) = self.queues.get(usize::from(job.channel)) else {
+            return;
+        };
+        let mut count = 0;
+        let mut mask = job.mask;
+        while mask != 0 {
+            offsets[count] = mask.trailing_zeros();
+            count += 1;
+            mask &= mask - 1;
+        }
+        let compress = match self.compression {
+            Compression::Off => false,
+            Compression::Lz4 => true,
+            // The link is the bottleneck while frames pile up in front of it.
+            Compression::Auto => queue.len() * 2 >= QUEUE_FRAMES,
+        };
+        let batch = Batch {
+            region: job.region,
+            first: job.chunk * CHUNK_PAGES,
+            offsets: &offsets[..count],
+            round: job.round,
+        };
+        let mut buf = self.pool.take();
+        match encoder.encode(&self.memory, &batch, compress, &mut buf) {
+            Ok((len, counts)) => {
+                self.counters.add_pages(counts);
+                if let Err(e) = queue.send(Outgoing::Pooled(buf, len))
+                    && let Outgoing::Pooled(buf, _) = e.into_inner()
+                {
+                    self.pool.give(buf);
+                }
+            }
+            Err(source) => {
+                self.pool.give(buf);
+                self.abort.fail(Error::Memory {
+                    channel: job.channel,
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// What a channel writer needs.
+struct WriterContext {
+    channel: u16,
+    queue: Receiver<Outgoing>,
+    pool: BufferPool,
+    abort: Arc<Abort>,
+    counters: Arc<Counters>,
+    timeout: Duration,
+}
+
+impl WriterContext {
+    /// Writes queued frames in large vectored writes until the queue closes. After a failure
+    /// (its own or the session's) it keeps draining the queue, recycling buffers unsent, so
+    /// that workers never wait on it.
+    fn run(self, mut link: Box<dyn LinkWriter>) {
+        let mut batch: Vec<Outgoing> = Vec::with_capacity(64);
+        let mut spare: Vec<&[u8]> = Vec::with_capacity(64);
+        let mut broken = false;
+        while let Ok(first) = self.queue.recv() {
+            let mut bytes = first.bytes().len();
+            batch.push(first);
+            while bytes < WRITE_BATCH_BYTES && batch.len() < 64 {
+                match self.queue.try_recv() {
+                    Ok(next) => {
+                        bytes += next.bytes().len();
+                        batch.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let stopping = self.abort.is_stopped();
+            if !broken {
+                let mut slices = reuse_slices(std::mem::take(&mut spare));
+                slices.extend(
+                    batch
+                        .iter()
+                        .filter(|o| !stopping || matches!(o, Outgoing::Farewell(_)))
+                        .map(Outgoing::bytes),
+                );
+                let written: usize = slices.iter().map(|s| s.len()).sum();
+                if !slices.is_empty() {
+                    match link.send(&slices) {
+                        Ok(()) => self.counters.add_wire_bytes(written as u64),
+                        Err(e) => {
+                            broken = true;
+                            self.abort.fail(Error::io(
+                                self.channel,
+                                "sending frames",
+                                self.timeout,
+                                e,
+                            ));
+                        }
+                    }
+                }
+                spare = reuse_slices(slices);
+            }
+            for outgoing in batch.drain(..) {
+                if let Outgoing::Pooled(buf, _) = outgoing {
+                    self.pool.give(buf);
+                }
+            }
+        }
+    }
+}
+
+/// The same allocation, emptied and with a new lifetime, so the writer's slice list costs no
+/// allocation per write.
+fn reuse_slices<'b>(mut v: Vec<&[u8]>) -> Vec<&'b [u8]> {
+    v.clear();
+    v.into_iter().map(|_| &[][..]).collect()
+}
+
+/// Reads the receiver's frames on one channel: an error message on any channel, the
+/// confirmation on channel 0. Ends at end of stream or on a socket error; only channel 0 reports
+/// a closed connection (as a missing confirmation), since the receiver closes every channel once
+/// it has confirmed.
+fn return_path(
+    channel: u16,
+    mut link: Box<dyn LinkReader>,
+    abort: &Abort,
+    counters: &Counters,
+    confirm: Option<&channel::Sender<Result<Confirmation, Error>>>,
+    timeout: Duration,
+) {
+    let mut payload = Vec::with_capacity(crate::wire::MAX_MESSAGE as usize);
+    loop {
+        let mut fixed = [0u8; FrameHeader::LEN];
+        if let Err(e) = link.recv(&mut fixed) {
+            if let Some(confirm) = confirm {
+                let op = "waiting for the receiver's confirmation";
+                let _ = confirm.send(Err(Error::io(channel, op, timeout, e)));
+            }
+            return;
+        }
+        let header = match FrameHeader::decode(&fixed) {
+            Ok(header) => header,
+            Err(source) => {
+                abort.fail(Error::Decode { channel, source });
+                return;
+            }
+        };
+        payload.resize(header.len as usize, 0);
+        if let Err(e) = link.recv(&mut payload) {
+            abort.fail(Error::io(
+                channel,
+                "receiving the receiver's message",
+                timeout,
+                e,
+            ));
+            return;
+        }
+        let mut hasher = header.hasher();
+        hasher.update(&payload);
+        if let Err(source) = header.verify(hasher) {
+            abort.fail(Error::Decode { channel, source });
+            return;
+        }
+        counters.add_wire_bytes((FrameHeader::LEN + payload.len()) as u64);
+        match (header.kind, confirm) {
+            (FrameKind::Error, _) => {
+                abort.fail(Error::PeerFailed {
+                    peer: "receiver",
+                    message: String::from_utf8_lossy(&payload).into_owned(),
+                });
+                return;
+            }
+            (FrameKind::Confirm, Some(confirm)) => {
+                let mut len = [0u8; 8];
+                len.copy_from_slice(&payload[..8]);
+                let _ = confirm.try_send(Ok(Confirmation {
+                    pages: header.value,
+                    device_state_len: u64::from_le_bytes(len),
+                }));
+            }
+            (kind, _) => {
+                let problem = format!("unexpected {kind:?} frame from the receiver");
+                abort.fail(Error::protocol(channel, problem));
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! What both sides of a migration share: the fact sink, cancellation and the first error, and
+//! the counters that fill `RamStats`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use ramjet_control::{Fact, RamStats};
+
+use crate::codec::BatchCounts;
+use crate::error::Error;
+use crate::memory::PAGE_SIZE;
+use crate::transport::Stream;
+
+/// Where a session reports its facts: the caller feeds them to a
+/// [`ramjet_control::Machine`]. Implemented for any `Fn(Fact) + Send + Sync`, e.g.
+/// `move |fact| { let _ = tx.send(fact); }`.
+pub trait FactSink: Send + Sync {
+    /// Reports one fact. Must not block for long: it is called from the data path.
+    fn fact(&self, fact: Fact);
+}
+
+impl<F: Fn(Fact) + Send + Sync> FactSink for F {
+    fn fact(&self, fact: Fact) {
+        self(fact);
+    }
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The stop switch of one session: whether it stopped, why, and the sockets to shut down.
+#[derive(Debug, Default)]
+pub(crate) struct Abort {
+    stopped: AtomicBool,
+    cancelled: AtomicBool,
+    error: Mutex<Option<Error>>,
+    streams: Mutex<Vec<Stream>>,
+}
+
+impl Abort {
+    /// Whether the session must stop (cancelled or failed).
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Records `err` as the reason, unless a better one is known, and stops. The sockets stay
+    /// open so that an error message from the peer can still be read and ours sent; the
+    /// session's clean-up shuts them down.
+    pub(crate) fn fail(&self, err: Error) {
+        {
+            let mut slot = lock(&self.error);
+            let replace = match &*slot {
+                None => !self.cancelled.load(Ordering::Acquire),
+                Some(old) => err.explains(old),
+            };
+            if replace {
+                *slot = Some(err);
+            }
+        }
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    /// Stops at once: every socket is shut down so that blocked reads and writes return.
+    pub(crate) fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        self.stopped.store(true, Ordering::Release);
+        self.shutdown_all();
+    }
+
+    /// Whether a cancel stopped the session (before any error).
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire) && lock(&self.error).is_none()
+    }
+
+    /// Keeps a handle to `stream` so that a stop can shut it down; shuts it down at once if
+    /// the session was cancelled already.
+    pub(crate) fn register(&self, stream: &Stream) -> std::io::Result<()> {
+        let clone = stream.try_clone()?;
+        if self.cancelled.load(Ordering::Acquire) {
+            clone.shutdown();
+        }
+        lock(&self.streams).push(clone);
+        Ok(())
+    }
+
+    /// Shuts down every registered socket.
+    pub(crate) fn shutdown_all(&self) {
+        for stream in lock(&self.streams).iter() {
+            stream.shutdown();
+        }
+    }
+
+    /// The message of the error that stopped the session, without taking it.
+    pub(crate) fn reason(&self) -> String {
+        lock(&self.error)
+            .as_ref()
+            .map_or_else(|| Error::Cancelled.chain(), Error::chain)
+    }
+
+    /// The reason the session stopped: the first error, or [`Error::Cancelled`].
+    pub(crate) fn take_error(&self) -> Error {
+        lock(&self.error).take().unwrap_or(Error::Cancelled)
+    }
+}
+
+/// Cancels a send or receive session from any thread: every worker and socket stops promptly,
+/// the session returns [`Error::Cancelled`] and reports `drained` (not `failed`). Create one,
+/// put it in the session's options, keep a clone. One handle serves one session.
+#[derive(Debug, Clone, Default)]
+pub struct CancelHandle {
+    abort: Arc<Abort>,
+}
+
+impl CancelHandle {
+    /// A handle that has not cancelled anything yet.
+    pub fn new() -> Self {
+        CancelHandle::default()
+    }
+
+    /// Cancels the session.
+    pub fn cancel(&self) {
+        self.abort.cancel();
+    }
+
+    /// Whether [`CancelHandle::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.abort.cancelled.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn abort(&self) -> Arc<Abort> {
+        Arc::clone(&self.abort)
+    }
+}
+
+/// Live counters of a session, updated off the hot path in batches and safe to sample from
+/// any thread ([`Counters::snapshot`]).
+#[derive(Debug, Default)]
+pub struct Counters {
+    zero: AtomicU64,
+    raw: AtomicU64,
+    lz4: AtomicU64,
+    wire_bytes: AtomicU64,
+    rounds: AtomicU64,
+    remaining_pages: AtomicU64,
+    device_state_bytes: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add_pages(&self, counts: BatchCounts) {
+        self.zero.fetch_add(counts.zero, Ordering::Relaxed);
+        self.raw.fetch_add(counts.raw, Ordering::Relaxed);
+        self.lz4.fetch_add(counts.lz4, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_wire_bytes(&self, bytes: u64) {
+        self.wire_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_round(&self, round: u32) {
+        self.rounds.fetch_max(u64::from(round), Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_remaining_pages(&self, pages: u64) {
+        self.remaining_pages.store(pages, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_device_state_bytes(&self, bytes: u64) {
+        self.device_state_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> Stats {
+        Stats {
+            pages_zero: self.zero.load(Ordering::Relaxed),
+            pages_raw: self.raw.load(Ordering::Relaxed),
+            pages_lz4: self.lz4.load(Ordering::Relaxed),
+            wire_bytes: self.wire_bytes.load(Ordering::Relaxed),
+            rounds: self.rounds.load(Ordering::Relaxed),
+            remaining_pages: self.remaining_pages.load(Ordering::Relaxed),
+            device_state_bytes: self.device_state_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A snapshot of a session's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Pages sent or received as zero pages.
+    pub pages_zero: u64,
+    /// Pages sent or received raw.
+    pub pages_raw: u64,
+    /// Pages sent or received lz4-compressed.
+    pub pages_lz4: u64,
+    /// Bytes of frames on the wire (headers, tables, data), both directions.
+    pub wire_bytes: u64,
+    /// Rounds started (sender) or finished on channel 0 (receiver).
+    pub rounds: u64,
+    /// Pages still to send in the current round (sender).
+    pub remaining_pages: u64,
+    /// Bytes of device state.
+    pub device_state_bytes: u64,
+}
+
+impl Stats {
+    /// All pages.
+    pub fn pages(&self) -> u64 {
+        self.pages_zero + self.pages_raw + self.pages_lz4
+    }
+
+    /// The stats in `query-migrate` terms, for a guest of `total_bytes` after `elapsed`.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "a float-to-integer `as` saturates, which is right for a rate"
+    )]
+    pub fn ram_stats(&self, total_bytes: u64, elapsed: Duration) -> RamStats {
+        let seconds = elapsed.as_secs_f64();
+        let per_second = |n: u64| {
+            if seconds > 0.0 {
+                n as f64 / seconds
+            } else {
+                0.0
+            }
+        };
+        let normal = self.pages_raw + self.pages_lz4;
+        RamStats {
+            transferred: self.wire_bytes,
+            remaining: self.remaining_pages * PAGE_SIZE as u64,
+            total: total_bytes,
+            duplicate: self.pages_zero,
+            normal,
+            normal_bytes: normal * PAGE_SIZE as u64,
+            mbps: per_second(self.wire_bytes) * 8.0 / 1e6,
+            dirty_sync_count: self.rounds,
+            page_size: PAGE_SIZE as u64,
+            multifd_bytes: self.wire_bytes,
+            // Whole pages per second; a fraction of a page is not worth a float here.
+            pages_per_second: per_second(self.pages()) as u64,
+            precopy_bytes: self.wire_bytes,
+            ..RamStats::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_error_wins_unless_the_peer_explains_it() {
+        let abort = Abort::default();
+        assert!(!abort.is_stopped());
+        abort.fail(Error::Closed {
+            channel: 1,
+            op: "sending frames",
+        });
+        abort.fail(Error::protocol(0, "later"));
+        assert!(abort.is_stopped() && !abort.is_cancelled());
+        abort.fail(Error::PeerFailed {
+            peer: "receiver",
+            message: "checksum mismatch".into(),
+        });
+        assert_eq!(
+            abort.take_error().to_string(),
+            "the receiver failed: checksum mismatch"
+        );
+    }
+
+    #[test]
+    fn a_cancel_is_not_an_error_but_an_earlier_error_stands() {
+        let abort = Abort::default();
+        abort.cancel();
+        abort.fail(Error::protocol(0, "broken by the cancel"));
+        assert!(abort.is_cancelled());
+        assert!(abort.take_error().is_cancelled());
+
+        let handle = CancelHandle::new();
+        handle.abort().fail(Error::protocol(0, "first"));
+        handle.cancel();
+        assert!(handle.is_cancelled());
+        assert!(!handle.abort().is_cancelled());
+        assert_eq!(handle.abort().take_error().to_string(), "channel 0: first");
+    }
+
+    #[test]
+    fn ram_stats_use_query_migrate_meanings() {
+        let stats = Stats {
+            pages_zero: 10,
+            pages_raw: 20,
+            pages_lz4: 10,
+            wire_bytes: 1_000_000,
+            rounds: 2,
+            remaining_pages: 3,
+            device_state_bytes: 0,
+        };
+        let ram = stats.ram_stats(1 << 20, Duration::from_secs(2));
+        assert_eq!(ram.duplicate, 10);
+        assert_eq!(ram.normal, 30);
+        assert_eq!(ram.normal_bytes, 30 * 4096);
+        assert_eq!(ram.remaining, 3 * 4096);
+        assert_eq!(ram.pages_per_second, 20);
+        assert!((ram.mbps - 4.0).abs() < 1e-9);
+        assert_eq!(stats.ram_stats(0, Duration::ZERO).mbps, 0.0);
+    }
+}

@@ -1,0 +1,511 @@
+//! Frames: [`FrameHeader`], and the page table of a pages frame.
+
+use super::hello::{truncate, verify_crc};
+use super::le::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
+use super::{
+    DecodeError, MAX_MESSAGE, MAX_PAGES_PER_FRAME, MAX_PAYLOAD, WIRE_PAGE_SIZE, invalid, too_large,
+};
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum FrameKind {
+    /// A batch of pages of one region.
+    Pages = 1,
+    /// This channel has sent everything of a round.
+    EndOfRound = 2,
+    /// A piece of the device-state blob.
+    DeviceState = 3,
+    /// This channel has sent everything.
+    EndOfStream = 4,
+    /// The peer failed; the payload says why.
+    Error = 5,
+    /// The receiver applied every page and the device state.
+    Confirm = 6,
+}
+
+impl FrameKind {
+    fn from_u16(v: u16) -> Option<Self> {
+        Some(match v {
+            1 => FrameKind::Pages,
+            2 => FrameKind::EndOfRound,
+            3 => FrameKind::DeviceState,
+            4 => FrameKind::EndOfStream,
+            5 => FrameKind::Error,
+            6 => FrameKind::Confirm,
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded frame header. Construct with the `FrameHeader::*` constructors; [`decode`]
+/// guarantees the per-kind limits.
+///
+/// [`decode`]: FrameHeader::decode
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// The kind.
+    pub kind: FrameKind,
+    /// Region index (pages frames).
+    pub region: u32,
+    /// First page, a page count, or a byte offset, by kind.
+    pub value: u64,
+    /// The round, from 1.
+    pub round: u32,
+    /// Pages in a pages frame.
+    pub count: u32,
+    /// Payload length in bytes.
+    pub len: u32,
+    /// crc32 of the header (this field zero) and the payload.
+    pub crc: u32,
+}
+
+impl FrameHeader {
+    /// Encoded size.
+    pub const LEN: usize = 32;
+
+    /// A pages frame header; `len` covers the table and the page data.
+    pub const fn pages(region: u32, first_page: u64, round: u32, count: u32, len: u32) -> Self {
+        Self::new(FrameKind::Pages, region, first_page, round, count, len)
+    }
+
+    const fn new(
+        kind: FrameKind,
+        region: u32,
+        value: u64,
+        round: u32,
+        count: u32,
+        len: u32,
+    ) -> Self {
+        FrameHeader {
+            kind,
+            region,
+            value,
+            round,
+            count,
+            len,
+            crc: 0,
+        }
+    }
+
+    /// The header bytes, with the crc field as it is in `self`.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        put_u16(&mut b, 0, self.kind as u16);
+        put_u32(&mut b, 4, self.region);
+        put_u64(&mut b, 8, self.value);
+        put_u32(&mut b, 16, self.round);
+        put_u32(&mut b, 20, self.count);
+        put_u32(&mut b, 24, self.len);
+        put_u32(&mut b, 28, self.crc);
+        b
+    }
+
+    /// Decodes and checks a header: a known kind, zero flags, and the kind's limits on count and
+    /// payload length. The crc is checked later, over the payload too ([`FrameHeader::verify`]).
+    pub fn decode(b: &[u8; Self::LEN]) -> Result<Self, DecodeError> {
+        let raw_kind = u16_at(b, 0);
+        let kind = FrameKind::from_u16(raw_kind).ok_or_else(|| invalid("frame kind", raw_kind))?;
+        if u16_at(b, 2) != 0 {
+            return Err(invalid("frame flags", u16_at(b, 2)));
+        }
+        let h = FrameHeader {
+            kind,
+            region: u32_at(b, 4),
+            value: u64_at(b, 8),
+            round: u32_at(b, 16),
+            count: u32_at(b, 20),
+            len: u32_at(b, 24),
+            crc: u32_at(b, 28),
+        };
+        if h.len > MAX_PAYLOAD {
+            return Err(too_large("frame payload", h.len, MAX_PAYLOAD));
+        }
+        if kind != FrameKind::Pages && (h.count != 0 || h.region != 0) {
+            return Err(invalid("page count outside a pages frame", h.count));
+        }
+        match kind {
+            FrameKind::Pages => {
+                if h.count == 0 {
+                    return Err(invalid("page count", h.count));
+                }
+                if h.count > MAX_PAGES_PER_FRAME {
+                    return Err(too_large("page count", h.count, MAX_PAGES_PER_FRAME));
+                }
+                let table = h.count * PageEntry::LEN_U32;
+                let most = table + h.count * WIRE_PAGE_SIZE;
+                if h.len < table || h.len > most {
+                    return Err(invalid("pages frame payload length", h.len));
+                }
+                if h.round == 0 {
+                    return Err(invalid("round", h.round));
+                }
+            }
+            FrameKind::EndOfRound | FrameKind::EndOfStream => {
+                if h.len != 0 {
+                    return Err(invalid("payload length of an end marker", h.len));
+                }
+            }
+            FrameKind::DeviceState => {
+                if h.len == 0 {
+                    return Err(invalid("device state piece length", h.len));
+                }
+            }
+            FrameKind::Error => {
+                if h.len > MAX_MESSAGE {
+                    return Err(too_large("error message", h.len, MAX_MESSAGE));
+                }
+            }
+            FrameKind::Confirm => {
+                if h.len != 8 {
+                    return Err(invalid("confirm payload length", h.len));
+                }
+            }
+        }
+        Ok(h)
+    }
+
+    /// A crc hasher primed with this header's bytes (crc field zero); feed it the payload as
+    /// received, then call [`FrameHeader::verify`].
+    pub fn hasher(&self) -> crc32fast::Hasher {
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&FrameHeader { crc: 0, ..*self }.encode());
+        hasher
+    }
+
+    /// Checks the crc against header and payload.
+    pub fn verify(&self, hasher: crc32fast::Hasher) -> Result<(), DecodeError> {
+        verify_crc("frame", self.crc, hasher.finalize())
+    }
+
+    /// A whole frame without page data: `header` then `payload`, with the crc filled in.
+    fn control(kind: FrameKind, value: u64, round: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        let mut frame = FrameHeader::new(kind, 0, value, round, 0, len)
+            .encode()
+            .to_vec();
+        frame.extend_from_slice(payload);
+        seal(&mut frame);
+        frame
+    }
+
+    /// An end-of-round frame: this channel sent `pages` pages in round `round`.
+    pub fn end_of_round(round: u32, pages: u64) -> Vec<u8> {
+        Self::control(FrameKind::EndOfRound, pages, round, &[])
+    }
+
+    /// An end-of-stream frame: this channel sent `pages` pages in all; `round` was the last.
+    pub fn end_of_stream(round: u32, pages: u64) -> Vec<u8> {
+        Self::control(FrameKind::EndOfStream, pages, round, &[])
+    }
+
+    /// A device-state frame carrying `piece`, which starts at byte `offset` of the blob.
+    pub fn device_state(offset: u64, piece: &[u8]) -> Vec<u8> {
+        Self::control(FrameKind::DeviceState, offset, 0, piece)
+    }
+
+    /// An error frame; the message is cut to the limit.
+    pub fn error(message: &str) -> Vec<u8> {
+        let message = truncate(message, MAX_MESSAGE as usize);
+        Self::control(FrameKind::Error, 0, 0, message.as_bytes())
+    }
+
+    /// A confirmation: `pages` pages applied and `device_state_len` bytes of device state.
+    pub fn confirm(round: u32, pages: u64, device_state_len: u64) -> Vec<u8> {
+        Self::control(
+            FrameKind::Confirm,
+            pages,
+            round,
+            &device_state_len.to_le_bytes(),
+        )
+    }
+}
+
+/// Fills in the crc of a whole encoded frame (header followed by payload) whose crc field is
+/// zero.
+pub fn seal(frame: &mut [u8]) {
+    let crc = crc32fast::hash(frame);
+    put_u32(frame, 28, crc);
+}
+
+/// How one page is encoded in a pages frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Encoding {
+    /// All zero bytes; no data.
+    Zero = 0,
+    /// The page's bytes as they are.
+    Raw = 1,
+    /// An lz4 block that decodes to exactly one page.
+    Lz4 = 2,
+}
+
+/// One page table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageEntry {
+    /// Page offset from the frame's first page.
+    pub offset: u32,
+    /// Its encoding.
+    pub encoding: Encoding,
+    /// Its data length.
+    pub len: u32,
+}
+
+impl PageEntry {
+    /// Encoded size.
+    pub const LEN: usize = 8;
+    const LEN_U32: u32 = 8;
+
+    /// Writes the entry into `out[..8]`.
+    pub fn write(&self, out: &mut [u8]) {
+        put_u32(out, 0, self.offset);
+        put_u32(out, 4, (self.encoding as u32) << 24 | self.len);
+    }
+
+    fn read(b: &[u8]) -> Result<Self, DecodeError> {
+        let offset = u32_at(b, 0);
+        let desc = u32_at(b, 4);
+        let len = desc & 0x00FF_FFFF;
+        let encoding = match desc >> 24 {
+            0 if len == 0 => Encoding::Zero,
+            1 if len == WIRE_PAGE_SIZE => Encoding::Raw,
+            2 if len > 0 && len < WIRE_PAGE_SIZE => Encoding::Lz4,
+            0..=2 => return Err(invalid("page data length", len)),
+            other => return Err(invalid("page encoding", other)),
+        };
+        Ok(PageEntry {
+            offset,
+            encoding,
+            len,
+        })
+    }
+}
+
+/// The decoded page table of a pages frame.
+#[derive(Debug, Clone, Default)]
+pub struct PageTable {
+    entries: Vec<PageEntry>,
+}
+
+impl PageTable {
+    /// An empty table with room for the largest frame, so decoding never allocates.
+    pub fn new() -> Self {
+        PageTable {
+            entries: Vec::with_capacity(MAX_PAGES_PER_FRAME as usize),
+        }
+    }
+
+    /// Bytes of table in a frame of `header.count` pages.
+    pub fn len_for(header: &FrameHeader) -> usize {
+        header.count as usize * PageEntry::LEN
+    }
+
+    /// Decodes `bytes` (exactly [`PageTable::len_for`] of them) for `header`: every entry
+    /// valid, offsets strictly increasing, and data lengths adding up to the payload.
+    pub fn decode(&mut self, header: &FrameHeader, bytes: &[u8]) -> Result<(), DecodeError> {
+        self.entries.clear();
+        if header.kind != FrameKind::Pages || bytes.len() != Self::len_for(header) {
+            return Err(invalid("page table length", bytes.len() as u64));
+        }
+        let mut data = 0u64;
+        let mut next_offset = 0u64;
+        for chunk in bytes.chunks_exact(PageEntry::LEN) {
+            let entry = PageEntry::read(chunk)?;
+            if u64::from(entry.offset) < next_offset {
+                return Err(invalid("page offset (not increasing)", entry.offset));
+            }
+            if header.value.checked_add(u64::from(entry.offset)).is_none() {
+                return Err(invalid("page offset", entry.offset));
+            }
+            next_offset = u64::from(entry.offset) + 1;
+            data += u64::from(entry.len);
+            self.entries.push(entry);
+        }
+        let expected = u64::from(header.len) - bytes.len() as u64;
+        if data != expected {
+            return Err(invalid("sum of page data lengths", data));
+        }
+        Ok(())
+    }
+
+    /// The entries, in order.
+    pub fn entries(&self) -> &[PageEntry] {
+        &self.entries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn header_bytes(h: FrameHeader) -> [u8; FrameHeader::LEN] {
+        h.encode()
+    }
+
+    #[test]
+    fn control_frames_roundtrip_with_their_crc() {
+        for frame in [
+            FrameHeader::end_of_round(3, 1000),
+            FrameHeader::end_of_stream(4, 5000),
+            FrameHeader::device_state(8, b"cpu state"),
+            FrameHeader::error("disk full"),
+            FrameHeader::confirm(4, 5000, 9),
+        ] {
+            let mut fixed = [0u8; FrameHeader::LEN];
+            fixed.copy_from_slice(&frame[..32]);
+            let h = FrameHeader::decode(&fixed).unwrap();
+            let mut hasher = h.hasher();
+            hasher.update(&frame[32..]);
+            h.verify(hasher).unwrap();
+            assert_eq!(frame.len(), 32 + h.len as usize);
+            // A flipped payload or header byte fails the crc or the header checks.
+            for i in 0..frame.len() {
+                let mut bad = frame.clone();
+                bad[i] ^= 0x10;
+                fixed.copy_from_slice(&bad[..32]);
+                let caught = match FrameHeader::decode(&fixed) {
+                    Err(_) => true,
+                    Ok(h) if 32 + h.len as usize != bad.len() => true,
+                    Ok(h) => {
+                        let mut hasher = h.hasher();
+                        hasher.update(&bad[32..]);
+                        h.verify(hasher).is_err()
+                    }
+                };
+                assert!(caught, "byte {i} of {:?}", h.kind);
+            }
+        }
+    }
+
+    #[test]
+    fn headers_enforce_limits_before_any_allocation() {
+        let bad = [
+            FrameHeader {
+                kind: FrameKind::Pages,
+                ..FrameHeader::pages(0, 0, 1, 0, 0)
+            },
+            FrameHeader::pages(0, 0, 1, MAX_PAGES_PER_FRAME + 1, 0),
+            FrameHeader::pages(0, 0, 1, 2, 8),
+            FrameHeader::pages(0, 0, 1, 1, 8 + 4097),
+            FrameHeader::pages(0, 0, 0, 1, 8),
+            FrameHeader::pages(0, 0, 1, 1, MAX_PAYLOAD + 1),
+            FrameHeader::new(FrameKind::Error, 0, 0, 0, 0, MAX_MESSAGE + 1),
+            FrameHeader::new(FrameKind::Confirm, 0, 0, 0, 0, 7),
+            FrameHeader::new(FrameKind::EndOfRound, 0, 0, 1, 0, 1),
+            FrameHeader::new(FrameKind::DeviceState, 0, 0, 0, 0, 0),
+            FrameHeader::new(FrameKind::DeviceState, 0, 0, 0, 3, 10),
+        ];
+        for h in bad {
+            assert!(FrameHeader::decode(&header_bytes(h)).is_err(), "{h:?}");
+        }
+        let mut zeroed = [0u8; 32];
+        assert!(matches!(
+            FrameHeader::decode(&zeroed),
+            Err(DecodeError::Invalid {
+                what: "frame kind",
+                ..
+            })
+        ));
+        zeroed[0] = 1;
+        zeroed[2] = 1;
+        assert!(matches!(
+            FrameHeader::decode(&zeroed),
+            Err(DecodeError::Invalid {
+                what: "frame flags",
+                ..
+            })
+        ));
+        let ok = FrameHeader::pages(2, 64, 1, 2, 16 + 4096 + 100);
+        assert_eq!(FrameHeader::decode(&header_bytes(ok)), Ok(ok));
+    }
+
+    fn table_bytes(entries: &[PageEntry]) -> Vec<u8> {
+        let mut b = vec![0u8; entries.len() * 8];
+        for (e, out) in entries.iter().zip(b.chunks_exact_mut(8)) {
+            e.write(out);
+        }
+        b
+    }
+
+    #[test]
+    fn page_tables_are_validated() {
+        let e = |offset, encoding, len| PageEntry {
+            offset,
+            encoding,
+            len,
+        };
+        let good = [
+            e(0, Encoding::Zero, 0),
+            e(3, Encoding::Raw, 4096),
+            e(4, Encoding::Lz4, 100),
+        ];
+        let h = FrameHeader::pages(0, 10, 1, 3, 24 + 4196);
+        let mut table = PageTable::new();
+        table.decode(&h, &table_bytes(&good)).unwrap();
+        assert_eq!(table.entries(), good);
+
+        let cases: [(&[PageEntry], u32, &str); 6] = [
+            (
+                &[e(1, Encoding::Zero, 0), e(1, Encoding::Zero, 0)],
+                16,
+                "not increasing",
+            ),
+            (&[e(0, Encoding::Raw, 100)], 108, "page data length"),
+            (&[e(0, Encoding::Lz4, 4096)], 8 + 4096, "page data length"),
+            (&[e(0, Encoding::Lz4, 0)], 8, "page data length"),
+            (&[e(0, Encoding::Zero, 5)], 13, "page data length"),
+            (
+                &[e(0, Encoding::Raw, 4096)],
+                8 + 4095,
+                "sum of page data lengths",
+            ),
+        ];
+        for (entries, len, needle) in cases {
+            let h = FrameHeader::pages(0, 0, 1, entries.len() as u32, len);
+            let err = table.decode(&h, &table_bytes(entries)).unwrap_err();
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        let mut unknown = table_bytes(&[e(0, Encoding::Zero, 0)]);
+        unknown[7] = 9;
+        let h = FrameHeader::pages(0, 0, 1, 1, 8);
+        assert!(
+            table
+                .decode(&h, &unknown)
+                .unwrap_err()
+                .to_string()
+                .contains("page encoding")
+        );
+        let h = FrameHeader::pages(0, u64::MAX, 1, 1, 8);
+        assert!(
+            table
+                .decode(&h, &table_bytes(&[e(1, Encoding::Zero, 0)]))
+                .is_err()
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(
+            header in prop::array::uniform32(any::<u8>()),
+            table in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            if let Ok(h) = FrameHeader::decode(&header) {
+                prop_assert!(h.len <= MAX_PAYLOAD);
+                let mut t = PageTable::new();
+                let _ = t.decode(&h, &table);
+            }
+        }
+
+        #[test]
+        fn pages_headers_roundtrip(
+            region in any::<u32>(), first in any::<u64>(), round in 1u32..,
+            count in 1u32..=MAX_PAGES_PER_FRAME, extra in 0u32..4096,
+        ) {
+            let len = (count * 8 + extra).min(count * 8 + count * 4096);
+            let h = FrameHeader::pages(region, first, round, count, len);
+            prop_assert_eq!(FrameHeader::decode(&h.encode()), Ok(h));
+        }
+    }
+}

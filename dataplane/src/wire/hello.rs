@@ -1,0 +1,380 @@
+//! The per-channel handshake: [`Hello`] and [`HelloReply`].
+
+use crate::memory::{GuestAddr, RegionLayout};
+
+use super::le::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
+use super::{
+    DecodeError, MAGIC, MAX_CHANNELS, MAX_MESSAGE, MAX_REGIONS, VERSION, WIRE_PAGE_SIZE, invalid,
+    too_large,
+};
+
+/// A sender's greeting on one channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The same random id on every channel of one migration.
+    pub session: [u8; 16],
+    /// This channel's index.
+    pub channel: u16,
+    /// How many channels the migration uses.
+    pub channels: u16,
+    /// The sender's guest memory layout, in region-index order.
+    pub regions: Vec<RegionLayout>,
+}
+
+impl Hello {
+    /// Bytes before the region table.
+    pub const FIXED_LEN: usize = 48;
+    /// Bytes per region table entry.
+    pub const REGION_LEN: usize = 24;
+
+    /// The encoded hello.
+    pub fn encode(&self) -> Vec<u8> {
+        let count = self.regions.len();
+        let mut b = vec![0u8; Self::FIXED_LEN + count * Self::REGION_LEN];
+        b[0..8].copy_from_slice(&MAGIC);
+        put_u16(&mut b, 8, VERSION);
+        put_u32(&mut b, 12, WIRE_PAGE_SIZE);
+        b[16..32].copy_from_slice(&self.session);
+        put_u16(&mut b, 32, self.channel);
+        put_u16(&mut b, 34, self.channels);
+        put_u32(&mut b, 36, u32::try_from(count).unwrap_or(u32::MAX));
+        for (i, region) in self.regions.iter().enumerate() {
+            let at = Self::FIXED_LEN + i * Self::REGION_LEN;
+            put_u32(&mut b, at, region.id());
+            put_u64(&mut b, at + 8, region.guest_base().0);
+            put_u64(&mut b, at + 16, region.len());
+        }
+        let crc = crc32fast::hash(&b);
+        put_u32(&mut b, 44, crc);
+        b
+    }
+
+    /// Checks the fixed part and returns how many region-table bytes follow it. Magic and
+    /// version come first, so a peer of another version gets a precise error.
+    pub fn table_len(fixed: &[u8; Self::FIXED_LEN]) -> Result<usize, DecodeError> {
+        check_magic_version(fixed)?;
+        if u16_at(fixed, 10) != 0 {
+            return Err(invalid("hello flags", u16_at(fixed, 10)));
+        }
+        let page_size = u32_at(fixed, 12);
+        if page_size != WIRE_PAGE_SIZE {
+            return Err(invalid("page size", page_size));
+        }
+        let (channel, channels) = (u16_at(fixed, 32), u16_at(fixed, 34));
+        if channels == 0 {
+            return Err(invalid("channel count", channels));
+        }
+        if channels > MAX_CHANNELS {
+            return Err(too_large("channel count", channels, MAX_CHANNELS));
+        }
+        if channel >= channels {
+            return Err(invalid("channel index", channel));
+        }
+        let regions = u32_at(fixed, 36);
+        if regions == 0 {
+            return Err(invalid("region count", regions));
+        }
+        if regions > MAX_REGIONS {
+            return Err(too_large("region count", regions, MAX_REGIONS));
+        }
+        if u32_at(fixed, 40) != 0 {
+            return Err(invalid("hello reserved field", u32_at(fixed, 40)));
+        }
+        // At most 256 regions of 24 bytes: no overflow.
+        Ok(regions as usize * Self::REGION_LEN)
+    }
+
+    /// Decodes a hello from its fixed part and the region table that [`Hello::table_len`] sized.
+    pub fn decode(fixed: &[u8; Self::FIXED_LEN], table: &[u8]) -> Result<Self, DecodeError> {
+        let table_len = Self::table_len(fixed)?;
+        if table.len() != table_len {
+            return Err(invalid("hello region table length", table.len() as u64));
+        }
+        let mut zeroed = *fixed;
+        put_u32(&mut zeroed, 44, 0);
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&zeroed);
+        hasher.update(table);
+        verify_crc("hello", u32_at(fixed, 44), hasher.finalize())?;
+        let mut regions = Vec::with_capacity(table_len / Self::REGION_LEN);
+        for entry in table.chunks_exact(Self::REGION_LEN) {
+            if u32_at(entry, 4) != 0 {
+                return Err(invalid("region reserved field", u32_at(entry, 4)));
+            }
+            let (base, len) = (u64_at(entry, 8), u64_at(entry, 16));
+            let page = u64::from(WIRE_PAGE_SIZE);
+            if len == 0 || len % page != 0 || base % page != 0 || base.checked_add(len).is_none() {
+                return Err(invalid("region length", len));
+            }
+            regions.push(RegionLayout::new(u32_at(entry, 0), GuestAddr(base), len));
+        }
+        let mut session = [0u8; 16];
+        session.copy_from_slice(&fixed[16..32]);
+        Ok(Hello {
+            session,
+            channel: u16_at(fixed, 32),
+            channels: u16_at(fixed, 34),
+            regions,
+        })
+    }
+}
+
+/// What the receiver says to a hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Go ahead.
+    Accept,
+    /// No, and why.
+    Refuse(String),
+}
+
+/// The receiver's answer to a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloReply {
+    /// Accepted or refused.
+    pub verdict: Verdict,
+}
+
+impl HelloReply {
+    /// Bytes before the reason.
+    pub const FIXED_LEN: usize = 24;
+
+    /// The encoded reply; a reason longer than the limit is cut at a character boundary.
+    pub fn encode(&self) -> Vec<u8> {
+        let (code, reason) = match &self.verdict {
+            Verdict::Accept => (1u16, ""),
+            Verdict::Refuse(reason) => (2u16, truncate(reason, MAX_MESSAGE as usize)),
+        };
+        let mut b = vec![0u8; Self::FIXED_LEN + reason.len()];
+        b[0..8].copy_from_slice(&MAGIC);
+        put_u16(&mut b, 8, VERSION);
+        put_u16(&mut b, 10, code);
+        put_u32(
+            &mut b,
+            12,
+            u32::try_from(reason.len()).unwrap_or(MAX_MESSAGE),
+        );
+        b[Self::FIXED_LEN..].copy_from_slice(reason.as_bytes());
+        let crc = crc32fast::hash(&b);
+        put_u32(&mut b, 16, crc);
+        b
+    }
+
+    /// Checks the fixed part and returns the reason length that follows.
+    pub fn reason_len(fixed: &[u8; Self::FIXED_LEN]) -> Result<usize, DecodeError> {
+        check_magic_version(fixed)?;
+        let code = u16_at(fixed, 10);
+        if !(1..=2).contains(&code) {
+            return Err(invalid("hello reply verdict", code));
+        }
+        let len = u32_at(fixed, 12);
+        if len > MAX_MESSAGE {
+            return Err(too_large("refusal reason", len, MAX_MESSAGE));
+        }
+        if code == 1 && len != 0 {
+            return Err(invalid("reason length of an acceptance", len));
+        }
+        if u32_at(fixed, 20) != 0 {
+            return Err(invalid("hello reply reserved field", u32_at(fixed, 20)));
+        }
+        Ok(len as usize)
+    }
+
+    /// Decodes a reply from its fixed part and the reason bytes.
+    pub fn decode(fixed: &[u8; Self::FIXED_LEN], reason: &[u8]) -> Result<Self, DecodeError> {
+        let len = Self::reason_len(fixed)?;
+        if reason.len() != len {
+            return Err(invalid("reason length", reason.len() as u64));
+        }
+        let mut zeroed = *fixed;
+        put_u32(&mut zeroed, 16, 0);
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&zeroed);
+        hasher.update(reason);
+        verify_crc("hello reply", u32_at(fixed, 16), hasher.finalize())?;
+        let verdict = match u16_at(fixed, 10) {
+            1 => Verdict::Accept,
+            _ => Verdict::Refuse(String::from_utf8_lossy(reason).into_owned()),
+        };
+        Ok(HelloReply { verdict })
+    }
+}
+
+fn check_magic_version(b: &[u8]) -> Result<(), DecodeError> {
+    let mut found = [0u8; 8];
+    found.copy_from_slice(&b[0..8]);
+    if found != MAGIC {
+        return Err(DecodeError::BadMagic { found });
+    }
+    let version = u16_at(b, 8);
+    if version != VERSION {
+        return Err(DecodeError::UnsupportedVersion { found: version });
+    }
+    Ok(())
+}
+
+pub(super) fn verify_crc(
+    what: &'static str,
+    expected: u32,
+    actual: u32,
+) -> Result<(), DecodeError> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(DecodeError::Checksum {
+            what,
+            expected,
+            actual,
+        })
+    }
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn split(bytes: &[u8]) -> ([u8; Hello::FIXED_LEN], &[u8]) {
+        let mut fixed = [0u8; Hello::FIXED_LEN];
+        fixed.copy_from_slice(&bytes[..Hello::FIXED_LEN]);
+        (fixed, &bytes[Hello::FIXED_LEN..])
+    }
+
+    fn sample() -> Hello {
+        Hello {
+            session: *b"0123456789abcdef",
+            channel: 1,
+            channels: 4,
+            regions: vec![
+                RegionLayout::new(0, GuestAddr(0), 1 << 30),
+                RegionLayout::new(7, GuestAddr(1 << 32), 4096),
+            ],
+        }
+    }
+
+    #[test]
+    fn hello_roundtrip_and_every_corruption_is_caught() {
+        let hello = sample();
+        let bytes = hello.encode();
+        assert_eq!(bytes.len(), 48 + 2 * 24);
+        let (fixed, table) = split(&bytes);
+        assert_eq!(Hello::table_len(&fixed), Ok(48));
+        assert_eq!(Hello::decode(&fixed, table), Ok(hello));
+        // A flipped bit anywhere is refused, never accepted as a different hello.
+        for i in 0..bytes.len() {
+            for bit in [0, 3, 7] {
+                let mut bad = bytes.clone();
+                bad[i] ^= 1 << bit;
+                let (fixed, table) = split(&bad);
+                let result = Hello::table_len(&fixed).and_then(|len| {
+                    if len == table.len() {
+                        Hello::decode(&fixed, table)
+                    } else {
+                        Err(invalid("length", len as u64))
+                    }
+                });
+                assert!(result.is_err(), "byte {i} bit {bit} went unnoticed");
+            }
+        }
+    }
+
+    #[test]
+    fn hello_fields_are_checked_before_the_table_is_read() {
+        let bytes = sample().encode();
+        let (fixed, _) = split(&bytes);
+        let with = |at: usize, value: &[u8]| {
+            let mut f = fixed;
+            f[at..at + value.len()].copy_from_slice(value);
+            Hello::table_len(&f).unwrap_err()
+        };
+        assert!(matches!(with(0, b"QEMU"), DecodeError::BadMagic { .. }));
+        assert_eq!(
+            with(8, &2u16.to_le_bytes()),
+            DecodeError::UnsupportedVersion { found: 2 }
+        );
+        assert_eq!(
+            with(8, &2u16.to_le_bytes()).to_string(),
+            "unsupported protocol version 2 (this build speaks 1)"
+        );
+        assert!(matches!(
+            with(12, &65536u32.to_le_bytes()),
+            DecodeError::Invalid {
+                what: "page size",
+                ..
+            }
+        ));
+        assert!(matches!(
+            with(34, &0u16.to_le_bytes()),
+            DecodeError::Invalid { .. }
+        ));
+        assert!(matches!(
+            with(34, &65u16.to_le_bytes()),
+            DecodeError::TooLarge { .. }
+        ));
+        assert!(matches!(
+            with(32, &4u16.to_le_bytes()),
+            DecodeError::Invalid {
+                what: "channel index",
+                ..
+            }
+        ));
+        assert!(matches!(
+            with(36, &0u32.to_le_bytes()),
+            DecodeError::Invalid { .. }
+        ));
+        assert!(matches!(
+            with(36, &u32::MAX.to_le_bytes()),
+            DecodeError::TooLarge { .. }
+        ));
+    }
+
+    #[test]
+    fn replies_roundtrip_and_reasons_are_bounded() {
+        for verdict in [
+            Verdict::Accept,
+            Verdict::Refuse("region table differs".into()),
+        ] {
+            let reply = HelloReply { verdict };
+            let bytes = reply.encode();
+            let mut fixed = [0u8; HelloReply::FIXED_LEN];
+            fixed.copy_from_slice(&bytes[..24]);
+            let len = HelloReply::reason_len(&fixed).unwrap();
+            assert_eq!(HelloReply::decode(&fixed, &bytes[24..24 + len]), Ok(reply));
+        }
+        let long = HelloReply {
+            verdict: Verdict::Refuse("é".repeat(2000)),
+        };
+        let bytes = long.encode();
+        assert!(bytes.len() <= 24 + MAX_MESSAGE as usize);
+        let mut fixed = [0u8; 24];
+        fixed.copy_from_slice(&bytes[..24]);
+        put_u32(&mut fixed, 12, MAX_MESSAGE + 1);
+        assert!(matches!(
+            HelloReply::reason_len(&fixed),
+            Err(DecodeError::TooLarge { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn hello_decoding_never_panics(bytes in prop::collection::vec(any::<u8>(), 48..200)) {
+            let (fixed, table) = split(&bytes);
+            if let Ok(len) = Hello::table_len(&fixed) {
+                let _ = Hello::decode(&fixed, &table[..len.min(table.len())]);
+            }
+        }
+    }
+}
