@@ -438,7 +438,8 @@ impl Sender {
         self.round_pages.fill(0);
         let channels = u16::try_from(self.queues.len()).unwrap_or(MAX_CHANNELS);
         let mut dispatched = 0u64;
-        let jobs = self.jobs.clone();
+        // Borrowed, never cloned: the workers must see the queue close when the session ends.
+        let jobs = self.jobs.as_ref();
         'regions: for region in 0..dirty.region_count() {
             for (index, &mask) in dirty.words(region).iter().enumerate() {
                 if mask == 0 {

@@ -1,0 +1,292 @@
+//! Helpers shared by the integration tests: guest images, a migration over loopback driven
+//! through both control machines, and a hand-written peer for bad-input tests.
+
+#![allow(dead_code, clippy::cast_possible_truncation)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ramjet_control::{Fact, Machine, Options, Profile, Side, Status, Timestamp, Trigger};
+use ramjet_dataplane::codec::Compression;
+use ramjet_dataplane::dirty::DirtySet;
+use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use ramjet_dataplane::transport::{Endpoint, Listener};
+use ramjet_dataplane::{
+    Error, FactSink, ReceiveOptions, Received, SendOptions, Sender, Summary, receive,
+};
+
+/// A deterministic pseudo-random generator (xorshift64*).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// What a guest image holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Image {
+    Random,
+    Zero,
+    /// Per page: 50% zero, 25% text-like, 25% random.
+    Mixed,
+}
+
+const WORDS: &[&str] = &[
+    "guest",
+    "page",
+    "memory",
+    "kernel",
+    "migration",
+    "the",
+    "of",
+    "and",
+    "dirty",
+    "round",
+    "socket",
+    "channel",
+    "vcpu",
+    "device",
+    "state",
+    "ramjet",
+    "qemu",
+    "libvirt",
+    "{",
+    "}",
+    "\n",
+];
+
+/// One text-like page: words and punctuation, compressible about 2-3x.
+pub fn text_page(rng: &mut Rng, page: &mut [u8]) {
+    let mut at = 0;
+    while at < page.len() {
+        let word = WORDS[(rng.next() % WORDS.len() as u64) as usize].as_bytes();
+        let n = word.len().min(page.len() - at);
+        page[at..at + n].copy_from_slice(&word[..n]);
+        at += n;
+        if at < page.len() {
+            page[at] = b' ';
+            at += 1;
+        }
+    }
+}
+
+/// Fills page `page` of region 0 the way `image` wants, from `rng`.
+pub fn write_page(memory: &GuestMemory, image: Image, rng: &mut Rng, page: u64, buf: &mut [u8]) {
+    let kind = match image {
+        Image::Random => 3,
+        Image::Zero => 0,
+        Image::Mixed => match rng.next() % 4 {
+            0 | 1 => 0,
+            2 => 2,
+            _ => 3,
+        },
+    };
+    match kind {
+        0 => buf.fill(0),
+        2 => text_page(rng, buf),
+        _ => rng.fill(buf),
+    }
+    memory
+        .write(0, page * PAGE_SIZE as u64, buf)
+        .expect("page in bounds");
+}
+
+/// A one-region guest of `bytes` holding `image`.
+pub fn guest(bytes: u64, image: Image, seed: u64) -> Arc<GuestMemory> {
+    let memory = GuestMemory::anonymous(bytes).expect("anonymous memory");
+    if image != Image::Zero {
+        let mut rng = Rng::new(seed);
+        let mut buf = vec![0u8; PAGE_SIZE];
+        for page in 0..memory.total_pages() {
+            write_page(&memory, image, &mut rng, page, &mut buf);
+        }
+    }
+    Arc::new(memory)
+}
+
+/// TCP or a Unix socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Net {
+    Tcp,
+    Unix,
+}
+
+static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh endpoint: port 0 on loopback, or a socket path in the temp directory.
+pub fn endpoint(net: Net) -> Endpoint {
+    match net {
+        Net::Tcp => "tcp:127.0.0.1:0".parse().expect("valid endpoint"),
+        Net::Unix => {
+            let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+            let path: PathBuf =
+                std::env::temp_dir().join(format!("ramjet-test-{}-{n}.sock", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            Endpoint::Unix(path)
+        }
+    }
+}
+
+/// Facts as they arrive, stamped.
+#[derive(Default)]
+pub struct Facts(Mutex<Vec<Fact>>);
+
+impl Facts {
+    pub fn sink(self: &Arc<Self>) -> Arc<dyn FactSink> {
+        let facts = Arc::clone(self);
+        Arc::new(move |fact| facts.0.lock().expect("facts lock").push(fact))
+    }
+
+    pub fn all(&self) -> Vec<Fact> {
+        self.0.lock().expect("facts lock").clone()
+    }
+}
+
+/// Runs `facts` through a control machine for `side` and returns what it emitted, as the
+/// scenario vocabulary (`setup`, `pass 1`, ...). Every fact must be accepted.
+pub fn statuses(side: Side, facts: &[Fact]) -> Vec<String> {
+    let mut machine = Machine::new(side, Profile::Qemu10, Options::new());
+    let now = Timestamp::from_unix_micros(1);
+    let mut shown = Vec::new();
+    let migrate = machine.step(Trigger::Migrate, now).expect("migrate");
+    shown.extend(migrate.map(|e| e.kind().to_string()));
+    for fact in facts {
+        match machine.step(fact.clone(), now) {
+            Ok(event) => shown.extend(event.map(|e| e.kind().to_string())),
+            Err(e) => panic!("the {side:?} machine refused {fact}: {e} (facts {facts:?})"),
+        }
+    }
+    assert!(
+        machine.status().is_terminal() || machine.status() == Status::None,
+        "the {side:?} machine ended in {} (facts {facts:?})",
+        machine.status()
+    );
+    shown
+}
+
+/// How a test migration is set up.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub net: Net,
+    pub channels: u16,
+    pub compression: Compression,
+    pub timeout: Duration,
+}
+
+impl Plan {
+    pub fn new(net: Net, channels: u16, compression: Compression) -> Self {
+        Plan {
+            net,
+            channels,
+            compression,
+            timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// What a test migration produced on both sides.
+pub struct Outcome {
+    pub sent: Result<Summary, Error>,
+    pub received: Result<Received, Error>,
+    pub source_facts: Vec<Fact>,
+    pub destination_facts: Vec<Fact>,
+    pub elapsed: Duration,
+}
+
+/// Migrates `src` into `dst`: the first round sends every page; `between(round)` may change
+/// the source and return the next round's dirty set, or `None` to switch over. The final round
+/// after switchover sends `last` (or nothing), then the device state.
+pub fn migrate(
+    src: &Arc<GuestMemory>,
+    dst: &Arc<GuestMemory>,
+    plan: &Plan,
+    mut between: impl FnMut(u32) -> Option<DirtySet>,
+    device_state: &[u8],
+) -> Outcome {
+    let listener = Listener::bind(&endpoint(plan.net)).expect("bind");
+    let at = listener.endpoint().clone();
+    let (source_facts, destination_facts) =
+        (Arc::new(Facts::default()), Arc::new(Facts::default()));
+    let receive_options = ReceiveOptions {
+        workers: 2,
+        timeout: plan.timeout,
+        accept_timeout: Some(plan.timeout),
+        ..ReceiveOptions::default()
+    };
+    let (dst, sink) = (Arc::clone(dst), destination_facts.sink());
+    let started = Instant::now();
+    let receiver = thread::spawn(move || receive(&listener, dst, &receive_options, sink));
+    let send_options = SendOptions {
+        channels: plan.channels,
+        compression: plan.compression,
+        workers: 2,
+        timeout: plan.timeout,
+        ..SendOptions::default()
+    };
+    let sent = (|| {
+        let mut sender = Sender::connect(Arc::clone(src), &at, &send_options, source_facts.sink())?;
+        let mut dirty = DirtySet::all(src);
+        loop {
+            sender.round(&dirty)?;
+            match between(sender.rounds()) {
+                Some(next) => dirty = next,
+                None => break,
+            }
+        }
+        sender.switchover()?;
+        sender.round(&DirtySet::none(src))?;
+        sender.finish(device_state)
+    })();
+    let received = receiver.join().expect("receiver thread");
+    Outcome {
+        sent,
+        received,
+        source_facts: source_facts.all(),
+        destination_facts: destination_facts.all(),
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Asserts a migration completed with identical memory and the expected status sequences.
+pub fn assert_completed(outcome: &Outcome, src: &GuestMemory, dst: &GuestMemory, what: &str) {
+    if let Err(e) = &outcome.sent {
+        panic!("{what}: the sender failed: {}", e.chain());
+    }
+    if let Err(e) = &outcome.received {
+        panic!("{what}: the receiver failed: {}", e.chain());
+    }
+    assert_eq!(
+        src.first_difference(dst).expect("same layout"),
+        None,
+        "{what}: memory differs"
+    );
+    // setup, active, device, completed, with a MIGRATION_PASS for every round.
+    let source = statuses(Side::Source, &outcome.source_facts).join(" ");
+    assert!(
+        source.starts_with("setup active pass 1 ")
+            && source.contains(" device pass ")
+            && source.ends_with(" completed"),
+        "{what}: source events {source}"
+    );
+    let destination = statuses(Side::Destination, &outcome.destination_facts).join(" ");
+    assert_eq!(destination, "setup active completed", "{what}");
+}

@@ -1,0 +1,262 @@
+//! Whole migrations over loopback TCP and Unix sockets, compared byte for byte.
+
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::sync::Arc;
+use std::thread;
+
+use common::{Image, Net, Plan, Rng, assert_completed, guest, migrate, statuses, write_page};
+use ramjet_control::{Fact, Side};
+use ramjet_dataplane::codec::Compression;
+use ramjet_dataplane::dirty::DirtySet;
+use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use ramjet_dataplane::transport::Listener;
+use ramjet_dataplane::{CancelHandle, ReceiveOptions, SendOptions, Sender, receive};
+
+const IMAGE_BYTES: u64 = 256 << 20;
+
+/// Every transport, channel count and compression mode for one image kind. The first transfer
+/// lands in fresh (known-zero) memory; the others in memory filled with junk, so that every
+/// page, zero pages included, must really be written.
+fn every_path(image: Image, seed: u64) {
+    let src = guest(IMAGE_BYTES, image, seed);
+    let dst = Arc::new(GuestMemory::anonymous(IMAGE_BYTES).expect("memory"));
+    let mut first = true;
+    for net in [Net::Tcp, Net::Unix] {
+        for channels in [1, 2, 4] {
+            for compression in [Compression::Off, Compression::Lz4, Compression::Auto] {
+                if !first {
+                    dst.fill(0, 0, IMAGE_BYTES as usize, 0xA5).expect("fill");
+                }
+                first = false;
+                let what = format!("{image:?} over {net:?}, {channels} channels, {compression}");
+                let plan = Plan::new(net, channels, compression);
+                let outcome = migrate(&src, &dst, &plan, |_| None, b"device state");
+                assert_completed(&outcome, &src, &dst, &what);
+                let received = outcome.received.expect("checked");
+                assert_eq!(received.device_state, b"device state", "{what}");
+                let stats = outcome.sent.expect("checked").stats;
+                assert_eq!(stats.pages(), src.total_pages(), "{what}");
+                assert_eq!(received.stats.pages(), src.total_pages(), "{what}");
+                match image {
+                    Image::Zero => assert_eq!(stats.pages_zero, src.total_pages(), "{what}"),
+                    Image::Random => assert_eq!(stats.pages_zero + stats.pages_lz4, 0, "{what}"),
+                    Image::Mixed => {
+                        // Half the pages are zero; with lz4 the text pages compress.
+                        let half = src.total_pages() / 2;
+                        assert!(
+                            stats.pages_zero.abs_diff(half) < half / 20,
+                            "{what}: {stats:?}"
+                        );
+                        if compression == Compression::Lz4 {
+                            assert!(stats.pages_lz4 > src.total_pages() / 5, "{what}: {stats:?}");
+                        }
+                    }
+                }
+                if compression == Compression::Off {
+                    assert_eq!(stats.pages_lz4, 0, "{what}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn random_image_over_every_path() {
+    every_path(Image::Random, 1);
+}
+
+#[test]
+fn zero_image_over_every_path() {
+    every_path(Image::Zero, 2);
+}
+
+#[test]
+fn mixed_image_over_every_path() {
+    every_path(Image::Mixed, 3);
+}
+
+/// Pages rewritten between rounds, some of them in every round and on every channel: the
+/// destination ends with the newest version of each, never a stale one from an earlier round.
+#[test]
+fn rewritten_pages_arrive_in_their_latest_version() {
+    for (net, compression) in [(Net::Tcp, Compression::Lz4), (Net::Unix, Compression::Auto)] {
+        let src = guest(32 << 20, Image::Mixed, 11);
+        let dst = Arc::new(GuestMemory::anonymous(32 << 20).expect("memory"));
+        let pages = src.total_pages();
+        let mut rng = Rng::new(5);
+        let mut buf = vec![0u8; PAGE_SIZE];
+        // The first 512 pages (eight chunks: two per channel) change in every round.
+        let hot: Vec<u64> = (0..512).collect();
+        let source = Arc::clone(&src);
+        let outcome = migrate(
+            &src,
+            &dst,
+            &Plan::new(net, 4, compression),
+            |round| {
+                if round >= 6 {
+                    return None;
+                }
+                let mut dirty = DirtySet::none(&source);
+                let cold = (0..1500).map(|_| rng.next() % pages).collect::<Vec<_>>();
+                for &page in hot.iter().chain(&cold) {
+                    write_page(&source, Image::Mixed, &mut rng, page, &mut buf);
+                    dirty.insert(0, page);
+                }
+                Some(dirty)
+            },
+            b"",
+        );
+        assert_completed(&outcome, &src, &dst, &format!("{net:?} multi-round"));
+        let summary = outcome.sent.expect("checked");
+        assert_eq!(summary.rounds, 7, "six live rounds and the final one");
+        let passes = outcome
+            .destination_facts
+            .iter()
+            .filter(|f| matches!(f, Fact::Pass(_)))
+            .count();
+        assert_eq!(passes, 7);
+    }
+}
+
+/// Several regions at scattered guest addresses, including a tiny one.
+#[test]
+fn several_regions() {
+    use ramjet_dataplane::memory::{GuestAddr, Region};
+    let make = || {
+        GuestMemory::new(vec![
+            Region::anonymous(0, GuestAddr(0), 8 << 20).expect("region"),
+            Region::memfd(5, GuestAddr(1 << 32), 4 << 20).expect("region"),
+            Region::anonymous(9, GuestAddr(1 << 40), 4096).expect("region"),
+        ])
+        .expect("memory")
+    };
+    let src = Arc::new(make());
+    let mut rng = Rng::new(8);
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for (region, r) in src.regions().iter().enumerate() {
+        for page in 0..r.layout().pages() {
+            if !rng.next().is_multiple_of(3) {
+                rng.fill(&mut buf);
+                src.write(region, page * PAGE_SIZE as u64, &buf)
+                    .expect("write");
+            }
+        }
+    }
+    let dst = Arc::new(make());
+    let outcome = migrate(
+        &src,
+        &dst,
+        &Plan::new(Net::Tcp, 3, Compression::Auto),
+        |_| None,
+        b"x",
+    );
+    assert_completed(&outcome, &src, &dst, "three regions");
+}
+
+/// A cancel on either side stops both promptly: the cancelled side reports `drained` without
+/// `failed`, the other side fails with a clear error, and the control machines end in
+/// `cancelled` and `failed`.
+#[test]
+fn cancel_on_either_side() {
+    for cancel_sender in [true, false] {
+        let src = guest(64 << 20, Image::Random, 4);
+        let dst = Arc::new(GuestMemory::anonymous(64 << 20).expect("memory"));
+        let listener = Listener::bind(&common::endpoint(Net::Tcp)).expect("bind");
+        let at = listener.endpoint().clone();
+        let (send_cancel, recv_cancel) = (CancelHandle::new(), CancelHandle::new());
+        let source_facts = Arc::new(common::Facts::default());
+        let destination_facts = Arc::new(common::Facts::default());
+        // Cancel as soon as data flows: the sender at its first pass, the receiver once set up.
+        let (sc, rc) = (send_cancel.clone(), recv_cancel.clone());
+        let (sf, df) = (Arc::clone(&source_facts), Arc::clone(&destination_facts));
+        let source_sink: Arc<dyn ramjet_dataplane::FactSink> = Arc::new(move |fact: Fact| {
+            if cancel_sender && fact == Fact::Pass(1) {
+                sc.cancel();
+            }
+            sf.sink().fact(fact);
+        });
+        let destination_sink: Arc<dyn ramjet_dataplane::FactSink> = Arc::new(move |fact: Fact| {
+            if !cancel_sender && fact == Fact::SetupDone {
+                rc.cancel();
+            }
+            df.sink().fact(fact);
+        });
+        let options = ReceiveOptions {
+            cancel: recv_cancel,
+            ..ReceiveOptions::default()
+        };
+        let dst2 = Arc::clone(&dst);
+        let receiver = thread::spawn(move || receive(&listener, dst2, &options, destination_sink));
+        let options = SendOptions {
+            cancel: send_cancel,
+            ..SendOptions::default()
+        };
+        let sent =
+            Sender::connect(Arc::clone(&src), &at, &options, source_sink).and_then(|mut s| {
+                s.round(&DirtySet::all(&src))?;
+                s.switchover()?;
+                s.finish(b"")
+            });
+        let received = receiver.join().expect("receiver thread");
+        let (sent, received) = (sent.expect_err("sender"), received.expect_err("receiver"));
+        let (cancelled, failed, cancelled_facts, failed_facts, cancelled_side) = if cancel_sender {
+            (
+                sent,
+                received,
+                source_facts.all(),
+                destination_facts.all(),
+                Side::Source,
+            )
+        } else {
+            (
+                received,
+                sent,
+                destination_facts.all(),
+                source_facts.all(),
+                Side::Destination,
+            )
+        };
+        assert!(cancelled.is_cancelled(), "{}", cancelled.chain());
+        assert!(!failed.is_cancelled());
+        assert_eq!(cancelled_facts.last(), Some(&Fact::Drained));
+        assert!(!cancelled_facts.iter().any(|f| matches!(f, Fact::Failed(_))));
+        assert!(
+            matches!(
+                failed_facts.as_slice(),
+                [.., Fact::Failed(_), Fact::Drained]
+            ),
+            "{failed_facts:?}"
+        );
+        // The user's cancel is a trigger on the cancelled side.
+        let mut machine = ramjet_control::Machine::new(
+            cancelled_side,
+            ramjet_control::Profile::Qemu10,
+            ramjet_control::Options::new(),
+        );
+        let t = ramjet_control::Timestamp::EPOCH;
+        machine
+            .step(ramjet_control::Trigger::Migrate, t)
+            .expect("migrate");
+        for fact in &cancelled_facts {
+            if *fact == Fact::Drained {
+                machine
+                    .step(ramjet_control::Trigger::Cancel, t)
+                    .expect("cancel");
+            }
+            machine.step(fact.clone(), t).expect("fact");
+        }
+        assert_eq!(machine.status(), ramjet_control::Status::Cancelled);
+        let other = if cancel_sender {
+            Side::Destination
+        } else {
+            Side::Source
+        };
+        assert_eq!(
+            statuses(other, &failed_facts).last().map(String::as_str),
+            Some("failed")
+        );
+    }
+}
