@@ -6,6 +6,7 @@
 pub mod codec;
 pub mod dirty;
 mod error;
+pub mod image;
 pub mod memory;
 mod recv;
 mod send;

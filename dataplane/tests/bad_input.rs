@@ -435,6 +435,13 @@ fn sender_against(peer: impl FnOnce(TcpListener) + Send + 'static) -> Error {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let at = Endpoint::Tcp(listener.local_addr().expect("addr"));
     let fake = thread::spawn(move || peer(listener));
+    let err = send_to(&at);
+    fake.join().expect("fake receiver");
+    err
+}
+
+/// Runs the real sender to `at`; returns its error after checking its facts.
+fn send_to(at: &Endpoint) -> Error {
     let src = source();
     let facts = Arc::new(Facts::default());
     let options = SendOptions {
@@ -442,19 +449,17 @@ fn sender_against(peer: impl FnOnce(TcpListener) + Send + 'static) -> Error {
         timeout: SHORT,
         ..SendOptions::default()
     };
-    let result =
-        Sender::connect(Arc::clone(&src), &at, &options, facts.sink()).and_then(|mut s| {
-            s.round(&DirtySet::all(&src))?;
-            s.switchover()?;
-            s.finish(b"")
-        });
+    let result = Sender::connect(Arc::clone(&src), at, &options, facts.sink()).and_then(|mut s| {
+        s.round(&DirtySet::all(&src))?;
+        s.switchover()?;
+        s.finish(b"")
+    });
     let err = result.expect_err("the sender must fail");
     let facts = facts.all();
     match facts.as_slice() {
         [.., Fact::Failed(message), Fact::Drained] => assert_eq!(message, &err.chain()),
         other => panic!("facts {other:?} for {}", err.chain()),
     }
-    fake.join().expect("fake receiver");
     err
 }
 
@@ -493,7 +498,12 @@ fn a_refusal_reaches_the_sender() {
 
 #[test]
 fn a_receiver_that_is_not_listening() {
-    let err = sender_against(drop);
+    // A port that was just free: nothing listens there.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let at = Endpoint::Tcp(listener.local_addr().expect("addr"));
+    drop(listener);
+    let err = send_to(&at);
+    assert!(matches!(err, Error::Connect { .. }), "{}", err.chain());
     assert_names(&err, "cannot connect to tcp:127.0.0.1:");
 }
 

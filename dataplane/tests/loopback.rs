@@ -100,7 +100,9 @@ fn rewritten_pages_arrive_in_their_latest_version() {
                     return None;
                 }
                 let mut dirty = DirtySet::none(&source);
-                let cold = (0..1500).map(|_| rng.next() % pages).collect::<Vec<_>>();
+                let cold = (0..1500)
+                    .map(|_| rng.next_u64() % pages)
+                    .collect::<Vec<_>>();
                 for &page in hot.iter().chain(&cold) {
                     write_page(&source, Image::Mixed, &mut rng, page, &mut buf);
                     dirty.insert(0, page);
@@ -138,7 +140,7 @@ fn several_regions() {
     let mut buf = vec![0u8; PAGE_SIZE];
     for (region, r) in src.regions().iter().enumerate() {
         for page in 0..r.layout().pages() {
-            if !rng.next().is_multiple_of(3) {
+            if !rng.next_u64().is_multiple_of(3) {
                 rng.fill(&mut buf);
                 src.write(region, page * PAGE_SIZE as u64, &buf)
                     .expect("write");

@@ -18,93 +18,11 @@ use ramjet_dataplane::{
     Error, FactSink, ReceiveOptions, Received, SendOptions, Sender, Summary, receive,
 };
 
-/// A deterministic pseudo-random generator (xorshift64*).
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
-/// What a guest image holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Image {
-    Random,
-    Zero,
-    /// Per page: 50% zero, 25% text-like, 25% random.
-    Mixed,
-}
-
-const WORDS: &[&str] = &[
-    "guest",
-    "page",
-    "memory",
-    "kernel",
-    "migration",
-    "the",
-    "of",
-    "and",
-    "dirty",
-    "round",
-    "socket",
-    "channel",
-    "vcpu",
-    "device",
-    "state",
-    "ramjet",
-    "qemu",
-    "libvirt",
-    "{",
-    "}",
-    "\n",
-];
-
-/// One text-like page: words and punctuation, compressible about 2-3x.
-pub fn text_page(rng: &mut Rng, page: &mut [u8]) {
-    let mut at = 0;
-    while at < page.len() {
-        let word = WORDS[(rng.next() % WORDS.len() as u64) as usize].as_bytes();
-        let n = word.len().min(page.len() - at);
-        page[at..at + n].copy_from_slice(&word[..n]);
-        at += n;
-        if at < page.len() {
-            page[at] = b' ';
-            at += 1;
-        }
-    }
-}
+pub use ramjet_dataplane::image::{ImageKind as Image, Rng};
 
 /// Fills page `page` of region 0 the way `image` wants, from `rng`.
 pub fn write_page(memory: &GuestMemory, image: Image, rng: &mut Rng, page: u64, buf: &mut [u8]) {
-    let kind = match image {
-        Image::Random => 3,
-        Image::Zero => 0,
-        Image::Mixed => match rng.next() % 4 {
-            0 | 1 => 0,
-            2 => 2,
-            _ => 3,
-        },
-    };
-    match kind {
-        0 => buf.fill(0),
-        2 => text_page(rng, buf),
-        _ => rng.fill(buf),
-    }
+    ramjet_dataplane::image::fill_page(image, rng, buf);
     memory
         .write(0, page * PAGE_SIZE as u64, buf)
         .expect("page in bounds");
@@ -114,11 +32,7 @@ pub fn write_page(memory: &GuestMemory, image: Image, rng: &mut Rng, page: u64, 
 pub fn guest(bytes: u64, image: Image, seed: u64) -> Arc<GuestMemory> {
     let memory = GuestMemory::anonymous(bytes).expect("anonymous memory");
     if image != Image::Zero {
-        let mut rng = Rng::new(seed);
-        let mut buf = vec![0u8; PAGE_SIZE];
-        for page in 0..memory.total_pages() {
-            write_page(&memory, image, &mut rng, page, &mut buf);
-        }
+        ramjet_dataplane::image::fill(&memory, image, seed).expect("fill");
     }
     Arc::new(memory)
 }
