@@ -126,7 +126,7 @@ pub fn receive(
         Ok(streams) => streams,
         Err(err) => {
             abort.fail(err);
-            abort.shutdown_all();
+            abort.close_all();
             return Err(end_failed(&abort, sink.as_ref()));
         }
     };
@@ -338,9 +338,9 @@ impl Session {
         }
     }
 
-    /// Shuts every socket down and joins every thread.
+    /// Shuts every socket down, joins every thread, and closes the sockets.
     fn stop(&mut self, abort: &Abort) {
-        abort.shutdown_all();
+        abort.close_all();
         for handle in self.readers.drain(..).chain(self.workers.drain(..)) {
             let _ = handle.join();
         }

@@ -226,7 +226,7 @@ impl Sender {
             Ok(streams) => streams,
             Err(err) => {
                 abort.fail(err);
-                abort.shutdown_all();
+                abort.close_all();
                 let err = abort.take_error();
                 if !err.is_cancelled() {
                     sink.fact(Fact::Failed(err.chain()));
@@ -570,7 +570,7 @@ impl Sender {
         self.counters.set_remaining_pages(0);
         let elapsed = self.started.elapsed();
         self.sink.fact(Fact::Completed);
-        self.abort.shutdown_all();
+        self.abort.close_all();
         self.stop_threads();
         self.ended = true;
         self.sink.fact(Fact::Drained);
@@ -622,7 +622,7 @@ impl Sender {
                 break;
             }
         }
-        self.abort.shutdown_all();
+        self.abort.close_all();
         self.stop_threads();
         // A peer's message that arrived during the grace period explains the failure better.
         let err = match self.abort.take_error() {

@@ -92,6 +92,14 @@ impl Abort {
         }
     }
 
+    /// Shuts down and closes every registered socket: the session is over, and the handle
+    /// (which the caller may keep) must not hold its file descriptors.
+    pub(crate) fn close_all(&self) {
+        for stream in lock(&self.streams).drain(..) {
+            stream.shutdown();
+        }
+    }
+
     /// The message of the error that stopped the session, without taking it.
     pub(crate) fn reason(&self) -> String {
         lock(&self.error)

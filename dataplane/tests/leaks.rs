@@ -1,0 +1,64 @@
+//! Sessions leave nothing behind: after completed, failed and cancelled migrations the process
+//! has the same open file descriptors and threads as before, even while the caller keeps the
+//! options (and their cancel handles). A test binary of its own, so no other test's sockets
+//! and threads come and go meanwhile.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Image, Net, Plan, guest, migrate};
+use ramjet_dataplane::codec::Compression;
+use ramjet_dataplane::dirty::DirtySet;
+use ramjet_dataplane::memory::GuestMemory;
+use ramjet_dataplane::transport::Listener;
+use ramjet_dataplane::{CancelHandle, ReceiveOptions, SendOptions, Sender, receive};
+
+fn count(dir: &str) -> usize {
+    std::fs::read_dir(dir).map(Iterator::count).unwrap_or(0)
+}
+
+#[test]
+fn no_descriptors_or_threads_outlive_a_session() {
+    let src = guest(8 << 20, Image::Mixed, 1);
+    let dst = Arc::new(GuestMemory::anonymous(8 << 20).expect("memory"));
+    // Warm up whatever the runtime opens once.
+    let plan = Plan::new(Net::Unix, 2, Compression::Auto);
+    assert!(migrate(&src, &dst, &plan, |_| None, b"").sent.is_ok());
+    let (fds, threads) = (count("/proc/self/fd"), count("/proc/self/task"));
+
+    let mut kept = Vec::new();
+    for net in [Net::Tcp, Net::Unix] {
+        let outcome = migrate(
+            &src,
+            &dst,
+            &Plan::new(net, 4, Compression::Lz4),
+            |_| None,
+            b"",
+        );
+        assert!(outcome.sent.is_ok() && outcome.received.is_ok());
+
+        // A receiver whose layout differs: both sides fail.
+        let other = Arc::new(GuestMemory::anonymous(4 << 20).expect("memory"));
+        let listener = Listener::bind(&common::endpoint(net)).expect("bind");
+        let at = listener.endpoint().clone();
+        let receive_options = ReceiveOptions::default();
+        let cancel = receive_options.cancel.clone();
+        let receiver = std::thread::spawn(move || {
+            receive(&listener, other, &receive_options, Arc::new(|_| {}))
+        });
+        let send_options = SendOptions {
+            channels: 3,
+            cancel: CancelHandle::new(),
+            ..SendOptions::default()
+        };
+        let sent = Sender::connect(Arc::clone(&src), &at, &send_options, Arc::new(|_| {}))
+            .and_then(|mut s| s.round(&DirtySet::all(&src)).map(|_| ()));
+        assert!(sent.is_err());
+        assert!(receiver.join().expect("receiver").is_err());
+        kept.push((send_options, cancel));
+    }
+    assert_eq!(count("/proc/self/fd"), fds, "file descriptors leaked");
+    assert_eq!(count("/proc/self/task"), threads, "threads leaked");
+    drop(kept);
+}
