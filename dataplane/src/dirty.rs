@@ -216,30 +216,24 @@ pub struct DirtySet {
 impl DirtySet {
     /// Every page of `memory`.
     pub fn all(memory: &GuestMemory) -> Self {
-        DirtySet {
-            regions: memory
-                .regions()
-                .iter()
-                .map(|r| {
-                    let pages = r.layout().pages();
-                    (DirtyBitmap::all(pages).take(), pages)
-                })
-                .collect(),
-        }
+        Self::per_region(memory, |pages| DirtyBitmap::all(pages).take())
     }
 
     /// No page of `memory`.
     pub fn none(memory: &GuestMemory) -> Self {
-        DirtySet {
-            regions: memory
-                .regions()
-                .iter()
-                .map(|r| {
-                    let pages = r.layout().pages();
-                    (vec![0; words_for(pages)], pages)
-                })
-                .collect(),
-        }
+        Self::per_region(memory, |pages| vec![0; words_for(pages)])
+    }
+
+    fn per_region(memory: &GuestMemory, words: impl Fn(u64) -> Vec<u64>) -> Self {
+        let regions = memory
+            .regions()
+            .iter()
+            .map(|r| {
+                let pages = r.layout().pages();
+                (words(pages), pages)
+            })
+            .collect();
+        DirtySet { regions }
     }
 
     /// Takes (and clears) the pages marked in `bitmaps`, one per region index.

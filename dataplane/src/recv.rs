@@ -500,17 +500,10 @@ impl ChannelReader {
             match entry.encoding {
                 Encoding::Zero => {}
                 Encoding::Raw => {
-                    // SAFETY: exclusive access, as the module docs explain: `check_page`
-                    // confirmed the page is this channel's and not yet written this round, the
-                    // decode jobs of earlier rounds finished at their end of round, and a frame
-                    // names each page once (offsets strictly increase).
-                    let dst = unsafe { memory.page_mut(region, page) }.map_err(|source| {
-                        Error::Memory {
-                            channel: self.channel,
-                            source,
-                        }
-                    })?;
-                    iov.push(IoSliceMut::new(dst));
+                    // SAFETY: `check_page` passed for this page in this frame.
+                    iov.push(IoSliceMut::new(unsafe {
+                        self.page(&memory, region, page)
+                    }?));
                 }
                 Encoding::Lz4 => {
                     let (part, rest) =
@@ -533,14 +526,8 @@ impl ChannelReader {
             match entry.encoding {
                 Encoding::Zero => {}
                 Encoding::Raw => {
-                    // SAFETY: as above; this thread alone accesses the page.
-                    let data = unsafe { memory.page_mut(region, page) }.map_err(|source| {
-                        Error::Memory {
-                            channel: self.channel,
-                            source,
-                        }
-                    })?;
-                    hasher.update(data);
+                    // SAFETY: `check_page` passed for this page in this frame.
+                    hasher.update(unsafe { self.page(&memory, region, page) }?);
                 }
                 Encoding::Lz4 => {
                     let len = entry.len as usize;
@@ -566,14 +553,8 @@ impl ChannelReader {
                     counts.zero += 1;
                     // Memory that is known to be zero needs no write.
                     if !(known_zero && stamp.load(Ordering::Relaxed) == 0) {
-                        // SAFETY: as above; this thread alone accesses the page.
-                        let dst = unsafe { memory.page_mut(region, page) }.map_err(|source| {
-                            Error::Memory {
-                                channel: self.channel,
-                                source,
-                            }
-                        })?;
-                        dst.fill(0);
+                        // SAFETY: `check_page` passed for this page in this frame.
+                        unsafe { self.page(&memory, region, page) }?.fill(0);
                     }
                 }
                 Encoding::Raw => counts.raw += 1,
@@ -604,6 +585,31 @@ impl ChannelReader {
             self.outstanding += 1;
         }
         Ok(())
+    }
+
+    /// Destination page `page` of region `region`.
+    ///
+    /// # Safety
+    ///
+    /// [`ChannelReader::check_page`] must have passed for the page in the frame being read: the
+    /// page is then this channel's, not yet written this round, and no decode job holds it
+    /// (those of earlier rounds finished at their end of round, and a frame names each page
+    /// once, its offsets strictly increasing), so this thread alone accesses it.
+    #[expect(
+        clippy::mut_from_ref,
+        reason = "hands out guest memory, shared mutable memory behind raw pointers"
+    )]
+    unsafe fn page<'m>(
+        &self,
+        memory: &'m GuestMemory,
+        region: usize,
+        page: u64,
+    ) -> Result<&'m mut [u8], Error> {
+        // SAFETY: exclusive access, as the caller guarantees.
+        unsafe { memory.page_mut(region, page) }.map_err(|source| Error::Memory {
+            channel: self.channel,
+            source,
+        })
     }
 
     /// Checks a page reference from the sender before any byte of it is touched.
