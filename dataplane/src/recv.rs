@@ -25,7 +25,7 @@ use crate::codec::{BatchCounts, Pool, decode_lz4};
 use crate::error::Error;
 use crate::memory::{GuestMemory, RegionLayout};
 use crate::session::{Abort, CancelHandle, Counters, FactSink, Stats};
-use crate::transport::{Blocking, LinkReader, LinkWriter, Listener, Stream, Transport};
+use crate::transport::{LinkReader, LinkWriter, Listener, Stream, Transport};
 use crate::wire::{
     DecodeError, Encoding, FrameHeader, FrameKind, Hello, HelloReply, MAX_DEVICE_STATE,
     MAX_PAGES_PER_FRAME, PageTable, Verdict, channel_of,
@@ -46,7 +46,7 @@ pub struct ReceiveOptions {
     /// How long to wait for the sender's first connection (`None`: forever, like
     /// `-incoming`).
     pub accept_timeout: Option<Duration>,
-    /// How bytes move.
+    /// How bytes move (by default io_uring where the kernel allows it, else blocking).
     pub transport: Arc<dyn Transport>,
     /// Cancels the session from another thread.
     pub cancel: CancelHandle,
@@ -58,7 +58,7 @@ impl Default for ReceiveOptions {
             workers: thread::available_parallelism().map_or(2, usize::from),
             timeout: Duration::from_secs(30),
             accept_timeout: None,
-            transport: Arc::new(Blocking),
+            transport: crate::transport::best().0,
             cancel: CancelHandle::new(),
         }
     }

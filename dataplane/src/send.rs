@@ -26,7 +26,7 @@ use crate::dirty::DirtySet;
 use crate::error::Error;
 use crate::memory::GuestMemory;
 use crate::session::{Abort, CancelHandle, Counters, FactSink, Stats};
-use crate::transport::{Blocking, Endpoint, LinkReader, LinkWriter, Stream, Transport};
+use crate::transport::{Endpoint, LinkReader, LinkWriter, Stream, Transport};
 use crate::wire::{
     CHUNK_PAGES, FrameHeader, FrameKind, Hello, HelloReply, MAX_CHANNELS, MAX_DEVICE_STATE,
     MAX_PAYLOAD, MAX_REGIONS, Verdict, channel_of,
@@ -55,7 +55,7 @@ pub struct SendOptions {
     pub workers: usize,
     /// Limit for connecting, the handshake, each socket write and the final confirmation.
     pub timeout: Duration,
-    /// How bytes move.
+    /// How bytes move (by default io_uring where the kernel allows it, else blocking).
     pub transport: Arc<dyn Transport>,
     /// Cancels the session from another thread.
     pub cancel: CancelHandle,
@@ -68,7 +68,7 @@ impl Default for SendOptions {
             compression: Compression::Auto,
             workers: thread::available_parallelism().map_or(2, usize::from),
             timeout: Duration::from_secs(30),
-            transport: Arc::new(Blocking),
+            transport: crate::transport::best().0,
             cancel: CancelHandle::new(),
         }
     }

@@ -20,7 +20,7 @@ use ramjet_control::Fact;
 use ramjet_dataplane::codec::{Batch, Encoder, frame_capacity};
 use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::memory::{GuestAddr, GuestMemory, RegionLayout};
-use ramjet_dataplane::transport::{Endpoint, Listener};
+use ramjet_dataplane::transport::{Endpoint, Listener, Transport};
 use ramjet_dataplane::wire::{
     Encoding, FrameHeader, Hello, HelloReply, MAX_PAYLOAD, PageEntry, Verdict, channel_of, seal,
 };
@@ -32,12 +32,14 @@ const SHORT: Duration = Duration::from_millis(400);
 type ReceiverRun = JoinHandle<(Result<Received, Error>, Vec<Fact>)>;
 
 /// A real receiver for `memory` with a short timeout.
-fn receiver(memory: Arc<GuestMemory>) -> (Endpoint, ReceiverRun) {
+fn receiver(memory: Arc<GuestMemory>, transport: &Arc<dyn Transport>) -> (Endpoint, ReceiverRun) {
     let listener = Listener::bind(&common::endpoint(Net::Tcp)).expect("bind");
     let at = listener.endpoint().clone();
+    let transport = Arc::clone(transport);
     let handle = thread::spawn(move || {
         let facts = Arc::new(Facts::default());
         let options = ReceiveOptions {
+            transport,
             workers: 2,
             timeout: SHORT,
             accept_timeout: Some(Duration::from_secs(10)),
@@ -137,8 +139,8 @@ fn destination() -> Arc<GuestMemory> {
 }
 
 /// One channel: the hello, then `frames`, against a real receiver; returns its error.
-fn one_channel(hello: &[u8], frames: &[Vec<u8>]) -> Error {
-    let (at, run) = receiver(destination());
+fn one_channel(t: &Arc<dyn Transport>, hello: &[u8], frames: &[Vec<u8>]) -> Error {
+    let (at, run) = receiver(destination(), t);
     let mut stream = tcp(&at);
     let mut bytes = hello.to_vec();
     for frame in frames {
@@ -150,151 +152,161 @@ fn one_channel(hello: &[u8], frames: &[Vec<u8>]) -> Error {
 
 #[test]
 fn the_valid_stream_is_accepted() {
-    let src = source();
-    let dst = destination();
-    let (at, run) = receiver(Arc::clone(&dst));
-    let stream = valid_stream(&src, 1);
-    let (hello, frames) = &stream[0];
-    let mut s = tcp(&at);
-    let back = feed(&mut s, &[hello.clone(), frames.concat()].concat());
-    let (result, facts) = run.join().expect("receiver");
-    let received = result.expect("valid stream");
-    assert_eq!(received.device_state, b"device");
-    assert_eq!(facts.last(), Some(&Fact::Drained));
-    assert_eq!(src.first_difference(&dst).expect("layout"), None);
-    // The reply accepted, and the confirmation followed.
-    let mut fixed = [0u8; HelloReply::FIXED_LEN];
-    fixed.copy_from_slice(&back[..24]);
-    assert_eq!(
-        HelloReply::decode(&fixed, &[]).expect("reply").verdict,
-        Verdict::Accept
-    );
-    assert_eq!(back.len(), 24 + 32 + 8);
+    for t in &common::transports() {
+        let src = source();
+        let dst = destination();
+        let (at, run) = receiver(Arc::clone(&dst), t);
+        let stream = valid_stream(&src, 1);
+        let (hello, frames) = &stream[0];
+        let mut s = tcp(&at);
+        let back = feed(&mut s, &[hello.clone(), frames.concat()].concat());
+        let (result, facts) = run.join().expect("receiver");
+        let received = result.expect("valid stream");
+        assert_eq!(received.device_state, b"device");
+        assert_eq!(facts.last(), Some(&Fact::Drained));
+        assert_eq!(src.first_difference(&dst).expect("layout"), None);
+        // The reply accepted, and the confirmation followed.
+        let mut fixed = [0u8; HelloReply::FIXED_LEN];
+        fixed.copy_from_slice(&back[..24]);
+        assert_eq!(
+            HelloReply::decode(&fixed, &[]).expect("reply").verdict,
+            Verdict::Accept
+        );
+        assert_eq!(back.len(), 24 + 32 + 8);
+    }
 }
 
 #[test]
 fn wrong_magic_version_or_layout_is_refused_with_the_reason() {
-    let src = source();
-    let (hello, _) = valid_stream(&src, 1).remove(0);
-    let cases: [(usize, &[u8], &str); 2] = [
-        (0, b"QEMU", "bad magic"),
-        (8, &2u16.to_le_bytes(), "unsupported protocol version 2"),
-    ];
-    for (at_byte, patch, needle) in cases {
+    for t in &common::transports() {
+        let src = source();
+        let (hello, _) = valid_stream(&src, 1).remove(0);
+        let cases: [(usize, &[u8], &str); 2] = [
+            (0, b"QEMU", "bad magic"),
+            (8, &2u16.to_le_bytes(), "unsupported protocol version 2"),
+        ];
+        for (at_byte, patch, needle) in cases {
+            let mut bad = hello.clone();
+            bad[at_byte..at_byte + patch.len()].copy_from_slice(patch);
+            let (at, run) = receiver(destination(), t);
+            let back = feed(&mut tcp(&at), &bad);
+            assert_names(&failure(run), needle);
+            // The peer got a refusal that says why.
+            assert!(String::from_utf8_lossy(&back).contains(needle), "{needle}");
+        }
+        // A valid hello for another layout.
+        let other = Hello {
+            session: [1; 16],
+            channel: 0,
+            channels: 1,
+            regions: vec![RegionLayout::new(0, GuestAddr(0), 2 * PAGES * 4096)],
+        };
+        let err = one_channel(t, &other.encode(), &[]);
+        assert_names(&err, "the memory layouts differ");
+        // A corrupted region table fails its checksum.
         let mut bad = hello.clone();
-        bad[at_byte..at_byte + patch.len()].copy_from_slice(patch);
-        let (at, run) = receiver(destination());
-        let back = feed(&mut tcp(&at), &bad);
-        assert_names(&failure(run), needle);
-        // The peer got a refusal that says why.
-        assert!(String::from_utf8_lossy(&back).contains(needle), "{needle}");
+        let last = bad.len() - 1;
+        bad[last] ^= 0x40;
+        assert!(one_channel(t, &bad, &[]).is_checksum());
     }
-    // A valid hello for another layout.
-    let other = Hello {
-        session: [1; 16],
-        channel: 0,
-        channels: 1,
-        regions: vec![RegionLayout::new(0, GuestAddr(0), 2 * PAGES * 4096)],
-    };
-    let err = one_channel(&other.encode(), &[]);
-    assert_names(&err, "the memory layouts differ");
-    // A corrupted region table fails its checksum.
-    let mut bad = hello.clone();
-    let last = bad.len() - 1;
-    bad[last] ^= 0x40;
-    assert!(one_channel(&bad, &[]).is_checksum());
 }
 
 #[test]
 fn a_channel_of_another_session_is_refused() {
-    let src = source();
-    let stream = valid_stream(&src, 2);
-    let (at, run) = receiver(destination());
-    let mut first = tcp(&at);
-    first.write_all(&stream[0].0).expect("hello 0");
-    let mut stranger = Hello {
-        session: [9; 16],
-        channel: 1,
-        channels: 2,
-        regions: src.layout(),
+    for t in &common::transports() {
+        let src = source();
+        let stream = valid_stream(&src, 2);
+        let (at, run) = receiver(destination(), t);
+        let mut first = tcp(&at);
+        first.write_all(&stream[0].0).expect("hello 0");
+        let mut stranger = Hello {
+            session: [9; 16],
+            channel: 1,
+            channels: 2,
+            regions: src.layout(),
+        }
+        .encode();
+        let back = feed(&mut tcp(&at), &stranger);
+        assert_names(&failure(run), "belongs to another migration");
+        assert!(String::from_utf8_lossy(&back).contains("another migration"));
+        // The same channel twice.
+        let (at, run) = receiver(destination(), t);
+        let mut first = tcp(&at);
+        first.write_all(&stream[0].0).expect("hello 0");
+        stranger = stream[0].0.clone();
+        feed(&mut tcp(&at), &stranger);
+        assert_names(&failure(run), "channel 0 is already connected");
     }
-    .encode();
-    let back = feed(&mut tcp(&at), &stranger);
-    assert_names(&failure(run), "belongs to another migration");
-    assert!(String::from_utf8_lossy(&back).contains("another migration"));
-    // The same channel twice.
-    let (at, run) = receiver(destination());
-    let mut first = tcp(&at);
-    first.write_all(&stream[0].0).expect("hello 0");
-    stranger = stream[0].0.clone();
-    feed(&mut tcp(&at), &stranger);
-    assert_names(&failure(run), "channel 0 is already connected");
 }
 
 #[test]
 fn a_truncated_stream_fails_at_every_cut() {
-    let src = source();
-    let (hello, frames) = valid_stream(&src, 1).remove(0);
-    let whole = [hello.clone(), frames.concat()].concat();
-    // Every frame boundary, one byte into every frame, and the middle of every frame.
-    let mut cuts = vec![0, 10, hello.len()];
-    let mut at = hello.len();
-    for frame in &frames {
-        cuts.extend([at + 1, at + 31, at + 32, at + frame.len() / 2]);
-        at += frame.len();
-        cuts.push(at);
-    }
-    // The whole stream is valid: every cut is shorter.
-    cuts.retain(|&cut| cut < whole.len());
-    cuts.sort_unstable();
-    cuts.dedup();
-    for cut in cuts {
-        let (at, run) = receiver(destination());
-        feed(&mut tcp(&at), &whole[..cut]);
-        let err = failure(run);
-        assert!(
-            matches!(err, Error::Closed { .. } | Error::Decode { .. }),
-            "cut at {cut}: {}",
-            err.chain()
-        );
-        assert_names(&err, "closed the connection");
+    for t in &common::transports() {
+        let src = source();
+        let (hello, frames) = valid_stream(&src, 1).remove(0);
+        let whole = [hello.clone(), frames.concat()].concat();
+        // Every frame boundary, one byte into every frame, and the middle of every frame.
+        let mut cuts = vec![0, 10, hello.len()];
+        let mut at = hello.len();
+        for frame in &frames {
+            cuts.extend([at + 1, at + 31, at + 32, at + frame.len() / 2]);
+            at += frame.len();
+            cuts.push(at);
+        }
+        // The whole stream is valid: every cut is shorter.
+        cuts.retain(|&cut| cut < whole.len());
+        cuts.sort_unstable();
+        cuts.dedup();
+        for cut in cuts {
+            let (at, run) = receiver(destination(), t);
+            feed(&mut tcp(&at), &whole[..cut]);
+            let err = failure(run);
+            assert!(
+                matches!(err, Error::Closed { .. } | Error::Decode { .. }),
+                "cut at {cut}: {}",
+                err.chain()
+            );
+            assert_names(&err, "closed the connection");
+        }
     }
 }
 
 #[test]
 fn a_flipped_byte_anywhere_is_caught() {
-    let src = source();
-    let (hello, frames) = valid_stream(&src, 1).remove(0);
-    let whole = [hello.clone(), frames.concat()].concat();
-    // (offset, whether it is page data, where only the crc can notice a change).
-    let mut offsets = Vec::new();
-    let mut at = hello.len();
-    for frame in &frames {
-        let mut fixed = [0u8; FrameHeader::LEN];
-        fixed.copy_from_slice(&frame[..32]);
-        let header = FrameHeader::decode(&fixed).expect("valid frame");
-        for i in [0, 9, 17, 27, 30] {
-            offsets.push((at + i, false));
+    for t in &common::transports() {
+        let src = source();
+        let (hello, frames) = valid_stream(&src, 1).remove(0);
+        let whole = [hello.clone(), frames.concat()].concat();
+        // (offset, whether it is page data, where only the crc can notice a change).
+        let mut offsets = Vec::new();
+        let mut at = hello.len();
+        for frame in &frames {
+            let mut fixed = [0u8; FrameHeader::LEN];
+            fixed.copy_from_slice(&frame[..32]);
+            let header = FrameHeader::decode(&fixed).expect("valid frame");
+            for i in [0, 9, 17, 27, 30] {
+                offsets.push((at + i, false));
+            }
+            let data = 32 + header.count as usize * PageEntry::LEN;
+            if header.count > 0 {
+                offsets.extend([(at + 33, false), (at + data - 3, false)]);
+            }
+            if frame.len() > data {
+                offsets.extend([(at + data, true), (at + (data + frame.len()) / 2, true)]);
+                offsets.push((at + frame.len() - 1, true));
+            }
+            at += frame.len();
         }
-        let data = 32 + header.count as usize * PageEntry::LEN;
-        if header.count > 0 {
-            offsets.extend([(at + 33, false), (at + data - 3, false)]);
-        }
-        if frame.len() > data {
-            offsets.extend([(at + data, true), (at + (data + frame.len()) / 2, true)]);
-            offsets.push((at + frame.len() - 1, true));
-        }
-        at += frame.len();
-    }
-    for (offset, data) in offsets {
-        let mut bad = whole.clone();
-        bad[offset] ^= 0x04;
-        let (at, run) = receiver(destination());
-        feed(&mut tcp(&at), &bad);
-        // Every change fails the migration; a header or table check may notice first.
-        let err = failure(run);
-        if data {
-            assert!(err.is_checksum(), "offset {offset}: {}", err.chain());
+        for (offset, data) in offsets {
+            let mut bad = whole.clone();
+            bad[offset] ^= 0x04;
+            let (at, run) = receiver(destination(), t);
+            feed(&mut tcp(&at), &bad);
+            // Every change fails the migration; a header or table check may notice first.
+            let err = failure(run);
+            if data {
+                assert!(err.is_checksum(), "offset {offset}: {}", err.chain());
+            }
         }
     }
 }
@@ -323,128 +335,143 @@ fn zero_entry() -> PageEntry {
 
 #[test]
 fn pages_outside_memory_or_on_the_wrong_channel_are_refused() {
-    let src = source();
-    let (hello, _) = valid_stream(&src, 1).remove(0);
-    let err = one_channel(&hello, &[pages_frame(0, PAGES, 1, zero_entry(), &[])]);
-    assert_names(&err, "page 256 is outside region 0 (256 pages)");
-    let err = one_channel(
-        &hello,
-        &[pages_frame(0, u64::MAX - 1, 1, zero_entry(), &[])],
-    );
-    assert_names(&err, "is outside region 0");
-    let err = one_channel(&hello, &[pages_frame(3, 0, 1, zero_entry(), &[])]);
-    assert_names(&err, "region index 3 does not exist");
-    let twice = pages_frame(0, 5, 1, zero_entry(), &[]);
-    let err = one_channel(&hello, &[twice.clone(), twice]);
-    assert_names(&err, "page 5 of region 0 arrived twice in round 1");
-    let err = one_channel(&hello, &[pages_frame(0, 5, 2, zero_entry(), &[])]);
-    assert_names(&err, "pages of round 2 arrived while round 1 was due");
-    let err = one_channel(&hello, &[FrameHeader::end_of_round(1, 7)]);
-    assert_names(
-        &err,
-        "the sender sent 7 pages in round 1 on this channel, 0 arrived",
-    );
+    for t in &common::transports() {
+        let src = source();
+        let (hello, _) = valid_stream(&src, 1).remove(0);
+        let err = one_channel(t, &hello, &[pages_frame(0, PAGES, 1, zero_entry(), &[])]);
+        assert_names(&err, "page 256 is outside region 0 (256 pages)");
+        let err = one_channel(
+            t,
+            &hello,
+            &[pages_frame(0, u64::MAX - 1, 1, zero_entry(), &[])],
+        );
+        assert_names(&err, "is outside region 0");
+        let err = one_channel(t, &hello, &[pages_frame(3, 0, 1, zero_entry(), &[])]);
+        assert_names(&err, "region index 3 does not exist");
+        let twice = pages_frame(0, 5, 1, zero_entry(), &[]);
+        let err = one_channel(t, &hello, &[twice.clone(), twice]);
+        assert_names(&err, "page 5 of region 0 arrived twice in round 1");
+        let err = one_channel(t, &hello, &[pages_frame(0, 5, 2, zero_entry(), &[])]);
+        assert_names(&err, "pages of round 2 arrived while round 1 was due");
+        let err = one_channel(t, &hello, &[FrameHeader::end_of_round(1, 7)]);
+        assert_names(
+            &err,
+            "the sender sent 7 pages in round 1 on this channel, 0 arrived",
+        );
 
-    // Two channels: page 0 belongs on channel 0.
-    let stream = valid_stream(&src, 2);
-    let (at, run) = receiver(destination());
-    let mut zero = tcp(&at);
-    zero.write_all(&stream[0].0).expect("hello");
-    let wrong = [stream[1].0.clone(), pages_frame(0, 0, 1, zero_entry(), &[])].concat();
-    feed(&mut tcp(&at), &wrong);
-    assert_names(
-        &failure(run),
-        "page 0 belongs on channel 0, not on channel 1",
-    );
+        // Two channels: page 0 belongs on channel 0.
+        let stream = valid_stream(&src, 2);
+        let (at, run) = receiver(destination(), t);
+        let mut zero = tcp(&at);
+        zero.write_all(&stream[0].0).expect("hello");
+        let wrong = [stream[1].0.clone(), pages_frame(0, 0, 1, zero_entry(), &[])].concat();
+        feed(&mut tcp(&at), &wrong);
+        assert_names(
+            &failure(run),
+            "page 0 belongs on channel 0, not on channel 1",
+        );
+    }
 }
 
 #[test]
 fn lz4_pages_must_decode_to_exactly_one_page() {
-    let src = source();
-    let (hello, _) = valid_stream(&src, 1).remove(0);
-    for (content, needle) in [
-        (vec![b'a'; 2048], "decodes to 2048 bytes"),
-        (vec![b'a'; 64 * 4096], "does not decode"),
-    ] {
-        let block = lz4_flex::block::compress(&content);
-        let entry = PageEntry {
-            offset: 0,
-            encoding: Encoding::Lz4,
-            len: block.len() as u32,
-        };
-        let frames = [
-            pages_frame(0, 0, 1, entry, &block),
-            FrameHeader::end_of_round(1, 1),
-            FrameHeader::end_of_stream(1, 1),
-        ];
-        assert_names(&one_channel(&hello, &frames), needle);
+    for t in &common::transports() {
+        let src = source();
+        let (hello, _) = valid_stream(&src, 1).remove(0);
+        for (content, needle) in [
+            (vec![b'a'; 2048], "decodes to 2048 bytes"),
+            (vec![b'a'; 64 * 4096], "does not decode"),
+        ] {
+            let block = lz4_flex::block::compress(&content);
+            let entry = PageEntry {
+                offset: 0,
+                encoding: Encoding::Lz4,
+                len: block.len() as u32,
+            };
+            let frames = [
+                pages_frame(0, 0, 1, entry, &block),
+                FrameHeader::end_of_round(1, 1),
+                FrameHeader::end_of_stream(1, 1),
+            ];
+            assert_names(&one_channel(t, &hello, &frames), needle);
+        }
     }
 }
 
 #[test]
 fn lengths_over_their_limits_are_refused_before_allocating() {
-    let src = source();
-    let (hello, _) = valid_stream(&src, 1).remove(0);
-    let huge = FrameHeader::pages(0, 0, 1, 1, MAX_PAYLOAD + 1)
-        .encode()
-        .to_vec();
-    assert_names(&one_channel(&hello, &[huge]), "exceeds the limit");
-    let mut device = FrameHeader::device_state(0, b"x");
-    device[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert_names(&one_channel(&hello, &[device]), "exceeds the limit");
-    let misplaced = FrameHeader::device_state(100, b"piece");
-    assert_names(
-        &one_channel(&hello, &[misplaced]),
-        "offset 100 arrived after 0 bytes",
-    );
+    for t in &common::transports() {
+        let src = source();
+        let (hello, _) = valid_stream(&src, 1).remove(0);
+        let huge = FrameHeader::pages(0, 0, 1, 1, MAX_PAYLOAD + 1)
+            .encode()
+            .to_vec();
+        assert_names(&one_channel(t, &hello, &[huge]), "exceeds the limit");
+        let mut device = FrameHeader::device_state(0, b"x");
+        device[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_names(&one_channel(t, &hello, &[device]), "exceeds the limit");
+        let misplaced = FrameHeader::device_state(100, b"piece");
+        assert_names(
+            &one_channel(t, &hello, &[misplaced]),
+            "offset 100 arrived after 0 bytes",
+        );
+    }
 }
 
 #[test]
 fn a_silent_sender_times_out() {
-    // Says nothing at all.
-    let (at, run) = receiver(destination());
-    let quiet = tcp(&at);
-    let err = failure(run);
-    assert!(err.is_timeout(), "{}", err.chain());
-    assert_names(&err, "waiting for the hello");
-    drop(quiet);
-    // Says hello, then nothing.
-    let src = source();
-    let (hello, _) = valid_stream(&src, 1).remove(0);
-    let (at, run) = receiver(destination());
-    let mut stream = tcp(&at);
-    stream.write_all(&hello).expect("hello");
-    let err = failure(run);
-    assert_names(&err, "timed out after");
-    assert_names(&err, "receiving a frame header");
+    for t in &common::transports() {
+        // Says nothing at all.
+        let (at, run) = receiver(destination(), t);
+        let quiet = tcp(&at);
+        let err = failure(run);
+        assert!(err.is_timeout(), "{}", err.chain());
+        assert_names(&err, "waiting for the hello");
+        drop(quiet);
+        // Says hello, then nothing.
+        let src = source();
+        let (hello, _) = valid_stream(&src, 1).remove(0);
+        let (at, run) = receiver(destination(), t);
+        let mut stream = tcp(&at);
+        stream.write_all(&hello).expect("hello");
+        let err = failure(run);
+        assert_names(&err, "timed out after");
+        assert_names(&err, "receiving a frame header");
+    }
 }
 
 #[test]
 fn the_senders_error_message_reaches_the_receiver() {
-    let src = source();
-    let (hello, _) = valid_stream(&src, 1).remove(0);
-    let err = one_channel(&hello, &[FrameHeader::error("guest memory went away")]);
-    assert_names(&err, "the sender failed: guest memory went away");
+    for t in &common::transports() {
+        let src = source();
+        let (hello, _) = valid_stream(&src, 1).remove(0);
+        let err = one_channel(t, &hello, &[FrameHeader::error("guest memory went away")]);
+        assert_names(&err, "the sender failed: guest memory went away");
+    }
 }
 
 // ---- a misbehaving receiver against the real sender ----
 
 /// Runs the real sender against a fake receiver `peer` on a loopback TCP listener; returns the
 /// sender's error after checking its facts.
-fn sender_against(peer: impl FnOnce(TcpListener) + Send + 'static) -> Error {
+fn sender_against(
+    t: &Arc<dyn Transport>,
+    peer: impl FnOnce(TcpListener) + Send + 'static,
+) -> Error {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let at = Endpoint::Tcp(listener.local_addr().expect("addr"));
     let fake = thread::spawn(move || peer(listener));
-    let err = send_to(&at);
+    let err = send_to(t, &at);
     fake.join().expect("fake receiver");
     err
 }
 
 /// Runs the real sender to `at`; returns its error after checking its facts.
-fn send_to(at: &Endpoint) -> Error {
+fn send_to(t: &Arc<dyn Transport>, at: &Endpoint) -> Error {
     let src = source();
     let facts = Arc::new(Facts::default());
     let options = SendOptions {
+        transport: Arc::clone(t),
         channels: 1,
         timeout: SHORT,
         ..SendOptions::default()
@@ -484,73 +511,81 @@ fn swallow(stream: &mut TcpStream) {
 
 #[test]
 fn a_refusal_reaches_the_sender() {
-    let err = sender_against(|listener| {
-        let (mut s, _) = listener.accept().expect("accept");
-        read_hello(&mut s);
-        reply(&mut s, Verdict::Refuse("no room for 1 MiB".into()));
-    });
-    assert!(matches!(err, Error::Refused { .. }));
-    assert_names(
-        &err,
-        "the receiver refused the connection: no room for 1 MiB",
-    );
+    for t in &common::transports() {
+        let err = sender_against(t, |listener| {
+            let (mut s, _) = listener.accept().expect("accept");
+            read_hello(&mut s);
+            reply(&mut s, Verdict::Refuse("no room for 1 MiB".into()));
+        });
+        assert!(matches!(err, Error::Refused { .. }));
+        assert_names(
+            &err,
+            "the receiver refused the connection: no room for 1 MiB",
+        );
+    }
 }
 
 #[test]
 fn a_receiver_that_is_not_listening() {
-    // A port that was just free: nothing listens there.
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let at = Endpoint::Tcp(listener.local_addr().expect("addr"));
-    drop(listener);
-    let err = send_to(&at);
-    assert!(matches!(err, Error::Connect { .. }), "{}", err.chain());
-    assert_names(&err, "cannot connect to tcp:127.0.0.1:");
+    for t in &common::transports() {
+        // A port that was just free: nothing listens there.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let at = Endpoint::Tcp(listener.local_addr().expect("addr"));
+        drop(listener);
+        let err = send_to(t, &at);
+        assert!(matches!(err, Error::Connect { .. }), "{}", err.chain());
+        assert_names(&err, "cannot connect to tcp:127.0.0.1:");
+    }
 }
 
 #[test]
 fn a_silent_receiver_times_out() {
-    let err = sender_against(|listener| {
-        let (mut s, _) = listener.accept().expect("accept");
-        read_hello(&mut s);
-        thread::sleep(SHORT * 3);
-    });
-    assert!(err.is_timeout(), "{}", err.chain());
-    assert_names(&err, "waiting for the receiver's hello reply");
-    // Accepts, takes everything, never confirms.
-    let err = sender_against(|listener| {
-        let (mut s, _) = listener.accept().expect("accept");
-        read_hello(&mut s);
-        reply(&mut s, Verdict::Accept);
-        s.set_read_timeout(Some(SHORT * 4)).expect("timeout");
-        swallow(&mut s);
-    });
-    assert_names(&err, "waiting for the receiver's confirmation");
+    for t in &common::transports() {
+        let err = sender_against(t, |listener| {
+            let (mut s, _) = listener.accept().expect("accept");
+            read_hello(&mut s);
+            thread::sleep(SHORT * 3);
+        });
+        assert!(err.is_timeout(), "{}", err.chain());
+        assert_names(&err, "waiting for the receiver's hello reply");
+        // Accepts, takes everything, never confirms.
+        let err = sender_against(t, |listener| {
+            let (mut s, _) = listener.accept().expect("accept");
+            read_hello(&mut s);
+            reply(&mut s, Verdict::Accept);
+            s.set_read_timeout(Some(SHORT * 4)).expect("timeout");
+            swallow(&mut s);
+        });
+        assert_names(&err, "waiting for the receiver's confirmation");
+    }
 }
 
 #[test]
 fn the_receivers_error_and_garbage_reach_the_sender() {
-    let err = sender_against(|listener| {
-        let (mut s, _) = listener.accept().expect("accept");
-        read_hello(&mut s);
-        reply(&mut s, Verdict::Accept);
-        s.write_all(&FrameHeader::error("disk on fire"))
-            .expect("error frame");
-        swallow(&mut s);
-    });
-    assert_names(&err, "the receiver failed: disk on fire");
-    let err = sender_against(|listener| {
-        let (mut s, _) = listener.accept().expect("accept");
-        read_hello(&mut s);
-        reply(&mut s, Verdict::Accept);
-        s.write_all(&[0xEE; 32]).expect("garbage");
-        swallow(&mut s);
-    });
-    assert_names(&err, "invalid data from the peer");
-    let err = sender_against(|listener| {
-        let (mut s, _) = listener.accept().expect("accept");
-        read_hello(&mut s);
-        s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-            .expect("garbage");
-    });
-    assert_names(&err, "not a ramjet peer: bad magic");
+    for t in &common::transports() {
+        let err = sender_against(t, |listener| {
+            let (mut s, _) = listener.accept().expect("accept");
+            read_hello(&mut s);
+            reply(&mut s, Verdict::Accept);
+            s.write_all(&FrameHeader::error("disk on fire"))
+                .expect("error frame");
+            swallow(&mut s);
+        });
+        assert_names(&err, "the receiver failed: disk on fire");
+        let err = sender_against(t, |listener| {
+            let (mut s, _) = listener.accept().expect("accept");
+            read_hello(&mut s);
+            reply(&mut s, Verdict::Accept);
+            s.write_all(&[0xEE; 32]).expect("garbage");
+            swallow(&mut s);
+        });
+        assert_names(&err, "invalid data from the peer");
+        let err = sender_against(t, |listener| {
+            let (mut s, _) = listener.accept().expect("accept");
+            read_hello(&mut s);
+            s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                .expect("garbage");
+        });
+        assert_names(&err, "not a ramjet peer: bad magic");
+    }
 }

@@ -17,22 +17,31 @@ use ramjet_dataplane::{CancelHandle, ReceiveOptions, SendOptions, Sender, receiv
 
 const IMAGE_BYTES: u64 = 256 << 20;
 
-/// Every transport, channel count and compression mode for one image kind. The first transfer
+/// Every transport, socket kind, channel count and compression mode for one image kind. The first transfer
 /// lands in fresh (known-zero) memory; the others in memory filled with junk, so that every
 /// page, zero pages included, must really be written.
 fn every_path(image: Image, seed: u64) {
     let src = guest(IMAGE_BYTES, image, seed);
     let dst = Arc::new(GuestMemory::anonymous(IMAGE_BYTES).expect("memory"));
     let mut first = true;
-    for net in [Net::Tcp, Net::Unix] {
+    for (transport, net) in common::transports()
+        .into_iter()
+        .flat_map(|t| [(Arc::clone(&t), Net::Tcp), (t, Net::Unix)])
+    {
         for channels in [1, 2, 4] {
             for compression in [Compression::Off, Compression::Lz4, Compression::Auto] {
                 if !first {
                     dst.fill(0, 0, IMAGE_BYTES as usize, 0xA5).expect("fill");
                 }
                 first = false;
-                let what = format!("{image:?} over {net:?}, {channels} channels, {compression}");
-                let plan = Plan::new(net, channels, compression);
+                let what = format!(
+                    "{image:?} over {net:?} with {}, {channels} channels, {compression}",
+                    transport.name()
+                );
+                let plan = Plan {
+                    transport: Arc::clone(&transport),
+                    ..Plan::new(net, channels, compression)
+                };
                 let outcome = migrate(&src, &dst, &plan, |_| None, b"device state");
                 assert_completed(&outcome, &src, &dst, &what);
                 let received = outcome.received.expect("checked");
@@ -82,7 +91,13 @@ fn mixed_image_over_every_path() {
 /// destination ends with the newest version of each, never a stale one from an earlier round.
 #[test]
 fn rewritten_pages_arrive_in_their_latest_version() {
-    for (net, compression) in [(Net::Tcp, Compression::Lz4), (Net::Unix, Compression::Auto)] {
+    let cases = common::transports().into_iter().flat_map(|t| {
+        [
+            (Arc::clone(&t), Net::Tcp, Compression::Lz4),
+            (t, Net::Unix, Compression::Auto),
+        ]
+    });
+    for (transport, net, compression) in cases {
         let src = guest(32 << 20, Image::Mixed, 11);
         let dst = Arc::new(GuestMemory::anonymous(32 << 20).expect("memory"));
         let pages = src.total_pages();
@@ -94,7 +109,10 @@ fn rewritten_pages_arrive_in_their_latest_version() {
         let outcome = migrate(
             &src,
             &dst,
-            &Plan::new(net, 4, compression),
+            &Plan {
+                transport: Arc::clone(&transport),
+                ..Plan::new(net, 4, compression)
+            },
             |round| {
                 if round >= 6 {
                     return None;
@@ -111,7 +129,8 @@ fn rewritten_pages_arrive_in_their_latest_version() {
             },
             b"",
         );
-        assert_completed(&outcome, &src, &dst, &format!("{net:?} multi-round"));
+        let what = format!("{net:?} multi-round with {}", transport.name());
+        assert_completed(&outcome, &src, &dst, &what);
         let summary = outcome.sent.expect("checked");
         assert_eq!(summary.rounds, 7, "six live rounds and the final one");
         let passes = outcome

@@ -6,6 +6,7 @@
 //! wherever they cannot be set up.
 
 mod blocking;
+mod uring;
 
 use std::fmt;
 use std::io::{self, IoSliceMut, Read, Write};
@@ -17,6 +18,16 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 pub use blocking::Blocking;
+pub use uring::{Unavailable, Uring, ZeroCopy};
+
+/// The best transport this machine supports: io_uring, or the blocking one with the reason
+/// io_uring cannot be used.
+pub fn best() -> (std::sync::Arc<dyn Transport>, Option<Unavailable>) {
+    match Uring::probe() {
+        Ok(()) => (std::sync::Arc::new(Uring::default()), None),
+        Err(why) => (std::sync::Arc::new(Blocking), Some(why)),
+    }
+}
 
 /// Where a receiver listens and a sender connects.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -13,7 +13,7 @@ use ramjet_control::{Fact, Machine, Options, Profile, Side, Status, Timestamp, T
 use ramjet_dataplane::codec::Compression;
 use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
-use ramjet_dataplane::transport::{Endpoint, Listener};
+use ramjet_dataplane::transport::{Blocking, Endpoint, Listener, Transport, Uring};
 use ramjet_dataplane::{
     Error, FactSink, ReceiveOptions, Received, SendOptions, Sender, Summary, receive,
 };
@@ -35,6 +35,18 @@ pub fn guest(bytes: u64, image: Image, seed: u64) -> Arc<GuestMemory> {
         ramjet_dataplane::image::fill(&memory, image, seed).expect("fill");
     }
     Arc::new(memory)
+}
+
+/// Every transport this machine has: io_uring (unless it cannot be set up here, which is
+/// printed) and the blocking one.
+pub fn transports() -> Vec<Arc<dyn Transport>> {
+    let mut all: Vec<Arc<dyn Transport>> = Vec::new();
+    match Uring::probe() {
+        Ok(()) => all.push(Arc::new(Uring::default())),
+        Err(why) => eprintln!("io_uring cases skipped: {why}"),
+    }
+    all.push(Arc::new(Blocking));
+    all
 }
 
 /// TCP or a Unix socket.
@@ -100,6 +112,7 @@ pub fn statuses(side: Side, facts: &[Fact]) -> Vec<String> {
 /// How a test migration is set up.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    pub transport: Arc<dyn Transport>,
     pub net: Net,
     pub channels: u16,
     pub compression: Compression,
@@ -109,6 +122,7 @@ pub struct Plan {
 impl Plan {
     pub fn new(net: Net, channels: u16, compression: Compression) -> Self {
         Plan {
+            transport: ramjet_dataplane::transport::best().0,
             net,
             channels,
             compression,
@@ -144,6 +158,7 @@ pub fn migrate(
         workers: 2,
         timeout: plan.timeout,
         accept_timeout: Some(plan.timeout),
+        transport: Arc::clone(&plan.transport),
         ..ReceiveOptions::default()
     };
     let (dst, sink) = (Arc::clone(dst), destination_facts.sink());
@@ -154,6 +169,7 @@ pub fn migrate(
         compression: plan.compression,
         workers: 2,
         timeout: plan.timeout,
+        transport: Arc::clone(&plan.transport),
         ..SendOptions::default()
     };
     let sent = (|| {
