@@ -1,34 +1,71 @@
-//! End to end over loopback TCP: ramjet against a plain socket copy of the same bytes.
+//! End to end over loopback TCP: ramjet on both transports against plain socket copies of the
+//! same bytes (blocking `write_all`/`read_exact`, and io_uring `Send` of 1 MiB chunks), all in
+//! one run. Besides criterion's time and throughput, each benchmark prints the CPU seconds per
+//! GB of guest RAM that sender and receiver spent together (this process's user + system time).
 
+use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use io_uring::{IoUring, opcode, types};
 use memmap2::MmapMut;
 use ramjet_dataplane::codec::Compression;
 use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::image::{self, ImageKind, Rng};
 use ramjet_dataplane::memory::GuestMemory;
-use ramjet_dataplane::transport::Listener;
+use ramjet_dataplane::transport::{Blocking, Listener, Transport, Uring};
 use ramjet_dataplane::{ReceiveOptions, SendOptions, Sender, receive};
 
-const BYTES: u64 = 1 << 30;
+const BYTES: u64 = 2 << 30;
 const CHUNK: usize = 1 << 20;
 
-/// The baseline: `streams` TCP connections, each moving its share of `src` into `dst` with
-/// 1 MiB `write_all`/`read_exact` calls.
-fn raw_copy(listener: &TcpListener, src: &[u8], dst: &mut [u8], streams: usize) {
+/// User + system CPU seconds of this process so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: rusage is a plain C struct for which all-zero is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes only the struct we pass, which lives across the call.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut usage) };
+    let seconds = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// Sends `part` on `stream` with io_uring `Send` operations of at most 1 MiB, one at a time.
+fn uring_send(stream: &TcpStream, part: &[u8]) {
+    let mut ring = IoUring::new(4).expect("ring");
+    let fd = types::Fd(stream.as_raw_fd());
+    let mut at = 0;
+    while at < part.len() {
+        let len = u32::try_from((part.len() - at).min(CHUNK)).expect("1 MiB fits");
+        let entry = opcode::Send::new(fd, part[at..].as_ptr(), len).build();
+        // SAFETY: `part` outlives the operation, which completes before the next loop.
+        unsafe { ring.submission().push(&entry).expect("queue") };
+        ring.submit_and_wait(1).expect("submit");
+        let sent = ring.completion().next().expect("completion").result();
+        assert!(sent > 0, "send failed: {sent}");
+        at += sent as usize;
+    }
+}
+
+/// The baselines: `streams` TCP connections, each moving its share of `src` into `dst`, sent
+/// with blocking `write_all` or io_uring `Send`, received with `read_exact`, in 1 MiB pieces.
+fn raw_copy(listener: &TcpListener, src: &[u8], dst: &mut [u8], streams: usize, uring: bool) {
     let share = src.len() / streams;
     let addr = listener.local_addr().expect("address");
     thread::scope(|scope| {
         for part in src.chunks(share) {
             scope.spawn(move || {
                 let mut stream = TcpStream::connect(addr).expect("connect");
-                for chunk in part.chunks(CHUNK) {
-                    stream.write_all(chunk).expect("write");
+                if uring {
+                    uring_send(&stream, part);
+                } else {
+                    for chunk in part.chunks(CHUNK) {
+                        stream.write_all(chunk).expect("write");
+                    }
                 }
             });
         }
@@ -44,16 +81,26 @@ fn raw_copy(listener: &TcpListener, src: &[u8], dst: &mut [u8], streams: usize) 
 }
 
 /// One whole migration of `src` into `dst`: every page, switchover, device state, confirmation.
-fn migrate(src: &Arc<GuestMemory>, dst: &Arc<GuestMemory>, channels: u16) {
+fn migrate(
+    src: &Arc<GuestMemory>,
+    dst: &Arc<GuestMemory>,
+    transport: &Arc<dyn Transport>,
+    channels: u16,
+) {
     let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().expect("endpoint")).expect("bind");
     let at = listener.endpoint().clone();
+    let receive_options = ReceiveOptions {
+        transport: Arc::clone(transport),
+        ..ReceiveOptions::default()
+    };
     let dst = Arc::clone(dst);
     let receiver = thread::spawn(move || {
-        receive(&listener, dst, &ReceiveOptions::default(), Arc::new(|_| {})).expect("receive")
+        receive(&listener, dst, &receive_options, Arc::new(|_| {})).expect("receive")
     });
     let options = SendOptions {
         channels,
         compression: Compression::Auto,
+        transport: Arc::clone(transport),
         ..SendOptions::default()
     };
     let mut sender =
@@ -65,12 +112,39 @@ fn migrate(src: &Arc<GuestMemory>, dst: &Arc<GuestMemory>, channels: u16) {
     receiver.join().expect("receiver thread");
 }
 
+/// Benchmarks `run` and prints the CPU seconds per GB it cost.
+fn bench(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    streams: u16,
+    mut run: impl FnMut(),
+) {
+    let id = BenchmarkId::new(name, streams);
+    let cpu = Cell::new(0.0);
+    let bytes = Cell::new(0u64);
+    group.bench_function(id, |b| {
+        b.iter_custom(|iterations| {
+            let (start, cpu_start) = (Instant::now(), cpu_seconds());
+            for _ in 0..iterations {
+                run();
+            }
+            cpu.set(cpu.get() + cpu_seconds() - cpu_start);
+            bytes.set(bytes.get() + iterations * BYTES);
+            start.elapsed()
+        });
+    });
+    println!(
+        "{name}/{streams}: {:.3} CPU-s/GB (sender and receiver together)",
+        cpu.get() / (bytes.get() as f64 / 1e9)
+    );
+}
+
 fn loopback(c: &mut Criterion) {
-    let mut group = c.benchmark_group("loopback_tcp");
+    let mut group = c.benchmark_group("loopback_tcp_2GiB");
     group.throughput(Throughput::Bytes(BYTES));
     group.sample_size(10);
     group.warm_up_time(Duration::from_secs(2));
-    group.measurement_time(Duration::from_secs(12));
+    group.measurement_time(Duration::from_secs(15));
 
     let len = usize::try_from(BYTES).expect("64-bit");
     let mut src = MmapMut::map_anon(len).expect("map");
@@ -78,22 +152,34 @@ fn loopback(c: &mut Criterion) {
     let mut dst = MmapMut::map_anon(len).expect("map");
     dst.fill(1);
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    for streams in [1, 2] {
-        group.bench_function(BenchmarkId::new("baseline_write_read", streams), |b| {
-            b.iter(|| raw_copy(&listener, &src, &mut dst, streams));
-        });
+    for streams in [1u16, 2] {
+        for (name, uring) in [
+            ("baseline_write_read", false),
+            ("baseline_uring_send", true),
+        ] {
+            bench(&mut group, name, streams, || {
+                raw_copy(&listener, &src, &mut dst, usize::from(streams), uring);
+            });
+        }
     }
     drop((src, dst));
 
     let dst = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
     dst.prefault().expect("prefault");
+    let transports: [(&str, Arc<dyn Transport>); 2] = [
+        ("uring", Arc::new(Uring::default())),
+        ("blocking", Arc::new(Blocking)),
+    ];
     for kind in [ImageKind::Random, ImageKind::Mixed] {
         let src = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
         image::fill(&src, kind, 7).expect("image");
         for channels in [1u16, 2] {
-            group.bench_function(BenchmarkId::new(format!("ramjet_{kind}"), channels), |b| {
-                b.iter(|| migrate(&src, &dst, channels));
-            });
+            for (name, transport) in &transports {
+                let name = format!("ramjet_{kind}_{name}");
+                bench(&mut group, &name, channels, || {
+                    migrate(&src, &dst, transport, channels);
+                });
+            }
         }
     }
     group.finish();
