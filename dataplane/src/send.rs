@@ -15,6 +15,7 @@
 //! every frame of round N reaches the receiver before any frame of round N+1 on that channel.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,65 @@ const CHUNK_LEN: usize = 64;
 const QUEUE_FRAMES: usize = 8;
 /// A writer sends up to this many bytes in one vectored write.
 const WRITE_BATCH_BYTES: usize = 1 << 20;
+/// `Compression::Auto` compresses only below this link rate per codec worker (lz4 compresses
+/// text-like pages at about 0.65 GB/s per core).
+const AUTO_LZ4_BYTES_PER_WORKER: u64 = 650_000_000;
+
+/// The wire rate of the last 100 ms or more, updated by whichever worker looks first.
+#[derive(Debug)]
+struct RateMeter {
+    origin: Instant,
+    at_nanos: AtomicU64,
+    at_bytes: AtomicU64,
+    /// Bytes per second; `u64::MAX` until the first window is measured.
+    rate: AtomicU64,
+}
+
+impl RateMeter {
+    const WINDOW_NANOS: u64 = 100_000_000;
+
+    fn new() -> Self {
+        RateMeter {
+            origin: Instant::now(),
+            at_nanos: AtomicU64::new(0),
+            at_bytes: AtomicU64::new(0),
+            rate: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// The rate, after folding in `bytes` sent so far. The first window starts at the first
+    /// sample, when data flows, not when the session was set up.
+    fn sample(&self, bytes: u64) -> u64 {
+        let now = u64::try_from(self.origin.elapsed().as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            .max(1);
+        let last = self.at_nanos.load(Ordering::Relaxed);
+        if last == 0 {
+            if self
+                .at_nanos
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.at_bytes.store(bytes, Ordering::Relaxed);
+            }
+            return self.rate.load(Ordering::Relaxed);
+        }
+        let span = now.saturating_sub(last);
+        if span >= Self::WINDOW_NANOS
+            && self
+                .at_nanos
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let before = self.at_bytes.swap(bytes, Ordering::Relaxed);
+            let rate = u128::from(bytes.saturating_sub(before)) * 1_000_000_000 / u128::from(span);
+            self.rate
+                .store(u64::try_from(rate).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
+        self.rate.load(Ordering::Relaxed)
+    }
+}
+
 /// How long the clean-up after a failure waits for the peer's own error message.
 const GRACE: Duration = Duration::from_millis(500);
 
@@ -368,8 +428,16 @@ impl Sender {
                 let _ = exit.send(());
             });
         }
+        let meter = Arc::new(RateMeter::new());
+        let compression = match options.compression {
+            Compression::Auto if streams.iter().any(Stream::is_local) => Compression::Off,
+            other => other,
+        };
+        let auto_below = AUTO_LZ4_BYTES_PER_WORKER.saturating_mul(options.workers as u64);
         for _ in 0..options.workers {
             let ctx = WorkerContext {
+                meter: Arc::clone(&meter),
+                auto_below,
                 memory: Arc::clone(&memory),
                 jobs: jobs_rx.clone(),
                 acks: acks_tx.clone(),
@@ -377,7 +445,7 @@ impl Sender {
                 pool: pool.clone(),
                 abort: Arc::clone(abort),
                 counters: Arc::clone(&counters),
-                compression: options.compression,
+                compression,
             };
             sender.spawn_worker(move || ctx.run());
         }
@@ -662,6 +730,9 @@ impl Drop for Sender {
 
 /// What a codec worker needs.
 struct WorkerContext {
+    meter: Arc<RateMeter>,
+    /// `Compression::Auto` compresses below this wire rate (bytes per second).
+    auto_below: u64,
     memory: Arc<GuestMemory>,
     jobs: Receiver<Job>,
     acks: channel::Sender<()>,
@@ -698,8 +769,12 @@ impl WorkerContext {
         let compress = match self.compression {
             Compression::Off => false,
             Compression::Lz4 => true,
-            // The link is the bottleneck while frames pile up in front of it.
-            Compression::Auto => queue.len() * 2 >= QUEUE_FRAMES,
+            // The link is the bottleneck while frames pile up in front of it, and compressing
+            // pays only if it is slower than the workers compress.
+            Compression::Auto => {
+                queue.len() * 2 >= QUEUE_FRAMES
+                    && self.meter.sample(self.counters.wire_bytes()) < self.auto_below
+            }
         };
         let batch = Batch {
             region: job.region,
@@ -868,5 +943,23 @@ fn return_path(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_meter_measures_windows_from_the_first_sample() {
+        let meter = RateMeter::new();
+        thread::sleep(Duration::from_millis(20));
+        // The first sample starts the first window: no rate yet, however long setup took.
+        assert_eq!(meter.sample(1_000), u64::MAX);
+        assert_eq!(meter.sample(5_000), u64::MAX, "the window is not over");
+        thread::sleep(Duration::from_millis(110));
+        let rate = meter.sample(1_000 + 100_000_000);
+        // 100 MB in a little over 110 ms: below 1 GB/s, well above 0.5 GB/s.
+        assert!((500_000_000..1_000_000_000).contains(&rate), "{rate}");
     }
 }

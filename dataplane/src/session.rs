@@ -162,6 +162,10 @@ impl Counters {
         self.lz4.fetch_add(counts.lz4, Ordering::Relaxed);
     }
 
+    pub(crate) fn wire_bytes(&self) -> u64 {
+        self.wire_bytes.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn add_wire_bytes(&self, bytes: u64) {
         self.wire_bytes.fetch_add(bytes, Ordering::Relaxed);
     }

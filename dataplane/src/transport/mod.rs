@@ -93,6 +93,15 @@ impl Stream {
         }
     }
 
+    /// Whether the peer is on this machine (a Unix socket, or TCP over loopback): then the
+    /// "link" is the same CPUs that would compress.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.peer_addr().is_ok_and(|a| a.ip().is_loopback()),
+            Stream::Unix(_) => true,
+        }
+    }
+
     /// Another handle to the same socket.
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {

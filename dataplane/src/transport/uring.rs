@@ -1,8 +1,9 @@
 //! The io_uring transport: each channel direction owns a small ring with its socket registered
 //! as a fixed file. A send is one vectored `SENDMSG` (or `SENDMSG_ZC`) of everything the writer
 //! batched, a receive one `RECVMSG` with `MSG_WAITALL` straight into the destination buffers
-//! (guest pages included); each is linked to a `LINK_TIMEOUT`, resubmitted for the rest after a
-//! short transfer, and awaited with all its completions before the call returns.
+//! (guest pages included). Each is awaited with a timed wait (when the time is up the operation is
+//! cancelled), resubmitted for the rest after a short transfer, and awaited with all its
+//! completions before the call returns.
 //!
 //! Ownership of buffers in flight is therefore simple and strict: a buffer is lent to the kernel
 //! only for the duration of one call, which does not return (not even on error) until the kernel
@@ -15,7 +16,7 @@
 
 use std::io::{self, IoSliceMut};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
@@ -67,10 +68,16 @@ impl Uring {
                 what: "the opcode probe failed".into(),
                 source: Some(e),
             })?;
+        if !ring.params().is_feature_ext_arg() {
+            return Err(Unavailable {
+                what: "the kernel lacks timed waits (IORING_FEAT_EXT_ARG)".into(),
+                source: None,
+            });
+        }
         for (code, name) in [
             (opcode::SendMsg::CODE, "SENDMSG"),
             (opcode::RecvMsg::CODE, "RECVMSG"),
-            (opcode::LinkTimeout::CODE, "LINK_TIMEOUT"),
+            (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
         ] {
             if !probe.is_supported(code) {
                 return Err(Unavailable {
@@ -116,14 +123,14 @@ impl Transport for Uring {
 }
 
 const OP: u64 = 1;
-const TIMEOUT: u64 = 2;
+const CANCEL: u64 = 2;
 
 /// One direction of one channel: a ring, the socket registered in it, reused scratch.
 struct Link {
     ring: IoUring,
     /// Keeps the registered socket open for as long as the ring may use it.
     _socket: OwnedFd,
-    timeout: Option<types::Timespec>,
+    timeout: Option<Duration>,
     zero_copy: bool,
     iovecs: Vec<libc::iovec>,
 }
@@ -144,44 +151,54 @@ impl Link {
         Ok(Link {
             ring,
             _socket: socket,
-            timeout: timeout.map(types::Timespec::from),
+            timeout,
             zero_copy,
             iovecs: Vec::with_capacity(64),
         })
     }
 
-    /// Submits `entry` (linked to the timeout, if any) and waits for every completion it
-    /// produces, the zero-copy notification included; returns the operation's result.
+    /// Submits `entry` and waits for every completion it produces, the zero-copy notification
+    /// included; returns the operation's result. When the timeout passes first, the operation
+    /// is cancelled, its completion awaited all the same, and the result is `TimedOut`.
     ///
     /// # Safety
     ///
     /// Every buffer `entry` points to must stay valid until this returns, which is after the
     /// kernel posted its last completion for it.
     unsafe fn run(&mut self, entry: squeue::Entry) -> io::Result<i32> {
-        let timeout = self.timeout;
-        let entries = match &timeout {
-            Some(ts) => [
-                entry.flags(squeue::Flags::IO_LINK).user_data(OP),
-                opcode::LinkTimeout::new(ts).build().user_data(TIMEOUT),
-            ],
-            None => [entry.user_data(OP), opcode::Nop::new().build()],
-        };
-        let count = if timeout.is_some() { 2 } else { 1 };
-        // SAFETY: the caller keeps the operation's buffers valid; the timespec lives in
-        // `timeout` on this stack frame until every completion, the timeout's too, is in.
+        // SAFETY: the caller keeps the operation's buffers valid until we return.
         unsafe {
             self.ring
                 .submission()
-                .push_multiple(&entries[..count])
+                .push(&entry.user_data(OP))
                 .map_err(|_| io::Error::other("io_uring submission queue full"))?;
         }
+        let deadline = self.timeout.map(|t| Instant::now() + t);
         let mut result = None;
         let mut more = false;
-        let mut timeout_pending = timeout.is_some();
-        let mut timed_out = false;
-        while result.is_none() || more || timeout_pending {
-            match self.ring.submit_and_wait(1) {
+        let mut cancelled = false;
+        let mut cancel_pending = false;
+        while result.is_none() || more || cancel_pending {
+            let waited = match deadline {
+                Some(deadline) if !cancelled => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let ts = types::Timespec::from(left);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(1, &args)
+                }
+                _ => self.ring.submit_and_wait(1),
+            };
+            match waited {
                 Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
+                    let cancel = opcode::AsyncCancel::new(OP).build().user_data(CANCEL);
+                    // SAFETY: a cancel request points to no buffer.
+                    if unsafe { self.ring.submission().push(&cancel) }.is_ok() {
+                        cancelled = true;
+                        cancel_pending = true;
+                    }
+                    continue;
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -199,10 +216,7 @@ impl Link {
             }
             for &(user_data, res, flags) in &cqes[..n] {
                 match user_data {
-                    TIMEOUT => {
-                        timeout_pending = false;
-                        timed_out |= res == -libc::ETIME;
-                    }
+                    CANCEL => cancel_pending = false,
                     _ if cqueue::notif(flags) => more = false,
                     _ => {
                         result = Some(res);
@@ -212,7 +226,7 @@ impl Link {
             }
         }
         let res = result.unwrap_or(-libc::EIO);
-        if res == -libc::ECANCELED && timed_out {
+        if cancelled && (res == -libc::ECANCELED || res == -libc::EINTR) {
             return Err(io::ErrorKind::TimedOut.into());
         }
         if res < 0 {

@@ -228,6 +228,16 @@ pub fn seal(frame: &mut [u8]) {
     put_u32(frame, 28, crc);
 }
 
+/// Fills in the crc of a frame whose first `head` bytes (header, crc field zero, and page table)
+/// are in `frame` and whose remaining bytes were already hashed into `rest`, each page right
+/// after it was written, while it was still in cache.
+pub fn seal_split(frame: &mut [u8], head: usize, rest: &crc32fast::Hasher) {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&frame[..head]);
+    hasher.combine(rest);
+    put_u32(frame, 28, hasher.finalize());
+}
+
 /// How one page is encoded in a pages frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]

@@ -91,7 +91,7 @@ mod hello;
 
 use thiserror::Error;
 
-pub use frame::{Encoding, FrameHeader, FrameKind, PageEntry, PageTable, seal};
+pub use frame::{Encoding, FrameHeader, FrameKind, PageEntry, PageTable, seal, seal_split};
 pub use hello::{Hello, HelloReply, Verdict};
 
 /// The first eight bytes of every hello and hello reply.
