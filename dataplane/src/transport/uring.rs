@@ -260,39 +260,56 @@ fn msghdr(iovecs: &mut [libc::iovec]) -> libc::msghdr {
     msg
 }
 
-impl LinkWriter for Link {
-    fn send(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+impl Link {
+    /// Moves every byte described by `self.iovecs`, one operation at a time, each made by
+    /// `make` for the bytes still to go; `at_zero` is the error when an operation moves nothing.
+    ///
+    /// # Safety
+    ///
+    /// The buffers in `self.iovecs` must stay valid until this returns.
+    unsafe fn move_all(
+        &mut self,
+        make: impl Fn(*mut libc::msghdr) -> squeue::Entry,
+        at_zero: io::ErrorKind,
+    ) -> io::Result<()> {
         let mut iovecs = std::mem::take(&mut self.iovecs);
-        iovecs.clear();
-        iovecs.extend(bufs.iter().filter(|b| !b.is_empty()).map(|b| libc::iovec {
-            iov_base: b.as_ptr().cast_mut().cast(),
-            iov_len: b.len(),
-        }));
         let result = (|| {
             while !iovecs.is_empty() {
-                let msg = msghdr(&mut iovecs);
-                let fd = types::Fixed(0);
-                let entry = if self.zero_copy {
-                    opcode::SendMsgZc::new(fd, &raw const msg)
-                        .flags(libc::MSG_NOSIGNAL as u32)
-                        .build()
-                } else {
-                    opcode::SendMsg::new(fd, &raw const msg)
-                        .flags(libc::MSG_NOSIGNAL as u32)
-                        .build()
-                };
-                // SAFETY: the kernel reads `msg`, `iovecs` and the caller's buffers, all of
-                // which outlive this call, which waits for every completion.
-                let sent = unsafe { self.run(entry) }?;
-                if sent == 0 {
-                    return Err(io::ErrorKind::WriteZero.into());
+                let mut msg = msghdr(&mut iovecs);
+                // SAFETY: the kernel uses `msg`, `iovecs` and the buffers they describe, which
+                // outlive `run`, and `run` waits for every completion.
+                let moved = unsafe { self.run(make(&raw mut msg)) }?;
+                if moved == 0 {
+                    return Err(at_zero.into());
                 }
-                advance(&mut iovecs, usize::try_from(sent).unwrap_or(0));
+                advance(&mut iovecs, usize::try_from(moved).unwrap_or(0));
             }
             Ok(())
         })();
         self.iovecs = iovecs;
         result
+    }
+}
+
+impl LinkWriter for Link {
+    fn send(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+        self.iovecs.clear();
+        self.iovecs
+            .extend(bufs.iter().filter(|b| !b.is_empty()).map(|b| libc::iovec {
+                iov_base: b.as_ptr().cast_mut().cast(),
+                iov_len: b.len(),
+            }));
+        let zero_copy = self.zero_copy;
+        let make = |msg: *mut libc::msghdr| {
+            let (fd, flags) = (types::Fixed(0), libc::MSG_NOSIGNAL as u32);
+            if zero_copy {
+                opcode::SendMsgZc::new(fd, msg).flags(flags).build()
+            } else {
+                opcode::SendMsg::new(fd, msg).flags(flags).build()
+            }
+        };
+        // SAFETY: the caller's buffers outlive this call.
+        unsafe { self.move_all(make, io::ErrorKind::WriteZero) }
     }
 }
 
@@ -302,9 +319,8 @@ impl LinkReader for Link {
     }
 
     fn recv_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
-        let mut iovecs = std::mem::take(&mut self.iovecs);
-        iovecs.clear();
-        iovecs.extend(
+        self.iovecs.clear();
+        self.iovecs.extend(
             bufs.iter_mut()
                 .filter(|b| !b.is_empty())
                 .map(|b| libc::iovec {
@@ -312,24 +328,13 @@ impl LinkReader for Link {
                     iov_len: b.len(),
                 }),
         );
-        let result = (|| {
-            while !iovecs.is_empty() {
-                let mut msg = msghdr(&mut iovecs);
-                let entry = opcode::RecvMsg::new(types::Fixed(0), &raw mut msg)
-                    .flags(libc::MSG_WAITALL as u32)
-                    .build();
-                // SAFETY: the kernel writes the caller's buffers and reads `msg` and `iovecs`,
-                // all of which outlive this call, which waits for every completion.
-                let received = unsafe { self.run(entry) }?;
-                if received == 0 {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-                advance(&mut iovecs, usize::try_from(received).unwrap_or(0));
-            }
-            Ok(())
-        })();
-        self.iovecs = iovecs;
-        result
+        let make = |msg: *mut libc::msghdr| {
+            opcode::RecvMsg::new(types::Fixed(0), msg)
+                .flags(libc::MSG_WAITALL as u32)
+                .build()
+        };
+        // SAFETY: the caller's buffers outlive this call.
+        unsafe { self.move_all(make, io::ErrorKind::UnexpectedEof) }
     }
 }
 
