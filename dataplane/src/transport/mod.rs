@@ -1,9 +1,15 @@
 //! Transports: where channels connect ([`Endpoint`]), the sockets ([`Stream`], [`Listener`]),
 //! and how bytes move over a connected channel ([`Transport`], [`LinkWriter`], [`LinkReader`]).
 //!
-//! The blocking transport ([`Blocking`]) uses plain `std` sockets with vectored reads and
-//! writes. It is the reference the faster transports are tested against, and the fallback
-//! wherever they cannot be set up.
+//! [`Uring`] moves them with io_uring: each channel direction owns a small ring with its socket
+//! registered as a fixed file; a send is one vectored `SENDMSG` (or `SENDMSG_ZC`) of everything
+//! the writer batched, a receive one `RECVMSG` with `MSG_WAITALL` straight into the destination
+//! buffers, guest pages included. A buffer is lent to the kernel only for one call, which returns
+//! (even on error or timeout) only after the kernel posted every completion for it, the
+//! zero-copy notification included; at most one operation is in flight per socket, so bytes
+//! never reorder. [`Blocking`] uses plain `std` sockets with vectored reads and writes: it is
+//! the reference the io_uring transport is tested against, and the fallback where io_uring
+//! cannot be set up ([`best`] says why).
 
 mod blocking;
 mod uring;

@@ -35,7 +35,8 @@ pub enum ZeroCopy {
     Auto,
 }
 
-/// The io_uring transport; see the [module docs](self).
+/// The io_uring transport: a ring per channel direction, one vectored operation in flight per
+/// socket, each awaited with every completion before its buffers go back to their owner.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Uring {
     /// Zero-copy sends.
