@@ -15,92 +15,36 @@
 //! every frame of round N reaches the receiver before any frame of round N+1 on that channel.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{self as channel, Receiver, RecvTimeoutError};
 use ramjet_control::Fact;
 
-use crate::codec::{Batch, BufferPool, Compression, Encoder, frame_capacity};
+mod pipeline;
+
+use pipeline::{AUTO_LZ4_BYTES_PER_WORKER, RateMeter, WorkerContext, WriterContext, return_path};
+
+use crate::codec::{BufferPool, Compression, frame_capacity};
 use crate::dirty::DirtySet;
 use crate::error::Error;
 use crate::memory::GuestMemory;
 use crate::session::{Abort, CancelHandle, Counters, FactSink, Stats};
-use crate::transport::{Endpoint, LinkReader, LinkWriter, Stream, Transport};
+use crate::transport::{Endpoint, Stream, Transport};
 use crate::wire::{
-    CHUNK_PAGES, FrameHeader, FrameKind, Hello, HelloReply, MAX_CHANNELS, MAX_DEVICE_STATE,
-    MAX_PAYLOAD, MAX_REGIONS, Verdict, channel_of,
+    CHUNK_PAGES, FrameHeader, Hello, HelloReply, MAX_CHANNELS, MAX_DEVICE_STATE, MAX_PAYLOAD,
+    MAX_REGIONS, Verdict, channel_of,
 };
 
 // A dirty-bitmap word is exactly one channel-assignment chunk, so a word becomes a job.
 const _: () = assert!(CHUNK_PAGES == 64);
 /// [`CHUNK_PAGES`] as an array length.
-const CHUNK_LEN: usize = 64;
+pub(super) const CHUNK_LEN: usize = 64;
 
 /// Frames queued per channel before workers wait for its writer.
-const QUEUE_FRAMES: usize = 8;
+pub(super) const QUEUE_FRAMES: usize = 8;
 /// A writer sends up to this many bytes in one vectored write.
-const WRITE_BATCH_BYTES: usize = 1 << 20;
-/// `Compression::Auto` compresses only below this link rate per codec worker (lz4 compresses
-/// text-like pages at about 0.65 GB/s per core).
-const AUTO_LZ4_BYTES_PER_WORKER: u64 = 650_000_000;
-
-/// The wire rate of the last 100 ms or more, updated by whichever worker looks first.
-#[derive(Debug)]
-struct RateMeter {
-    origin: Instant,
-    at_nanos: AtomicU64,
-    at_bytes: AtomicU64,
-    /// Bytes per second; `u64::MAX` until the first window is measured.
-    rate: AtomicU64,
-}
-
-impl RateMeter {
-    const WINDOW_NANOS: u64 = 100_000_000;
-
-    fn new() -> Self {
-        RateMeter {
-            origin: Instant::now(),
-            at_nanos: AtomicU64::new(0),
-            at_bytes: AtomicU64::new(0),
-            rate: AtomicU64::new(u64::MAX),
-        }
-    }
-
-    /// The rate, after folding in `bytes` sent so far. The first window starts at the first
-    /// sample, when data flows, not when the session was set up.
-    fn sample(&self, bytes: u64) -> u64 {
-        let now = u64::try_from(self.origin.elapsed().as_nanos())
-            .unwrap_or(u64::MAX - 1)
-            .max(1);
-        let last = self.at_nanos.load(Ordering::Relaxed);
-        if last == 0 {
-            if self
-                .at_nanos
-                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-            {
-                self.at_bytes.store(bytes, Ordering::Relaxed);
-            }
-            return self.rate.load(Ordering::Relaxed);
-        }
-        let span = now.saturating_sub(last);
-        if span >= Self::WINDOW_NANOS
-            && self
-                .at_nanos
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let before = self.at_bytes.swap(bytes, Ordering::Relaxed);
-            let rate = u128::from(bytes.saturating_sub(before)) * 1_000_000_000 / u128::from(span);
-            self.rate
-                .store(u64::try_from(rate).unwrap_or(u64::MAX), Ordering::Relaxed);
-        }
-        self.rate.load(Ordering::Relaxed)
-    }
-}
-
+pub(super) const WRITE_BATCH_BYTES: usize = 1 << 20;
 /// How long the clean-up after a failure waits for the peer's own error message.
 const GRACE: Duration = Duration::from_millis(500);
 
@@ -156,13 +100,13 @@ pub struct Summary {
 
 /// What the receiver confirmed.
 #[derive(Debug, Clone, Copy)]
-struct Confirmation {
-    pages: u64,
-    device_state_len: u64,
+pub(super) struct Confirmation {
+    pub(super) pages: u64,
+    pub(super) device_state_len: u64,
 }
 
 /// A frame on its way to a writer.
-enum Outgoing {
+pub(super) enum Outgoing {
     /// A pages frame in a pool buffer: the first `len` bytes.
     Pooled(Vec<u8>, usize),
     /// A control frame.
@@ -172,7 +116,7 @@ enum Outgoing {
 }
 
 impl Outgoing {
-    fn bytes(&self) -> &[u8] {
+    pub(super) fn bytes(&self) -> &[u8] {
         match self {
             Outgoing::Pooled(buf, len) => &buf[..*len],
             Outgoing::Control(frame) | Outgoing::Farewell(frame) => frame,
@@ -182,12 +126,12 @@ impl Outgoing {
 
 /// The dirty pages of one 64-page chunk.
 #[derive(Debug, Clone, Copy)]
-struct Job {
-    region: u32,
-    chunk: u64,
-    mask: u64,
-    round: u32,
-    channel: u16,
+pub(super) struct Job {
+    pub(super) region: u32,
+    pub(super) chunk: u64,
+    pub(super) mask: u64,
+    pub(super) round: u32,
+    pub(super) channel: u16,
 }
 
 /// A running send session: connected channels and the threads that feed them.
@@ -725,241 +669,5 @@ impl Drop for Sender {
             self.abort.cancel();
             let _ = self.fail_stopped();
         }
-    }
-}
-
-/// What a codec worker needs.
-struct WorkerContext {
-    meter: Arc<RateMeter>,
-    /// `Compression::Auto` compresses below this wire rate (bytes per second).
-    auto_below: u64,
-    memory: Arc<GuestMemory>,
-    jobs: Receiver<Job>,
-    acks: channel::Sender<()>,
-    queues: Vec<channel::Sender<Outgoing>>,
-    pool: BufferPool,
-    abort: Arc<Abort>,
-    counters: Arc<Counters>,
-    compression: Compression,
-}
-
-impl WorkerContext {
-    fn run(self) {
-        let mut encoder = Encoder::new();
-        let mut offsets = [0u32; CHUNK_LEN];
-        while let Ok(job) = self.jobs.recv() {
-            if !self.abort.is_stopped() {
-                self.encode(&mut encoder, &mut offsets, job);
-            }
-            let _ = self.acks.send(());
-        }
-    }
-
-    fn encode(&self, encoder: &mut Encoder, offsets: &mut [u32; CHUNK_LEN], job: Job) {
-        let Some(queue) = self.queues.get(usize::from(job.channel)) else {
-            return;
-        };
-        let mut count = 0;
-        let mut mask = job.mask;
-        while mask != 0 {
-            offsets[count] = mask.trailing_zeros();
-            count += 1;
-            mask &= mask - 1;
-        }
-        let compress = match self.compression {
-            Compression::Off => false,
-            Compression::Lz4 => true,
-            // The link is the bottleneck while frames pile up in front of it, and compressing
-            // pays only if it is slower than the workers compress.
-            Compression::Auto => {
-                queue.len() * 2 >= QUEUE_FRAMES
-                    && self.meter.sample(self.counters.wire_bytes()) < self.auto_below
-            }
-        };
-        let batch = Batch {
-            region: job.region,
-            first: job.chunk * CHUNK_PAGES,
-            offsets: &offsets[..count],
-            round: job.round,
-        };
-        let mut buf = self.pool.take();
-        match encoder.encode(&self.memory, &batch, compress, &mut buf) {
-            Ok((len, counts)) => {
-                self.counters.add_pages(counts);
-                if let Err(e) = queue.send(Outgoing::Pooled(buf, len))
-                    && let Outgoing::Pooled(buf, _) = e.into_inner()
-                {
-                    self.pool.give(buf);
-                }
-            }
-            Err(source) => {
-                self.pool.give(buf);
-                self.abort.fail(Error::Memory {
-                    channel: job.channel,
-                    source,
-                });
-            }
-        }
-    }
-}
-
-/// What a channel writer needs.
-struct WriterContext {
-    channel: u16,
-    queue: Receiver<Outgoing>,
-    pool: BufferPool,
-    abort: Arc<Abort>,
-    counters: Arc<Counters>,
-    timeout: Duration,
-}
-
-impl WriterContext {
-    /// Writes queued frames in large vectored writes until the queue closes. After a failure
-    /// (its own or the session's) it keeps draining the queue, recycling buffers unsent, so
-    /// that workers never wait on it.
-    fn run(self, mut link: Box<dyn LinkWriter>) {
-        let mut batch: Vec<Outgoing> = Vec::with_capacity(64);
-        let mut spare: Vec<&[u8]> = Vec::with_capacity(64);
-        let mut broken = false;
-        while let Ok(first) = self.queue.recv() {
-            let mut bytes = first.bytes().len();
-            batch.push(first);
-            while bytes < WRITE_BATCH_BYTES && batch.len() < 64 {
-                match self.queue.try_recv() {
-                    Ok(next) => {
-                        bytes += next.bytes().len();
-                        batch.push(next);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let stopping = self.abort.is_stopped();
-            if !broken {
-                let mut slices = reuse_slices(std::mem::take(&mut spare));
-                slices.extend(
-                    batch
-                        .iter()
-                        .filter(|o| !stopping || matches!(o, Outgoing::Farewell(_)))
-                        .map(Outgoing::bytes),
-                );
-                let written: usize = slices.iter().map(|s| s.len()).sum();
-                if !slices.is_empty() {
-                    match link.send(&slices) {
-                        Ok(()) => self.counters.add_wire_bytes(written as u64),
-                        Err(e) => {
-                            broken = true;
-                            self.abort.fail(Error::io(
-                                self.channel,
-                                "sending frames",
-                                self.timeout,
-                                e,
-                            ));
-                        }
-                    }
-                }
-                spare = reuse_slices(slices);
-            }
-            for outgoing in batch.drain(..) {
-                if let Outgoing::Pooled(buf, _) = outgoing {
-                    self.pool.give(buf);
-                }
-            }
-        }
-    }
-}
-
-/// The same allocation, emptied and with a new lifetime, so the writer's slice list costs no
-/// allocation per write.
-fn reuse_slices<'b>(mut v: Vec<&[u8]>) -> Vec<&'b [u8]> {
-    v.clear();
-    v.into_iter().map(|_| &[][..]).collect()
-}
-
-/// Reads the receiver's frames on one channel: an error message on any channel, the
-/// confirmation on channel 0. Ends at end of stream or on a socket error; only channel 0 reports
-/// a closed connection (as a missing confirmation), since the receiver closes every channel once
-/// it has confirmed.
-fn return_path(
-    channel: u16,
-    mut link: Box<dyn LinkReader>,
-    abort: &Abort,
-    counters: &Counters,
-    confirm: Option<&channel::Sender<Result<Confirmation, Error>>>,
-    timeout: Duration,
-) {
-    let mut payload = Vec::with_capacity(crate::wire::MAX_MESSAGE as usize);
-    loop {
-        let mut fixed = [0u8; FrameHeader::LEN];
-        if let Err(e) = link.recv(&mut fixed) {
-            if let Some(confirm) = confirm {
-                let op = "waiting for the receiver's confirmation";
-                let _ = confirm.send(Err(Error::io(channel, op, timeout, e)));
-            }
-            return;
-        }
-        let header = match FrameHeader::decode(&fixed) {
-            Ok(header) => header,
-            Err(source) => {
-                abort.fail(Error::Decode { channel, source });
-                return;
-            }
-        };
-        payload.resize(header.len as usize, 0);
-        if let Err(e) = link.recv(&mut payload) {
-            abort.fail(Error::io(
-                channel,
-                "receiving the receiver's message",
-                timeout,
-                e,
-            ));
-            return;
-        }
-        let mut hasher = header.hasher();
-        hasher.update(&payload);
-        if let Err(source) = header.verify(hasher) {
-            abort.fail(Error::Decode { channel, source });
-            return;
-        }
-        counters.add_wire_bytes((FrameHeader::LEN + payload.len()) as u64);
-        match (header.kind, confirm) {
-            (FrameKind::Error, _) => {
-                abort.fail(Error::PeerFailed {
-                    peer: "receiver",
-                    message: String::from_utf8_lossy(&payload).into_owned(),
-                });
-                return;
-            }
-            (FrameKind::Confirm, Some(confirm)) => {
-                let mut len = [0u8; 8];
-                len.copy_from_slice(&payload[..8]);
-                let _ = confirm.try_send(Ok(Confirmation {
-                    pages: header.value,
-                    device_state_len: u64::from_le_bytes(len),
-                }));
-            }
-            (kind, _) => {
-                let problem = format!("unexpected {kind:?} frame from the receiver");
-                abort.fail(Error::protocol(channel, problem));
-                return;
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_rate_meter_measures_windows_from_the_first_sample() {
-        let meter = RateMeter::new();
-        thread::sleep(Duration::from_millis(20));
-        // The first sample starts the first window: no rate yet, however long setup took.
-        assert_eq!(meter.sample(1_000), u64::MAX);
-        assert_eq!(meter.sample(5_000), u64::MAX, "the window is not over");
-        thread::sleep(Duration::from_millis(110));
-        let rate = meter.sample(1_000 + 100_000_000);
-        // 100 MB in a little over 110 ms: below 1 GB/s, well above 0.5 GB/s.
-        assert!((500_000_000..1_000_000_000).contains(&rate), "{rate}");
     }
 }
