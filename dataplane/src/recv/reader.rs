@@ -187,20 +187,10 @@ impl ChannelReader {
             )));
         };
         self.table_bytes.resize(PageTable::len_for(header), 0);
-        self.link.recv(&mut self.table_bytes).map_err(|e| {
-            Error::io(
-                self.channel,
-                "receiving a page table",
-                self.shared.timeout,
-                e,
-            )
-        })?;
-        self.table
-            .decode(header, &self.table_bytes)
-            .map_err(|e| Error::Decode {
-                channel: self.channel,
-                source: e,
-            })?;
+        let received = self.link.recv(&mut self.table_bytes);
+        received.map_err(|e| self.io("receiving a page table", e))?;
+        let decoded = self.table.decode(header, &self.table_bytes);
+        decoded.map_err(|e| self.decode_error(e))?;
         let stamps = &self.shared.stamps[region];
         let mut lz_bytes = 0usize;
         for entry in self.table.entries() {
@@ -430,16 +420,8 @@ impl ChannelReader {
         // The piece is at most 8 MiB (checked with the header), and the blob grows only by
         // what actually arrives.
         self.device_state.resize(start + header.len as usize, 0);
-        self.link
-            .recv(&mut self.device_state[start..])
-            .map_err(|e| {
-                Error::io(
-                    self.channel,
-                    "receiving device state",
-                    self.shared.timeout,
-                    e,
-                )
-            })?;
+        let received = self.link.recv(&mut self.device_state[start..]);
+        received.map_err(|e| self.io("receiving device state", e))?;
         self.verify(header, &self.device_state[start..])?;
         self.shared
             .counters

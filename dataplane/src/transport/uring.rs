@@ -106,12 +106,10 @@ impl Transport for Uring {
     }
 
     fn split(&self, stream: &Stream) -> io::Result<(Box<dyn LinkWriter>, Box<dyn LinkReader>)> {
-        let zero_copy = match (self.zero_copy, stream) {
-            (ZeroCopy::Off, _) | (ZeroCopy::Auto, Stream::Unix(_)) => false,
-            (ZeroCopy::On, _) => true,
-            (ZeroCopy::Auto, Stream::Tcp(s)) => {
-                !s.peer_addr()?.ip().is_loopback() && supports(opcode::SendMsgZc::CODE)
-            }
+        let zero_copy = match self.zero_copy {
+            ZeroCopy::Off => false,
+            ZeroCopy::On => true,
+            ZeroCopy::Auto => !stream.is_local() && supports(opcode::SendMsgZc::CODE),
         };
         let (read_timeout, write_timeout) = match stream {
             Stream::Tcp(s) => (s.read_timeout()?, s.write_timeout()?),
