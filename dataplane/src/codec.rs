@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
+use crate::memory::{Frozen, GuestMemory, MemoryError, PAGE_SIZE};
 use crate::wire::{Encoding, FrameHeader, PageEntry, WIRE_PAGE_SIZE};
 
 /// Whether and how pages are compressed. The receiver decodes whatever arrives.
@@ -120,6 +120,20 @@ pub struct Batch<'a> {
     pub round: u32,
 }
 
+/// One piece of a pages frame sent in place ([`Encoder::encode_in_place`]), in wire order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// `len` bytes at `start` of the frame buffer.
+    Buffer {
+        /// Offset in the frame buffer.
+        start: usize,
+        /// Length.
+        len: usize,
+    },
+    /// A raw page of the frame's region, sent straight from frozen guest memory.
+    Page(u64),
+}
+
 /// Builds pages frames from guest memory into a caller's buffer. Holds the lz4 scratch so
 /// nothing is allocated per batch.
 #[derive(Debug)]
@@ -156,61 +170,146 @@ impl Encoder {
         compress: bool,
         buf: &mut [u8],
     ) -> Result<(usize, BatchCounts), MemoryError> {
-        let Batch {
-            region,
-            first,
-            offsets,
-            round,
-        } = *batch;
-        let count = offsets.len();
+        let count = batch.offsets.len();
         assert!(buf.len() >= frame_capacity(count), "frame buffer too small");
-        let region_index = region as usize;
-        let table_start = FrameHeader::LEN;
-        let data_start = table_start + count * PageEntry::LEN;
-        let mut cursor = data_start;
+        let head = FrameHeader::LEN + count * PageEntry::LEN;
+        let mut cursor = head;
         let mut counts = BatchCounts::default();
         // The crc of the page data, page by page while each is hot in cache.
         let mut data_crc = crc32fast::Hasher::new();
-        for (i, &offset) in offsets.iter().enumerate() {
-            let page = first + u64::from(offset);
-            let at = page * PAGE_SIZE as u64;
+        for (i, &offset) in batch.offsets.iter().enumerate() {
+            let at = (batch.first + u64::from(offset)) * PAGE_SIZE as u64;
             let dst = &mut buf[cursor..cursor + PAGE_SIZE];
-            memory.read(region_index, at, dst)?;
-            let (encoding, len) = if is_zero(dst) {
-                counts.zero += 1;
-                (Encoding::Zero, 0)
-            } else if compress && looks_compressible(dst) {
-                match lz4_flex::block::compress_into(dst, &mut self.scratch) {
-                    Ok(n) if n > 0 && n < PAGE_SIZE => {
-                        buf[cursor..cursor + n].copy_from_slice(&self.scratch[..n]);
-                        counts.lz4 += 1;
-                        (Encoding::Lz4, u32::try_from(n).unwrap_or(WIRE_PAGE_SIZE))
-                    }
-                    _ => {
-                        counts.raw += 1;
-                        (Encoding::Raw, WIRE_PAGE_SIZE)
-                    }
+            memory.read(batch.region as usize, at, dst)?;
+            let (encoding, len) = match self.classify(dst, compress) {
+                Class::Zero => (Encoding::Zero, 0),
+                Class::Raw => (Encoding::Raw, PAGE_SIZE),
+                Class::Lz4(n) => {
+                    buf[cursor..cursor + n].copy_from_slice(&self.scratch[..n]);
+                    (Encoding::Lz4, n)
                 }
-            } else {
-                counts.raw += 1;
-                (Encoding::Raw, WIRE_PAGE_SIZE)
             };
-            let entry = PageEntry {
-                offset,
-                encoding,
-                len,
-            };
-            entry.write(&mut buf[table_start + i * PageEntry::LEN..]);
-            data_crc.update(&buf[cursor..cursor + len as usize]);
-            cursor += len as usize;
+            counts.add(encoding);
+            table_entry(buf, i, offset, encoding, len);
+            data_crc.update(&buf[cursor..cursor + len]);
+            cursor += len;
         }
-        let payload = u32::try_from(cursor - FrameHeader::LEN).unwrap_or(u32::MAX);
-        let count = u32::try_from(count).unwrap_or(u32::MAX);
-        let header = FrameHeader::pages(region, first, round, count, payload);
-        buf[..FrameHeader::LEN].copy_from_slice(&header.encode());
-        crate::wire::seal_split(&mut buf[..cursor], data_start, &data_crc);
+        seal(buf, batch, head, cursor, &data_crc);
         Ok((cursor, counts))
     }
+
+    /// Encodes `batch` from frozen memory without copying raw pages: the header, the page table
+    /// and any lz4 data go into `buf` (sized as for [`encode`](Self::encode)), and `pieces`
+    /// lists what to send, in order — ranges of `buf` and raw pages to send straight from guest
+    /// memory. Returns the frame's length on the wire and the counts. The crc covers the
+    /// pages as they are in memory, which cannot change while it is frozen.
+    pub fn encode_in_place(
+        &mut self,
+        memory: &Frozen,
+        batch: &Batch<'_>,
+        compress: bool,
+        buf: &mut [u8],
+        pieces: &mut Vec<Piece>,
+    ) -> Result<(usize, BatchCounts), MemoryError> {
+        let count = batch.offsets.len();
+        assert!(buf.len() >= frame_capacity(count), "frame buffer too small");
+        let head = FrameHeader::LEN + count * PageEntry::LEN;
+        pieces.clear();
+        pieces.push(Piece::Buffer {
+            start: 0,
+            len: head,
+        });
+        let mut cursor = head;
+        let mut wire = head;
+        let mut counts = BatchCounts::default();
+        let mut data_crc = crc32fast::Hasher::new();
+        for (i, &offset) in batch.offsets.iter().enumerate() {
+            let number = batch.first + u64::from(offset);
+            let page = memory.page(batch.region as usize, number)?;
+            let (encoding, len) = match self.classify(page, compress) {
+                Class::Zero => (Encoding::Zero, 0),
+                Class::Raw => {
+                    data_crc.update(page);
+                    pieces.push(Piece::Page(number));
+                    (Encoding::Raw, PAGE_SIZE)
+                }
+                Class::Lz4(n) => {
+                    let data = &mut buf[cursor..cursor + n];
+                    data.copy_from_slice(&self.scratch[..n]);
+                    data_crc.update(data);
+                    match pieces.last_mut() {
+                        Some(Piece::Buffer { start, len }) if *start + *len == cursor => *len += n,
+                        _ => pieces.push(Piece::Buffer {
+                            start: cursor,
+                            len: n,
+                        }),
+                    }
+                    cursor += n;
+                    (Encoding::Lz4, n)
+                }
+            };
+            counts.add(encoding);
+            table_entry(buf, i, offset, encoding, len);
+            wire += len;
+        }
+        seal(buf, batch, head, wire, &data_crc);
+        Ok((wire, counts))
+    }
+
+    /// How `page` goes on the wire; for lz4, the block is in `self.scratch`.
+    fn classify(&mut self, page: &[u8], compress: bool) -> Class {
+        if is_zero(page) {
+            return Class::Zero;
+        }
+        if compress && looks_compressible(page) {
+            match lz4_flex::block::compress_into(page, &mut self.scratch) {
+                Ok(n) if n > 0 && n < PAGE_SIZE => return Class::Lz4(n),
+                _ => {}
+            }
+        }
+        Class::Raw
+    }
+}
+
+/// How a page is sent.
+enum Class {
+    Zero,
+    Raw,
+    /// lz4, this many bytes.
+    Lz4(usize),
+}
+
+impl BatchCounts {
+    fn add(&mut self, encoding: Encoding) {
+        match encoding {
+            Encoding::Zero => self.zero += 1,
+            Encoding::Raw => self.raw += 1,
+            Encoding::Lz4 => self.lz4 += 1,
+        }
+    }
+}
+
+/// Writes page table entry `index` of a frame in `buf`.
+fn table_entry(buf: &mut [u8], index: usize, offset: u32, encoding: Encoding, len: usize) {
+    // A page's data is never longer than a page.
+    let len = u32::try_from(len).unwrap_or(WIRE_PAGE_SIZE);
+    let entry = PageEntry {
+        offset,
+        encoding,
+        len,
+    };
+    entry.write(&mut buf[FrameHeader::LEN + index * PageEntry::LEN..]);
+}
+
+/// Writes the header of a pages frame `wire` bytes long into `buf` and seals it: the crc of the
+/// header and table (the first `head` bytes) combined with `data_crc`.
+fn seal(buf: &mut [u8], batch: &Batch<'_>, head: usize, wire: usize, data_crc: &crc32fast::Hasher) {
+    // Frames are at most a few hundred KiB.
+    let payload = u32::try_from(wire - FrameHeader::LEN).unwrap_or(u32::MAX);
+    let count = u32::try_from(batch.offsets.len()).unwrap_or(u32::MAX);
+    let header = FrameHeader::pages(batch.region, batch.first, batch.round, count, payload);
+    buf[..FrameHeader::LEN].copy_from_slice(&header.encode());
+    crate::wire::seal_split(&mut buf[..head], head, data_crc);
 }
 
 /// Decodes an lz4 block that must yield exactly one page into `page`.
@@ -262,16 +361,6 @@ impl<T> Pool<T> {
     /// Gives an object back.
     pub fn give(&self, item: T) {
         let _ = self.give.try_send(item);
-    }
-}
-
-/// A pool of frame buffers.
-pub type BufferPool = Pool<Vec<u8>>;
-
-impl Pool<Vec<u8>> {
-    /// `count` buffers of `size` zeroed bytes each.
-    pub fn new(count: usize, size: usize) -> Self {
-        Pool::filled(count, || vec![0u8; size])
     }
 }
 
@@ -379,6 +468,56 @@ mod tests {
     }
 
     #[test]
+    fn in_place_frames_equal_copied_frames_byte_for_byte() {
+        let memory = std::sync::Arc::new(GuestMemory::anonymous(8 * PAGE_SIZE as u64).unwrap());
+        let text = b"migration ".repeat(PAGE_SIZE / 10 + 1);
+        for page in [1u64, 2, 6] {
+            memory
+                .write(0, page * PAGE_SIZE as u64, &text[..PAGE_SIZE])
+                .unwrap();
+        }
+        let noise: Vec<u8> = (0..PAGE_SIZE)
+            .map(|i| (i * 7919 % 251) as u8 ^ (i >> 3) as u8)
+            .collect();
+        memory.write(0, 3 * PAGE_SIZE as u64, &noise).unwrap();
+        let frozen = memory.freeze().unwrap();
+        let mut encoder = Encoder::new();
+        let (mut copied, mut buf) = (vec![0u8; frame_capacity(7)], vec![0u8; frame_capacity(7)]);
+        let mut pieces = Vec::new();
+        for compress in [false, true] {
+            let batch = batch(0, &[0, 1, 2, 3, 4, 6, 7], 3);
+            let (len, counts) = encoder
+                .encode(&memory, &batch, compress, &mut copied)
+                .unwrap();
+            let (wire, in_place) = encoder
+                .encode_in_place(&frozen, &batch, compress, &mut buf, &mut pieces)
+                .unwrap();
+            assert_eq!((wire, in_place), (len, counts));
+            let mut sent = Vec::new();
+            for piece in &pieces {
+                match *piece {
+                    Piece::Buffer { start, len } => {
+                        sent.extend_from_slice(&buf[start..start + len]);
+                    }
+                    Piece::Page(page) => sent.extend_from_slice(frozen.page(0, page).unwrap()),
+                }
+            }
+            assert_eq!(sent, &copied[..len], "compress {compress}");
+            // Raw pages are pieces of their own; buffer bytes next to each other on the wire
+            // (header, table, lz4 pages 1 and 2) are one piece.
+            let pages = pieces
+                .iter()
+                .filter(|p| matches!(p, Piece::Page(_)))
+                .count();
+            assert_eq!(pages as u64, counts.raw);
+            assert_eq!(pieces.len(), if compress { 3 } else { 5 }, "{pieces:?}");
+        }
+        let outside =
+            encoder.encode_in_place(&frozen, &batch(7, &[1], 1), false, &mut buf, &mut pieces);
+        assert!(outside.is_err());
+    }
+
+    #[test]
     fn lz4_bombs_and_short_blocks_are_refused() {
         let mut page = vec![0u8; PAGE_SIZE];
         let half = lz4_flex::block::compress(&vec![b'a'; PAGE_SIZE / 2]);
@@ -397,7 +536,7 @@ mod tests {
 
     #[test]
     fn pool_recycles() {
-        let pool = BufferPool::new(2, 16);
+        let pool = Pool::filled(2, || vec![0u8; 16]);
         let a = pool.take();
         let b = pool.take();
         assert_eq!(a.len(), 16);

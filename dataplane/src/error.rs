@@ -107,6 +107,9 @@ pub enum Error {
         #[source]
         source: MemoryError,
     },
+    /// The guest memory cannot take part: a sender froze it, or a receive session writes it.
+    #[error("the guest memory is in use by another session")]
+    MemoryInUse(#[source] MemoryError),
     /// The session already ended (completed, failed or cancelled).
     #[error("the migration session has already ended")]
     Ended,

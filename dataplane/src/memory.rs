@@ -9,12 +9,23 @@
 //! The receiver writes pages through the crate-private `page_mut`, whose callers guarantee that
 //! no two threads touch the same page at once (the wire protocol's page → channel assignment and
 //! the once-per-round rule make that true even for a hostile peer; see `recv.rs`).
+//!
+//! The one exception to "always a copy" is memory that is [frozen](GuestMemory::freeze): the
+//! sender freezes the source at switchover, once the guest is paused, and then checksums and
+//! sends the final round straight from guest memory. While any [`Frozen`] guard lives, every
+//! safe writer in this process ([`GuestMemory::write`], [`GuestMemory::fill`],
+//! [`GuestMemory::prefault`], a receive session) is refused, so the pages it lends out as
+//! `&[u8]` cannot change under them — from this process. Writers outside Rust's view (a vCPU
+//! through KVM, another process sharing a memfd) are the embedder's to stop: that is what
+//! pausing the guest means. If one keeps writing, the checksum no longer matches what was sent
+//! and the receiver fails the migration.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 use memmap2::{Advice, MmapOptions, MmapRaw};
 use thiserror::Error;
@@ -131,6 +142,12 @@ pub enum MemoryError {
     /// Two memories compared page by page have different layouts.
     #[error("the guest memory layouts differ")]
     LayoutMismatch,
+    /// A write to memory that a sender has frozen for its final round.
+    #[error("guest memory is frozen: a sender is sending its final round from it")]
+    Frozen,
+    /// Freezing memory that a receive session is writing.
+    #[error("guest memory cannot be frozen while a migration is being received into it")]
+    Receiving,
     /// An access outside a region, or to a region that does not exist.
     #[error("{len} bytes at offset {offset:#x} of region index {region} are outside guest memory")]
     OutOfBounds {
@@ -266,9 +283,8 @@ impl Region {
     }
 
     /// Faults every page in for writing now (`MADV_POPULATE_WRITE`, or a touch per page on
-    /// older kernels), as a VMM preallocates guest RAM at start-up, so that receiving a
-    /// migration does not pay for page faults.
-    pub fn prefault(&self) -> io::Result<()> {
+    /// older kernels).
+    fn prefault(&self) -> io::Result<()> {
         // SAFETY: the range is exactly this mapping, which stays alive for the call;
         // MADV_POPULATE_WRITE only faults pages in and does not change their contents.
         let ret = unsafe {
@@ -345,6 +361,73 @@ fn map_len(len: u64) -> Result<usize, MemoryError> {
 #[derive(Debug)]
 pub struct GuestMemory {
     regions: Vec<Region>,
+    access: Access,
+}
+
+/// Who may write the memory now: frozen memory refuses writers, and freezing waits for the
+/// writes in progress. Each side raises its own counter before it looks at the other's, with
+/// sequentially consistent operations, so at least one of two racing parties sees the other.
+#[derive(Debug, Default)]
+struct Access {
+    /// Live [`Frozen`] guards.
+    frozen: AtomicUsize,
+    /// Safe writes in progress.
+    writes: AtomicUsize,
+    /// Receive sessions writing the memory.
+    receivers: AtomicUsize,
+}
+
+/// A write in progress (see [`Access`]).
+struct WriteGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A receive session's claim on the memory it writes: while it lives, the memory cannot be
+/// frozen.
+#[derive(Debug)]
+pub(crate) struct ReceiveLease(Arc<GuestMemory>);
+
+impl Drop for ReceiveLease {
+    fn drop(&mut self) {
+        self.0.access.receivers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Frozen guest memory (see [`GuestMemory::freeze`]): its pages can be read in place. Clones
+/// share one freeze, which ends when the last of them is dropped.
+#[derive(Debug, Clone)]
+pub struct Frozen(Arc<FreezeGuard>);
+
+#[derive(Debug)]
+struct FreezeGuard(Arc<GuestMemory>);
+
+impl Drop for FreezeGuard {
+    fn drop(&mut self) {
+        self.0.access.frozen.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Frozen {
+    /// The frozen memory.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &(self.0).0
+    }
+
+    /// The guest page `page` of region `region`, in place.
+    pub fn page(&self, region: usize, page: u64) -> Result<&[u8], MemoryError> {
+        let memory = self.memory();
+        let p = memory.ptr(region, page.saturating_mul(PAGE_SIZE_U64), PAGE_SIZE)?;
+        // SAFETY: `ptr` checked that the page lies inside the mapping, which lives as long as
+        // `memory`, and so as long as `self`. While `self` lives the memory is frozen: every
+        // safe writer in this process is refused (see `Access`), so the bytes cannot change
+        // for as long as the slice borrows `self`. Writers outside the process's view are the
+        // embedder's to stop (pausing the guest), as the module documentation explains.
+        Ok(unsafe { std::slice::from_raw_parts(p, PAGE_SIZE) })
+    }
 }
 
 impl GuestMemory {
@@ -369,7 +452,10 @@ impl GuestMemory {
                 }
             }
         }
-        Ok(GuestMemory { regions })
+        Ok(GuestMemory {
+            regions,
+            access: Access::default(),
+        })
     }
 
     /// One anonymous region of `len` bytes, id 0, at guest address 0.
@@ -406,9 +492,56 @@ impl GuestMemory {
         self.total_bytes() / PAGE_SIZE_U64
     }
 
-    /// Faults every region in for writing (see [`Region::prefault`]).
+    /// Faults every page in for writing now (`MADV_POPULATE_WRITE`, or a touch per page on
+    /// older kernels), as a VMM preallocates guest RAM at start-up, so that receiving a
+    /// migration does not pay for page faults.
     pub fn prefault(&self) -> io::Result<()> {
+        let _write = self.begin_write().map_err(io::Error::other)?;
         self.regions.iter().try_for_each(Region::prefault)
+    }
+
+    /// Freezes the memory: until every clone of the returned guard is dropped, this process
+    /// can no longer write it ([`write`](Self::write), [`fill`](Self::fill) and
+    /// [`prefault`](Self::prefault) fail with [`MemoryError::Frozen`], and no receive session
+    /// can start on it), so its pages can be read in place ([`Frozen::page`]). Waits for writes
+    /// in progress to finish. Fails if a receive session is writing the memory.
+    ///
+    /// A sender freezes its source at switchover, when the guest is paused.
+    pub fn freeze(self: &Arc<Self>) -> Result<Frozen, MemoryError> {
+        self.access.frozen.fetch_add(1, Ordering::SeqCst);
+        let guard = Frozen(Arc::new(FreezeGuard(Arc::clone(self))));
+        if self.access.receivers.load(Ordering::SeqCst) != 0 {
+            return Err(MemoryError::Receiving);
+        }
+        // Writes are single copies, so this wait is short.
+        while self.access.writes.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+        Ok(guard)
+    }
+
+    /// Whether the memory is frozen now.
+    pub fn is_frozen(&self) -> bool {
+        self.access.frozen.load(Ordering::SeqCst) != 0
+    }
+
+    /// Claims the memory for a receive session; fails if it is frozen.
+    pub(crate) fn lease_for_receiving(self: &Arc<Self>) -> Result<ReceiveLease, MemoryError> {
+        self.access.receivers.fetch_add(1, Ordering::SeqCst);
+        let lease = ReceiveLease(Arc::clone(self));
+        if self.is_frozen() {
+            return Err(MemoryError::Frozen);
+        }
+        Ok(lease)
+    }
+
+    fn begin_write(&self) -> Result<WriteGuard<'_>, MemoryError> {
+        self.access.writes.fetch_add(1, Ordering::SeqCst);
+        let guard = WriteGuard(&self.access.writes);
+        if self.is_frozen() {
+            return Err(MemoryError::Frozen);
+        }
+        Ok(guard)
     }
 
     /// Whether region `region` is known to be all zero, forgetting it: the caller is about to
@@ -454,7 +587,9 @@ impl GuestMemory {
     }
 
     /// Copies `src` into guest memory at `offset` of region `region`.
+    /// Fails while the memory is [frozen](Self::freeze).
     pub fn write(&self, region: usize, offset: u64, src: &[u8]) -> Result<(), MemoryError> {
+        let _write = self.begin_write()?;
         let dst = self.ptr(region, offset, src.len())?;
         self.forget_zero(region);
         // SAFETY: `ptr` checked the destination range; `src` is caller memory, not part of a
@@ -463,7 +598,8 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// Sets `len` guest bytes at `offset` of region `region` to `byte`.
+    /// Sets `len` guest bytes at `offset` of region `region` to `byte`. Fails while the memory
+    /// is [frozen](Self::freeze).
     pub fn fill(
         &self,
         region: usize,
@@ -471,6 +607,7 @@ impl GuestMemory {
         len: usize,
         byte: u8,
     ) -> Result<(), MemoryError> {
+        let _write = self.begin_write()?;
         let dst = self.ptr(region, offset, len)?;
         self.forget_zero(region);
         // SAFETY: `ptr` checked that the `len` bytes at `dst` lie inside the mapping.
@@ -551,6 +688,74 @@ mod tests {
         memory.read(0, 0, &mut page).unwrap();
         assert!(page.iter().all(|&b| b == 0xAB));
         memory.prefault().unwrap();
+    }
+
+    #[test]
+    fn frozen_memory_refuses_writers_and_lends_its_pages() {
+        let memory = Arc::new(GuestMemory::anonymous(4 * PAGE_SIZE_U64).unwrap());
+        memory.fill(0, PAGE_SIZE_U64, PAGE_SIZE, 7).unwrap();
+        let frozen = memory.freeze().unwrap();
+        let again = frozen.clone();
+        drop(frozen);
+        assert!(memory.is_frozen(), "a clone keeps the freeze");
+        assert!(again.page(0, 1).unwrap().iter().all(|&b| b == 7));
+        assert!(again.page(0, 4).is_err(), "bounds are checked");
+        assert!(again.page(1, 0).is_err());
+        assert!(matches!(memory.write(0, 0, b"x"), Err(MemoryError::Frozen)));
+        assert!(matches!(memory.fill(0, 0, 1, 1), Err(MemoryError::Frozen)));
+        assert!(memory.prefault().is_err());
+        assert!(matches!(
+            memory.lease_for_receiving(),
+            Err(MemoryError::Frozen)
+        ));
+        drop(again);
+        assert!(!memory.is_frozen());
+        memory.write(0, 0, b"x").unwrap();
+        // A receive session and a freeze exclude each other both ways.
+        let lease = memory.lease_for_receiving().unwrap();
+        assert!(matches!(memory.freeze(), Err(MemoryError::Receiving)));
+        assert!(!memory.is_frozen(), "a failed freeze leaves nothing behind");
+        drop(lease);
+        drop(memory.freeze().unwrap());
+    }
+
+    #[test]
+    fn a_freeze_waits_for_racing_writers_and_then_nothing_changes() {
+        let memory = Arc::new(GuestMemory::anonymous(PAGE_SIZE_U64).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicUsize::new(0));
+        let writer = {
+            let (memory, stop, written) =
+                (Arc::clone(&memory), Arc::clone(&stop), Arc::clone(&written));
+            std::thread::spawn(move || {
+                let mut byte = 0u8;
+                while !stop.load(Ordering::Relaxed) {
+                    byte = byte.wrapping_add(1);
+                    match memory.fill(0, 0, PAGE_SIZE, byte) {
+                        Ok(()) => written.fetch_add(1, Ordering::Relaxed),
+                        Err(MemoryError::Frozen) => 0,
+                        Err(e) => panic!("{e}"),
+                    };
+                }
+            })
+        };
+        // The writer is running before the first freeze.
+        while written.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        for _ in 0..200 {
+            let frozen = memory.freeze().unwrap();
+            let first = frozen.page(0, 0).unwrap().to_vec();
+            std::thread::yield_now();
+            assert_eq!(
+                frozen.page(0, 0).unwrap(),
+                &first[..],
+                "a frozen page changed"
+            );
+            assert!(first.iter().all(|&b| b == first[0]), "a write was torn");
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
     }
 
     #[test]

@@ -107,6 +107,12 @@ impl Abort {
             .map_or_else(|| Error::Cancelled.chain(), Error::chain)
     }
 
+    /// Whether the error that stopped the session is the peer's own (which it need not be
+    /// told about).
+    pub(crate) fn peer_failed(&self) -> bool {
+        matches!(&*lock(&self.error), Some(Error::PeerFailed { .. }))
+    }
+
     /// The reason the session stopped: the first error, or [`Error::Cancelled`].
     pub(crate) fn take_error(&self) -> Error {
         lock(&self.error).take().unwrap_or(Error::Cancelled)

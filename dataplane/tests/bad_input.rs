@@ -589,3 +589,50 @@ fn the_receivers_error_and_garbage_reach_the_sender() {
         assert_names(&err, "not a ramjet peer: bad magic");
     }
 }
+
+// ---- guest memory that the other side of a session holds ----
+
+/// Memory that a sender froze for its final round cannot be received into, and a sender
+/// cannot freeze memory that a migration is being received into (a VM migrated into itself):
+/// both fail with a clear error instead of racing on the pages.
+#[test]
+fn memory_held_by_another_session_is_refused() {
+    for t in &common::transports() {
+        let memory = source();
+        let frozen = memory.freeze().expect("freeze");
+        assert!(
+            memory.write(0, 0, b"guest").is_err(),
+            "frozen memory refuses writes"
+        );
+        let (_, run) = receiver(Arc::clone(&memory), t);
+        let (result, facts) = run.join().expect("receiver thread");
+        let err = result.expect_err("frozen memory cannot be received into");
+        assert!(matches!(err, Error::MemoryInUse(_)), "{}", err.chain());
+        assert_names(&err, "a sender is sending its final round from it");
+        assert_eq!(facts, [Fact::Failed(err.chain()), Fact::Drained]);
+        drop(frozen);
+        memory.write(0, 0, b"guest").expect("writable again");
+
+        // Migrating a guest into itself: the switchover is refused.
+        let (at, run) = receiver(Arc::clone(&memory), t);
+        let facts = Arc::new(Facts::default());
+        let options = SendOptions {
+            transport: Arc::clone(t),
+            channels: 1,
+            timeout: SHORT,
+            ..SendOptions::default()
+        };
+        let mut sender =
+            Sender::connect(Arc::clone(&memory), &at, &options, facts.sink()).expect("connect");
+        let err = sender.switchover().expect_err("cannot freeze");
+        assert!(matches!(err, Error::MemoryInUse(_)), "{}", err.chain());
+        assert_names(&err, "while a migration is being received into it");
+        assert!(matches!(
+            facts.all().as_slice(),
+            [.., Fact::Failed(_), Fact::Drained]
+        ));
+        assert!(!memory.is_frozen());
+        let (result, _) = run.join().expect("receiver thread");
+        assert_names(&result.expect_err("the sender failed"), "the sender failed");
+    }
+}

@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Image, Net, Plan, guest, migrate};
+use common::{Image, Net, Next, Plan, guest, migrate};
 use ramjet_dataplane::codec::Compression;
 use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::memory::GuestMemory;
@@ -24,19 +24,21 @@ fn no_descriptors_or_threads_outlive_a_session() {
     let dst = Arc::new(GuestMemory::anonymous(8 << 20).expect("memory"));
     // Warm up whatever the runtime opens once.
     let plan = Plan::new(Net::Unix, 2, Compression::Auto);
-    assert!(migrate(&src, &dst, &plan, |_| None, b"").sent.is_ok());
+    let none = DirtySet::none(&src);
+    let last = |_| Next::Final(none.clone());
+    assert!(migrate(&src, &dst, &plan, last, b"").sent.is_ok());
     let (fds, threads) = (count("/proc/self/fd"), count("/proc/self/task"));
 
     let mut kept = Vec::new();
     for net in [Net::Tcp, Net::Unix] {
-        let outcome = migrate(
-            &src,
-            &dst,
-            &Plan::new(net, 4, Compression::Lz4),
-            |_| None,
-            b"",
-        );
+        // A paused guest: the sender freezes the memory and sends it in place.
+        let plan = Plan {
+            paused: true,
+            ..Plan::new(net, 4, Compression::Lz4)
+        };
+        let outcome = migrate(&src, &dst, &plan, last, b"");
         assert!(outcome.sent.is_ok() && outcome.received.is_ok());
+        assert!(!src.is_frozen(), "the freeze ends with the session");
 
         // A receiver whose layout differs: both sides fail.
         let other = Arc::new(GuestMemory::anonymous(4 << 20).expect("memory"));

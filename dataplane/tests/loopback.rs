@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::thread;
 
-use common::{Image, Net, Plan, Rng, assert_completed, guest, migrate, statuses, write_page};
+use common::{Image, Net, Next, Plan, Rng, assert_completed, guest, migrate, statuses, write_page};
 use ramjet_control::{Fact, Side};
 use ramjet_dataplane::codec::Compression;
 use ramjet_dataplane::dirty::DirtySet;
@@ -17,9 +17,11 @@ use ramjet_dataplane::{CancelHandle, ReceiveOptions, SendOptions, Sender, receiv
 
 const IMAGE_BYTES: u64 = 256 << 20;
 
-/// Every transport, socket kind, channel count and compression mode for one image kind. The first transfer
-/// lands in fresh (known-zero) memory; the others in memory filled with junk, so that every
-/// page, zero pages included, must really be written.
+/// Every transport, socket kind, channel count and compression mode for one image kind. The
+/// first transfer lands in fresh (known-zero) memory; the others in memory filled with junk, so
+/// that every page, zero pages included, must really be written. With 2 channels the guest is
+/// live (pages are copied before they are sent); with 1 and 4 it is paused (pages are sent in
+/// place from frozen memory).
 fn every_path(image: Image, seed: u64) {
     let src = guest(IMAGE_BYTES, image, seed);
     let dst = Arc::new(GuestMemory::anonymous(IMAGE_BYTES).expect("memory"));
@@ -38,11 +40,21 @@ fn every_path(image: Image, seed: u64) {
                     "{image:?} over {net:?} with {}, {channels} channels, {compression}",
                     transport.name()
                 );
+                let paused = channels != 2;
+                let what = format!("{what}, {}", if paused { "paused" } else { "live" });
                 let plan = Plan {
                     transport: Arc::clone(&transport),
+                    paused,
                     ..Plan::new(net, channels, compression)
                 };
-                let outcome = migrate(&src, &dst, &plan, |_| None, b"device state");
+                let none = DirtySet::none(&src);
+                let outcome = migrate(
+                    &src,
+                    &dst,
+                    &plan,
+                    |_| Next::Final(none.clone()),
+                    b"device state",
+                );
                 assert_completed(&outcome, &src, &dst, &what);
                 let received = outcome.received.expect("checked");
                 assert_eq!(received.device_state, b"device state", "{what}");
@@ -114,9 +126,6 @@ fn rewritten_pages_arrive_in_their_latest_version() {
                 ..Plan::new(net, 4, compression)
             },
             |round| {
-                if round >= 6 {
-                    return None;
-                }
                 let mut dirty = DirtySet::none(&source);
                 let cold = (0..1500)
                     .map(|_| rng.next_u64() % pages)
@@ -125,7 +134,13 @@ fn rewritten_pages_arrive_in_their_latest_version() {
                     write_page(&source, Image::Mixed, &mut rng, page, &mut buf);
                     dirty.insert(0, page);
                 }
-                Some(dirty)
+                // The guest pauses after its writes of round 6: the final round sends them in
+                // place.
+                if round >= 6 {
+                    Next::Final(dirty)
+                } else {
+                    Next::Live(dirty)
+                }
             },
             b"",
         );
@@ -171,7 +186,7 @@ fn several_regions() {
         &src,
         &dst,
         &Plan::new(Net::Tcp, 3, Compression::Auto),
-        |_| None,
+        |_| Next::Final(DirtySet::none(&src)),
         b"x",
     );
     assert_completed(&outcome, &src, &dst, "three regions");

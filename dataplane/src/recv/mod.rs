@@ -107,6 +107,14 @@ pub fn receive(
         abort.fail(Error::Config("at least one decode worker is needed".into()));
         return Err(end_failed(&abort, sink.as_ref()));
     }
+    // Held until the session ends: no sender can freeze this memory while it is written.
+    let _lease = match memory.lease_for_receiving() {
+        Ok(lease) => lease,
+        Err(e) => {
+            abort.fail(Error::MemoryInUse(e));
+            return Err(end_failed(&abort, sink.as_ref()));
+        }
+    };
     let streams = match accept_channels(listener, &memory, options, &abort) {
         Ok(streams) => streams,
         Err(err) => {
@@ -166,7 +174,7 @@ pub fn receive(
         }
         Err(err) => {
             abort.fail(err);
-            if !abort.is_cancelled() {
+            if !abort.is_cancelled() && !abort.peer_failed() {
                 // Tell the sender why, on every channel, before closing.
                 let message = FrameHeader::error(&abort.reason());
                 for writer in &mut session.writers {

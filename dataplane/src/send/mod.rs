@@ -25,10 +25,10 @@ mod pipeline;
 
 use pipeline::{AUTO_LZ4_BYTES_PER_WORKER, RateMeter, WorkerContext, WriterContext, return_path};
 
-use crate::codec::{BufferPool, Compression, frame_capacity};
+use crate::codec::{Compression, Piece, Pool, frame_capacity};
 use crate::dirty::DirtySet;
 use crate::error::Error;
-use crate::memory::GuestMemory;
+use crate::memory::{Frozen, GuestMemory, MemoryError};
 use crate::session::{Abort, CancelHandle, Counters, FactSink, Stats};
 use crate::transport::{Endpoint, Stream, Transport};
 use crate::wire::{
@@ -105,10 +105,40 @@ pub(super) struct Confirmation {
     pub(super) device_state_len: u64,
 }
 
+/// A pool buffer for one pages frame: its bytes and, for a frame sent in place, its pieces.
+#[derive(Debug)]
+pub(super) struct FrameBuf {
+    pub(super) data: Vec<u8>,
+    pub(super) pieces: Vec<Piece>,
+}
+
+impl FrameBuf {
+    fn new() -> Self {
+        FrameBuf {
+            data: vec![0; frame_capacity(CHUNK_LEN)],
+            pieces: Vec::with_capacity(CHUNK_LEN + 1),
+        }
+    }
+}
+
+impl Default for FrameBuf {
+    fn default() -> Self {
+        FrameBuf::new()
+    }
+}
+
 /// A frame on its way to a writer.
 pub(super) enum Outgoing {
-    /// A pages frame in a pool buffer: the first `len` bytes.
-    Pooled(Vec<u8>, usize),
+    /// A pages frame: the first `len` bytes of a pool buffer.
+    Pooled(FrameBuf, usize),
+    /// A pages frame of the paused final round, `len` bytes on the wire: the buffer's pieces,
+    /// and raw pages of region `region` straight from the frozen memory.
+    InPlace {
+        frame: FrameBuf,
+        len: usize,
+        region: usize,
+        memory: Frozen,
+    },
     /// A control frame.
     Control(Vec<u8>),
     /// Our error message for the receiver: sent even while the session is stopping.
@@ -116,22 +146,56 @@ pub(super) enum Outgoing {
 }
 
 impl Outgoing {
-    pub(super) fn bytes(&self) -> &[u8] {
+    /// Bytes on the wire.
+    pub(super) fn len(&self) -> usize {
         match self {
-            Outgoing::Pooled(buf, len) => &buf[..*len],
-            Outgoing::Control(frame) | Outgoing::Farewell(frame) => frame,
+            Outgoing::Pooled(_, len) | Outgoing::InPlace { len, .. } => *len,
+            Outgoing::Control(frame) | Outgoing::Farewell(frame) => frame.len(),
+        }
+    }
+
+    /// Appends the frame's bytes, in order, to `out`.
+    pub(super) fn slices<'a>(&'a self, out: &mut Vec<&'a [u8]>) -> Result<(), MemoryError> {
+        match self {
+            Outgoing::Pooled(frame, len) => out.push(&frame.data[..*len]),
+            Outgoing::InPlace {
+                frame,
+                region,
+                memory,
+                ..
+            } => {
+                for piece in &frame.pieces {
+                    out.push(match *piece {
+                        Piece::Buffer { start, len } => &frame.data[start..start + len],
+                        Piece::Page(page) => memory.page(*region, page)?,
+                    });
+                }
+            }
+            Outgoing::Control(frame) | Outgoing::Farewell(frame) => out.push(frame),
+        }
+        Ok(())
+    }
+
+    /// The pool buffer, if it has one.
+    pub(super) fn into_buffer(self) -> Option<FrameBuf> {
+        match self {
+            Outgoing::Pooled(frame, _) | Outgoing::InPlace { frame, .. } => Some(frame),
+            Outgoing::Control(_) | Outgoing::Farewell(_) => None,
         }
     }
 }
 
 /// The dirty pages of one 64-page chunk.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Job {
     pub(super) region: u32,
     pub(super) chunk: u64,
     pub(super) mask: u64,
     pub(super) round: u32,
     pub(super) channel: u16,
+    /// Set in the final round: the guest is paused and its memory frozen, so raw pages are
+    /// sent in place instead of copied.
+    pub(super) frozen: Option<Frozen>,
 }
 
 /// A running send session: connected channels and the threads that feed them.
@@ -155,6 +219,8 @@ pub struct Sender {
     writers: Vec<JoinHandle<()>>,
     readers: Vec<JoinHandle<()>>,
     round: u32,
+    /// Taken at switchover: the memory the final round sends in place.
+    frozen: Option<Frozen>,
     round_pages: Vec<u64>,
     total_pages: Vec<u64>,
     started: Instant,
@@ -301,9 +367,9 @@ impl Sender {
     ) -> Sender {
         let channels = streams.len();
         let counters = Arc::new(Counters::default());
-        let pool = BufferPool::new(
+        let pool = Pool::filled(
             channels * (QUEUE_FRAMES + 4) + options.workers * 2,
-            frame_capacity(CHUNK_LEN),
+            FrameBuf::new,
         );
         let (jobs_tx, jobs_rx) = channel::bounded::<Job>(options.workers * 4);
         let (acks_tx, acks_rx) = channel::unbounded::<()>();
@@ -325,6 +391,7 @@ impl Sender {
             writers: Vec::new(),
             readers: Vec::new(),
             round: 0,
+            frozen: None,
             round_pages: vec![0; channels],
             total_pages: vec![0; channels],
             started: Instant::now(),
@@ -469,6 +536,7 @@ impl Sender {
                     mask,
                     round,
                     channel,
+                    frozen: self.frozen.clone(),
                 };
                 if jobs.as_ref().is_none_or(|jobs| jobs.send(job).is_err()) {
                     break 'regions;
@@ -501,8 +569,18 @@ impl Sender {
     }
 
     /// Reports `switchover`: the caller has paused the guest, and the next round is the last.
+    ///
+    /// Freezes the guest memory ([`GuestMemory::freeze`]) until the session ends, so the final
+    /// round checksums and sends raw pages straight from it instead of copying them; writes to
+    /// it from this process fail meanwhile. Fails if the memory is being received into.
     pub fn switchover(&mut self) -> Result<(), Error> {
         self.check()?;
+        if self.frozen.is_none() {
+            match self.memory.freeze() {
+                Ok(frozen) => self.frozen = Some(frozen),
+                Err(e) => return Err(self.fail(Error::MemoryInUse(e))),
+            }
+        }
         self.sink.fact(Fact::Switchover);
         Ok(())
     }
@@ -660,6 +738,8 @@ impl Sender {
         {
             let _ = handle.join();
         }
+        // Every frame that lent out frozen pages is gone with the threads and queues.
+        self.frozen = None;
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{self as channel, Receiver};
 
-use super::{CHUNK_LEN, Confirmation, Job, Outgoing, QUEUE_FRAMES, WRITE_BATCH_BYTES};
-use crate::codec::{Batch, BufferPool, Compression, Encoder};
+use super::{CHUNK_LEN, Confirmation, FrameBuf, Job, Outgoing, QUEUE_FRAMES, WRITE_BATCH_BYTES};
+use crate::codec::{Batch, Compression, Encoder, Pool};
 use crate::error::Error;
 use crate::memory::GuestMemory;
 use crate::session::{Abort, Counters};
@@ -83,7 +83,7 @@ pub(super) struct WorkerContext {
     pub(super) jobs: Receiver<Job>,
     pub(super) acks: channel::Sender<()>,
     pub(super) queues: Vec<channel::Sender<Outgoing>>,
-    pub(super) pool: BufferPool,
+    pub(super) pool: Pool<FrameBuf>,
     pub(super) abort: Arc<Abort>,
     pub(super) counters: Arc<Counters>,
     pub(super) compression: Compression,
@@ -95,13 +95,13 @@ impl WorkerContext {
         let mut offsets = [0u32; CHUNK_LEN];
         while let Ok(job) = self.jobs.recv() {
             if !self.abort.is_stopped() {
-                self.encode(&mut encoder, &mut offsets, job);
+                self.encode(&mut encoder, &mut offsets, &job);
             }
             let _ = self.acks.send(());
         }
     }
 
-    fn encode(&self, encoder: &mut Encoder, offsets: &mut [u32; CHUNK_LEN], job: Job) {
+    fn encode(&self, encoder: &mut Encoder, offsets: &mut [u32; CHUNK_LEN], job: &Job) {
         let Some(queue) = self.queues.get(usize::from(job.channel)) else {
             return;
         };
@@ -128,18 +128,37 @@ impl WorkerContext {
             offsets: &offsets[..count],
             round: job.round,
         };
-        let mut buf = self.pool.take();
-        match encoder.encode(&self.memory, &batch, compress, &mut buf) {
-            Ok((len, counts)) => {
+        let mut frame = self.pool.take();
+        let encoded = match &job.frozen {
+            Some(memory) => encoder
+                .encode_in_place(memory, &batch, compress, &mut frame.data, &mut frame.pieces)
+                .map(|(len, counts)| {
+                    let memory = memory.clone();
+                    let region = batch.region as usize;
+                    (
+                        Outgoing::InPlace {
+                            frame,
+                            len,
+                            region,
+                            memory,
+                        },
+                        counts,
+                    )
+                }),
+            None => encoder
+                .encode(&self.memory, &batch, compress, &mut frame.data)
+                .map(|(len, counts)| (Outgoing::Pooled(frame, len), counts)),
+        };
+        match encoded {
+            Ok((outgoing, counts)) => {
                 self.counters.add_pages(counts);
-                if let Err(e) = queue.send(Outgoing::Pooled(buf, len))
-                    && let Outgoing::Pooled(buf, _) = e.into_inner()
+                if let Err(e) = queue.send(outgoing)
+                    && let Some(frame) = e.into_inner().into_buffer()
                 {
-                    self.pool.give(buf);
+                    self.pool.give(frame);
                 }
             }
             Err(source) => {
-                self.pool.give(buf);
                 self.abort.fail(Error::Memory {
                     channel: job.channel,
                     source,
@@ -153,7 +172,7 @@ impl WorkerContext {
 pub(super) struct WriterContext {
     pub(super) channel: u16,
     pub(super) queue: Receiver<Outgoing>,
-    pub(super) pool: BufferPool,
+    pub(super) pool: Pool<FrameBuf>,
     pub(super) abort: Arc<Abort>,
     pub(super) counters: Arc<Counters>,
     pub(super) timeout: Duration,
@@ -168,12 +187,12 @@ impl WriterContext {
         let mut spare: Vec<&[u8]> = Vec::with_capacity(64);
         let mut broken = false;
         while let Ok(first) = self.queue.recv() {
-            let mut bytes = first.bytes().len();
+            let mut bytes = first.len();
             batch.push(first);
             while bytes < WRITE_BATCH_BYTES && batch.len() < 64 {
                 match self.queue.try_recv() {
                     Ok(next) => {
-                        bytes += next.bytes().len();
+                        bytes += next.len();
                         batch.push(next);
                     }
                     Err(_) => break,
@@ -182,32 +201,31 @@ impl WriterContext {
             let stopping = self.abort.is_stopped();
             if !broken {
                 let mut slices = reuse_slices(std::mem::take(&mut spare));
-                slices.extend(
-                    batch
-                        .iter()
-                        .filter(|o| !stopping || matches!(o, Outgoing::Farewell(_)))
-                        .map(Outgoing::bytes),
-                );
+                let listed = batch
+                    .iter()
+                    .filter(|o| !stopping || matches!(o, Outgoing::Farewell(_)))
+                    .try_for_each(|o| o.slices(&mut slices));
                 let written: usize = slices.iter().map(|s| s.len()).sum();
-                if !slices.is_empty() {
-                    match link.send(&slices) {
-                        Ok(()) => self.counters.add_wire_bytes(written as u64),
-                        Err(e) => {
-                            broken = true;
-                            self.abort.fail(Error::io(
-                                self.channel,
-                                "sending frames",
-                                self.timeout,
-                                e,
-                            ));
-                        }
-                    }
+                let sent = match listed {
+                    Err(source) => Err(Error::Memory {
+                        channel: self.channel,
+                        source,
+                    }),
+                    Ok(()) if slices.is_empty() => Ok(()),
+                    Ok(()) => link
+                        .send(&slices)
+                        .map(|()| self.counters.add_wire_bytes(written as u64))
+                        .map_err(|e| Error::io(self.channel, "sending frames", self.timeout, e)),
+                };
+                if let Err(err) = sent {
+                    broken = true;
+                    self.abort.fail(err);
                 }
                 spare = reuse_slices(slices);
             }
             for outgoing in batch.drain(..) {
-                if let Outgoing::Pooled(buf, _) = outgoing {
-                    self.pool.give(buf);
+                if let Some(frame) = outgoing.into_buffer() {
+                    self.pool.give(frame);
                 }
             }
         }

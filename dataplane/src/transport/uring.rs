@@ -300,7 +300,10 @@ impl LinkWriter for Link {
             }));
         let zero_copy = self.zero_copy;
         let make = |msg: *mut libc::msghdr| {
-            let (fd, flags) = (types::Fixed(0), libc::MSG_NOSIGNAL as u32);
+            let (fd, flags) = (
+                types::Fixed(0),
+                (libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32,
+            );
             if zero_copy {
                 opcode::SendMsgZc::new(fd, msg).flags(flags).build()
             } else {
