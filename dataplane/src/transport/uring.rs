@@ -1,9 +1,12 @@
 //! The io_uring transport: each channel direction owns a small ring with its socket registered
 //! as a fixed file. A send is one vectored `SENDMSG` (or `SENDMSG_ZC`) of everything the writer
-//! batched, a receive one `RECVMSG` with `MSG_WAITALL` straight into the destination buffers
-//! (guest pages included). Each is awaited with a timed wait (when the time is up the operation is
-//! cancelled), resubmitted for the rest after a short transfer, and awaited with all its
-//! completions before the call returns.
+//! batched, with `MSG_WAITALL` so that the kernel itself finishes it. A receive is one `RECVMSG`
+//! straight into the destination buffers (guest pages included); on TCP, when the first try
+//! finds only part of the bytes, the socket's `SO_RCVLOWAT` is raised to what is still missing
+//! and the retry waits for it (`IORING_RECVSEND_POLL_FIRST`), so a large receive is woken once
+//! rather than at every arriving segment; elsewhere `MSG_WAITALL` does. Each operation is
+//! awaited with a timed wait (when the time is up it is cancelled), resubmitted for the rest
+//! after a short transfer, and awaited with all its completions before the call returns.
 //!
 //! Ownership of buffers in flight is therefore simple and strict: a buffer is lent to the kernel
 //! only for the duration of one call, which does not return (not even on error) until the kernel
@@ -116,13 +119,21 @@ impl Transport for Uring {
             Stream::Unix(s) => (s.read_timeout()?, s.write_timeout()?),
         };
         let writer = Link::new(stream, write_timeout, zero_copy)?;
-        let reader = Link::new(stream, read_timeout, false)?;
+        let mut reader = Link::new(stream, read_timeout, false)?;
+        if matches!(stream, Stream::Tcp(_)) {
+            reader.lowat = Some(1);
+        }
         Ok((Box::new(writer), Box::new(reader)))
     }
 }
 
 const OP: u64 = 1;
 const CANCEL: u64 = 2;
+/// `IORING_RECVSEND_POLL_FIRST` (linux/io_uring.h): wait for readiness before the first try.
+const POLL_FIRST: u16 = 1;
+/// The largest receive low-water mark asked for; the kernel caps it at half the largest
+/// receive buffer anyway.
+const MAX_LOWAT: usize = 4 << 20;
 
 /// One direction of one channel: a ring, the socket registered in it, reused scratch.
 struct Link {
@@ -131,6 +142,8 @@ struct Link {
     _socket: OwnedFd,
     timeout: Option<Duration>,
     zero_copy: bool,
+    /// A TCP reader's `SO_RCVLOWAT`, as last set (see [`Link::set_lowat`]).
+    lowat: Option<usize>,
     iovecs: Vec<libc::iovec>,
 }
 
@@ -152,8 +165,40 @@ impl Link {
             _socket: socket,
             timeout,
             zero_copy,
+            lowat: None,
             iovecs: Vec::with_capacity(64),
         })
+    }
+
+    /// Makes the socket report readable only once `want` bytes (at most [`MAX_LOWAT`]) are
+    /// queued, so that a receive is woken once with all its bytes instead of at every arriving
+    /// segment. Never more than the receive still needs, so it cannot wait for bytes that will
+    /// not come.
+    fn set_lowat(&mut self, want: usize) -> io::Result<()> {
+        let want = want.clamp(1, MAX_LOWAT);
+        if self.lowat == Some(want) {
+            return Ok(());
+        }
+        let value = libc::c_int::try_from(want).unwrap_or(libc::c_int::MAX);
+        // A c_int is 4 bytes.
+        const LEN: libc::socklen_t = 4;
+        const _: () = assert!(size_of::<libc::c_int>() == LEN as usize);
+        // SAFETY: the option value is a c_int that lives across the call, and its length is
+        // passed with it; the descriptor is our socket.
+        let ret = unsafe {
+            libc::setsockopt(
+                self._socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&raw const value).cast(),
+                LEN,
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.lowat = Some(want);
+        Ok(())
     }
 
     /// Submits `entry` and waits for every completion it produces, the zero-copy notification
@@ -268,16 +313,26 @@ impl Link {
     /// The buffers in `self.iovecs` must stay valid until this returns.
     unsafe fn move_all(
         &mut self,
-        make: impl Fn(*mut libc::msghdr) -> squeue::Entry,
+        make: impl Fn(*mut libc::msghdr, bool) -> squeue::Entry,
         at_zero: io::ErrorKind,
     ) -> io::Result<()> {
         let mut iovecs = std::mem::take(&mut self.iovecs);
         let result = (|| {
+            let mut again = false;
             while !iovecs.is_empty() {
+                if let Some(lowat) = self.lowat {
+                    // Lowered before a first try too: a mark left high by a larger receive
+                    // would keep this one from ever being woken.
+                    let needed = iovecs.iter().map(|iov| iov.iov_len).sum();
+                    if again || lowat > needed {
+                        self.set_lowat(needed)?;
+                    }
+                }
                 let mut msg = msghdr(&mut iovecs);
                 // SAFETY: the kernel uses `msg`, `iovecs` and the buffers they describe, which
                 // outlive `run`, and `run` waits for every completion.
-                let moved = unsafe { self.run(make(&raw mut msg)) }?;
+                let moved = unsafe { self.run(make(&raw mut msg, again)) }?;
+                again = true;
                 if moved == 0 {
                     return Err(at_zero.into());
                 }
@@ -299,7 +354,7 @@ impl LinkWriter for Link {
                 iov_len: b.len(),
             }));
         let zero_copy = self.zero_copy;
-        let make = |msg: *mut libc::msghdr| {
+        let make = |msg: *mut libc::msghdr, _again| {
             let (fd, flags) = (
                 types::Fixed(0),
                 (libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32,
@@ -330,10 +385,18 @@ impl LinkReader for Link {
                     iov_len: b.len(),
                 }),
         );
-        let make = |msg: *mut libc::msghdr| {
-            opcode::RecvMsg::new(types::Fixed(0), msg)
-                .flags(libc::MSG_WAITALL as u32)
-                .build()
+        // On TCP the first try takes whatever has arrived; if that is not all, the low-water
+        // mark (never above what is still needed) makes one wake-up bring every remaining
+        // byte, where MSG_WAITALL would wake and copy at every arriving segment. Elsewhere
+        // MSG_WAITALL has the kernel retry until the buffers are full.
+        let lowat = self.lowat.is_some();
+        let make = |msg: *mut libc::msghdr, again: bool| {
+            let recv = opcode::RecvMsg::new(types::Fixed(0), msg);
+            match (lowat, again) {
+                (true, false) => recv.build(),
+                (true, true) => recv.ioprio(POLL_FIRST).build(),
+                (false, _) => recv.flags(libc::MSG_WAITALL as u32).build(),
+            }
         };
         // SAFETY: the caller's buffers outlive this call.
         unsafe { self.move_all(make, io::ErrorKind::UnexpectedEof) }
@@ -388,6 +451,82 @@ mod tests {
             reader.recv(&mut more).unwrap_err().kind(),
             io::ErrorKind::UnexpectedEof
         );
+    }
+
+    /// On TCP a receive raises the socket's low-water mark after a short first try; the mark
+    /// never exceeds what the receive still needs, so a small receive after a large one, and
+    /// bytes that trickle in, still complete, and a peer that closes early is an end of file.
+    #[test]
+    fn tcp_receives_complete_however_the_bytes_arrive() {
+        if !available() {
+            return;
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (_, mut reader) = Uring::default().split(&Stream::Tcp(ours)).unwrap();
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let expected = big.clone();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut peer = peer;
+            for piece in big.chunks(40_000) {
+                peer.write_all(piece).unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            peer.write_all(b"small").unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            peer.write_all(b"tail").unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            peer.write_all(b"end").unwrap();
+        });
+        let mut out = vec![0u8; expected.len()];
+        reader.recv(&mut out).unwrap();
+        assert_eq!(out, expected);
+        let mut small = [0u8; 5];
+        reader.recv(&mut small).unwrap();
+        assert_eq!(&small, b"small");
+        let mut tail = [0u8; 4];
+        reader.recv(&mut tail).unwrap();
+        assert_eq!(&tail, b"tail");
+        // Three bytes come, then the peer closes: an end of file, not a wait for the rest.
+        let mut more = [0u8; 10];
+        writer.join().unwrap();
+        assert_eq!(
+            reader.recv(&mut more).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+    }
+
+    /// A receive lowers a mark that a larger one left high before it waits: otherwise it would
+    /// sleep until its timeout.
+    #[test]
+    fn a_high_mark_from_a_larger_receive_is_lowered_first() {
+        if !available() {
+            return;
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        let timeout = Some(Duration::from_secs(2));
+        let mut link = Link::new(&Stream::Tcp(ours), timeout, false).unwrap();
+        link.lowat = Some(1);
+        link.set_lowat(100_000).unwrap();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            // After the receive below has started waiting.
+            std::thread::sleep(Duration::from_millis(50));
+            peer.write_all(b"small").unwrap();
+            peer
+        });
+        let mut small = [0u8; 5];
+        // Without the lowering this times out.
+        link.recv(&mut small).unwrap();
+        assert_eq!(&small, b"small");
+        drop(writer.join().unwrap());
     }
 
     #[test]
