@@ -340,6 +340,15 @@ impl<T> Clone for Pool<T> {
 }
 
 impl<T> Pool<T> {
+    /// A pool of these objects.
+    pub fn of(items: Vec<T>) -> Self {
+        let (give, take) = crossbeam_channel::bounded(items.len());
+        for item in items {
+            let _ = give.send(item);
+        }
+        Pool { give, take }
+    }
+
     /// A pool of `count` objects made by `make`.
     pub fn filled(count: usize, mut make: impl FnMut() -> T) -> Self {
         let (give, take) = crossbeam_channel::bounded(count);
@@ -356,6 +365,12 @@ impl<T> Pool<T> {
     {
         // The pool holds its own sender, so the channel never disconnects.
         self.take.recv().unwrap_or_default()
+    }
+
+    /// Takes an object, waiting for one to come back if all are in use; `None` only if the
+    /// pool is broken (it holds its own sender, so it never is).
+    pub fn try_take(&self) -> Option<T> {
+        self.take.recv().ok()
     }
 
     /// Gives an object back.

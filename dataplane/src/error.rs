@@ -110,6 +110,9 @@ pub enum Error {
     /// The guest memory cannot take part: a sender froze it, or a receive session writes it.
     #[error("the guest memory is in use by another session")]
     MemoryInUse(#[source] MemoryError),
+    /// The frame buffers could not be mapped.
+    #[error("cannot map the frame buffers")]
+    Buffers(#[source] io::Error),
     /// The session already ended (completed, failed or cancelled).
     #[error("the migration session has already ended")]
     Ended,

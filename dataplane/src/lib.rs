@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
+pub mod arena;
 pub mod codec;
 pub mod dirty;
 mod error;

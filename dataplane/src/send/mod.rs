@@ -25,6 +25,7 @@ mod pipeline;
 
 use pipeline::{AUTO_LZ4_BYTES_PER_WORKER, RateMeter, WorkerContext, WriterContext, return_path};
 
+use crate::arena::{Arena, Slot};
 use crate::codec::{Compression, Piece, Pool, frame_capacity};
 use crate::dirty::DirtySet;
 use crate::error::Error;
@@ -105,26 +106,12 @@ pub(super) struct Confirmation {
     pub(super) device_state_len: u64,
 }
 
-/// A pool buffer for one pages frame: its bytes and, for a frame sent in place, its pieces.
+/// A pool buffer for one pages frame: its bytes (a slot of the session's arena, which a
+/// transport may register with the kernel) and, for a frame sent in place, its pieces.
 #[derive(Debug)]
 pub(super) struct FrameBuf {
-    pub(super) data: Vec<u8>,
+    pub(super) data: Slot,
     pub(super) pieces: Vec<Piece>,
-}
-
-impl FrameBuf {
-    fn new() -> Self {
-        FrameBuf {
-            data: vec![0; frame_capacity(CHUNK_LEN)],
-            pieces: Vec::with_capacity(CHUNK_LEN + 1),
-        }
-    }
-}
-
-impl Default for FrameBuf {
-    fn default() -> Self {
-        FrameBuf::new()
-    }
 }
 
 /// A frame on its way to a writer.
@@ -291,9 +278,14 @@ impl Sender {
         sink: Arc<dyn FactSink>,
     ) -> Result<Sender, Error> {
         let abort = options.cancel.abort();
-        let connected = Self::connect_streams(&memory, endpoint, options, &abort);
-        let streams = match connected {
-            Ok(streams) => streams,
+        let connected = Self::connect_streams(&memory, endpoint, options, &abort).and_then(|s| {
+            let channels = s.len();
+            let slots = channels * (QUEUE_FRAMES + 4) + options.workers * 2;
+            let arena = Arena::new(slots, frame_capacity(CHUNK_LEN)).map_err(Error::Buffers)?;
+            Ok((s, arena))
+        });
+        let (streams, (arena, slots)) = match connected {
+            Ok(connected) => connected,
             Err(err) => {
                 abort.fail(err);
                 abort.close_all();
@@ -305,7 +297,7 @@ impl Sender {
                 return Err(err);
             }
         };
-        let sender = Self::start(memory, &streams, options, &abort, sink);
+        let sender = Self::start(memory, &streams, options, &abort, sink, &arena, slots);
         sender.sink.fact(Fact::SetupDone);
         Ok(sender)
     }
@@ -364,12 +356,19 @@ impl Sender {
         options: &SendOptions,
         abort: &Arc<Abort>,
         sink: Arc<dyn FactSink>,
+        arena: &Arc<Arena>,
+        slots: Vec<Slot>,
     ) -> Sender {
         let channels = streams.len();
         let counters = Arc::new(Counters::default());
-        let pool = Pool::filled(
-            channels * (QUEUE_FRAMES + 4) + options.workers * 2,
-            FrameBuf::new,
+        let pool = Pool::of(
+            slots
+                .into_iter()
+                .map(|data| FrameBuf {
+                    data,
+                    pieces: Vec::with_capacity(CHUNK_LEN + 1),
+                })
+                .collect(),
         );
         let (jobs_tx, jobs_rx) = channel::bounded::<Job>(options.workers * 4);
         let (acks_tx, acks_rx) = channel::unbounded::<()>();
@@ -415,6 +414,7 @@ impl Sender {
                 }
             };
             let ctx = WriterContext {
+                arena: Arc::clone(arena),
                 channel,
                 queue: queue_rx,
                 pool: pool.clone(),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{self as channel, Receiver};
 
 use super::{CHUNK_LEN, Confirmation, FrameBuf, Job, Outgoing, QUEUE_FRAMES, WRITE_BATCH_BYTES};
+use crate::arena::Arena;
 use crate::codec::{Batch, Compression, Encoder, Pool};
 use crate::error::Error;
 use crate::memory::GuestMemory;
@@ -128,7 +129,11 @@ impl WorkerContext {
             offsets: &offsets[..count],
             round: job.round,
         };
-        let mut frame = self.pool.take();
+        let Some(mut frame) = self.pool.try_take() else {
+            self.abort
+                .fail(Error::protocol(job.channel, "the frame buffer pool broke"));
+            return;
+        };
         let encoded = match &job.frozen {
             Some(memory) => encoder
                 .encode_in_place(memory, &batch, compress, &mut frame.data, &mut frame.pieces)
@@ -170,6 +175,8 @@ impl WorkerContext {
 
 /// What a channel writer needs.
 pub(super) struct WriterContext {
+    /// Where the frame buffers live, for the transport to register.
+    pub(super) arena: Arc<Arena>,
     pub(super) channel: u16,
     pub(super) queue: Receiver<Outgoing>,
     pub(super) pool: Pool<FrameBuf>,
@@ -183,6 +190,8 @@ impl WriterContext {
     /// (its own or the session's) it keeps draining the queue, recycling buffers unsent, so
     /// that workers never wait on it.
     pub(super) fn run(self, mut link: Box<dyn LinkWriter>) {
+        // Without registration the transport still sends, just less cheaply.
+        let _ = link.register(&self.arena);
         let mut batch: Vec<Outgoing> = Vec::with_capacity(64);
         let mut spare: Vec<&[u8]> = Vec::with_capacity(64);
         let mut broken = false;

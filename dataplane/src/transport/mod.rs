@@ -2,12 +2,13 @@
 //! and how bytes move over a connected channel ([`Transport`], [`LinkWriter`], [`LinkReader`]).
 //!
 //! [`Uring`] moves them with io_uring: each channel direction owns a small ring with its socket
-//! registered as a fixed file; a send is one vectored `SENDMSG` (or `SENDMSG_ZC`) of everything
-//! the writer batched, a receive one `RECVMSG` with `MSG_WAITALL` straight into the destination
-//! buffers, guest pages included. A buffer is lent to the kernel only for one call, which returns
-//! (even on error or timeout) only after the kernel posted every completion for it, the
-//! zero-copy notification included; at most one operation is in flight per socket, so bytes
-//! never reorder. [`Blocking`] uses plain `std` sockets with vectored reads and writes: it is
+//! registered as a fixed file; a send is one vectored `SENDMSG` (or `SENDMSG_ZC`, from the
+//! sender's registered frame buffers where it can) of everything the writer batched, a receive
+//! one `RECVMSG` straight into the destination buffers, guest pages included, woken once its
+//! bytes are there. A buffer is lent to the kernel only for one call, which returns (even on
+//! error or timeout) only after the kernel posted every completion for it, the zero-copy
+//! notification included; at most one operation is in flight per socket, so bytes never
+//! reorder. [`Blocking`] uses plain `std` sockets with vectored reads and writes: it is
 //! the reference the io_uring transport is tested against, and the fallback where io_uring
 //! cannot be set up ([`best`] says why).
 
@@ -21,17 +22,20 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use blocking::Blocking;
+
+use crate::arena::Arena;
 pub use uring::{Unavailable, Uring, ZeroCopy};
 
 /// The best transport this machine supports: io_uring, or the blocking one with the reason
 /// io_uring cannot be used.
-pub fn best() -> (std::sync::Arc<dyn Transport>, Option<Unavailable>) {
+pub fn best() -> (Arc<dyn Transport>, Option<Unavailable>) {
     match Uring::probe() {
-        Ok(()) => (std::sync::Arc::new(Uring::default()), None),
-        Err(why) => (std::sync::Arc::new(Blocking), Some(why)),
+        Ok(()) => (Arc::new(Uring::default()), None),
+        Err(why) => (Arc::new(Blocking), Some(why)),
     }
 }
 
@@ -283,6 +287,13 @@ impl Drop for Listener {
 pub trait LinkWriter: Send {
     /// Writes every byte of `bufs`, in order, before returning.
     fn send(&mut self, bufs: &[&[u8]]) -> io::Result<()>;
+
+    /// Offers the arena that most buffers passed to [`send`](Self::send) come from, for the
+    /// link to register with the kernel (and keep alive). Links that cannot use it ignore it.
+    fn register(&mut self, arena: &Arc<Arena>) -> io::Result<()> {
+        let _ = arena;
+        Ok(())
+    }
 }
 
 /// The receiving half of a channel.

@@ -19,11 +19,13 @@
 
 use std::io::{self, IoSliceMut};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use super::{LinkReader, LinkWriter, Stream, Transport};
+use crate::arena::Arena;
 
 /// Whether sends use `SENDMSG_ZC`, which lets the NIC read the pages without a copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -59,6 +61,11 @@ pub struct Unavailable {
 }
 
 impl Uring {
+    /// Whether this kernel can send zero-copy (`SENDMSG_ZC`, Linux 6.1).
+    pub fn supports_zero_copy(&self) -> bool {
+        supports(opcode::SendMsgZc::CODE)
+    }
+
     /// Checks that rings can be set up and support the operations this transport uses.
     pub fn probe() -> Result<(), Unavailable> {
         let ring = IoUring::new(4).map_err(|e| Unavailable {
@@ -105,7 +112,11 @@ fn supports(code: u8) -> bool {
 
 impl Transport for Uring {
     fn name(&self) -> &'static str {
-        "io_uring"
+        match self.zero_copy {
+            ZeroCopy::Off => "io_uring without zero-copy",
+            ZeroCopy::On => "io_uring with zero-copy",
+            ZeroCopy::Auto => "io_uring",
+        }
     }
 
     fn split(&self, stream: &Stream) -> io::Result<(Box<dyn LinkWriter>, Box<dyn LinkReader>)> {
@@ -131,6 +142,8 @@ const OP: u64 = 1;
 const CANCEL: u64 = 2;
 /// `IORING_RECVSEND_POLL_FIRST` (linux/io_uring.h): wait for readiness before the first try.
 const POLL_FIRST: u16 = 1;
+/// Operations in flight per socket: one, so bytes on a stream never reorder.
+const MAX_IN_FLIGHT: usize = 1;
 /// The largest receive low-water mark asked for; the kernel caps it at half the largest
 /// receive buffer anyway.
 const MAX_LOWAT: usize = 4 << 20;
@@ -144,6 +157,14 @@ struct Link {
     zero_copy: bool,
     /// A TCP reader's `SO_RCVLOWAT`, as last set (see [`Link::set_lowat`]).
     lowat: Option<usize>,
+    /// The arena registered as fixed buffer 0, kept alive as long as the ring.
+    registered: Option<Arc<Arena>>,
+    /// Zero-copy sends made from the registered arena.
+    fixed_sends: u64,
+    /// Bytes the last `move_all` moved.
+    moved: usize,
+    /// Operations submitted and not yet completed (at most [`MAX_IN_FLIGHT`]).
+    in_flight: usize,
     iovecs: Vec<libc::iovec>,
 }
 
@@ -166,6 +187,10 @@ impl Link {
             timeout,
             zero_copy,
             lowat: None,
+            registered: None,
+            fixed_sends: 0,
+            moved: 0,
+            in_flight: 0,
             iovecs: Vec::with_capacity(64),
         })
     }
@@ -210,6 +235,11 @@ impl Link {
     /// Every buffer `entry` points to must stay valid until this returns, which is after the
     /// kernel posted its last completion for it.
     unsafe fn run(&mut self, entry: squeue::Entry) -> io::Result<i32> {
+        if self.in_flight >= MAX_IN_FLIGHT {
+            return Err(io::Error::other(
+                "an operation is already in flight on this socket",
+            ));
+        }
         // SAFETY: the caller keeps the operation's buffers valid until we return.
         unsafe {
             self.ring
@@ -217,6 +247,7 @@ impl Link {
                 .push(&entry.user_data(OP))
                 .map_err(|_| io::Error::other("io_uring submission queue full"))?;
         }
+        self.in_flight += 1;
         let deadline = self.timeout.map(|t| Instant::now() + t);
         let mut result = None;
         let mut more = false;
@@ -248,8 +279,8 @@ impl Link {
                         e.kind(),
                         io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
                     ) || e.raw_os_error() == Some(libc::EBUSY) => {}
-                // io_uring_enter fails otherwise only for a broken ring (EFAULT, EINVAL, ...).
-                Err(e) => return Err(e),
+                // io_uring_enter fails otherwise only if the ring itself is broken.
+                Err(e) => broken_ring(&e),
             }
             // Copy the completions out of the ring before acting on them.
             let mut cqes = [(0u64, 0i32, 0u32); 8];
@@ -269,6 +300,7 @@ impl Link {
                 }
             }
         }
+        self.in_flight -= 1;
         let res = result.unwrap_or(-libc::EIO);
         if cancelled && (res == -libc::ECANCELED || res == -libc::EINTR) {
             return Err(io::ErrorKind::TimedOut.into());
@@ -278,6 +310,19 @@ impl Link {
         }
         Ok(res)
     }
+}
+
+/// `io_uring_enter` failed for a reason other than a timeout or a signal (`EFAULT`, `EINVAL`,
+/// `ENXIO`: the ring itself is broken) while an operation is in flight. Its buffers belong to
+/// the caller, who would free or reuse them once we return, while the kernel may still write
+/// into them; there is no safe way back, so the process stops here instead.
+#[cold]
+fn broken_ring(e: &io::Error) -> ! {
+    eprintln!(
+        "ramjet: the io_uring ring broke ({e}) with an operation in flight; stopping, since \
+         the kernel may still use memory its owner would free"
+    );
+    std::process::abort()
 }
 
 /// Drops the first `n` bytes from a list of iovecs.
@@ -317,6 +362,7 @@ impl Link {
         at_zero: io::ErrorKind,
     ) -> io::Result<()> {
         let mut iovecs = std::mem::take(&mut self.iovecs);
+        self.moved = 0;
         let result = (|| {
             let mut again = false;
             while !iovecs.is_empty() {
@@ -336,7 +382,9 @@ impl Link {
                 if moved == 0 {
                     return Err(at_zero.into());
                 }
-                advance(&mut iovecs, usize::try_from(moved).unwrap_or(0));
+                let moved = usize::try_from(moved).unwrap_or(0);
+                self.moved += moved;
+                advance(&mut iovecs, moved);
             }
             Ok(())
         })();
@@ -353,6 +401,13 @@ impl LinkWriter for Link {
                 iov_base: b.as_ptr().cast_mut().cast(),
                 iov_len: b.len(),
             }));
+        // A zero-copy send whose every buffer is in the registered arena uses it, so the kernel
+        // need not pin the pages again (vectored fixed buffers need Linux 6.15).
+        let fixed = self.zero_copy
+            && self
+                .registered
+                .as_ref()
+                .is_some_and(|arena| bufs.iter().all(|b| arena.contains(b)));
         let zero_copy = self.zero_copy;
         let make = |msg: *mut libc::msghdr, _again| {
             let (fd, flags) = (
@@ -360,13 +415,42 @@ impl LinkWriter for Link {
                 (libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32,
             );
             if zero_copy {
-                opcode::SendMsgZc::new(fd, msg).flags(flags).build()
+                let send = opcode::SendMsgZc::new(fd, msg).flags(flags);
+                send.buf_index(fixed.then_some(0)).build()
             } else {
                 opcode::SendMsg::new(fd, msg).flags(flags).build()
             }
         };
         // SAFETY: the caller's buffers outlive this call.
-        unsafe { self.move_all(make, io::ErrorKind::WriteZero) }
+        let sent = unsafe { self.move_all(make, io::ErrorKind::WriteZero) };
+        match sent {
+            // A kernel without vectored fixed buffers refuses the operation: stop using the
+            // registration, and send this batch unregistered if nothing of it went out.
+            Err(e) if fixed && self.moved == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                self.registered = None;
+                self.send(bufs)
+            }
+            Ok(()) if fixed => {
+                self.fixed_sends += 1;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn register(&mut self, arena: &Arc<Arena>) -> io::Result<()> {
+        if !self.zero_copy || self.registered.is_some() {
+            return Ok(());
+        }
+        let buffer = libc::iovec {
+            iov_base: arena.as_ptr().cast_mut().cast(),
+            iov_len: arena.len(),
+        };
+        // SAFETY: the arena's mapping stays valid for as long as the ring can use it: the link
+        // keeps the arena alive in `registered`, and the registration ends with the ring.
+        unsafe { self.ring.submitter().register_buffers(&[buffer]) }?;
+        self.registered = Some(Arc::clone(arena));
+        Ok(())
     }
 }
 
@@ -527,6 +611,56 @@ mod tests {
         link.recv(&mut small).unwrap();
         assert_eq!(&small, b"small");
         drop(writer.join().unwrap());
+    }
+
+    /// Zero-copy sends from the registered arena use it as a fixed buffer; a batch with a
+    /// buffer outside it is sent unregistered. Either way the bytes arrive in order.
+    #[test]
+    fn zero_copy_sends_use_the_registered_arena() {
+        if !available() || !supports(opcode::SendMsgZc::CODE) {
+            eprintln!("skipped: no SENDMSG_ZC");
+            return;
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let timeout = Some(Duration::from_secs(10));
+        let mut link = Link::new(&Stream::Tcp(ours), timeout, true).unwrap();
+        let (arena, mut slots) = Arena::new(4, 64 << 10).unwrap();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            slot.fill(i as u8 + 1);
+        }
+        link.register(&arena).unwrap();
+        assert!(link.registered.is_some());
+        let outside = vec![9u8; 1000];
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut got = Vec::new();
+            (&peer)
+                .take(2 * 4 * (64 << 10) + 1000)
+                .read_to_end(&mut got)
+                .unwrap();
+            got
+        });
+        let all: Vec<&[u8]> = slots.iter().map(|s| &s[..]).collect();
+        link.send(&all).unwrap();
+        let registered = link.fixed_sends;
+        let mut mixed = all.clone();
+        mixed.insert(2, &outside);
+        link.send(&mixed).unwrap();
+        assert_eq!(
+            link.fixed_sends, registered,
+            "a batch with an outside buffer is not fixed"
+        );
+        let got = reader.join().unwrap();
+        let expected: Vec<u8> = all.concat().into_iter().chain(mixed.concat()).collect();
+        assert!(got == expected, "the bytes arrived changed or out of order");
+        // Linux 6.15 and later take vectored fixed buffers; older kernels fall back.
+        if link.registered.is_some() {
+            assert_eq!(registered, 1);
+        }
     }
 
     #[test]

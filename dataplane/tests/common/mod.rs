@@ -13,7 +13,7 @@ use ramjet_control::{Fact, Machine, Options, Profile, Side, Status, Timestamp, T
 use ramjet_dataplane::codec::Compression;
 use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
-use ramjet_dataplane::transport::{Blocking, Endpoint, Listener, Transport, Uring};
+use ramjet_dataplane::transport::{Blocking, Endpoint, Listener, Transport, Uring, ZeroCopy};
 use ramjet_dataplane::{
     Error, FactSink, ReceiveOptions, Received, SendOptions, Sender, Summary, receive,
 };
@@ -47,6 +47,27 @@ pub fn transports() -> Vec<Arc<dyn Transport>> {
     }
     all.push(Arc::new(Blocking));
     all
+}
+
+/// io_uring with zero-copy sends (TCP only: Unix sockets refuse them), unless io_uring or
+/// `SENDMSG_ZC` is unavailable here (printed). On loopback the kernel copies anyway, but the
+/// code path is the one a real network takes: registered pool buffers, and guest pages sent in
+/// place in the final round, each returned only after the kernel's notification.
+pub fn zero_copy() -> Option<Arc<dyn Transport>> {
+    let transport = Uring {
+        zero_copy: ZeroCopy::On,
+    };
+    match Uring::probe() {
+        Ok(()) if transport.supports_zero_copy() => Some(Arc::new(transport)),
+        Ok(()) => {
+            eprintln!("zero-copy cases skipped: the kernel lacks SENDMSG_ZC");
+            None
+        }
+        Err(why) => {
+            eprintln!("zero-copy cases skipped: {why}");
+            None
+        }
+    }
 }
 
 /// TCP or a Unix socket.
