@@ -141,8 +141,45 @@ fn bench(
     );
 }
 
+/// Seconds and CPU seconds of one call of `run`.
+fn measure(run: &mut dyn FnMut()) -> (f64, f64) {
+    let (start, cpu_start) = (Instant::now(), cpu_seconds());
+    run();
+    (start.elapsed().as_secs_f64(), cpu_seconds() - cpu_start)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Runs each of `cases` in turn, `rounds` times, and prints for each case the median over
+/// rounds of its speed and CPU time relative to each earlier case in the same round:
+/// on a machine whose speed drifts by tens of percent within minutes, ratios of neighbouring
+/// runs are what can be trusted.
+fn paired(streams: u16, rounds: usize, cases: &mut [(&str, &mut dyn FnMut())]) {
+    let mut times = vec![Vec::new(); cases.len()];
+    for _ in 0..rounds {
+        for (i, (_, run)) in cases.iter_mut().enumerate() {
+            times[i].push(measure(*run));
+        }
+    }
+    for (j, (name, _)) in cases.iter().enumerate() {
+        for (i, (reference, _)) in cases.iter().enumerate().take(j) {
+            let pairs = times[j].iter().zip(&times[i]);
+            let speed = median(pairs.clone().map(|(t, r)| r.0 / t.0).collect());
+            let cpu = median(pairs.map(|(t, r)| t.1 / r.1).collect());
+            println!(
+                "paired/{streams}: {name} vs {reference}: speed x{speed:.3}, CPU-s/GB \
+                 x{cpu:.3} (median of {rounds} alternations)"
+            );
+        }
+    }
+}
+
 /// The baselines and ramjet alternate per channel count, so that drift on a noisy machine
-/// affects both alike.
+/// affects both alike; at the end, the random image runs alternate with the io_uring baseline
+/// for paired ratios.
 fn loopback(c: &mut Criterion) {
     let mut group = c.benchmark_group("loopback_tcp_2GiB");
     group.throughput(Throughput::Bytes(BYTES));
@@ -187,6 +224,21 @@ fn loopback(c: &mut Criterion) {
         }
     }
     group.finish();
+    let (_, random) = &images[0];
+    for streams in [1u16, 2] {
+        let mut baseline = || raw_copy(&listener, &src, &mut dst, usize::from(streams), true);
+        let mut uring = || migrate(random, &guest_dst, &transports[0].1, streams);
+        let mut blocking = || migrate(random, &guest_dst, &transports[1].1, streams);
+        paired(
+            streams,
+            8,
+            &mut [
+                ("baseline_uring_send", &mut baseline),
+                ("ramjet_random_blocking", &mut blocking),
+                ("ramjet_random_uring", &mut uring),
+            ],
+        );
+    }
 }
 
 criterion_group!(benches, loopback);

@@ -135,28 +135,27 @@ impl WorkerContext {
             return;
         };
         let encoded = match &job.frozen {
-            Some(memory) => encoder
-                .encode_in_place(memory, &batch, compress, &mut frame.data, &mut frame.pieces)
-                .map(|(len, counts)| {
-                    let memory = memory.clone();
-                    let region = batch.region as usize;
-                    (
-                        Outgoing::InPlace {
-                            frame,
-                            len,
-                            region,
-                            memory,
-                        },
-                        counts,
-                    )
-                }),
-            None => encoder
-                .encode(&self.memory, &batch, compress, &mut frame.data)
-                .map(|(len, counts)| (Outgoing::Pooled(frame, len), counts)),
+            Some(memory) => encoder.encode_in_place(
+                memory,
+                &batch,
+                compress,
+                &mut frame.data,
+                &mut frame.pieces,
+            ),
+            None => encoder.encode(&self.memory, &batch, compress, &mut frame.data),
         };
         match encoded {
-            Ok((outgoing, counts)) => {
+            Ok((len, counts)) => {
                 self.counters.add_pages(counts);
+                let outgoing = match &job.frozen {
+                    Some(memory) => Outgoing::InPlace {
+                        frame,
+                        len,
+                        region: batch.region as usize,
+                        memory: memory.clone(),
+                    },
+                    None => Outgoing::Pooled(frame, len),
+                };
                 if let Err(e) = queue.send(outgoing)
                     && let Some(frame) = e.into_inner().into_buffer()
                 {
@@ -164,6 +163,7 @@ impl WorkerContext {
                 }
             }
             Err(source) => {
+                self.pool.give(frame);
                 self.abort.fail(Error::Memory {
                     channel: job.channel,
                     source,

@@ -152,7 +152,7 @@ const MAX_LOWAT: usize = 4 << 20;
 struct Link {
     ring: IoUring,
     /// Keeps the registered socket open for as long as the ring may use it.
-    _socket: OwnedFd,
+    socket: OwnedFd,
     timeout: Option<Duration>,
     zero_copy: bool,
     /// A TCP reader's `SO_RCVLOWAT`, as last set (see [`Link::set_lowat`]).
@@ -183,7 +183,7 @@ impl Link {
         ring.submitter().register_files(&[socket.as_raw_fd()])?;
         Ok(Link {
             ring,
-            _socket: socket,
+            socket,
             timeout,
             zero_copy,
             lowat: None,
@@ -212,7 +212,7 @@ impl Link {
         // passed with it; the descriptor is our socket.
         let ret = unsafe {
             libc::setsockopt(
-                self._socket.as_raw_fd(),
+                self.socket.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_RCVLOWAT,
                 (&raw const value).cast(),
