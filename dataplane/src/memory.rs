@@ -315,6 +315,12 @@ impl Region {
         Ok(())
     }
 
+    /// The host address and length of the mapping, for the kernel interfaces that track it
+    /// (userfaultfd, `PAGEMAP_SCAN`); never dereferenced.
+    pub(crate) fn host_range(&self) -> (usize, usize) {
+        (self.map.as_ptr() as usize, self.map.len())
+    }
+
     /// A pointer to `len` bytes at `offset`, after checking they lie inside the region.
     fn ptr_at(&self, offset: u64, len: u64) -> Result<*mut u8, (u64, u64)> {
         match offset.checked_add(len) {

@@ -5,10 +5,20 @@
 //! (the layout `KVM_GET_DIRTY_LOG` and vm-memory's `AtomicBitmap` use). Bits past the region's
 //! last page are ignored. [`runs`] turns words into runs of consecutive dirty pages, skipping
 //! zero words and jumping with `trailing_zeros`.
+//!
+//! Where each round's dirty pages come from is a [`DirtySource`]: bitmaps the embedder feeds
+//! ([`CallerFed`], e.g. from `KVM_GET_DIRTY_LOG`), userfaultfd write-protection of memory this
+//! process owns ([`UffdWp`]), or nothing at all for a stopped guest ([`Everything`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::memory::GuestMemory;
+
+mod source;
+mod uffd;
+
+pub use source::{CallerFed, DirtyError, DirtySource, Everything};
+pub use uffd::UffdWp;
 
 /// A run of consecutive pages `start .. start + len` within one region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -35,6 +45,28 @@ pub struct DirtyBitmap {
 
 fn words_for(pages: u64) -> usize {
     usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX)
+}
+
+/// The (word index, bit mask) pairs that cover pages `start .. start + count` of a bitmap over
+/// `pages` pages, clipped to it.
+fn range_masks(start: u64, count: u64, pages: u64) -> impl Iterator<Item = (usize, u64)> {
+    let end = start.saturating_add(count).min(pages);
+    let mut page = start;
+    std::iter::from_fn(move || {
+        if page >= end {
+            return None;
+        }
+        let bit = page % 64;
+        let n = (64 - bit).min(end - page);
+        let mask = if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << bit
+        };
+        let index = (page / 64) as usize;
+        page += n;
+        Some((index, mask))
+    })
 }
 
 /// The mask of valid bits in word `index` of a bitmap over `pages` pages.
@@ -77,18 +109,8 @@ impl DirtyBitmap {
 
     /// Marks pages `start .. start + count` dirty, clipped to the bitmap.
     pub fn set_range(&self, start: u64, count: u64) {
-        let end = start.saturating_add(count).min(self.pages);
-        let mut page = start;
-        while page < end {
-            let bit = page % 64;
-            let n = (64 - bit).min(end - page);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            self.words[(page / 64) as usize].fetch_or(mask, Ordering::Relaxed);
-            page += n;
+        for (index, mask) in range_masks(start, count, self.pages) {
+            self.words[index].fetch_or(mask, Ordering::Relaxed);
         }
     }
 
@@ -240,6 +262,24 @@ impl DirtySet {
     pub fn take(bitmaps: &[DirtyBitmap]) -> Self {
         DirtySet {
             regions: bitmaps.iter().map(|b| (b.take(), b.pages())).collect(),
+        }
+    }
+
+    /// Marks pages `start .. start + count` of region `region`, clipped to the region.
+    pub fn insert_range(&mut self, region: usize, start: u64, count: u64) {
+        if let Some((words, pages)) = self.regions.get_mut(region) {
+            for (index, mask) in range_masks(start, count, *pages) {
+                words[index] |= mask;
+            }
+        }
+    }
+
+    /// ORs `words` (KVM dirty-log format) into region `region`; bits past its end are ignored.
+    pub fn merge(&mut self, region: usize, incoming: &[u64]) {
+        if let Some((words, pages)) = self.regions.get_mut(region) {
+            for (index, (word, &bits)) in words.iter_mut().zip(incoming).enumerate() {
+                *word |= bits & valid_mask(index, *pages);
+            }
         }
     }
 
