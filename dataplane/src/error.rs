@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::dirty::DirtyError;
 use crate::memory::MemoryError;
 use crate::wire::DecodeError;
 
@@ -110,6 +111,32 @@ pub enum Error {
     /// The guest memory cannot take part: a sender froze it, or a receive session writes it.
     #[error("the guest memory is in use by another session")]
     MemoryInUse(#[source] MemoryError),
+    /// Dirty pages could not be tracked or harvested.
+    #[error("dirty page tracking failed")]
+    Dirty(#[source] DirtyError),
+    /// The embedder's guest hook failed.
+    #[error("the guest could not {op}: {message}")]
+    Guest {
+        /// What it was asked to do.
+        op: &'static str,
+        /// Its message.
+        message: String,
+    },
+    /// The live migration stopped converging and the stall policy says to fail.
+    #[error(
+        "the migration does not converge: {remaining} bytes were still dirty after {rounds} \
+         rounds (the guest dirties {dirty_rate} bytes/s, the link moves {bandwidth} bytes/s)"
+    )]
+    Stalled {
+        /// Rounds sent.
+        rounds: u32,
+        /// Bytes dirty at the last sync.
+        remaining: u64,
+        /// The guest's dirty rate, bytes per second.
+        dirty_rate: u64,
+        /// The measured bandwidth, bytes per second.
+        bandwidth: u64,
+    },
     /// The frame buffers could not be mapped.
     #[error("cannot map the frame buffers")]
     Buffers(#[source] io::Error),

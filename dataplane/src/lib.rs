@@ -8,6 +8,7 @@ pub mod codec;
 pub mod dirty;
 mod error;
 pub mod image;
+pub mod live;
 pub mod memory;
 mod recv;
 mod send;
@@ -16,6 +17,10 @@ pub mod transport;
 pub mod wire;
 
 pub use error::Error;
+pub use live::{
+    Guest, LiveHandle, LiveOptions, LiveReport, Progress, StallPolicy, SwitchoverReason,
+    migrate_live,
+};
 pub use recv::{ReceiveOptions, Received, receive};
 pub use send::{RoundStats, SendOptions, Sender, Summary};
 pub use session::{CancelHandle, Counters, FactSink, Stats};

@@ -283,6 +283,13 @@ impl DirtySet {
         }
     }
 
+    /// Adds every page of `other` (which must cover the same regions).
+    pub fn union(&mut self, other: &DirtySet) {
+        for (region, (words, _)) in other.regions.iter().enumerate() {
+            self.merge(region, words);
+        }
+    }
+
     /// Marks `page` of region `region` (ignored if out of range).
     pub fn insert(&mut self, region: usize, page: u64) {
         if let Some((words, pages)) = self.regions.get_mut(region)

@@ -486,6 +486,18 @@ impl Sender {
         }
     }
 
+    /// The guest memory it sends.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// Ends the session with `err` (a failure outside the data plane, say a dirty log that
+    /// could not be read): tells the receiver, stops every thread, reports `failed` and
+    /// `drained`, and returns the error.
+    pub fn fail_with(mut self, err: Error) -> Error {
+        self.fail(err)
+    }
+
     /// The live counters, to sample from another thread.
     pub fn counters(&self) -> Arc<Counters> {
         Arc::clone(&self.counters)

@@ -1,0 +1,453 @@
+//! Live migrations of a running guest: a workload thread keeps writing guest memory while it
+//! is migrated over loopback TCP. Each test checks the destination against the source as it
+//! was when the guest paused, and the status sequence a control machine shows for the facts.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use common::{Image, Net, Rng, guest};
+use ramjet_control::{Input, Machine, Options, Profile, Side, Timestamp, Trigger};
+use ramjet_dataplane::dirty::{CallerFed, DirtyBitmap, DirtyError, DirtySet, DirtySource, UffdWp};
+use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use ramjet_dataplane::transport::Listener;
+use ramjet_dataplane::{
+    CancelHandle, Error, Fact, FactSink, Guest, LiveHandle, LiveOptions, LiveReport,
+    ReceiveOptions, SendOptions, Sender, StallPolicy, SwitchoverReason, migrate_live, receive,
+};
+
+const BYTES: u64 = 64 << 20;
+
+/// A guest: memory and a vCPU-like thread that writes random pages at a fixed rate (or as fast
+/// as it can), marking each in `log` if the test feeds dirty pages itself.
+struct Workload {
+    memory: Arc<GuestMemory>,
+    log: Option<Arc<[DirtyBitmap]>>,
+    pages_per_second: Option<u64>,
+    running: Option<(Arc<AtomicBool>, JoinHandle<u64>)>,
+    written: Arc<AtomicU64>,
+    resumed: bool,
+}
+
+impl Workload {
+    fn start(
+        memory: &Arc<GuestMemory>,
+        log: Option<Arc<[DirtyBitmap]>>,
+        rate: Option<u64>,
+    ) -> Self {
+        let mut workload = Workload {
+            memory: Arc::clone(memory),
+            log,
+            pages_per_second: rate,
+            running: None,
+            written: Arc::default(),
+            resumed: false,
+        };
+        workload.spawn();
+        workload
+    }
+
+    fn spawn(&mut self) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (memory, log, rate) = (
+            Arc::clone(&self.memory),
+            self.log.clone(),
+            self.pages_per_second,
+        );
+        let (flag, written) = (Arc::clone(&stop), Arc::clone(&self.written));
+        let handle = thread::spawn(move || {
+            let mut rng = Rng::new(99);
+            let mut page = vec![0u8; PAGE_SIZE];
+            let pages = memory.total_pages();
+            let started = Instant::now();
+            let mut done = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                if let Some(rate) = rate {
+                    // Keep to the rate: sleep while ahead of it.
+                    let due = started.elapsed().as_secs_f64() * rate as f64;
+                    if done as f64 >= due {
+                        thread::sleep(Duration::from_micros(200));
+                        continue;
+                    }
+                }
+                let target = rng.next_u64() % pages;
+                rng.fill(&mut page);
+                memory
+                    .write(0, target * PAGE_SIZE as u64, &page)
+                    .expect("the guest writes only while running");
+                if let Some(log) = &log {
+                    log[0].set(target);
+                }
+                done += 1;
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+            done
+        });
+        self.running = Some((stop, handle));
+    }
+}
+
+impl Guest for Workload {
+    fn pause(&mut self) -> Result<(), String> {
+        let (stop, handle) = self.running.take().ok_or("already paused")?;
+        stop.store(true, Ordering::Relaxed);
+        handle
+            .join()
+            .map_err(|_| "the workload panicked".to_string())?;
+        Ok(())
+    }
+
+    fn device_state(&mut self) -> Result<Vec<u8>, String> {
+        Ok(format!(
+            "vcpu state after {} writes",
+            self.written.load(Ordering::Relaxed)
+        )
+        .into_bytes())
+    }
+
+    fn resume(&mut self) {
+        self.resumed = true;
+        self.spawn();
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.pause();
+    }
+}
+
+/// Facts and the user's triggers in the order they happened.
+#[derive(Default)]
+struct Inputs(Mutex<Vec<Input>>);
+
+impl Inputs {
+    fn push(&self, input: impl Into<Input>) {
+        self.0.lock().expect("inputs").push(input.into());
+    }
+
+    /// What a source machine with `options` shows for them.
+    fn statuses(&self, options: Options) -> String {
+        let mut machine = Machine::new(Side::Source, Profile::Qemu10, options);
+        let now = Timestamp::from_unix_micros(1);
+        let mut shown: Vec<String> = machine
+            .step(Trigger::Migrate, now)
+            .expect("migrate")
+            .map(|e| e.kind().to_string())
+            .into_iter()
+            .collect();
+        for input in self.0.lock().expect("inputs").iter() {
+            match machine.step(input.clone(), now) {
+                Ok(event) => shown.extend(event.map(|e| e.kind().to_string())),
+                Err(e) => panic!("the machine refused {input:?}: {e}"),
+            }
+        }
+        assert!(
+            !machine.is_running(),
+            "the machine is still running: {shown:?}"
+        );
+        shown.join(" ")
+    }
+}
+
+struct Live {
+    report: Result<LiveReport, Error>,
+    received: Result<ramjet_dataplane::Received, Error>,
+    inputs: Arc<Inputs>,
+}
+
+/// Migrates `memory` live to a receiver over loopback TCP.
+fn live(
+    memory: &Arc<GuestMemory>,
+    dst: &Arc<GuestMemory>,
+    source: &mut dyn DirtySource,
+    workload: &mut Workload,
+    options: &LiveOptions,
+    on_fact: impl Fn(&Fact, &LiveHandle) + Send + Sync + 'static,
+) -> Live {
+    let listener = Listener::bind(&common::endpoint(Net::Tcp)).expect("bind");
+    let at = listener.endpoint().clone();
+    let receive_options = ReceiveOptions {
+        timeout: Duration::from_secs(20),
+        ..ReceiveOptions::default()
+    };
+    let dst = Arc::clone(dst);
+    let receiver =
+        thread::spawn(move || receive(&listener, dst, &receive_options, Arc::new(|_| {})));
+    let cancel = CancelHandle::new();
+    let handle = LiveHandle::new(cancel.clone());
+    let inputs = Arc::new(Inputs::default());
+    let sink: Arc<dyn FactSink> = {
+        let (inputs, handle) = (Arc::clone(&inputs), handle.clone());
+        Arc::new(move |fact: Fact| {
+            inputs.push(fact.clone());
+            on_fact(&fact, &handle);
+        })
+    };
+    let send_options = SendOptions {
+        cancel,
+        timeout: Duration::from_secs(20),
+        ..SendOptions::default()
+    };
+    let report = Sender::connect(Arc::clone(memory), &at, &send_options, sink)
+        .and_then(|sender| migrate_live(sender, source, workload, options, &handle));
+    let received = receiver.join().expect("receiver thread");
+    Live {
+        report,
+        received,
+        inputs,
+    }
+}
+
+fn assert_identical(src: &GuestMemory, dst: &GuestMemory) {
+    assert_eq!(
+        src.first_difference(dst).expect("same layout"),
+        None,
+        "memory differs"
+    );
+}
+
+/// Converges with the guest writing 2,000 pages a second, tracked by userfaultfd or fed by the
+/// caller, and the destination ends as the source was when the guest paused.
+#[test]
+fn a_running_guest_converges_with_either_dirty_source() {
+    for fed in [false, true] {
+        let memory = guest(BYTES, Image::Mixed, 7);
+        let dst = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
+        let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+        let mut source: Box<dyn DirtySource> = if fed {
+            Box::new(CallerFed::from_bitmaps(Arc::clone(&log)))
+        } else {
+            let mut probe = UffdWp::new();
+            if let Err(e) = probe.start(&memory) {
+                eprintln!("userfaultfd case skipped: {e}");
+                continue;
+            }
+            Box::new(UffdWp::new())
+        };
+        let mut workload = Workload::start(&memory, fed.then(|| Arc::clone(&log)), Some(2_000));
+        // Let it write before the migration starts, and during round 1.
+        thread::sleep(Duration::from_millis(50));
+        let outcome = live(
+            &memory,
+            &dst,
+            source.as_mut(),
+            &mut workload,
+            &LiveOptions::default(),
+            |_, _| {},
+        );
+        let report = outcome.report.expect("live migration");
+        outcome.received.expect("receiver");
+        assert_eq!(report.reason, SwitchoverReason::Converged);
+        assert!(report.rounds >= 2, "{report:?}");
+        assert!(
+            workload.running.is_none() && !workload.resumed,
+            "the guest stays paused"
+        );
+        assert_identical(&memory, &dst);
+        let statuses = outcome.inputs.statuses(Options::new());
+        let passes = (1..=report.rounds)
+            .map(|n| format!("pass {n}"))
+            .collect::<Vec<_>>();
+        let before = passes[..passes.len() - 1].join(" ");
+        let last = passes.last().expect("a pass");
+        assert_eq!(
+            statuses,
+            format!("setup active {before} device {last} completed"),
+            "fed {fed}"
+        );
+    }
+}
+
+/// A guest that dirties all of its memory between any two syncs, faster than the link can
+/// move it: its log says so every time (a superset of what the workload really wrote, so the
+/// destination must still match).
+struct Saturating(CallerFed);
+
+impl DirtySource for Saturating {
+    fn name(&self) -> &'static str {
+        "saturating"
+    }
+
+    fn start(&mut self, memory: &GuestMemory) -> Result<(), DirtyError> {
+        self.0.start(memory)
+    }
+
+    fn harvest(&mut self, memory: &GuestMemory) -> Result<DirtySet, DirtyError> {
+        self.0.harvest(memory)?;
+        Ok(DirtySet::all(memory))
+    }
+}
+
+/// A guest that dirties faster than the link moves never converges: each stall policy does
+/// what it says.
+#[test]
+fn a_guest_that_dirties_too_fast_triggers_the_stall_policy() {
+    for policy in [
+        StallPolicy::Continue,
+        StallPolicy::Switchover,
+        StallPolicy::Fail,
+    ] {
+        let memory = guest(8 << 20, Image::Random, 3);
+        let dst = Arc::new(GuestMemory::anonymous(8 << 20).expect("memory"));
+        let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+        let mut source = Saturating(CallerFed::from_bitmaps(Arc::clone(&log)));
+        let mut workload = Workload::start(&memory, Some(Arc::clone(&log)), None);
+        let options = LiveOptions {
+            downtime_limit: Duration::from_micros(1),
+            stall_rounds: 3,
+            on_stall: policy,
+            // The bound that ends a migration that goes on through a stall.
+            max_rounds: Some(40),
+            ..LiveOptions::default()
+        };
+        let outcome = live(
+            &memory,
+            &dst,
+            &mut source,
+            &mut workload,
+            &options,
+            |_, _| {},
+        );
+        let what = format!("{policy:?}");
+        match policy {
+            StallPolicy::Continue => {
+                let report = outcome.report.expect(&what);
+                assert_eq!(report.reason, SwitchoverReason::MaxRounds, "{what}");
+                assert_eq!(report.rounds, 41, "forty live rounds and the final one");
+                assert!(report.last.stalled, "{what}: {report:?}");
+                assert_eq!(report.stalled_syncs, 40 - 3, "{what}");
+                assert_identical(&memory, &dst);
+            }
+            StallPolicy::Switchover => {
+                let report = outcome.report.expect(&what);
+                assert_eq!(report.reason, SwitchoverReason::Stalled, "{what}");
+                assert!(report.last.stalled && report.last.rounds_without_progress >= 3);
+                assert_identical(&memory, &dst);
+            }
+            StallPolicy::Fail => {
+                let err = outcome.report.expect_err(&what);
+                assert!(matches!(err, Error::Stalled { .. }), "{}", err.chain());
+                assert!(err.chain().contains("does not converge"), "{}", err.chain());
+                let received = outcome.received.expect_err("the receiver fails too");
+                assert!(
+                    received.chain().contains("does not converge"),
+                    "{}",
+                    received.chain()
+                );
+                assert!(
+                    workload.running.is_some(),
+                    "the guest keeps running on the source"
+                );
+                assert!(!memory.is_frozen());
+                let statuses = outcome.inputs.statuses(Options::new());
+                assert!(statuses.ends_with(" failed"), "{statuses}");
+            }
+        }
+    }
+}
+
+/// With pause-before-switchover the source waits, paused, in `pre-switchover` until the user
+/// continues.
+#[test]
+fn pause_before_switchover_waits_for_continue() {
+    let memory = guest(BYTES, Image::Mixed, 5);
+    let dst = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
+    let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+    let mut source = CallerFed::from_bitmaps(Arc::clone(&log));
+    let mut workload = Workload::start(&memory, Some(Arc::clone(&log)), Some(2_000));
+    let options = LiveOptions {
+        pause_before_switchover: true,
+        ..LiveOptions::default()
+    };
+    let continued: Arc<Mutex<Option<JoinHandle<()>>>> = Arc::default();
+    let waiter = Arc::clone(&continued);
+    // The user: once the source reports its switchover, look, then continue.
+    let outcome = live(
+        &memory,
+        &dst,
+        &mut source,
+        &mut workload,
+        &options,
+        move |fact, handle| {
+            if *fact == Fact::Switchover {
+                let handle = handle.clone();
+                *waiter.lock().expect("waiter") = Some(thread::spawn(move || {
+                    while !handle.progress().paused {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                    handle.proceed();
+                }));
+            }
+        },
+    );
+    if let Some(user) = continued.lock().expect("waiter").take() {
+        user.join().expect("user thread");
+    }
+    outcome.report.expect("live migration");
+    outcome.received.expect("receiver");
+    assert_identical(&memory, &dst);
+    // The user's continue comes after the switchover fact and before the final pass.
+    let mut inputs = outcome.inputs.0.lock().expect("inputs");
+    let at = inputs
+        .iter()
+        .position(|i| *i == Input::Fact(Fact::Switchover))
+        .expect("switchover");
+    inputs.insert(at + 1, Input::Trigger(Trigger::Continue));
+    drop(inputs);
+    let statuses = outcome
+        .inputs
+        .statuses(Options::new().pause_before_switchover(true));
+    assert!(
+        statuses.contains(" pre-switchover device pass ") && statuses.ends_with(" completed"),
+        "{statuses}"
+    );
+}
+
+/// A cancel in the middle of a round ends the migration cancelled, with the guest running.
+#[test]
+fn a_cancel_mid_round_ends_cancelled_with_the_guest_running() {
+    let memory = guest(BYTES, Image::Random, 9);
+    let dst = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
+    let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+    let mut source = Saturating(CallerFed::from_bitmaps(Arc::clone(&log)));
+    let mut workload = Workload::start(&memory, Some(Arc::clone(&log)), None);
+    let options = LiveOptions {
+        downtime_limit: Duration::from_micros(1),
+        max_rounds: Some(1000),
+        ..LiveOptions::default()
+    };
+    let outcome = live(
+        &memory,
+        &dst,
+        &mut source,
+        &mut workload,
+        &options,
+        |fact, handle| {
+            if *fact == Fact::Pass(3) {
+                handle.cancel();
+            }
+        },
+    );
+    let err = outcome.report.expect_err("cancelled");
+    assert!(err.is_cancelled(), "{}", err.chain());
+    assert!(outcome.received.is_err());
+    assert!(workload.running.is_some(), "the guest runs on");
+    assert!(!memory.is_frozen());
+    let mut inputs = outcome.inputs.0.lock().expect("inputs");
+    let at = inputs
+        .iter()
+        .position(|i| *i == Input::Fact(Fact::Pass(3)))
+        .expect("pass 3");
+    inputs.insert(at + 1, Input::Trigger(Trigger::Cancel));
+    drop(inputs);
+    let statuses = outcome.inputs.statuses(Options::new());
+    assert_eq!(
+        statuses,
+        "setup active pass 1 pass 2 pass 3 cancelling cancelled"
+    );
+}
