@@ -85,11 +85,11 @@ pub struct Progress {
     pub round: u32,
     /// Bytes dirty at the last sync (what the next round sends).
     pub remaining_bytes: u64,
-    /// Wire bytes per second over the last round.
+    /// Bytes sent per second over the last round.
     pub bandwidth: u64,
     /// Pages the guest dirtied per second since the previous sync.
     pub dirty_pages_rate: u64,
-    /// remaining / bandwidth.
+    /// (remaining + bytes still queued from earlier rounds) / bandwidth.
     pub expected_downtime: Duration,
     /// Rounds in a row in which the bytes still dirty did not shrink.
     pub rounds_without_progress: u32,
@@ -191,7 +191,7 @@ pub struct LiveReport {
     pub expected_downtime: Duration,
     /// From pausing the guest to the receiver's confirmation.
     pub downtime: Duration,
-    /// Wire bytes sent while the guest was paused.
+    /// Bytes sent while the guest was paused (what earlier rounds still had queued included).
     pub downtime_bytes: u64,
     /// The progress at the last sync before the switchover.
     pub last: Progress,
@@ -260,7 +260,7 @@ impl Run<'_> {
             return Err(self.fail(Error::Dirty(e)));
         }
         let mut round_start = Instant::now();
-        let mut round_bytes = counters.wire_bytes();
+        let mut round_bytes = counters.sent();
         self.sender()?.round(&DirtySet::all(&memory))?;
         let mut progress = Progress {
             round: 1,
@@ -276,7 +276,7 @@ impl Run<'_> {
                 Err(e) => return Err(self.fail(Error::Dirty(e))),
             };
             let now = Instant::now();
-            let sent = counters.wire_bytes() - round_bytes;
+            let sent = counters.sent() - round_bytes;
             let took = now.duration_since(round_start);
             // Too small a round says little about the link: keep the last estimate.
             if sent >= 1 << 20 || progress.bandwidth == 0 {
@@ -286,9 +286,11 @@ impl Run<'_> {
             progress.dirty_pages_rate = per_second(dirtied, now.duration_since(last_sync));
             last_sync = now;
             progress.remaining_bytes = dirtied * PAGE_SIZE as u64;
+            // A switchover now would first wait for what is still queued.
+            let to_send = progress.remaining_bytes + counters.in_flight();
             progress.expected_downtime = match progress.bandwidth {
                 0 => Duration::MAX,
-                rate => Duration::from_secs_f64(progress.remaining_bytes as f64 / rate as f64),
+                rate => Duration::from_secs_f64(to_send as f64 / rate as f64),
             };
             if progress.remaining_bytes < best_remaining {
                 best_remaining = progress.remaining_bytes;
@@ -306,7 +308,7 @@ impl Run<'_> {
                 }
             }
             round_start = now;
-            round_bytes = counters.wire_bytes();
+            round_bytes = counters.sent();
             self.sender()?.round(&dirty)?;
             progress.round += 1;
         };
@@ -320,7 +322,7 @@ impl Run<'_> {
         }
         *paused = true;
         self.handle.update(|p| p.paused = true);
-        let paused_bytes = counters.wire_bytes();
+        let paused_bytes = counters.sent();
         self.sender()?.switchover()?;
         if self.options.pause_before_switchover && !self.handle.wait_to_proceed() {
             return Err(self.fail(Error::Cancelled));
@@ -347,7 +349,7 @@ impl Run<'_> {
             reason,
             expected_downtime: progress.expected_downtime,
             downtime: paused_at.elapsed(),
-            downtime_bytes: summary.stats.wire_bytes.saturating_sub(paused_bytes),
+            downtime_bytes: counters.sent().saturating_sub(paused_bytes),
             last: progress,
             stalled_syncs,
             summary,

@@ -156,6 +156,9 @@ pub struct Counters {
     raw: AtomicU64,
     lz4: AtomicU64,
     wire_bytes: AtomicU64,
+    /// Sender: frame bytes handed to the channel writers, and bytes they have sent.
+    queued: AtomicU64,
+    sent: AtomicU64,
     rounds: AtomicU64,
     remaining_pages: AtomicU64,
     device_state_bytes: AtomicU64,
@@ -174,6 +177,29 @@ impl Counters {
 
     pub(crate) fn add_wire_bytes(&self, bytes: u64) {
         self.wire_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Frame bytes queued for the channel writers (sender).
+    pub(crate) fn add_queued(&self, bytes: u64) {
+        self.queued.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Frame bytes the channel writers sent (sender).
+    pub(crate) fn add_sent(&self, bytes: u64) {
+        self.sent.fetch_add(bytes, Ordering::Relaxed);
+        self.add_wire_bytes(bytes);
+    }
+
+    /// Frame bytes sent so far (sender).
+    pub(crate) fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Frame bytes queued and not yet sent (sender): what a switchover waits for before its
+    /// own pages.
+    pub(crate) fn in_flight(&self) -> u64 {
+        let sent = self.sent.load(Ordering::Relaxed);
+        self.queued.load(Ordering::Relaxed).saturating_sub(sent)
     }
 
     pub(crate) fn set_round(&self, round: u32) {

@@ -168,6 +168,19 @@ fn live(
     options: &LiveOptions,
     on_fact: impl Fn(&Fact, &LiveHandle) + Send + Sync + 'static,
 ) -> Live {
+    live_limited(memory, dst, source, workload, options, None, on_fact)
+}
+
+/// [`live`] with the sender's rate limited to `max_bandwidth` bytes per second.
+fn live_limited(
+    memory: &Arc<GuestMemory>,
+    dst: &Arc<GuestMemory>,
+    source: &mut dyn DirtySource,
+    workload: &mut Workload,
+    options: &LiveOptions,
+    max_bandwidth: Option<u64>,
+    on_fact: impl Fn(&Fact, &LiveHandle) + Send + Sync + 'static,
+) -> Live {
     let listener = Listener::bind(&common::endpoint(Net::Tcp)).expect("bind");
     let at = listener.endpoint().clone();
     let receive_options = ReceiveOptions {
@@ -189,6 +202,7 @@ fn live(
     };
     let send_options = SendOptions {
         cancel,
+        max_bandwidth,
         timeout: Duration::from_secs(20),
         ..SendOptions::default()
     };
@@ -449,5 +463,40 @@ fn a_cancel_mid_round_ends_cancelled_with_the_guest_running() {
     assert_eq!(
         statuses,
         "setup active pass 1 pass 2 pass 3 cancelling cancelled"
+    );
+}
+
+/// A real workload (20,000 pages a second, 80 MB/s) outpaces a link limited to 8 MB/s: its
+/// 4 MiB stay dirty (half a second at that rate, over the downtime limit), the bytes still dirty
+/// stop shrinking, and the stall policy fails the migration with a clear error.
+#[test]
+fn a_guest_outpacing_a_rate_limited_link_stalls() {
+    let memory = guest(4 << 20, Image::Random, 4);
+    let dst = Arc::new(GuestMemory::anonymous(4 << 20).expect("memory"));
+    let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+    let mut source = CallerFed::from_bitmaps(Arc::clone(&log));
+    let mut workload = Workload::start(&memory, Some(Arc::clone(&log)), Some(20_000));
+    let options = LiveOptions {
+        // 10 ms at 8 MB/s is 20 pages: far fewer than the guest dirties in any round.
+        downtime_limit: Duration::from_millis(10),
+        stall_rounds: 3,
+        on_stall: StallPolicy::Fail,
+        max_rounds: Some(30),
+        ..LiveOptions::default()
+    };
+    let outcome = live_limited(
+        &memory,
+        &dst,
+        &mut source,
+        &mut workload,
+        &options,
+        Some(8 << 20),
+        |_, _| {},
+    );
+    let err = outcome.report.expect_err("a stall");
+    assert!(matches!(err, Error::Stalled { .. }), "{}", err.chain());
+    assert!(
+        workload.running.is_some(),
+        "the guest keeps running on the source"
     );
 }

@@ -23,7 +23,9 @@ use ramjet_control::Fact;
 
 mod pipeline;
 
-use pipeline::{AUTO_LZ4_BYTES_PER_WORKER, RateMeter, WorkerContext, WriterContext, return_path};
+use pipeline::{
+    AUTO_LZ4_BYTES_PER_WORKER, RateLimit, RateMeter, WorkerContext, WriterContext, return_path,
+};
 
 use crate::arena::{Arena, Slot};
 use crate::codec::{Compression, Piece, Pool, frame_capacity};
@@ -64,6 +66,8 @@ pub struct SendOptions {
     pub transport: Arc<dyn Transport>,
     /// Cancels the session from another thread.
     pub cancel: CancelHandle,
+    /// The most bytes per second to send, every channel together (QEMU's `max-bandwidth`).
+    pub max_bandwidth: Option<u64>,
 }
 
 impl Default for SendOptions {
@@ -75,6 +79,7 @@ impl Default for SendOptions {
             timeout: Duration::from_secs(30),
             transport: crate::transport::best().0,
             cancel: CancelHandle::new(),
+            max_bandwidth: None,
         }
     }
 }
@@ -317,6 +322,9 @@ impl Sender {
         if options.workers == 0 {
             return Err(Error::Config("at least one codec worker is needed".into()));
         }
+        if options.max_bandwidth == Some(0) {
+            return Err(Error::Config("max-bandwidth must be above zero".into()));
+        }
         if memory.regions().len() > MAX_REGIONS as usize {
             return Err(Error::Config(format!(
                 "at most {MAX_REGIONS} memory regions can be migrated"
@@ -375,6 +383,9 @@ impl Sender {
         let (confirm_tx, confirm_rx) = channel::bounded(2);
         let (exit_tx, exit_rx) = channel::unbounded();
         let mut queues = Vec::with_capacity(channels);
+        let limit = options
+            .max_bandwidth
+            .map(|rate| Arc::new(RateLimit::new(rate)));
         let mut sender = Sender {
             memory: Arc::clone(&memory),
             timeout: options.timeout,
@@ -415,6 +426,7 @@ impl Sender {
             };
             let ctx = WriterContext {
                 arena: Arc::clone(arena),
+                limit: limit.clone(),
                 channel,
                 queue: queue_rx,
                 pool: pool.clone(),
@@ -571,7 +583,9 @@ impl Sender {
         for (channel, queue) in self.queues.iter().enumerate() {
             let pages = self.round_pages[channel];
             self.total_pages[channel] += pages;
-            let _ = queue.send(Outgoing::Control(FrameHeader::end_of_round(round, pages)));
+            let frame = FrameHeader::end_of_round(round, pages);
+            self.counters.add_queued(frame.len() as u64);
+            let _ = queue.send(Outgoing::Control(frame));
         }
         self.check()?;
         Ok(RoundStats {
@@ -612,12 +626,14 @@ impl Sender {
             let mut offset = 0u64;
             for piece in device_state.chunks(MAX_PAYLOAD as usize) {
                 let frame = FrameHeader::device_state(offset, piece);
+                self.counters.add_queued(frame.len() as u64);
                 let _ = first.send(Outgoing::Control(frame));
                 offset += piece.len() as u64;
             }
         }
         for (channel, queue) in self.queues.iter().enumerate() {
             let frame = FrameHeader::end_of_stream(self.round, self.total_pages[channel]);
+            self.counters.add_queued(frame.len() as u64);
             let _ = queue.send(Outgoing::Control(frame));
         }
         self.jobs = None;

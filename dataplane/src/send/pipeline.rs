@@ -75,6 +75,58 @@ impl RateMeter {
     }
 }
 
+/// A session's send-rate limit (every channel together): a token bucket that refills at
+/// `rate` bytes per second and holds at most 50 ms of it, so a send of `n` bytes waits until
+/// the bucket has paid for it.
+#[derive(Debug)]
+pub(super) struct RateLimit {
+    rate: u64,
+    /// Tokens (bytes, negative while in debt) and when they were counted.
+    state: std::sync::Mutex<(f64, Instant)>,
+}
+
+impl RateLimit {
+    pub(super) fn new(rate: u64) -> Self {
+        Self::starting_at(rate, Instant::now())
+    }
+
+    /// A limit whose bucket is empty at `at`.
+    fn starting_at(rate: u64, at: Instant) -> Self {
+        RateLimit {
+            rate: rate.max(1),
+            state: std::sync::Mutex::new((0.0, at)),
+        }
+    }
+
+    /// Charges `bytes` sent at `now`; returns how long to wait before sending them.
+    fn charge(&self, bytes: usize, now: Instant) -> Duration {
+        let rate = self.rate as f64;
+        let mut state = crate::session::lock(&self.state);
+        let (tokens, at) = *state;
+        let refilled =
+            (tokens + now.saturating_duration_since(at).as_secs_f64() * rate).min(rate * 0.05);
+        let left = refilled - bytes as f64;
+        *state = (left, now);
+        if left >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-left / rate)
+        }
+    }
+
+    /// Waits until `bytes` may be sent, or the session stops.
+    pub(super) fn wait(&self, bytes: usize, abort: &Abort) {
+        let until = Instant::now() + self.charge(bytes, Instant::now());
+        while !abort.is_stopped() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(50)));
+        }
+    }
+}
+
 /// What a codec worker needs.
 pub(super) struct WorkerContext {
     pub(super) meter: Arc<RateMeter>,
@@ -147,6 +199,7 @@ impl WorkerContext {
         match encoded {
             Ok((len, counts)) => {
                 self.counters.add_pages(counts);
+                self.counters.add_queued(len as u64);
                 let outgoing = match &job.frozen {
                     Some(memory) => Outgoing::InPlace {
                         frame,
@@ -177,6 +230,8 @@ impl WorkerContext {
 pub(super) struct WriterContext {
     /// Where the frame buffers live, for the transport to register.
     pub(super) arena: Arc<Arena>,
+    /// The session's rate limit, if any.
+    pub(super) limit: Option<Arc<RateLimit>>,
     pub(super) channel: u16,
     pub(super) queue: Receiver<Outgoing>,
     pub(super) pool: Pool<FrameBuf>,
@@ -221,10 +276,14 @@ impl WriterContext {
                         source,
                     }),
                     Ok(()) if slices.is_empty() => Ok(()),
-                    Ok(()) => link
-                        .send(&slices)
-                        .map(|()| self.counters.add_wire_bytes(written as u64))
-                        .map_err(|e| Error::io(self.channel, "sending frames", self.timeout, e)),
+                    Ok(()) => {
+                        if let Some(limit) = &self.limit {
+                            limit.wait(written, &self.abort);
+                        }
+                        link.send(&slices)
+                            .map(|()| self.counters.add_sent(written as u64))
+                            .map_err(|e| Error::io(self.channel, "sending frames", self.timeout, e))
+                    }
                 };
                 if let Err(err) = sent {
                     broken = true;
@@ -324,6 +383,25 @@ mod tests {
     use std::thread;
 
     use super::*;
+
+    #[test]
+    fn the_rate_limit_charges_sends_against_a_refilling_bucket() {
+        let t0 = Instant::now();
+        let limit = RateLimit::starting_at(1_000_000, t0);
+        // An empty bucket: 100 KB at 1 MB/s wait 100 ms.
+        assert_eq!(limit.charge(100_000, t0), Duration::from_millis(100));
+        // The debt is paid by time: 100 ms later the bucket is empty again.
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(limit.charge(0, t1), Duration::ZERO);
+        // Idle time fills it up to 50 ms worth (50 KB), no more.
+        let t2 = t1 + Duration::from_secs(10);
+        assert_eq!(limit.charge(50_000, t2), Duration::ZERO);
+        assert_eq!(limit.charge(10_000, t2), Duration::from_millis(10));
+        // A second's worth of sends at once: the last may go a second later.
+        let limit = RateLimit::starting_at(1_000_000, t0);
+        let last = (0..100).map(|_| limit.charge(10_000, t0)).last();
+        assert_eq!(last, Some(Duration::from_secs(1)));
+    }
 
     #[test]
     fn the_rate_meter_measures_windows_from_the_first_sample() {
