@@ -22,7 +22,8 @@ use crate::dirty::{DirtySet, DirtySource};
 use crate::error::Error;
 use crate::memory::PAGE_SIZE;
 use crate::send::{Sender, Summary};
-use crate::session::{CancelHandle, lock};
+use crate::session::{CancelHandle, Counters, lock};
+use ramjet_control::RamStats;
 
 /// What to do when the migration stops converging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -112,6 +113,17 @@ struct HandleShared {
     proceed: Mutex<bool>,
     wake: Condvar,
     progress: Mutex<Progress>,
+    running: Mutex<Option<Running>>,
+}
+
+/// What the handle needs to report `query-migrate` figures for a running migration.
+#[derive(Debug, Clone)]
+struct Running {
+    counters: Arc<Counters>,
+    total_bytes: u64,
+    started: Instant,
+    /// Bytes sent when the guest paused.
+    paused_at_sent: Option<u64>,
 }
 
 impl LiveHandle {
@@ -139,6 +151,27 @@ impl LiveHandle {
     /// The progress as of the last dirty sync.
     pub fn progress(&self) -> Progress {
         *lock(&self.shared.progress)
+    }
+
+    /// The migration's RAM figures with `query-migrate`'s meanings (`None` before it starts):
+    /// bytes transferred, remaining and total, zero ("duplicate") and normal pages, the dirty
+    /// rate, throughput, dirty syncs, pages per second, and the bytes sent before and during
+    /// the downtime. The expected downtime is in [`Progress::expected_downtime`].
+    pub fn ram_stats(&self) -> Option<RamStats> {
+        let running = lock(&self.shared.running).clone()?;
+        let progress = self.progress();
+        let mut stats = running
+            .counters
+            .snapshot()
+            .ram_stats(running.total_bytes, running.started.elapsed());
+        let sent = running.counters.sent();
+        stats.dirty_pages_rate = progress.dirty_pages_rate;
+        stats.remaining = stats.remaining.max(progress.remaining_bytes);
+        (stats.precopy_bytes, stats.downtime_bytes) = match running.paused_at_sent {
+            Some(at) => (at, sent.saturating_sub(at)),
+            None => (sent, 0),
+        };
+        Some(stats)
     }
 
     fn update(&self, f: impl FnOnce(&mut Progress)) {
@@ -256,6 +289,12 @@ impl Run<'_> {
     ) -> Result<LiveReport, Error> {
         let memory = Arc::clone(self.sender()?.memory());
         let counters = self.sender()?.counters();
+        *lock(&self.handle.shared.running) = Some(Running {
+            counters: Arc::clone(&counters),
+            total_bytes: memory.total_bytes(),
+            started: self.started,
+            paused_at_sent: None,
+        });
         if let Err(e) = source.start(&memory) {
             return Err(self.fail(Error::Dirty(e)));
         }
@@ -323,6 +362,9 @@ impl Run<'_> {
         *paused = true;
         self.handle.update(|p| p.paused = true);
         let paused_bytes = counters.sent();
+        if let Some(running) = lock(&self.handle.shared.running).as_mut() {
+            running.paused_at_sent = Some(paused_bytes);
+        }
         self.sender()?.switchover()?;
         if self.options.pause_before_switchover && !self.handle.wait_to_proceed() {
             return Err(self.fail(Error::Cancelled));

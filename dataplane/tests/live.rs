@@ -157,6 +157,7 @@ struct Live {
     report: Result<LiveReport, Error>,
     received: Result<ramjet_dataplane::Received, Error>,
     inputs: Arc<Inputs>,
+    handle: LiveHandle,
 }
 
 /// Migrates `memory` live to a receiver over loopback TCP.
@@ -213,6 +214,7 @@ fn live_limited(
         report,
         received,
         inputs,
+        handle,
     }
 }
 
@@ -262,6 +264,23 @@ fn a_running_guest_converges_with_either_dirty_source() {
             "the guest stays paused"
         );
         assert_identical(&memory, &dst);
+        // query-migrate's figures add up.
+        let ram = outcome.handle.ram_stats().expect("ram stats");
+        let stats = report.summary.stats;
+        assert_eq!(ram.total, BYTES);
+        assert_eq!(ram.dirty_sync_count, u64::from(report.rounds));
+        assert_eq!(ram.duplicate + ram.normal, stats.pages());
+        assert_eq!(ram.normal_bytes, ram.normal * PAGE_SIZE as u64);
+        assert!(
+            stats.pages() >= memory.total_pages(),
+            "every page at least once"
+        );
+        assert_eq!(ram.downtime_bytes, report.downtime_bytes);
+        assert!(
+            ram.precopy_bytes > BYTES / 3,
+            "round 1 is before the pause: {ram:?}"
+        );
+        assert!(ram.transferred >= ram.precopy_bytes + ram.downtime_bytes);
         let statuses = outcome.inputs.statuses(Options::new());
         let passes = (1..=report.rounds)
             .map(|n| format!("pass {n}"))
