@@ -1,4 +1,5 @@
-//! Guest memory: regions of guest RAM mapped into this process.
+//! Guest memory: regions of guest RAM mapped into this process, by ramjet (anonymous, memfd, an
+//! image file) or by the embedding VMM ([`Region::from_host`]).
 //!
 //! [`GuestMemory`] is the one type that owns the mappings and the raw pointers into them. Guest
 //! pages are never handed out as `&[u8]` by the public API: on the source the guest keeps writing
@@ -93,6 +94,8 @@ pub enum Backing {
     File,
     /// A memfd, which another process can map too.
     Memfd,
+    /// Memory the embedder mapped ([`Region::from_host`]).
+    Host,
 }
 
 /// Errors from building or accessing guest memory.
@@ -160,12 +163,61 @@ pub enum MemoryError {
     },
 }
 
+/// Where a region's bytes are mapped.
+enum Mapping {
+    /// A mapping the region made, and unmaps when dropped. `MmapRaw` never creates references
+    /// to the mapped bytes.
+    Own(MmapRaw),
+    /// Memory the embedder mapped: `keep` holds whatever keeps it mapped.
+    Host {
+        ptr: ptr::NonNull<u8>,
+        len: usize,
+        _keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    },
+}
+
+// SAFETY: a host mapping is plain shared memory, like an `MmapRaw`: the region reaches it only
+// through raw pointers, under the same rules as its own mappings (see the module docs), and
+// `Region::from_host`'s caller guarantees it stays mapped for the region's life.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; no `&`-access to the bytes is ever formed from a shared `Mapping`.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn as_mut_ptr(&self) -> *mut u8 {
+        match self {
+            Mapping::Own(map) => map.as_mut_ptr(),
+            Mapping::Host { ptr, .. } => ptr.as_ptr(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Mapping::Own(map) => map.len(),
+            Mapping::Host { len, .. } => *len,
+        }
+    }
+}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mapping::Own(map) => f.debug_tuple("Own").field(&map.as_ptr()).finish(),
+            Mapping::Host { ptr, len, .. } => f
+                .debug_struct("Host")
+                .field("ptr", ptr)
+                .field("len", len)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
 /// One mapped region of guest RAM.
 #[derive(Debug)]
 pub struct Region {
     layout: RegionLayout,
-    /// The mapping; `MmapRaw` never creates references to the mapped bytes.
-    map: MmapRaw,
+    /// The mapping, reached only through raw pointers.
+    map: Mapping,
     backing: Backing,
     /// Whether every byte is known to be zero (fresh anonymous or memfd memory that nothing has
     /// written yet).
@@ -191,7 +243,7 @@ impl Region {
         let _ = map.advise(Advice::HugePage);
         Ok(Region {
             layout,
-            map: MmapRaw::from(map),
+            map: Mapping::Own(MmapRaw::from(map)),
             backing: Backing::Anonymous,
             known_zero: AtomicBool::new(true),
             memfd: None,
@@ -220,7 +272,7 @@ impl Region {
             .map_err(map_err)?;
         Ok(Region {
             layout,
-            map,
+            map: Mapping::Own(map),
             backing: Backing::Memfd,
             known_zero: AtomicBool::new(true),
             memfd: Some(file),
@@ -260,8 +312,47 @@ impl Region {
             })?;
         Ok(Region {
             layout,
-            map,
+            map: Mapping::Own(map),
             backing: Backing::File,
+            known_zero: AtomicBool::new(false),
+            memfd: None,
+        })
+    }
+
+    /// A region over guest RAM the embedder has mapped itself (a VMM's own guest memory):
+    /// `len` bytes at `ptr`, page-aligned. `keep` is held for the region's life, for whatever
+    /// keeps the mapping alive (the VMM's memory object, say).
+    ///
+    /// # Safety
+    ///
+    /// `ptr .. ptr + len` must be one readable and writable mapping that stays mapped, and is
+    /// not truncated if file-backed, for as long as the region lives. The guest may write it
+    /// at any time, as it may write any region; but once a sender has frozen the memory for
+    /// its final round, nothing may write it until the freeze ends (see the module docs).
+    pub unsafe fn from_host(
+        id: u32,
+        guest_base: GuestAddr,
+        ptr: *mut u8,
+        len: u64,
+        keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    ) -> Result<Self, MemoryError> {
+        let layout = checked_layout(id, guest_base, len)?;
+        let map_len = map_len(len)?;
+        let ptr = ptr::NonNull::new(ptr)
+            .filter(|p| (p.as_ptr() as usize).is_multiple_of(PAGE_SIZE))
+            .ok_or(MemoryError::Unaligned {
+                id,
+                base: ptr as u64,
+                len,
+            })?;
+        Ok(Region {
+            layout,
+            map: Mapping::Host {
+                ptr,
+                len: map_len,
+                _keep: keep,
+            },
+            backing: Backing::Host,
             known_zero: AtomicBool::new(false),
             memfd: None,
         })
@@ -318,7 +409,7 @@ impl Region {
     /// The host address and length of the mapping, for the kernel interfaces that track it
     /// (userfaultfd, `PAGEMAP_SCAN`); never dereferenced.
     pub(crate) fn host_range(&self) -> (usize, usize) {
-        (self.map.as_ptr() as usize, self.map.len())
+        (self.map.as_mut_ptr() as usize, self.map.len())
     }
 
     /// A pointer to `len` bytes at `offset`, after checking they lie inside the region.
@@ -785,6 +876,30 @@ mod tests {
         assert!(err.to_string().contains("outside guest memory"), "{err}");
         // SAFETY: as above; the multiplication overflows and is refused.
         assert!(unsafe { memory.page_mut(0, u64::MAX) }.is_err());
+    }
+
+    #[test]
+    fn host_mappings_are_shared_and_checked() {
+        let mut host = memmap2::MmapMut::map_anon(2 * PAGE_SIZE).unwrap();
+        host[PAGE_SIZE] = 7;
+        let ptr = host.as_mut_ptr();
+        let keep: Arc<dyn std::any::Any + Send + Sync> = Arc::new(std::sync::Mutex::new(host));
+        // SAFETY: `keep` holds the mapping for as long as the region lives.
+        let region =
+            unsafe { Region::from_host(4, GuestAddr(0), ptr, 2 * PAGE_SIZE_U64, Some(keep)) }
+                .unwrap();
+        assert_eq!(region.backing(), Backing::Host);
+        let memory = GuestMemory::new(vec![region]).unwrap();
+        let mut byte = [0u8; 1];
+        memory.read(0, PAGE_SIZE_U64, &mut byte).unwrap();
+        assert_eq!(byte, [7]);
+        memory.prefault().unwrap();
+        // SAFETY: both calls fail their checks before any access.
+        let null = unsafe { Region::from_host(0, GuestAddr(0), ptr::null_mut(), 4096, None) };
+        assert!(matches!(null, Err(MemoryError::Unaligned { .. })));
+        // SAFETY: as above.
+        let odd = unsafe { Region::from_host(0, GuestAddr(0), ptr.wrapping_add(1), 4096, None) };
+        assert!(matches!(odd, Err(MemoryError::Unaligned { .. })));
     }
 
     #[test]

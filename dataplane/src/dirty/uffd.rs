@@ -182,7 +182,7 @@ impl UffdWp {
         let shmem = memory
             .regions()
             .iter()
-            .any(|r| r.backing() == Backing::Memfd);
+            .any(|r| matches!(r.backing(), Backing::Memfd | Backing::Host));
         let mut api = UffdioApi {
             api: UFFD_API,
             features: UFFD_FEATURE_WP_ASYNC
