@@ -6,13 +6,18 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::{Image, Net, Next, Plan, guest, migrate};
 use ramjet_dataplane::codec::Compression;
 use ramjet_dataplane::dirty::DirtySet;
+use ramjet_dataplane::dirty::{CallerFed, DirtySource, UffdWp};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::transport::Listener;
-use ramjet_dataplane::{CancelHandle, ReceiveOptions, SendOptions, Sender, receive};
+use ramjet_dataplane::{
+    CancelHandle, Error, Fact, FactSink, Guest, LiveHandle, LiveOptions, LiveReport,
+    ReceiveOptions, SendOptions, Sender, migrate_live, receive,
+};
 
 fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).map(Iterator::count).unwrap_or(0)
@@ -60,7 +65,73 @@ fn no_descriptors_or_threads_outlive_a_session() {
         assert!(receiver.join().expect("receiver").is_err());
         kept.push((send_options, cancel));
     }
+    // Live migrations: one cancelled mid-round, one completed with userfaultfd tracking.
+    for cancel_at in [Some(3), None] {
+        let outcome = live(&src, &dst, cancel_at);
+        assert_eq!(outcome.is_err(), cancel_at.is_some(), "{outcome:?}");
+    }
     assert_eq!(count("/proc/self/fd"), fds, "file descriptors leaked");
     assert_eq!(count("/proc/self/task"), threads, "threads leaked");
     drop(kept);
+}
+
+/// A guest whose vCPUs are stopped throughout.
+struct Idle;
+
+impl Guest for Idle {
+    fn pause(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn device_state(&mut self) -> Result<Vec<u8>, String> {
+        Ok(Vec::new())
+    }
+}
+
+/// A live migration of `src` into `dst`, cancelled at pass `cancel_at` (whose log says every
+/// page is dirty, so it never converges) or run to completion with userfaultfd tracking.
+fn live(
+    src: &Arc<GuestMemory>,
+    dst: &Arc<GuestMemory>,
+    cancel_at: Option<u64>,
+) -> Result<LiveReport, Error> {
+    let listener = Listener::bind(&common::endpoint(Net::Tcp)).expect("bind");
+    let at = listener.endpoint().clone();
+    let dst = Arc::clone(dst);
+    let receiver = std::thread::spawn(move || {
+        receive(&listener, dst, &ReceiveOptions::default(), Arc::new(|_| {}))
+    });
+    let cancel = CancelHandle::new();
+    let handle = LiveHandle::new(cancel.clone());
+    let watcher = handle.clone();
+    let sink: Arc<dyn FactSink> = Arc::new(move |fact: Fact| {
+        if cancel_at.is_some_and(|n| fact == Fact::Pass(n)) {
+            watcher.cancel();
+        }
+    });
+    let options = SendOptions {
+        cancel,
+        ..SendOptions::default()
+    };
+    let mut source: Box<dyn DirtySource> = match cancel_at {
+        Some(_) => Box::new(CallerFed::new(|_, words: &mut [u64]| {
+            words.fill(u64::MAX);
+            Ok(())
+        })),
+        None => Box::new(UffdWp::new()),
+    };
+    let live_options = LiveOptions {
+        downtime_limit: if cancel_at.is_some() {
+            Duration::from_micros(1)
+        } else {
+            LiveOptions::default().downtime_limit
+        },
+        ..LiveOptions::default()
+    };
+    let report = Sender::connect(Arc::clone(src), &at, &options, sink).and_then(|sender| {
+        migrate_live(sender, source.as_mut(), &mut Idle, &live_options, &handle)
+    });
+    drop(source);
+    let _ = receiver.join().expect("receiver");
+    report
 }

@@ -519,3 +519,30 @@ fn a_guest_outpacing_a_rate_limited_link_stalls() {
         "the guest keeps running on the source"
     );
 }
+
+/// A migration that does not converge switches over at its time bound.
+#[test]
+fn the_time_bound_forces_the_switchover() {
+    let memory = guest(8 << 20, Image::Random, 6);
+    let dst = Arc::new(GuestMemory::anonymous(8 << 20).expect("memory"));
+    let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+    let mut source = Saturating(CallerFed::from_bitmaps(Arc::clone(&log)));
+    let mut workload = Workload::start(&memory, Some(Arc::clone(&log)), Some(1_000));
+    let options = LiveOptions {
+        downtime_limit: Duration::from_micros(1),
+        max_time: Some(Duration::from_millis(100)),
+        ..LiveOptions::default()
+    };
+    let outcome = live(
+        &memory,
+        &dst,
+        &mut source,
+        &mut workload,
+        &options,
+        |_, _| {},
+    );
+    let report = outcome.report.expect("live migration");
+    assert_eq!(report.reason, SwitchoverReason::MaxTime);
+    assert!(report.rounds >= 2);
+    assert_identical(&memory, &dst);
+}
