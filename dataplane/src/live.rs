@@ -3,8 +3,8 @@
 //! [`migrate_live`] runs the loop QEMU's pre-copy runs. Round 1 sends every page. Each later
 //! round starts with a dirty sync ([`DirtySource::harvest`]) and sends what the guest wrote
 //! meanwhile. After each sync it measures the link's bandwidth over the round just sent, the
-//! guest's dirty rate and the bytes still dirty, and expects a downtime of remaining /
-//! bandwidth. It switches over once that fits the downtime limit, or when a bound (rounds,
+//! guest's dirty rate and the bytes still dirty, and expects a downtime of the bytes to send
+//! (dirty, plus what earlier rounds still have queued) over the bandwidth, plus one more sync. It switches over once that fits the downtime limit, or when a bound (rounds,
 //! time) or the stall policy says so. The switchover pauses the guest ([`Guest::pause`]),
 //! optionally waits for [`LiveHandle::proceed`] (`pause-before-switchover`), syncs once more,
 //! sends the final round straight from the frozen memory, then the device state, and
@@ -90,7 +90,9 @@ pub struct Progress {
     pub bandwidth: u64,
     /// Pages the guest dirtied per second since the previous sync.
     pub dirty_pages_rate: u64,
-    /// (remaining + bytes still queued from earlier rounds) / bandwidth.
+    /// How long the last dirty sync took.
+    pub sync_time: Duration,
+    /// (remaining + bytes still queued from earlier rounds) / bandwidth, plus a dirty sync.
     pub expected_downtime: Duration,
     /// Rounds in a row in which the bytes still dirty did not shrink.
     pub rounds_without_progress: u32,
@@ -310,11 +312,14 @@ impl Run<'_> {
         let mut stalled_syncs = 0;
         let (pending, reason) = loop {
             // The dirty sync that starts the next round.
+            let sync_start = Instant::now();
             let dirty = match source.harvest(&memory) {
                 Ok(dirty) => dirty,
                 Err(e) => return Err(self.fail(Error::Dirty(e))),
             };
             let now = Instant::now();
+            // The final sync, made while paused, costs about as much.
+            progress.sync_time = now.duration_since(sync_start);
             let sent = counters.sent() - round_bytes;
             let took = now.duration_since(round_start);
             // Too small a round says little about the link: keep the last estimate.
@@ -329,7 +334,7 @@ impl Run<'_> {
             let to_send = progress.remaining_bytes + counters.in_flight();
             progress.expected_downtime = match progress.bandwidth {
                 0 => Duration::MAX,
-                rate => Duration::from_secs_f64(to_send as f64 / rate as f64),
+                rate => Duration::from_secs_f64(to_send as f64 / rate as f64) + progress.sync_time,
             };
             if progress.remaining_bytes < best_remaining {
                 best_remaining = progress.remaining_bytes;
@@ -390,7 +395,7 @@ impl Run<'_> {
             rounds: summary.rounds,
             reason,
             expected_downtime: progress.expected_downtime,
-            downtime: paused_at.elapsed(),
+            downtime: summary.confirmed.saturating_duration_since(paused_at),
             downtime_bytes: counters.sent().saturating_sub(paused_bytes),
             last: progress,
             stalled_syncs,

@@ -102,6 +102,8 @@ pub struct Summary {
     pub stats: Stats,
     /// From connecting to the receiver's confirmation.
     pub elapsed: Duration,
+    /// When the receiver's confirmation arrived.
+    pub confirmed: Instant,
 }
 
 /// What the receiver confirmed.
@@ -177,17 +179,59 @@ impl Outgoing {
     }
 }
 
-/// The dirty pages of one 64-page chunk.
+/// Hands `job` to the codec workers and counts its pages; false if the workers are gone.
+fn dispatch(
+    jobs: Option<&channel::Sender<Job>>,
+    round_pages: &mut [u64],
+    counters: &Counters,
+    job: Job,
+    remaining: &mut u64,
+) -> bool {
+    let (channel, pages) = (usize::from(job.channel), u64::from(job.pages));
+    if jobs.is_none_or(|jobs| jobs.send(job).is_err()) {
+        return false;
+    }
+    round_pages[channel] += pages;
+    *remaining -= pages;
+    counters.set_remaining_pages(*remaining);
+    true
+}
+
+/// Dirty-bitmap words (64-page chunks) one job may gather.
+pub(super) const JOB_WORDS: usize = 32;
+
+/// The dirty pages of one frame: up to [`CHUNK_LEN`] pages from up to [`JOB_WORDS`] chunks of
+/// one channel, in increasing order. Dense chunks make a job each; sparse ones, typical of
+/// later rounds, share one, so a frame is never a page or two.
 #[derive(Debug, Clone)]
 pub(super) struct Job {
     pub(super) region: u32,
-    pub(super) chunk: u64,
-    pub(super) mask: u64,
+    /// (chunk, mask of its dirty pages), the first `words` of them in use.
+    pub(super) chunks: [(u64, u64); JOB_WORDS],
+    pub(super) words: usize,
+    pub(super) pages: u32,
     pub(super) round: u32,
     pub(super) channel: u16,
     /// Set in the final round: the guest is paused and its memory frozen, so raw pages are
     /// sent in place instead of copied.
     pub(super) frozen: Option<Frozen>,
+}
+
+impl Job {
+    /// Whether the dirty pages `mask` of chunk `chunk` still fit.
+    fn fits(&self, chunk: u64, mask: u64) -> bool {
+        let first = self.chunks[0].0;
+        // Page offsets from the first chunk's first page must fit a u32.
+        let span_ok = chunk.saturating_sub(first) < u64::from(u32::MAX) / CHUNK_PAGES;
+        self.words < JOB_WORDS
+            && u64::from(self.pages + mask.count_ones()) <= CHUNK_PAGES
+            && span_ok
+    }
+
+    /// The chunks in use.
+    pub(super) fn chunks(&self) -> &[(u64, u64)] {
+        &self.chunks[..self.words]
+    }
 }
 
 /// A running send session: connected channels and the threads that feed them.
@@ -543,7 +587,10 @@ impl Sender {
         let mut dispatched = 0u64;
         // Borrowed, never cloned: the workers must see the queue close when the session ends.
         let jobs = self.jobs.as_ref();
+        // A job being gathered per channel; never across regions.
+        let mut gathering: Vec<Option<Job>> = vec![None; usize::from(channels)];
         'regions: for region in 0..dirty.region_count() {
+            let region_index = u32::try_from(region).unwrap_or(u32::MAX);
             for (index, &mask) in dirty.words(region).iter().enumerate() {
                 if mask == 0 {
                     continue;
@@ -553,22 +600,43 @@ impl Sender {
                 }
                 let chunk = index as u64;
                 let channel = channel_of(chunk * CHUNK_PAGES, channels);
-                let pages = u64::from(mask.count_ones());
-                let job = Job {
-                    region: u32::try_from(region).unwrap_or(u32::MAX),
-                    chunk,
-                    mask,
+                let slot = &mut gathering[usize::from(channel)];
+                if let Some(job) = slot.take_if(|job| !job.fits(chunk, mask)) {
+                    if !dispatch(
+                        jobs,
+                        &mut self.round_pages,
+                        &self.counters,
+                        job,
+                        &mut remaining,
+                    ) {
+                        break 'regions;
+                    }
+                    dispatched += 1;
+                }
+                let job = slot.get_or_insert_with(|| Job {
+                    region: region_index,
+                    chunks: [(0, 0); JOB_WORDS],
+                    words: 0,
+                    pages: 0,
                     round,
                     channel,
                     frozen: self.frozen.clone(),
-                };
-                if jobs.as_ref().is_none_or(|jobs| jobs.send(job).is_err()) {
+                });
+                job.chunks[job.words] = (chunk, mask);
+                job.words += 1;
+                job.pages += mask.count_ones();
+            }
+            for job in gathering.iter_mut().filter_map(Option::take) {
+                if !dispatch(
+                    jobs,
+                    &mut self.round_pages,
+                    &self.counters,
+                    job,
+                    &mut remaining,
+                ) {
                     break 'regions;
                 }
                 dispatched += 1;
-                self.round_pages[usize::from(channel)] += pages;
-                remaining -= pages;
-                self.counters.set_remaining_pages(remaining);
             }
         }
         // The barrier: every job of this round is encoded and queued before its end marker.
@@ -686,7 +754,8 @@ impl Sender {
         self.counters
             .add_device_state_bytes(device_state.len() as u64);
         self.counters.set_remaining_pages(0);
-        let elapsed = self.started.elapsed();
+        let confirmed = Instant::now();
+        let elapsed = confirmed.duration_since(self.started);
         self.sink.fact(Fact::Completed);
         self.abort.close_all();
         self.stop_threads();
@@ -696,6 +765,7 @@ impl Sender {
             rounds: self.round,
             stats: self.counters.snapshot(),
             elapsed,
+            confirmed,
         })
     }
 

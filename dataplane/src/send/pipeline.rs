@@ -158,12 +158,16 @@ impl WorkerContext {
         let Some(queue) = self.queues.get(usize::from(job.channel)) else {
             return;
         };
+        let first = job.chunks().first().map_or(0, |&(chunk, _)| chunk) * CHUNK_PAGES;
         let mut count = 0;
-        let mut mask = job.mask;
-        while mask != 0 {
-            offsets[count] = mask.trailing_zeros();
-            count += 1;
-            mask &= mask - 1;
+        for &(chunk, mut mask) in job.chunks() {
+            // `Job::fits` keeps every offset within a u32.
+            let base = u32::try_from(chunk * CHUNK_PAGES - first).unwrap_or(u32::MAX);
+            while mask != 0 && count < CHUNK_LEN {
+                offsets[count] = base + mask.trailing_zeros();
+                count += 1;
+                mask &= mask - 1;
+            }
         }
         let compress = match self.compression {
             Compression::Off => false,
@@ -177,7 +181,7 @@ impl WorkerContext {
         };
         let batch = Batch {
             region: job.region,
-            first: job.chunk * CHUNK_PAGES,
+            first,
             offsets: &offsets[..count],
             round: job.round,
         };
