@@ -485,39 +485,62 @@ fn a_cancel_mid_round_ends_cancelled_with_the_guest_running() {
     );
 }
 
-/// A real workload (20,000 pages a second, 80 MB/s) outpaces a link limited to 8 MB/s: its
-/// 4 MiB stay dirty (half a second at that rate, over the downtime limit), the bytes still dirty
-/// stop shrinking, and the stall policy fails the migration with a clear error.
+/// A real workload (20,000 pages a second, 80 MB/s) outpaces a link limited to 20 MB/s: its
+/// 1 MiB stays dirty (50 ms at that rate, over the 10 ms downtime limit), the bytes still dirty
+/// stop shrinking, and each stall policy does what it says.
 #[test]
 fn a_guest_outpacing_a_rate_limited_link_stalls() {
-    let memory = guest(4 << 20, Image::Random, 4);
-    let dst = Arc::new(GuestMemory::anonymous(4 << 20).expect("memory"));
-    let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
-    let mut source = CallerFed::from_bitmaps(Arc::clone(&log));
-    let mut workload = Workload::start(&memory, Some(Arc::clone(&log)), Some(20_000));
-    let options = LiveOptions {
-        // 10 ms at 8 MB/s is 20 pages: far fewer than the guest dirties in any round.
-        downtime_limit: Duration::from_millis(10),
-        stall_rounds: 3,
-        on_stall: StallPolicy::Fail,
-        max_rounds: Some(30),
-        ..LiveOptions::default()
-    };
-    let outcome = live_limited(
-        &memory,
-        &dst,
-        &mut source,
-        &mut workload,
-        &options,
-        Some(8 << 20),
-        |_, _| {},
-    );
-    let err = outcome.report.expect_err("a stall");
-    assert!(matches!(err, Error::Stalled { .. }), "{}", err.chain());
-    assert!(
-        workload.running.is_some(),
-        "the guest keeps running on the source"
-    );
+    for policy in [
+        StallPolicy::Continue,
+        StallPolicy::Switchover,
+        StallPolicy::Fail,
+    ] {
+        let memory = guest(1 << 20, Image::Random, 4);
+        let dst = Arc::new(GuestMemory::anonymous(1 << 20).expect("memory"));
+        let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+        let mut source = CallerFed::from_bitmaps(Arc::clone(&log));
+        let mut workload = Workload::start(&memory, Some(Arc::clone(&log)), Some(20_000));
+        let options = LiveOptions {
+            // 10 ms at 20 MB/s is 50 pages: far fewer than the guest dirties in any round.
+            downtime_limit: Duration::from_millis(10),
+            stall_rounds: 3,
+            on_stall: policy,
+            max_rounds: Some(30),
+            ..LiveOptions::default()
+        };
+        let outcome = live_limited(
+            &memory,
+            &dst,
+            &mut source,
+            &mut workload,
+            &options,
+            Some(20 << 20),
+            |_, _| {},
+        );
+        let what = format!("{policy:?}");
+        match policy {
+            StallPolicy::Continue => {
+                let report = outcome.report.expect(&what);
+                assert_eq!(report.reason, SwitchoverReason::MaxRounds, "{what}");
+                assert!(report.stalled_syncs > 0, "{what}: {report:?}");
+                assert_identical(&memory, &dst);
+            }
+            StallPolicy::Switchover => {
+                let report = outcome.report.expect(&what);
+                assert_eq!(
+                    report.reason,
+                    SwitchoverReason::Stalled,
+                    "{what}: {report:?}"
+                );
+                assert_identical(&memory, &dst);
+            }
+            StallPolicy::Fail => {
+                let err = outcome.report.expect_err(&what);
+                assert!(matches!(err, Error::Stalled { .. }), "{}", err.chain());
+                assert!(workload.running.is_some(), "the guest keeps running");
+            }
+        }
+    }
 }
 
 /// A migration that does not converge switches over at its time bound.
