@@ -1,5 +1,5 @@
 //! A minimal VMM embedding ramjet: its "guest" is a memory region and a vCPU thread that keeps
-//! writing to it. It migrates itself live over loopback TCP to a destination VMM in the same
+//! writing to it (ramjet's toy [`Workload`], which implements the [`Guest`] hooks). It migrates itself live over loopback TCP to a destination VMM in the same
 //! process, drives one `ramjet-control` machine per side and prints their QMP-shaped events,
 //! then the figures a management tool would ask for.
 //!
@@ -12,81 +12,20 @@
 //! marks itself (as KVM's dirty log would).
 
 use std::error::Error;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use ramjet_control::{Input, Machine, Options, Profile, Side, Timestamp, Trigger};
 use ramjet_dataplane::dirty::{CallerFed, DirtyBitmap, DirtySource, UffdWp};
-use ramjet_dataplane::image::{self, ImageKind, Rng};
-use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use ramjet_dataplane::image::{self, ImageKind};
+use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::transport::Listener;
+use ramjet_dataplane::workload::Workload;
 use ramjet_dataplane::{
-    CancelHandle, Fact, FactSink, Guest, LiveHandle, LiveOptions, ReceiveOptions, SendOptions,
-    Sender, migrate_live, receive,
+    CancelHandle, Fact, FactSink, LiveHandle, LiveOptions, ReceiveOptions, SendOptions, Sender,
+    migrate_live, receive,
 };
-
-/// The guest: memory, and a vCPU thread writing random pages at a fixed rate.
-struct Vm {
-    memory: Arc<GuestMemory>,
-    /// Marked by the vCPU when the caller-fed dirty log is used.
-    log: Option<Arc<[DirtyBitmap]>>,
-    pages_per_second: u64,
-    vcpu: Option<(Arc<AtomicBool>, JoinHandle<u64>)>,
-    writes: u64,
-}
-
-impl Vm {
-    fn run(&mut self) {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (memory, log, rate) = (
-            Arc::clone(&self.memory),
-            self.log.clone(),
-            self.pages_per_second,
-        );
-        let flag = Arc::clone(&stop);
-        let vcpu = thread::spawn(move || {
-            let (mut rng, mut page) = (Rng::new(1), vec![0u8; PAGE_SIZE]);
-            let (started, pages) = (Instant::now(), memory.total_pages());
-            let mut writes = 0u64;
-            while !flag.load(Ordering::Relaxed) {
-                if writes as f64 >= started.elapsed().as_secs_f64() * rate as f64 {
-                    thread::sleep(Duration::from_micros(100));
-                    continue;
-                }
-                let target = rng.next_u64() % pages;
-                image::fill_page(ImageKind::Mixed, &mut rng, &mut page);
-                if memory.write(0, target * PAGE_SIZE as u64, &page).is_err() {
-                    break;
-                }
-                if let Some(log) = &log {
-                    log[0].set(target);
-                }
-                writes += 1;
-            }
-            writes
-        });
-        self.vcpu = Some((stop, vcpu));
-    }
-}
-
-impl Guest for Vm {
-    fn pause(&mut self) -> Result<(), String> {
-        let (stop, vcpu) = self.vcpu.take().ok_or("the guest is not running")?;
-        stop.store(true, Ordering::Relaxed);
-        self.writes += vcpu.join().map_err(|_| "the vCPU thread panicked")?;
-        Ok(())
-    }
-
-    fn device_state(&mut self) -> Result<Vec<u8>, String> {
-        Ok(format!("vcpu0: {} writes", self.writes).into_bytes())
-    }
-
-    fn resume(&mut self) {
-        self.run();
-    }
-}
 
 /// A control machine fed with one side's facts, printing what it emits.
 fn machine(side: Side) -> (Arc<Mutex<Machine>>, Arc<dyn FactSink>) {
@@ -133,14 +72,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         source = Box::new(CallerFed::from_bitmaps(Arc::clone(&bitmaps)));
         log = Some(bitmaps);
     }
-    let mut vm = Vm {
-        memory: Arc::clone(&memory),
-        log,
-        pages_per_second,
-        vcpu: None,
-        writes: 0,
-    };
-    vm.run();
+    let mut vm = Workload::start(&memory, log, Some(pages_per_second), ImageKind::Mixed, 1);
 
     // The destination VMM: RAM allocated and faulted in at start-up, then `-incoming`.
     let incoming = Arc::new(GuestMemory::anonymous_like(&memory.layout())?);

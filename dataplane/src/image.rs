@@ -3,6 +3,7 @@
 //! same bytes for the same seed on every machine.
 
 use std::fmt;
+use std::io;
 use std::str::FromStr;
 
 use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
@@ -141,10 +142,56 @@ pub fn fill(memory: &GuestMemory, kind: ImageKind, seed: u64) -> Result<(), Memo
     Ok(())
 }
 
+/// Writes a `bytes`-long image of `kind` into `file` (truncated first): the same bytes
+/// [`fill`] puts into a one-region guest of that size with the same seed. Zero pages are left
+/// as holes. `bytes` must be a whole number of pages.
+pub fn write_file(file: &std::fs::File, kind: ImageKind, seed: u64, bytes: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if !bytes.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("an image is whole {PAGE_SIZE}-byte pages; {bytes} bytes is not"),
+        ));
+    }
+    file.set_len(0)?;
+    file.set_len(bytes)?;
+    let mut rng = Rng::new(seed);
+    let mut page = vec![0u8; PAGE_SIZE];
+    for index in 0..bytes / PAGE_SIZE as u64 {
+        fill_page(kind, &mut rng, &mut page);
+        if page.iter().any(|&b| b != 0) {
+            file.write_all_at(&page, index * PAGE_SIZE as u64)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::codec::{is_zero, looks_compressible};
+
+    #[test]
+    fn an_image_file_holds_what_fill_puts_in_memory() {
+        let path = std::env::temp_dir().join(format!("ramjet-image-{}", std::process::id()));
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        write_file(&file, ImageKind::Mixed, 9, 256 * PAGE_SIZE as u64).unwrap();
+        let memory = GuestMemory::anonymous(256 * PAGE_SIZE as u64).unwrap();
+        fill(&memory, ImageKind::Mixed, 9).unwrap();
+        // SAFETY: the file is private to this test and not truncated while mapped.
+        let region =
+            unsafe { crate::memory::Region::from_file(0, crate::memory::GuestAddr(0), &file) };
+        let mapped = GuestMemory::new(vec![region.unwrap()]).unwrap();
+        assert!(mapped.content_eq(&memory).unwrap());
+        assert!(write_file(&file, ImageKind::Zero, 1, 100).is_err());
+        std::fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn images_are_deterministic_and_mixed_as_promised() {

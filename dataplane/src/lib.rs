@@ -40,6 +40,7 @@ pub mod transport;
 #[cfg(feature = "vm-memory")]
 mod vm_memory;
 pub mod wire;
+pub mod workload;
 
 pub use error::Error;
 pub use live::{

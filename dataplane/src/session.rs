@@ -11,6 +11,7 @@ use crate::codec::BatchCounts;
 use crate::error::Error;
 use crate::memory::PAGE_SIZE;
 use crate::transport::Stream;
+use crate::wire::MAX_CHANNELS;
 
 /// Where a session reports its facts: the caller feeds them to a
 /// [`ramjet_control::Machine`]. Implemented for any `Fn(Fact) + Send + Sync`, e.g.
@@ -159,9 +160,21 @@ pub struct Counters {
     /// Sender: frame bytes handed to the channel writers, and bytes they have sent.
     queued: AtomicU64,
     sent: AtomicU64,
+    /// Sender: bytes sent per channel.
+    channel_sent: PerChannel,
     rounds: AtomicU64,
     remaining_pages: AtomicU64,
     device_state_bytes: AtomicU64,
+}
+
+/// A counter per possible channel.
+#[derive(Debug)]
+struct PerChannel([AtomicU64; MAX_CHANNELS as usize]);
+
+impl Default for PerChannel {
+    fn default() -> Self {
+        PerChannel(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
 }
 
 impl Counters {
@@ -184,10 +197,21 @@ impl Counters {
         self.queued.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Frame bytes the channel writers sent (sender).
-    pub(crate) fn add_sent(&self, bytes: u64) {
+    /// Frame bytes the writer of `channel` sent (sender).
+    pub(crate) fn add_sent(&self, channel: u16, bytes: u64) {
         self.sent.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(counter) = self.channel_sent.0.get(usize::from(channel)) {
+            counter.fetch_add(bytes, Ordering::Relaxed);
+        }
         self.add_wire_bytes(bytes);
+    }
+
+    /// Bytes the sender has sent on `channel` so far.
+    pub fn channel_sent(&self, channel: u16) -> u64 {
+        self.channel_sent
+            .0
+            .get(usize::from(channel))
+            .map_or(0, |counter| counter.load(Ordering::Relaxed))
     }
 
     /// Frame bytes sent so far (sender).

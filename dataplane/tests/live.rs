@@ -4,120 +4,31 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Image, Net, Rng, guest};
+use common::{Image, Net, guest};
 use ramjet_control::{Input, Machine, Options, Profile, Side, Timestamp, Trigger};
 use ramjet_dataplane::dirty::{CallerFed, DirtyBitmap, DirtyError, DirtySet, DirtySource, UffdWp};
+use ramjet_dataplane::image::ImageKind;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use ramjet_dataplane::transport::Listener;
+use ramjet_dataplane::workload::Workload;
 use ramjet_dataplane::{
-    CancelHandle, Error, Fact, FactSink, Guest, LiveHandle, LiveOptions, LiveReport,
-    ReceiveOptions, SendOptions, Sender, StallPolicy, SwitchoverReason, migrate_live, receive,
+    CancelHandle, Error, Fact, FactSink, LiveHandle, LiveOptions, LiveReport, ReceiveOptions,
+    SendOptions, Sender, StallPolicy, SwitchoverReason, migrate_live, receive,
 };
 
 const BYTES: u64 = 64 << 20;
 
-/// A guest: memory and a vCPU-like thread that writes random pages at a fixed rate (or as fast
-/// as it can), marking each in `log` if the test feeds dirty pages itself.
-struct Workload {
-    memory: Arc<GuestMemory>,
+/// The toy guest: a vCPU thread writing random pages at `rate` (or flat out), marking `log`.
+fn workload(
+    memory: &Arc<GuestMemory>,
     log: Option<Arc<[DirtyBitmap]>>,
-    pages_per_second: Option<u64>,
-    running: Option<(Arc<AtomicBool>, JoinHandle<u64>)>,
-    written: Arc<AtomicU64>,
-    resumed: bool,
-}
-
-impl Workload {
-    fn start(
-        memory: &Arc<GuestMemory>,
-        log: Option<Arc<[DirtyBitmap]>>,
-        rate: Option<u64>,
-    ) -> Self {
-        let mut workload = Workload {
-            memory: Arc::clone(memory),
-            log,
-            pages_per_second: rate,
-            running: None,
-            written: Arc::default(),
-            resumed: false,
-        };
-        workload.spawn();
-        workload
-    }
-
-    fn spawn(&mut self) {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (memory, log, rate) = (
-            Arc::clone(&self.memory),
-            self.log.clone(),
-            self.pages_per_second,
-        );
-        let (flag, written) = (Arc::clone(&stop), Arc::clone(&self.written));
-        let handle = thread::spawn(move || {
-            let mut rng = Rng::new(99);
-            let mut page = vec![0u8; PAGE_SIZE];
-            let pages = memory.total_pages();
-            let started = Instant::now();
-            let mut done = 0u64;
-            while !flag.load(Ordering::Relaxed) {
-                if let Some(rate) = rate {
-                    // Keep to the rate: sleep while ahead of it.
-                    let due = started.elapsed().as_secs_f64() * rate as f64;
-                    if done as f64 >= due {
-                        thread::sleep(Duration::from_micros(200));
-                        continue;
-                    }
-                }
-                let target = rng.next_u64() % pages;
-                rng.fill(&mut page);
-                memory
-                    .write(0, target * PAGE_SIZE as u64, &page)
-                    .expect("the guest writes only while running");
-                if let Some(log) = &log {
-                    log[0].set(target);
-                }
-                done += 1;
-                written.fetch_add(1, Ordering::Relaxed);
-            }
-            done
-        });
-        self.running = Some((stop, handle));
-    }
-}
-
-impl Guest for Workload {
-    fn pause(&mut self) -> Result<(), String> {
-        let (stop, handle) = self.running.take().ok_or("already paused")?;
-        stop.store(true, Ordering::Relaxed);
-        handle
-            .join()
-            .map_err(|_| "the workload panicked".to_string())?;
-        Ok(())
-    }
-
-    fn device_state(&mut self) -> Result<Vec<u8>, String> {
-        Ok(format!(
-            "vcpu state after {} writes",
-            self.written.load(Ordering::Relaxed)
-        )
-        .into_bytes())
-    }
-
-    fn resume(&mut self) {
-        self.resumed = true;
-        self.spawn();
-    }
-}
-
-impl Drop for Workload {
-    fn drop(&mut self) {
-        let _ = self.pause();
-    }
+    rate: Option<u64>,
+) -> Workload {
+    Workload::start(memory, log, rate, ImageKind::Random, 99)
 }
 
 /// Facts and the user's triggers in the order they happened.
@@ -244,7 +155,7 @@ fn a_running_guest_converges_with_either_dirty_source() {
             }
             Box::new(UffdWp::new())
         };
-        let mut workload = Workload::start(&memory, fed.then(|| Arc::clone(&log)), Some(2_000));
+        let mut workload = workload(&memory, fed.then(|| Arc::clone(&log)), Some(2_000));
         // Let it write before the migration starts, and during round 1.
         thread::sleep(Duration::from_millis(50));
         let outcome = live(
@@ -260,7 +171,7 @@ fn a_running_guest_converges_with_either_dirty_source() {
         assert_eq!(report.reason, SwitchoverReason::Converged);
         assert!(report.rounds >= 2, "{report:?}");
         assert!(
-            workload.running.is_none() && !workload.resumed,
+            !workload.is_running() && workload.resumes() == 0,
             "the guest stays paused"
         );
         assert_identical(&memory, &dst);
@@ -328,7 +239,7 @@ fn a_guest_that_dirties_too_fast_triggers_the_stall_policy() {
         let dst = Arc::new(GuestMemory::anonymous(8 << 20).expect("memory"));
         let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
         let mut source = Saturating(CallerFed::from_bitmaps(Arc::clone(&log)));
-        let mut workload = Workload::start(&memory, Some(Arc::clone(&log)), None);
+        let mut workload = workload(&memory, Some(Arc::clone(&log)), None);
         let options = LiveOptions {
             downtime_limit: Duration::from_micros(1),
             stall_rounds: 3,
@@ -372,7 +283,7 @@ fn a_guest_that_dirties_too_fast_triggers_the_stall_policy() {
                     received.chain()
                 );
                 assert!(
-                    workload.running.is_some(),
+                    workload.is_running(),
                     "the guest keeps running on the source"
                 );
                 assert!(!memory.is_frozen());
@@ -391,7 +302,7 @@ fn pause_before_switchover_waits_for_continue() {
     let dst = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
     let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
     let mut source = CallerFed::from_bitmaps(Arc::clone(&log));
-    let mut workload = Workload::start(&memory, Some(Arc::clone(&log)), Some(2_000));
+    let mut workload = workload(&memory, Some(Arc::clone(&log)), Some(2_000));
     let options = LiveOptions {
         pause_before_switchover: true,
         ..LiveOptions::default()
@@ -448,7 +359,7 @@ fn a_cancel_mid_round_ends_cancelled_with_the_guest_running() {
     let dst = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
     let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
     let mut source = Saturating(CallerFed::from_bitmaps(Arc::clone(&log)));
-    let mut workload = Workload::start(&memory, Some(Arc::clone(&log)), None);
+    let mut workload = workload(&memory, Some(Arc::clone(&log)), None);
     let options = LiveOptions {
         downtime_limit: Duration::from_micros(1),
         max_rounds: Some(1000),
@@ -469,7 +380,7 @@ fn a_cancel_mid_round_ends_cancelled_with_the_guest_running() {
     let err = outcome.report.expect_err("cancelled");
     assert!(err.is_cancelled(), "{}", err.chain());
     assert!(outcome.received.is_err());
-    assert!(workload.running.is_some(), "the guest runs on");
+    assert!(workload.is_running(), "the guest runs on");
     assert!(!memory.is_frozen());
     let mut inputs = outcome.inputs.0.lock().expect("inputs");
     let at = inputs
@@ -499,7 +410,7 @@ fn a_guest_outpacing_a_rate_limited_link_stalls() {
         let dst = Arc::new(GuestMemory::anonymous(1 << 20).expect("memory"));
         let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
         let mut source = CallerFed::from_bitmaps(Arc::clone(&log));
-        let mut workload = Workload::start(&memory, Some(Arc::clone(&log)), Some(20_000));
+        let mut workload = workload(&memory, Some(Arc::clone(&log)), Some(20_000));
         let options = LiveOptions {
             // 10 ms at 20 MB/s is 50 pages: far fewer than the guest dirties in any round.
             downtime_limit: Duration::from_millis(10),
@@ -537,7 +448,7 @@ fn a_guest_outpacing_a_rate_limited_link_stalls() {
             StallPolicy::Fail => {
                 let err = outcome.report.expect_err(&what);
                 assert!(matches!(err, Error::Stalled { .. }), "{}", err.chain());
-                assert!(workload.running.is_some(), "the guest keeps running");
+                assert!(workload.is_running(), "the guest keeps running");
             }
         }
     }
@@ -550,7 +461,7 @@ fn the_time_bound_forces_the_switchover() {
     let dst = Arc::new(GuestMemory::anonymous(8 << 20).expect("memory"));
     let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
     let mut source = Saturating(CallerFed::from_bitmaps(Arc::clone(&log)));
-    let mut workload = Workload::start(&memory, Some(Arc::clone(&log)), Some(1_000));
+    let mut workload = workload(&memory, Some(Arc::clone(&log)), Some(1_000));
     let options = LiveOptions {
         downtime_limit: Duration::from_micros(1),
         max_time: Some(Duration::from_millis(100)),

@@ -5,7 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod demo;
+mod events;
 mod graph;
+mod image;
+mod units;
 
 /// ramjet moves guest RAM between hosts for live migration.
 #[derive(Debug, Parser)]
@@ -17,8 +21,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Migrate a running guest over loopback, on built-in defaults, and show how it goes.
+    Demo(demo::Args),
     /// Print the migration status graph that ramjet emits for one side and profile.
     Graph(graph::Args),
+    /// Write a deterministic guest image to a file.
+    Image(image::Args),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +51,8 @@ fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Graph(args) => graph::run(&args, &mut io::stdout().lock())?,
+        Command::Image(args) => image::run(&args)?,
+        Command::Demo(args) => demo::run(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -285,7 +285,7 @@ impl WriterContext {
                             limit.wait(written, &self.abort);
                         }
                         link.send(&slices)
-                            .map(|()| self.counters.add_sent(written as u64))
+                            .map(|()| self.counters.add_sent(self.channel, written as u64))
                             .map_err(|e| Error::io(self.channel, "sending frames", self.timeout, e))
                     }
                 };

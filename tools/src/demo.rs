@@ -1,0 +1,254 @@
+//! `ramjet demo`: the main job on built-in defaults. A guest of mixed content whose vCPU keeps
+//! dirtying pages migrates live over loopback to a receiver in the same process, with progress,
+//! both sides' events, and a summary that checks the destination.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ramjet_control::{Options, Side, Trigger};
+use ramjet_dataplane::codec::Compression;
+use ramjet_dataplane::dirty::{CallerFed, DirtyBitmap, DirtySource, UffdWp};
+use ramjet_dataplane::image::{self, ImageKind};
+use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use ramjet_dataplane::transport::{self, Blocking, Listener, Transport, Uring};
+use ramjet_dataplane::workload::Workload;
+use ramjet_dataplane::{
+    CancelHandle, LiveHandle, LiveOptions, ReceiveOptions, SendOptions, Sender, migrate_live,
+    receive,
+};
+
+use crate::events::{Events, Format};
+use crate::units::{Bytes, Rate, Size};
+
+/// How bytes move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportKind {
+    /// io_uring (the default where the kernel allows it).
+    Uring,
+    /// Blocking sockets.
+    Blocking,
+}
+
+/// Migrate a running guest over loopback and show how it goes.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Guest RAM.
+    #[arg(long, default_value = "1G")]
+    size: Size,
+    /// Channels (sockets).
+    #[arg(long, default_value_t = 2)]
+    channels: u16,
+    /// Transport; io_uring where the kernel allows it unless given.
+    #[arg(long, value_enum)]
+    transport: Option<TransportKind>,
+    /// Page compression: off, lz4 or auto.
+    #[arg(long, default_value = "auto")]
+    compress: Compression,
+    /// Pages the guest dirties per second.
+    #[arg(long, default_value_t = 20_000)]
+    dirty_rate: u64,
+    /// The downtime limit, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    downtime_limit: u64,
+    /// Limit the link, e.g. 200M/s.
+    #[arg(long)]
+    max_bandwidth: Option<Rate>,
+    /// How events are printed.
+    #[arg(long, value_enum, default_value = "text")]
+    events: Format,
+}
+
+pub fn transport_of(kind: Option<TransportKind>) -> anyhow::Result<Arc<dyn Transport>> {
+    Ok(match kind {
+        None => transport::best().0,
+        Some(TransportKind::Blocking) => Arc::new(Blocking),
+        Some(TransportKind::Uring) => {
+            Uring::probe().context("--transport uring")?;
+            Arc::new(Uring::default())
+        }
+    })
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let Size(bytes) = args.size;
+    if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE as u64) {
+        bail!("--size must be a positive multiple of {PAGE_SIZE} bytes, not {bytes}");
+    }
+    if !(1..=64).contains(&args.channels) {
+        bail!("--channels must be 1 to 64, not {}", args.channels);
+    }
+    let transport = transport_of(args.transport)?;
+    let terminal = std::io::stderr().is_terminal();
+
+    eprintln!(
+        "preparing a {} guest of mixed content and its destination...",
+        Bytes(bytes)
+    );
+    let memory = Arc::new(GuestMemory::anonymous(bytes).context("cannot map the guest")?);
+    image::fill(&memory, ImageKind::Mixed, 7)?;
+    let incoming = Arc::new(GuestMemory::anonymous_like(&memory.layout())?);
+    incoming
+        .prefault()
+        .context("cannot prefault the destination")?;
+
+    // Dirty tracking: userfaultfd where the kernel allows it, else the vCPU's own bitmap.
+    let mut source: Box<dyn DirtySource> = Box::new(UffdWp::new());
+    let mut log = None;
+    if let Err(why) = UffdWp::new().start(&memory) {
+        eprintln!("userfaultfd unavailable ({why}); the guest marks a dirty bitmap instead");
+        let bitmaps: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+        source = Box::new(CallerFed::from_bitmaps(Arc::clone(&bitmaps)));
+        log = Some(bitmaps);
+    }
+    let mut guest = Workload::start(&memory, log, Some(args.dirty_rate), ImageKind::Mixed, 1);
+
+    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().map_err(anyhow::Error::msg)?)?;
+    let at = listener.endpoint().clone();
+    let destination = Events::new(Side::Destination, Options::new(), args.events, true);
+    let source_events = Events::new(Side::Source, Options::new(), args.events, true);
+    destination.step(Trigger::Migrate);
+    let receive_options = ReceiveOptions {
+        transport: Arc::clone(&transport),
+        ..ReceiveOptions::default()
+    };
+    let (dst, sink) = (Arc::clone(&incoming), destination.sink());
+    let receiver = thread::spawn(move || receive(&listener, dst, &receive_options, sink));
+
+    source_events.step(Trigger::Migrate);
+    let cancel = CancelHandle::new();
+    let handle = LiveHandle::new(cancel.clone());
+    let send_options = SendOptions {
+        channels: args.channels,
+        compression: args.compress,
+        transport: Arc::clone(&transport),
+        max_bandwidth: args.max_bandwidth.map(|Rate(r)| r),
+        cancel,
+        ..SendOptions::default()
+    };
+    let live_options = LiveOptions {
+        downtime_limit: Duration::from_millis(args.downtime_limit),
+        ..LiveOptions::default()
+    };
+    let started = Instant::now();
+    let sender = Sender::connect(
+        Arc::clone(&memory),
+        &at,
+        &send_options,
+        source_events.sink(),
+    )?;
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (handle, events, done) = (handle.clone(), source_events.clone(), Arc::clone(&done));
+        let counters = sender.counters();
+        let channels = args.channels;
+        thread::spawn(move || watch(&handle, &events, &counters, channels, &done, terminal))
+    };
+    let report = migrate_live(sender, source.as_mut(), &mut guest, &live_options, &handle);
+    let total = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    let _ = watcher.join();
+    let received = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?;
+    let report = report.context("the migration failed")?;
+    received.context("the receiver failed")?;
+
+    let stats = report.summary.stats;
+    let identical = memory.first_difference(&incoming)?.is_none();
+    println!();
+    println!(
+        "transport        {}, {} channels, {} tracking",
+        transport.name(),
+        args.channels,
+        source.name()
+    );
+    println!("rounds           {} ({:?})", report.rounds, report.reason);
+    println!("total time       {total:.2?}");
+    println!(
+        "downtime         {:.1?} measured (pause to confirmation), {:.1?} expected",
+        report.downtime, report.expected_downtime
+    );
+    println!(
+        "guest RAM        {} at {:.2} GB/s",
+        Bytes(bytes),
+        bytes as f64 / total.as_secs_f64() / 1e9
+    );
+    println!(
+        "on the wire      {} ({} while paused)",
+        Bytes(stats.wire_bytes),
+        Bytes(report.downtime_bytes)
+    );
+    println!(
+        "pages            {} zero, {} raw, {} lz4",
+        stats.pages_zero, stats.pages_raw, stats.pages_lz4
+    );
+    if !identical {
+        bail!("verification failed: the destination differs from the paused source");
+    }
+    println!("verified         destination identical");
+    Ok(())
+}
+
+/// Samples the migration every 100 ms: feeds the source machine its figures and, on a
+/// terminal, draws a line per channel and one for the whole.
+fn watch(
+    handle: &LiveHandle,
+    events: &Events,
+    counters: &ramjet_dataplane::Counters,
+    channels: u16,
+    done: &AtomicBool,
+    terminal: bool,
+) {
+    let bars = MultiProgress::with_draw_target(if terminal {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style = ProgressStyle::with_template("{prefix:>9} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let whole = bars.add(ProgressBar::new_spinner().with_style(style.clone()));
+    whole.set_prefix("migration");
+    let lanes: Vec<ProgressBar> = (0..channels)
+        .map(|c| {
+            let bar = bars.add(ProgressBar::new_spinner().with_style(style.clone()));
+            bar.set_prefix(format!("ch{c}"));
+            bar
+        })
+        .collect();
+    let mut last = (Instant::now(), vec![0u64; usize::from(channels)]);
+    while !done.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(100));
+        let progress = handle.progress();
+        if let Some(stats) = handle.ram_stats() {
+            events.with(|m| {
+                m.set_ram_stats(stats);
+                m.set_expected_downtime(progress.expected_downtime);
+            });
+        }
+        let elapsed = last.0.elapsed().as_secs_f64().max(1e-3);
+        for (c, bar) in lanes.iter().enumerate() {
+            let sent = counters.channel_sent(u16::try_from(c).unwrap_or(u16::MAX));
+            let rate = (sent - last.1[c]) as f64 / elapsed;
+            last.1[c] = sent;
+            bar.set_message(format!("{:>7.2} GB/s  {} sent", rate / 1e9, Bytes(sent)));
+        }
+        last.0 = Instant::now();
+        whole.set_message(format!(
+            "round {}  remaining {}  expected downtime {:.1?}{}",
+            progress.round,
+            Bytes(progress.remaining_bytes),
+            progress.expected_downtime,
+            if progress.paused {
+                "  (guest paused)"
+            } else {
+                ""
+            }
+        ));
+    }
+    let _ = bars.clear();
+}
