@@ -391,6 +391,8 @@ impl Run<'_> {
         };
         let sender = self.sender.take().ok_or(Error::Ended)?;
         let summary = sender.finish(&device_state)?;
+        // Everything is across now.
+        self.handle.update(|p| p.remaining_bytes = 0);
         Ok(LiveReport {
             rounds: summary.rounds,
             reason,

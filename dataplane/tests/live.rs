@@ -192,6 +192,7 @@ fn a_running_guest_converges_with_either_dirty_source() {
             "round 1 is before the pause: {ram:?}"
         );
         assert!(ram.transferred >= ram.precopy_bytes + ram.downtime_bytes);
+        assert_eq!(ram.remaining, 0, "nothing remains once completed");
         let statuses = outcome.inputs.statuses(Options::new());
         let passes = (1..=report.rounds)
             .map(|n| format!("pass {n}"))

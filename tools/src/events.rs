@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
-use ramjet_control::{Input, Machine, Options, Profile, Side, Timestamp};
+use ramjet_control::{Input, Machine, Options, Profile, Query, Side, Timestamp};
 use ramjet_dataplane::{Fact, FactSink};
 
 /// How events are printed.
@@ -65,6 +65,11 @@ impl Events {
     pub fn sink(&self) -> Arc<dyn FactSink> {
         let events = self.clone();
         Arc::new(move |fact: Fact| events.step(fact))
+    }
+
+    /// `query-migrate` now.
+    pub fn query(&self) -> Query {
+        self.with(|m| m.query(Timestamp::from(SystemTime::now())))
     }
 
     /// Runs `f` on the machine (to set its figures, say).

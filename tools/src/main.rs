@@ -9,6 +9,9 @@ mod demo;
 mod events;
 mod graph;
 mod image;
+mod recv;
+mod send;
+mod signals;
 mod units;
 
 /// ramjet moves guest RAM between hosts for live migration.
@@ -27,6 +30,10 @@ enum Command {
     Graph(graph::Args),
     /// Write a deterministic guest image to a file.
     Image(image::Args),
+    /// Receive a migration (like QEMU's -incoming).
+    Recv(recv::Args),
+    /// Send a guest image to a receiver (like QEMU's migrate).
+    Send(send::Args),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +60,8 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Graph(args) => graph::run(&args, &mut io::stdout().lock())?,
         Command::Image(args) => image::run(&args)?,
         Command::Demo(args) => demo::run(&args)?,
+        Command::Recv(args) => return recv::run(&args),
+        Command::Send(args) => return send::run(&args),
     }
     Ok(ExitCode::SUCCESS)
 }

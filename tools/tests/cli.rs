@@ -86,3 +86,202 @@ fn images_are_deterministic_and_bad_values_name_their_flag() {
     let _ = std::fs::remove_file(a);
     let _ = std::fs::remove_file(b);
 }
+
+mod processes {
+    use std::io::{BufRead, BufReader};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Output, Stdio};
+    use std::time::Duration;
+
+    fn temp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("ramjet-cli-{}-{name}", std::process::id()))
+    }
+
+    /// Starts `ramjet recv` and returns it with the endpoint it listens on.
+    fn recv(listen: &str, memory: &str, extra: &[&str]) -> (Child, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ramjet"))
+            .args([
+                "recv",
+                "--listen",
+                listen,
+                "--memory",
+                memory,
+                "--accept-timeout",
+                "30",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn recv");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let endpoint = loop {
+            let line = lines
+                .next()
+                .expect("recv said where it listens")
+                .expect("a line");
+            if let Some(at) = line.strip_prefix("ramjet: listening on ") {
+                break at.to_string();
+            }
+        };
+        // Keep draining its stderr so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        (child, endpoint)
+    }
+
+    fn send(to: &str, image: &Path, extra: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ramjet"));
+        command
+            .args(["send", "--to", to, "--image"])
+            .arg(image)
+            .args(extra);
+        command
+    }
+
+    fn image(name: &str, size: &str) -> PathBuf {
+        let path = temp(name);
+        let out = Command::new(env!("CARGO_BIN_EXE_ramjet"))
+            .args([
+                "image",
+                "--profile",
+                "mixed",
+                "--size",
+                size,
+                "--seed",
+                "11",
+            ])
+            .arg(&path)
+            .output()
+            .expect("image");
+        assert!(out.status.success());
+        path
+    }
+
+    /// Each line of `out` parsed as JSON; the last one is the query.
+    fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect()
+    }
+
+    fn statuses(lines: &[serde_json::Value]) -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l.get("event").is_some())
+            .map(|l| match l["event"].as_str() {
+                Some("MIGRATION") => l["data"]["status"].as_str().unwrap_or("?").to_string(),
+                Some("MIGRATION_PASS") => format!("pass {}", l["data"]["pass"]),
+                other => panic!("unknown event {other:?}"),
+            })
+            .collect()
+    }
+
+    /// Two processes, over TCP and a Unix socket: the received memory equals the image, and
+    /// both sides' JSON events are QMP-shaped and follow the control crate's sequence.
+    #[test]
+    fn send_and_recv_migrate_an_image_between_processes() {
+        let img = image("image", "16M");
+        for listen in [
+            "tcp:127.0.0.1:0".to_string(),
+            format!("unix:{}", temp("sock").display()),
+        ] {
+            let out_file = temp("out");
+            let out_arg = out_file.to_str().expect("utf-8 path");
+            let (receiver, at) = recv(
+                &listen,
+                "16M",
+                &["--out", out_arg, "--events", "json", "--query"],
+            );
+            let sent = send(
+                &at,
+                &img,
+                &["--events", "json", "--query", "--channels", "3"],
+            )
+            .output()
+            .expect("send");
+            let received = receiver.wait_with_output().expect("recv");
+            assert!(
+                sent.status.success(),
+                "{}",
+                String::from_utf8_lossy(&sent.stderr)
+            );
+            assert!(received.status.success(), "recv over {listen}");
+            assert!(
+                std::fs::read(&img).expect("image") == std::fs::read(&out_file).expect("out"),
+                "the received memory differs from the image over {listen}"
+            );
+            let (source, destination) = (json_lines(&sent), json_lines(&received));
+            assert_eq!(
+                statuses(&source),
+                ["setup", "active", "device", "pass 1", "completed"]
+            );
+            assert_eq!(statuses(&destination), ["setup", "active", "completed"]);
+            for event in source.iter().filter(|l| l.get("event").is_some()) {
+                assert!(event["timestamp"]["seconds"].as_u64().is_some(), "{event}");
+                assert!(
+                    event["timestamp"]["microseconds"].as_u64().is_some(),
+                    "{event}"
+                );
+            }
+            let query = source.last().expect("query");
+            assert_eq!(query["status"], "completed");
+            assert_eq!(query["ram"]["total"], 16 << 20);
+            let _ = std::fs::remove_file(&out_file);
+        }
+        let _ = std::fs::remove_file(&img);
+    }
+
+    /// A receiver that is not there: a failed migration, a clear error, a non-zero exit.
+    #[test]
+    fn a_receiver_that_is_not_listening_fails_the_migration() {
+        let img = image("lonely", "1M");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let at = format!("tcp:{}", listener.local_addr().expect("addr"));
+        drop(listener);
+        let out = send(&at, &img, &["--events", "json"])
+            .output()
+            .expect("send");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("cannot connect to tcp:127.0.0.1:"),
+            "{stderr}"
+        );
+        assert_eq!(statuses(&json_lines(&out)), ["setup", "failed"]);
+        let _ = std::fs::remove_file(&img);
+    }
+
+    /// Ctrl-C during a send: the migration ends cancelled, both processes exit non-zero, and
+    /// nothing is left running.
+    #[test]
+    fn an_interrupted_send_ends_cancelled() {
+        let img = image("slow", "64M");
+        let (receiver, at) = recv("tcp:127.0.0.1:0", "64M", &["--events", "json"]);
+        // 64 MiB at 8 MB/s: eight seconds, interrupted long before.
+        let sender = send(&at, &img, &["--events", "json", "--max-bandwidth", "8M/s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("send");
+        std::thread::sleep(Duration::from_millis(700));
+        let pid = i32::try_from(sender.id()).expect("pid");
+        // SAFETY: kill only sends a signal to the child we started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+        let sent = sender.wait_with_output().expect("send");
+        let received = receiver.wait_with_output().expect("recv");
+        assert!(!sent.status.success(), "a cancel is not a success");
+        assert!(!received.status.success());
+        let source = statuses(&json_lines(&sent));
+        assert_eq!(
+            source.last().map(String::as_str),
+            Some("cancelled"),
+            "{source:?}"
+        );
+        assert!(source.contains(&"cancelling".to_string()), "{source:?}");
+        let stderr = String::from_utf8_lossy(&sent.stderr);
+        assert!(stderr.contains("cancelled"), "{stderr}");
+        let _ = std::fs::remove_file(&img);
+    }
+}

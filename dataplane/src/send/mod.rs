@@ -812,9 +812,10 @@ impl Sender {
         }
         self.abort.close_all();
         self.stop_threads();
-        // A peer's message that arrived during the grace period explains the failure better.
+        // A peer's message that arrived during the grace period explains a broken connection
+        // better; it does not replace a failure of our own (which may have caused it).
         let err = match self.abort.take_error() {
-            Error::PeerFailed { peer, message } => Error::PeerFailed { peer, message },
+            peer @ Error::PeerFailed { .. } if peer.explains(&err) => peer,
             _ => err,
         };
         if !cancelled {

@@ -1,0 +1,216 @@
+//! `ramjet send`: the source, like QEMU's `migrate`. Sending an image is a migration of a
+//! paused guest; with `--live-dirty-rate` a vCPU thread keeps writing it while it moves.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ramjet_control::{Options, Side, Trigger};
+use ramjet_dataplane::codec::Compression;
+use ramjet_dataplane::dirty::{CallerFed, DirtyBitmap, DirtySet, DirtySource, UffdWp};
+use ramjet_dataplane::image::ImageKind;
+use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use ramjet_dataplane::transport::Endpoint;
+use ramjet_dataplane::workload::Workload;
+use ramjet_dataplane::{
+    CancelHandle, Error, LiveHandle, LiveOptions, SendOptions, Sender, migrate_live,
+};
+
+use crate::demo::{TransportKind, transport_of};
+use crate::events::{Events, Format};
+use crate::recv::parse_endpoint;
+use crate::signals;
+use crate::units::{Bytes, Rate};
+
+/// Migrate a guest image to a receiver.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The receiver: tcp:HOST:PORT or unix:PATH.
+    #[arg(long, value_parser = parse_endpoint)]
+    to: Endpoint,
+    /// The guest image (its size is the guest's RAM).
+    #[arg(long)]
+    image: PathBuf,
+    /// Channels (sockets).
+    #[arg(long, default_value_t = 2)]
+    channels: u16,
+    /// Page compression: off, lz4 or auto.
+    #[arg(long, default_value = "auto")]
+    compress: Compression,
+    /// Transport; io_uring where the kernel allows it unless given.
+    #[arg(long, value_enum)]
+    transport: Option<TransportKind>,
+    /// Limit the link, e.g. 200M/s.
+    #[arg(long)]
+    max_bandwidth: Option<Rate>,
+    /// The downtime limit of a live migration, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    downtime_limit: u64,
+    /// Wait in pre-switchover, guest paused, until stdin gets a line (`continue`).
+    #[arg(long)]
+    pause_before_switchover: bool,
+    /// Migrate live: a vCPU thread dirties this many pages a second meanwhile.
+    #[arg(long)]
+    live_dirty_rate: Option<u64>,
+    /// How events are printed.
+    #[arg(long, value_enum, default_value = "text")]
+    events: Format,
+    /// Print a query-migrate JSON object at the end.
+    #[arg(long)]
+    query: bool,
+}
+
+/// Reads the image into fresh anonymous guest memory (the file itself is never written).
+fn load(path: &PathBuf) -> anyhow::Result<Arc<GuestMemory>> {
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = file.metadata()?.len();
+    if len == 0 || !len.is_multiple_of(PAGE_SIZE as u64) {
+        bail!(
+            "{} is {len} bytes; an image is a positive whole number of {PAGE_SIZE}-byte pages",
+            path.display()
+        );
+    }
+    let memory = GuestMemory::anonymous(len).context("cannot map guest memory")?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            bail!("{} shrank while it was read", path.display());
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            memory.write(0, at, &buf[..n])?;
+        }
+        at += n as u64;
+    }
+    Ok(Arc::new(memory))
+}
+
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    if !(1..=64).contains(&args.channels) {
+        bail!("--channels must be 1 to 64, not {}", args.channels);
+    }
+    let transport = transport_of(args.transport)?;
+    let memory = load(&args.image)?;
+    let control = Options::new().pause_before_switchover(args.pause_before_switchover);
+    let events = Events::new(Side::Source, control, args.events, false);
+    events.step(Trigger::Migrate);
+    let cancel = CancelHandle::new();
+    let user = events.clone();
+    signals::cancel_on_interrupt(cancel.clone(), move || user.step(Trigger::Cancel))?;
+    let options = SendOptions {
+        channels: args.channels,
+        compression: args.compress,
+        transport,
+        max_bandwidth: args.max_bandwidth.map(|Rate(r)| r),
+        cancel: cancel.clone(),
+        ..SendOptions::default()
+    };
+    let started = Instant::now();
+    let outcome = Sender::connect(Arc::clone(&memory), &args.to, &options, events.sink()).and_then(
+        |sender| match args.live_dirty_rate {
+            Some(rate) => live(sender, &memory, rate, args, &events, cancel.clone()),
+            None => paused(sender, &memory, args, &events),
+        },
+    );
+    if args.query {
+        println!("{}", serde_json::to_string(&events.query())?);
+    }
+    match outcome {
+        Ok((rounds, wire, downtime)) => {
+            eprintln!(
+                "ramjet: migrated {} in {:.2?} ({rounds} rounds, {} on the wire, downtime {downtime:.1?})",
+                Bytes(memory.total_bytes()),
+                started.elapsed(),
+                Bytes(wire)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("ramjet: the migration failed: {}", e.chain());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// The user's `continue` for pause-before-switchover: a line on stdin.
+fn wait_for_continue(events: &Events) {
+    eprintln!("ramjet: paused before switchover; press Enter to continue");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    events.step(Trigger::Continue);
+}
+
+/// A paused guest: switchover first, then every page in place from the frozen memory.
+fn paused(
+    mut sender: Sender,
+    memory: &Arc<GuestMemory>,
+    args: &Args,
+    events: &Events,
+) -> Result<(u32, u64, Duration), Error> {
+    let started = Instant::now();
+    sender.switchover()?;
+    if args.pause_before_switchover {
+        wait_for_continue(events);
+    }
+    sender.round(&DirtySet::all(memory))?;
+    let summary = sender.finish(&[])?;
+    let stats = summary
+        .stats
+        .ram_stats(memory.total_bytes(), summary.elapsed);
+    events.with(|m| m.set_ram_stats(stats));
+    Ok((summary.rounds, summary.stats.wire_bytes, started.elapsed()))
+}
+
+/// A running guest: a vCPU dirtying `rate` pages a second, tracked by userfaultfd (or its own
+/// bitmap where that is unavailable), migrated with the live loop.
+fn live(
+    sender: Sender,
+    memory: &Arc<GuestMemory>,
+    rate: u64,
+    args: &Args,
+    events: &Events,
+    cancel: CancelHandle,
+) -> Result<(u32, u64, Duration), Error> {
+    let mut source: Box<dyn DirtySource> = Box::new(UffdWp::new());
+    let mut log = None;
+    if UffdWp::new().start(memory).is_err() {
+        let bitmaps: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+        source = Box::new(CallerFed::from_bitmaps(Arc::clone(&bitmaps)));
+        log = Some(bitmaps);
+    }
+    let mut guest = Workload::start(memory, log, Some(rate), ImageKind::Mixed, 1);
+    let handle = LiveHandle::new(cancel);
+    let options = LiveOptions {
+        downtime_limit: Duration::from_millis(args.downtime_limit),
+        pause_before_switchover: args.pause_before_switchover,
+        ..LiveOptions::default()
+    };
+    if args.pause_before_switchover {
+        let (handle, events) = (handle.clone(), events.clone());
+        std::thread::spawn(move || {
+            while !handle.progress().paused {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            wait_for_continue(&events);
+            handle.proceed();
+        });
+    }
+    let report = migrate_live(sender, source.as_mut(), &mut guest, &options, &handle);
+    if let Some(stats) = handle.ram_stats() {
+        events.with(|m| {
+            m.set_ram_stats(stats);
+            m.set_expected_downtime(handle.progress().expected_downtime);
+        });
+    }
+    let report = report?;
+    Ok((
+        report.rounds,
+        report.summary.stats.wire_bytes,
+        report.downtime,
+    ))
+}
