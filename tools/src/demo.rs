@@ -2,14 +2,11 @@
 //! dirtying pages migrates live over loopback to a receiver in the same process, with progress,
 //! both sides' events, and a summary that checks the destination.
 
-use std::io::IsTerminal;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::codec::Compression;
 use ramjet_dataplane::dirty::{CallerFed, DirtyBitmap, DirtySource, UffdWp};
@@ -23,6 +20,7 @@ use ramjet_dataplane::{
 };
 
 use crate::events::{Events, Format};
+use crate::progress::Watcher;
 use crate::units::{Bytes, Rate, Size};
 
 /// How bytes move.
@@ -83,7 +81,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         bail!("--channels must be 1 to 64, not {}", args.channels);
     }
     let transport = transport_of(args.transport)?;
-    let terminal = std::io::stderr().is_terminal();
 
     eprintln!(
         "preparing a {} guest of mixed content and its destination...",
@@ -141,17 +138,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         &send_options,
         source_events.sink(),
     )?;
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (handle, events, done) = (handle.clone(), source_events.clone(), Arc::clone(&done));
-        let counters = sender.counters();
-        let channels = args.channels;
-        thread::spawn(move || watch(&handle, &events, &counters, channels, &done, terminal))
-    };
+    let watcher = Watcher::start(
+        Some(handle.clone()),
+        source_events.clone(),
+        sender.counters(),
+        args.channels,
+    );
     let report = migrate_live(sender, source.as_mut(), &mut guest, &live_options, &handle);
     let total = started.elapsed();
-    done.store(true, Ordering::Relaxed);
-    let _ = watcher.join();
+    watcher.stop();
     let received = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?;
@@ -192,63 +187,4 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     println!("verified         destination identical");
     Ok(())
-}
-
-/// Samples the migration every 100 ms: feeds the source machine its figures and, on a
-/// terminal, draws a line per channel and one for the whole.
-fn watch(
-    handle: &LiveHandle,
-    events: &Events,
-    counters: &ramjet_dataplane::Counters,
-    channels: u16,
-    done: &AtomicBool,
-    terminal: bool,
-) {
-    let bars = MultiProgress::with_draw_target(if terminal {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    });
-    let style = ProgressStyle::with_template("{prefix:>9} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_spinner());
-    let whole = bars.add(ProgressBar::new_spinner().with_style(style.clone()));
-    whole.set_prefix("migration");
-    let lanes: Vec<ProgressBar> = (0..channels)
-        .map(|c| {
-            let bar = bars.add(ProgressBar::new_spinner().with_style(style.clone()));
-            bar.set_prefix(format!("ch{c}"));
-            bar
-        })
-        .collect();
-    let mut last = (Instant::now(), vec![0u64; usize::from(channels)]);
-    while !done.load(Ordering::Relaxed) {
-        thread::sleep(Duration::from_millis(100));
-        let progress = handle.progress();
-        if let Some(stats) = handle.ram_stats() {
-            events.with(|m| {
-                m.set_ram_stats(stats);
-                m.set_expected_downtime(progress.expected_downtime);
-            });
-        }
-        let elapsed = last.0.elapsed().as_secs_f64().max(1e-3);
-        for (c, bar) in lanes.iter().enumerate() {
-            let sent = counters.channel_sent(u16::try_from(c).unwrap_or(u16::MAX));
-            let rate = (sent - last.1[c]) as f64 / elapsed;
-            last.1[c] = sent;
-            bar.set_message(format!("{:>7.2} GB/s  {} sent", rate / 1e9, Bytes(sent)));
-        }
-        last.0 = Instant::now();
-        whole.set_message(format!(
-            "round {}  remaining {}  expected downtime {:.1?}{}",
-            progress.round,
-            Bytes(progress.remaining_bytes),
-            progress.expected_downtime,
-            if progress.paused {
-                "  (guest paused)"
-            } else {
-                ""
-            }
-        ));
-    }
-    let _ = bars.clear();
 }

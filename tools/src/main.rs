@@ -9,6 +9,7 @@ mod demo;
 mod events;
 mod graph;
 mod image;
+mod progress;
 mod recv;
 mod send;
 mod signals;

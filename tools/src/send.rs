@@ -22,6 +22,7 @@ use ramjet_dataplane::{
 
 use crate::demo::{TransportKind, transport_of};
 use crate::events::{Events, Format};
+use crate::progress::Watcher;
 use crate::recv::parse_endpoint;
 use crate::signals;
 use crate::units::{Bytes, Rate};
@@ -112,9 +113,17 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     };
     let started = Instant::now();
     let outcome = Sender::connect(Arc::clone(&memory), &args.to, &options, events.sink()).and_then(
-        |sender| match args.live_dirty_rate {
-            Some(rate) => live(sender, &memory, rate, args, &events, cancel.clone()),
-            None => paused(sender, &memory, args, &events),
+        |sender| {
+            let handle = LiveHandle::new(cancel.clone());
+            let live_handle = args.live_dirty_rate.map(|_| handle.clone());
+            let counters = sender.counters();
+            let watcher = Watcher::start(live_handle, events.clone(), counters, args.channels);
+            let outcome = match args.live_dirty_rate {
+                Some(rate) => live(sender, &memory, rate, args, &events, &handle),
+                None => paused(sender, &memory, args, &events),
+            };
+            watcher.stop();
+            outcome
         },
     );
     if args.query {
@@ -174,7 +183,7 @@ fn live(
     rate: u64,
     args: &Args,
     events: &Events,
-    cancel: CancelHandle,
+    handle: &LiveHandle,
 ) -> Result<(u32, u64, Duration), Error> {
     let mut source: Box<dyn DirtySource> = Box::new(UffdWp::new());
     let mut log = None;
@@ -184,7 +193,6 @@ fn live(
         log = Some(bitmaps);
     }
     let mut guest = Workload::start(memory, log, Some(rate), ImageKind::Mixed, 1);
-    let handle = LiveHandle::new(cancel);
     let options = LiveOptions {
         downtime_limit: Duration::from_millis(args.downtime_limit),
         pause_before_switchover: args.pause_before_switchover,
@@ -200,7 +208,7 @@ fn live(
             handle.proceed();
         });
     }
-    let report = migrate_live(sender, source.as_mut(), &mut guest, &options, &handle);
+    let report = migrate_live(sender, source.as_mut(), &mut guest, &options, handle);
     if let Some(stats) = handle.ram_stats() {
         events.with(|m| {
             m.set_ram_stats(stats);
