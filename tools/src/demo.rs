@@ -157,34 +157,34 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let identical = memory.first_difference(&incoming)?.is_none();
     println!();
     println!(
-        "transport        {}, {} channels, {} tracking",
+        "transport:   {}, {} channels, {} tracking",
         transport.name(),
         args.channels,
         source.name()
     );
-    println!("rounds           {} ({:?})", report.rounds, report.reason);
-    println!("total time       {total:.2?}");
+    println!("rounds:      {} ({:?})", report.rounds, report.reason);
+    println!("total time:  {total:.2?}");
     println!(
-        "downtime         {:.1?} measured (pause to confirmation), {:.1?} expected",
+        "downtime:    {:.1?} measured (pause to confirmation), {:.1?} expected",
         report.downtime, report.expected_downtime
     );
     println!(
-        "guest RAM        {} at {:.2} GB/s",
+        "guest RAM:   {} at {:.2} GB/s",
         Bytes(bytes),
         bytes as f64 / total.as_secs_f64() / 1e9
     );
     println!(
-        "on the wire      {} ({} while paused)",
+        "on the wire: {} ({} while paused)",
         Bytes(stats.wire_bytes),
         Bytes(report.downtime_bytes)
     );
     println!(
-        "pages            {} zero, {} raw, {} lz4",
+        "pages:       {} zero, {} raw, {} lz4",
         stats.pages_zero, stats.pages_raw, stats.pages_lz4
     );
     if !identical {
         bail!("verification failed: the destination differs from the paused source");
     }
-    println!("verified         destination identical");
+    println!("verified: destination identical");
     Ok(())
 }

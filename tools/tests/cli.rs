@@ -19,7 +19,7 @@ fn the_demo_migrates_a_running_guest_and_verifies_it() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("verified         destination identical"),
+        stdout.contains("verified: destination identical"),
         "{stdout}"
     );
     // The source's events, in order: setup, active, a pass per round, device, completed.
