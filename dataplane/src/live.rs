@@ -334,7 +334,9 @@ impl Run<'_> {
             let to_send = progress.remaining_bytes + counters.in_flight();
             progress.expected_downtime = match progress.bandwidth {
                 0 => Duration::MAX,
-                rate => Duration::from_secs_f64(to_send as f64 / rate as f64) + progress.sync_time,
+                rate => Duration::try_from_secs_f64(to_send as f64 / rate as f64)
+                    .unwrap_or(Duration::MAX)
+                    .saturating_add(progress.sync_time),
             };
             if progress.remaining_bytes < best_remaining {
                 best_remaining = progress.remaining_bytes;
