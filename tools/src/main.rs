@@ -13,6 +13,7 @@ mod progress;
 mod recv;
 mod send;
 mod signals;
+mod stress;
 mod units;
 
 /// ramjet moves guest RAM between hosts for live migration.
@@ -35,6 +36,8 @@ enum Command {
     Recv(recv::Args),
     /// Send a guest image to a receiver (like QEMU's migrate).
     Send(send::Args),
+    /// Run many migrations with injected faults and check every outcome.
+    Stress(stress::Args),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(&args)?,
         Command::Recv(args) => return recv::run(&args),
         Command::Send(args) => return send::run(&args),
+        Command::Stress(args) => return stress::run(&args),
     }
     Ok(ExitCode::SUCCESS)
 }

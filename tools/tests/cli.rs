@@ -87,6 +87,22 @@ fn images_are_deterministic_and_bad_values_name_their_flag() {
     let _ = std::fs::remove_file(b);
 }
 
+/// A short stress pass: every fault kind, no violation.
+#[test]
+fn a_short_stress_pass_finds_no_violation() {
+    let out = ramjet(&["stress", "--runs", "15", "--seed", "7"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("15 runs in"), "{stdout}");
+    assert!(stdout.contains(": 0 violations"), "{stdout}");
+    for fault in ["none", "drop", "flip", "stall", "cancel"] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(fault)),
+            "{fault}: {stdout}"
+        );
+    }
+}
+
 mod processes {
     use std::io::{BufRead, BufReader};
     use std::path::{Path, PathBuf};

@@ -128,6 +128,14 @@ impl Stream {
         };
     }
 
+    /// Ends the writing direction only: the peer reads end of file, and can still answer.
+    pub fn shutdown_write(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(Shutdown::Write),
+        };
+    }
+
     /// Bounds every read (`None`: wait forever).
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {
