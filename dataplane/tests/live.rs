@@ -22,6 +22,19 @@ use ramjet_dataplane::{
 
 const BYTES: u64 = 64 << 20;
 
+/// A guest of `bytes` holding `image`, the memory it migrates into, and the dirty log (one
+/// bitmap) its workload marks.
+fn guest_and_destination(
+    bytes: u64,
+    image: Image,
+    seed: u64,
+) -> (Arc<GuestMemory>, Arc<GuestMemory>, Arc<[DirtyBitmap]>) {
+    let memory = guest(bytes, image, seed);
+    let dst = Arc::new(GuestMemory::anonymous(bytes).expect("memory"));
+    let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+    (memory, dst, log)
+}
+
 /// The toy guest: a vCPU thread writing random pages at `rate` (or flat out), marking `log`.
 fn workload(
     memory: &Arc<GuestMemory>,
@@ -142,9 +155,7 @@ fn assert_identical(src: &GuestMemory, dst: &GuestMemory) {
 #[test]
 fn a_running_guest_converges_with_either_dirty_source() {
     for fed in [false, true] {
-        let memory = guest(BYTES, Image::Mixed, 7);
-        let dst = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
-        let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+        let (memory, dst, log) = guest_and_destination(BYTES, Image::Mixed, 7);
         let mut source: Box<dyn DirtySource> = if fed {
             Box::new(CallerFed::from_bitmaps(Arc::clone(&log)))
         } else {
@@ -236,9 +247,7 @@ fn a_guest_that_dirties_too_fast_triggers_the_stall_policy() {
         StallPolicy::Switchover,
         StallPolicy::Fail,
     ] {
-        let memory = guest(8 << 20, Image::Random, 3);
-        let dst = Arc::new(GuestMemory::anonymous(8 << 20).expect("memory"));
-        let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+        let (memory, dst, log) = guest_and_destination(8 << 20, Image::Random, 3);
         let mut source = Saturating(CallerFed::from_bitmaps(Arc::clone(&log)));
         let mut workload = workload(&memory, Some(Arc::clone(&log)), None);
         let options = LiveOptions {
@@ -299,9 +308,7 @@ fn a_guest_that_dirties_too_fast_triggers_the_stall_policy() {
 /// continues.
 #[test]
 fn pause_before_switchover_waits_for_continue() {
-    let memory = guest(BYTES, Image::Mixed, 5);
-    let dst = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
-    let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+    let (memory, dst, log) = guest_and_destination(BYTES, Image::Mixed, 5);
     let mut source = CallerFed::from_bitmaps(Arc::clone(&log));
     let mut workload = workload(&memory, Some(Arc::clone(&log)), Some(2_000));
     let options = LiveOptions {
@@ -356,9 +363,7 @@ fn pause_before_switchover_waits_for_continue() {
 /// A cancel in the middle of a round ends the migration cancelled, with the guest running.
 #[test]
 fn a_cancel_mid_round_ends_cancelled_with_the_guest_running() {
-    let memory = guest(BYTES, Image::Random, 9);
-    let dst = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
-    let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+    let (memory, dst, log) = guest_and_destination(BYTES, Image::Random, 9);
     let mut source = Saturating(CallerFed::from_bitmaps(Arc::clone(&log)));
     let mut workload = workload(&memory, Some(Arc::clone(&log)), None);
     let options = LiveOptions {
@@ -407,9 +412,7 @@ fn a_guest_outpacing_a_rate_limited_link_stalls() {
         StallPolicy::Switchover,
         StallPolicy::Fail,
     ] {
-        let memory = guest(1 << 20, Image::Random, 4);
-        let dst = Arc::new(GuestMemory::anonymous(1 << 20).expect("memory"));
-        let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+        let (memory, dst, log) = guest_and_destination(1 << 20, Image::Random, 4);
         let mut source = CallerFed::from_bitmaps(Arc::clone(&log));
         let mut workload = workload(&memory, Some(Arc::clone(&log)), Some(20_000));
         let options = LiveOptions {
@@ -458,9 +461,7 @@ fn a_guest_outpacing_a_rate_limited_link_stalls() {
 /// A migration that does not converge switches over at its time bound.
 #[test]
 fn the_time_bound_forces_the_switchover() {
-    let memory = guest(8 << 20, Image::Random, 6);
-    let dst = Arc::new(GuestMemory::anonymous(8 << 20).expect("memory"));
-    let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+    let (memory, dst, log) = guest_and_destination(8 << 20, Image::Random, 6);
     let mut source = Saturating(CallerFed::from_bitmaps(Arc::clone(&log)));
     let mut workload = workload(&memory, Some(Arc::clone(&log)), Some(1_000));
     let options = LiveOptions {

@@ -179,22 +179,30 @@ impl Outgoing {
     }
 }
 
-/// Hands `job` to the codec workers and counts its pages; false if the workers are gone.
-fn dispatch(
-    jobs: Option<&channel::Sender<Job>>,
-    round_pages: &mut [u64],
-    counters: &Counters,
-    job: Job,
-    remaining: &mut u64,
-) -> bool {
-    let (channel, pages) = (usize::from(job.channel), u64::from(job.pages));
-    if jobs.is_none_or(|jobs| jobs.send(job).is_err()) {
-        return false;
+/// Where a round's jobs go: the codec workers, counted per channel and overall.
+struct Dispatch<'a> {
+    jobs: Option<&'a channel::Sender<Job>>,
+    round_pages: &'a mut [u64],
+    counters: &'a Counters,
+    /// Pages of the round not yet handed out.
+    remaining: u64,
+    /// Jobs handed out, each to be acknowledged.
+    dispatched: u64,
+}
+
+impl Dispatch<'_> {
+    /// Hands `job` to the codec workers; false if they are gone.
+    fn send(&mut self, job: Job) -> bool {
+        let (channel, pages) = (usize::from(job.channel), u64::from(job.pages));
+        if self.jobs.is_none_or(|jobs| jobs.send(job).is_err()) {
+            return false;
+        }
+        self.round_pages[channel] += pages;
+        self.remaining -= pages;
+        self.counters.set_remaining_pages(self.remaining);
+        self.dispatched += 1;
+        true
     }
-    round_pages[channel] += pages;
-    *remaining -= pages;
-    counters.set_remaining_pages(*remaining);
-    true
 }
 
 /// Dirty-bitmap words (64-page chunks) one job may gather.
@@ -226,6 +234,13 @@ impl Job {
         self.words < JOB_WORDS
             && u64::from(self.pages + mask.count_ones()) <= CHUNK_PAGES
             && span_ok
+    }
+
+    /// Adds the dirty pages `mask` of chunk `chunk` (which must [fit](Job::fits)).
+    fn push(&mut self, chunk: u64, mask: u64) {
+        self.chunks[self.words] = (chunk, mask);
+        self.words += 1;
+        self.pages += mask.count_ones();
     }
 
     /// The chunks in use.
@@ -580,13 +595,19 @@ impl Sender {
         let round = self.round;
         self.sink.fact(Fact::Pass(u64::from(round)));
         self.counters.set_round(round);
-        let mut remaining = dirty.count();
+        let remaining = dirty.count();
         self.counters.set_remaining_pages(remaining);
         self.round_pages.fill(0);
         let channels = u16::try_from(self.queues.len()).unwrap_or(MAX_CHANNELS);
-        let mut dispatched = 0u64;
-        // Borrowed, never cloned: the workers must see the queue close when the session ends.
-        let jobs = self.jobs.as_ref();
+        let mut out = Dispatch {
+            // Borrowed, never cloned: the workers must see the queue close when the session
+            // ends.
+            jobs: self.jobs.as_ref(),
+            round_pages: &mut self.round_pages,
+            counters: &self.counters,
+            remaining,
+            dispatched: 0,
+        };
         // A job being gathered per channel; never across regions.
         let mut gathering: Vec<Option<Job>> = vec![None; usize::from(channels)];
         'regions: for region in 0..dirty.region_count() {
@@ -601,19 +622,12 @@ impl Sender {
                 let chunk = index as u64;
                 let channel = channel_of(chunk * CHUNK_PAGES, channels);
                 let slot = &mut gathering[usize::from(channel)];
-                if let Some(job) = slot.take_if(|job| !job.fits(chunk, mask)) {
-                    if !dispatch(
-                        jobs,
-                        &mut self.round_pages,
-                        &self.counters,
-                        job,
-                        &mut remaining,
-                    ) {
-                        break 'regions;
-                    }
-                    dispatched += 1;
+                if let Some(full) = slot.take_if(|job| !job.fits(chunk, mask))
+                    && !out.send(full)
+                {
+                    break 'regions;
                 }
-                let job = slot.get_or_insert_with(|| Job {
+                slot.get_or_insert_with(|| Job {
                     region: region_index,
                     chunks: [(0, 0); JOB_WORDS],
                     words: 0,
@@ -621,24 +635,16 @@ impl Sender {
                     round,
                     channel,
                     frozen: self.frozen.clone(),
-                });
-                job.chunks[job.words] = (chunk, mask);
-                job.words += 1;
-                job.pages += mask.count_ones();
+                })
+                .push(chunk, mask);
             }
             for job in gathering.iter_mut().filter_map(Option::take) {
-                if !dispatch(
-                    jobs,
-                    &mut self.round_pages,
-                    &self.counters,
-                    job,
-                    &mut remaining,
-                ) {
+                if !out.send(job) {
                     break 'regions;
                 }
-                dispatched += 1;
             }
         }
+        let dispatched = out.dispatched;
         // The barrier: every job of this round is encoded and queued before its end marker.
         for _ in 0..dispatched {
             if self.acks.recv().is_err() {
