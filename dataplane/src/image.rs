@@ -173,14 +173,7 @@ mod tests {
 
     #[test]
     fn an_image_file_holds_what_fill_puts_in_memory() {
-        let path = std::env::temp_dir().join(format!("ramjet-image-{}", std::process::id()));
-        let file = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let file = crate::memory::tests::scratch_file("image", 0);
         write_file(&file, ImageKind::Mixed, 9, 256 * PAGE_SIZE as u64).unwrap();
         let memory = GuestMemory::anonymous(256 * PAGE_SIZE as u64).unwrap();
         fill(&memory, ImageKind::Mixed, 9).unwrap();
@@ -190,7 +183,6 @@ mod tests {
         let mapped = GuestMemory::new(vec![region.unwrap()]).unwrap();
         assert!(mapped.content_eq(&memory).unwrap());
         assert!(write_file(&file, ImageKind::Zero, 1, 100).is_err());
-        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

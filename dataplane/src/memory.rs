@@ -766,8 +766,27 @@ impl GuestMemory {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A read-write file of `len` bytes that is already unlinked: gone when dropped.
+    pub(crate) fn scratch_file(tag: &str, len: u64) -> File {
+        let path = std::env::temp_dir().join(format!(
+            "ramjet-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(len).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
 
     #[test]
     fn anonymous_memory_is_zero_and_holds_writes() {

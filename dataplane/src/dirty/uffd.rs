@@ -405,7 +405,7 @@ mod tests {
 
     #[test]
     fn file_backed_memory_and_unstarted_sources_are_refused() {
-        let file = tempfile_of(4096);
+        let file = crate::memory::tests::scratch_file("uffd", 4096);
         // SAFETY: the file is private to this test and never truncated.
         let region = unsafe { Region::from_file(0, GuestAddr(0), &file) }.unwrap();
         let memory = GuestMemory::new(vec![region]).unwrap();
@@ -416,19 +416,5 @@ mod tests {
             UffdWp::new().harvest(&other),
             Err(DirtyError::WrongMemory)
         ));
-    }
-
-    fn tempfile_of(len: u64) -> File {
-        let path = std::env::temp_dir().join(format!("ramjet-uffd-{}", std::process::id()));
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(len).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        file
     }
 }
