@@ -57,14 +57,15 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     // Guest RAM is allocated and faulted in before listening, as a VMM does at start-up.
     let memory = Arc::new(GuestMemory::anonymous(bytes).context("cannot map guest memory")?);
     memory.prefault().context("cannot fault in guest memory")?;
-    let listener = Listener::bind(&args.listen)
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    eprintln!("ramjet: listening on {}", listener.endpoint());
+    // Ctrl-C is handled from before anyone can know where to connect.
     let events = Events::new(Side::Destination, Options::new(), args.events, false);
     events.step(Trigger::Migrate);
     let cancel = CancelHandle::new();
     let user = events.clone();
     signals::cancel_on_interrupt(cancel.clone(), move || user.step(Trigger::Cancel))?;
+    let listener = Listener::bind(&args.listen)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!("ramjet: listening on {}", listener.endpoint());
     let options = ReceiveOptions {
         transport,
         cancel,
@@ -82,7 +83,11 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let received = match result {
         Ok(received) => received,
         Err(e) => {
-            eprintln!("ramjet: the migration failed: {}", e.chain());
+            if e.is_cancelled() {
+                eprintln!("ramjet: the migration was cancelled");
+            } else {
+                eprintln!("ramjet: the migration failed: {}", e.chain());
+            }
             return Ok(ExitCode::FAILURE);
         }
     };

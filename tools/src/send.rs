@@ -140,7 +140,11 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("ramjet: the migration failed: {}", e.chain());
+            if e.is_cancelled() {
+                eprintln!("ramjet: the migration was cancelled");
+            } else {
+                eprintln!("ramjet: the migration failed: {}", e.chain());
+            }
             Ok(ExitCode::FAILURE)
         }
     }

@@ -268,6 +268,22 @@ mod processes {
         let _ = std::fs::remove_file(&img);
     }
 
+    /// Ctrl-C on a receiver still waiting for its sender: cancelled, and it exits non-zero.
+    #[test]
+    fn an_interrupted_receiver_ends_cancelled() {
+        let (receiver, _) = recv("tcp:127.0.0.1:0", "1M", &["--events", "json"]);
+        std::thread::sleep(Duration::from_millis(200));
+        let pid = i32::try_from(receiver.id()).expect("pid");
+        // SAFETY: kill only sends a signal to the child we started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+        let received = receiver.wait_with_output().expect("recv");
+        assert!(!received.status.success());
+        assert_eq!(
+            statuses(&json_lines(&received)),
+            ["setup", "cancelling", "cancelled"]
+        );
+    }
+
     /// Ctrl-C during a send: the migration ends cancelled, both processes exit non-zero, and
     /// nothing is left running.
     #[test]
