@@ -17,7 +17,6 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use ramjet_control::{Input, Machine, Options, Profile, Side, Timestamp, Trigger};
-use ramjet_dataplane::dirty::{CallerFed, DirtyBitmap, DirtySource, UffdWp};
 use ramjet_dataplane::image::{self, ImageKind};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::transport::Listener;
@@ -64,15 +63,11 @@ fn main() -> Result<(), Box<dyn Error>> {
     // The source VMM: guest RAM with an image in it, and a running vCPU.
     let memory = Arc::new(GuestMemory::anonymous(mib << 20)?);
     image::fill(&memory, ImageKind::Mixed, 7)?;
-    let mut source: Box<dyn DirtySource> = Box::new(UffdWp::new());
-    let mut log = None;
-    if let Err(why) = UffdWp::new().start(&memory) {
+    let (mut vm, mut source, why) =
+        Workload::start_tracked(&memory, Some(pages_per_second), ImageKind::Mixed, 1);
+    if let Some(why) = why {
         println!("userfaultfd unavailable ({why}); the vCPU marks a dirty bitmap instead");
-        let bitmaps: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
-        source = Box::new(CallerFed::from_bitmaps(Arc::clone(&bitmaps)));
-        log = Some(bitmaps);
     }
-    let mut vm = Workload::start(&memory, log, Some(pages_per_second), ImageKind::Mixed, 1);
 
     // The destination VMM: RAM allocated and faulted in at start-up, then `-incoming`.
     let incoming = Arc::new(GuestMemory::anonymous_like(&memory.layout())?);

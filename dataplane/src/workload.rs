@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::dirty::DirtyBitmap;
+use crate::dirty::{CallerFed, DirtyBitmap, DirtyError, DirtySource, UffdWp};
 use crate::image::{self, ImageKind, Rng};
 use crate::live::Guest;
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -47,6 +47,32 @@ impl Workload {
         };
         workload.run();
         workload
+    }
+
+    /// Starts a workload together with the dirty source that tracks it: userfaultfd write
+    /// protection where the kernel allows it, else a bitmap per region that the workload marks
+    /// (as a VMM's dirty log would). The third value says why userfaultfd could not be used.
+    pub fn start_tracked(
+        memory: &Arc<GuestMemory>,
+        pages_per_second: Option<u64>,
+        kind: ImageKind,
+        seed: u64,
+    ) -> (Workload, Box<dyn DirtySource>, Option<DirtyError>) {
+        // A trial start, undone when the probe is dropped; the migration starts its own.
+        let (source, log, why): (Box<dyn DirtySource>, _, _) = match UffdWp::new().start(memory) {
+            Ok(()) => (Box::new(UffdWp::new()), None, None),
+            Err(why) => {
+                let bitmaps: Arc<[DirtyBitmap]> = memory
+                    .regions()
+                    .iter()
+                    .map(|r| DirtyBitmap::new(r.layout().pages()))
+                    .collect();
+                let source = CallerFed::from_bitmaps(Arc::clone(&bitmaps));
+                (Box::new(source), Some(bitmaps), Some(why))
+            }
+        };
+        let workload = Workload::start(memory, log, pages_per_second, kind, seed);
+        (workload, source, why)
     }
 
     /// Pages written so far.

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::codec::Compression;
-use ramjet_dataplane::dirty::{CallerFed, DirtyBitmap, DirtySource, UffdWp};
 use ramjet_dataplane::image::{self, ImageKind};
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use ramjet_dataplane::transport::{self, Blocking, Listener, Transport, Uring};
@@ -94,15 +93,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         .context("cannot prefault the destination")?;
 
     // Dirty tracking: userfaultfd where the kernel allows it, else the vCPU's own bitmap.
-    let mut source: Box<dyn DirtySource> = Box::new(UffdWp::new());
-    let mut log = None;
-    if let Err(why) = UffdWp::new().start(&memory) {
+    let (mut guest, mut source, why) =
+        Workload::start_tracked(&memory, Some(args.dirty_rate), ImageKind::Mixed, 1);
+    if let Some(why) = why {
         eprintln!("userfaultfd unavailable ({why}); the guest marks a dirty bitmap instead");
-        let bitmaps: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
-        source = Box::new(CallerFed::from_bitmaps(Arc::clone(&bitmaps)));
-        log = Some(bitmaps);
     }
-    let mut guest = Workload::start(&memory, log, Some(args.dirty_rate), ImageKind::Mixed, 1);
 
     let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().map_err(anyhow::Error::msg)?)?;
     let at = listener.endpoint().clone();

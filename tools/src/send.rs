@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::codec::Compression;
-use ramjet_dataplane::dirty::{CallerFed, DirtyBitmap, DirtySet, DirtySource, UffdWp};
+use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::image::ImageKind;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use ramjet_dataplane::transport::Endpoint;
@@ -189,14 +189,8 @@ fn live(
     events: &Events,
     handle: &LiveHandle,
 ) -> Result<(u32, u64, Duration), Error> {
-    let mut source: Box<dyn DirtySource> = Box::new(UffdWp::new());
-    let mut log = None;
-    if UffdWp::new().start(memory).is_err() {
-        let bitmaps: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
-        source = Box::new(CallerFed::from_bitmaps(Arc::clone(&bitmaps)));
-        log = Some(bitmaps);
-    }
-    let mut guest = Workload::start(memory, log, Some(rate), ImageKind::Mixed, 1);
+    let (mut guest, mut source, _) =
+        Workload::start_tracked(memory, Some(rate), ImageKind::Mixed, 1);
     let options = LiveOptions {
         downtime_limit: Duration::from_millis(args.downtime_limit),
         pause_before_switchover: args.pause_before_switchover,
