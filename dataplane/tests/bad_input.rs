@@ -277,19 +277,22 @@ fn a_flipped_byte_anywhere_is_caught() {
         let src = source();
         let (hello, frames) = valid_stream(&src, 1).remove(0);
         let whole = [hello.clone(), frames.concat()].concat();
-        // (offset, whether it is page data, where only the crc can notice a change).
+        // (offset, whether the error must be a checksum mismatch). Only a header that breaks
+        // the format's limits (kind 0, length 27) is refused before its crc can be checked; a
+        // header or page table that merely points elsewhere (value 9, round 17, table) is
+        // reported as the corruption it is, not as a page outside memory or a wrong round.
         let mut offsets = Vec::new();
         let mut at = hello.len();
         for frame in &frames {
             let mut fixed = [0u8; FrameHeader::LEN];
             fixed.copy_from_slice(&frame[..32]);
             let header = FrameHeader::decode(&fixed).expect("valid frame");
-            for i in [0, 9, 17, 27, 30] {
-                offsets.push((at + i, false));
+            for (i, checksum) in [(0, false), (9, true), (17, true), (27, false), (30, true)] {
+                offsets.push((at + i, checksum));
             }
             let data = 32 + header.count as usize * PageEntry::LEN;
             if header.count > 0 {
-                offsets.extend([(at + 33, false), (at + data - 3, false)]);
+                offsets.extend([(at + 33, true), (at + data - 3, true)]);
             }
             if frame.len() > data {
                 offsets.extend([(at + data, true), (at + (data + frame.len()) / 2, true)]);
@@ -302,7 +305,6 @@ fn a_flipped_byte_anywhere_is_caught() {
             bad[offset] ^= 0x04;
             let (at, run) = receiver(destination(), t);
             feed(&mut tcp(&at), &bad);
-            // Every change fails the migration; a header or table check may notice first.
             let err = failure(run);
             if data {
                 assert!(err.is_checksum(), "offset {offset}: {}", err.chain());

@@ -151,7 +151,8 @@ impl ChannelReader {
                 FrameKind::EndOfStream => return self.end_of_stream(&header),
                 FrameKind::Error => return Err(self.peer_error(&header)),
                 FrameKind::Confirm => {
-                    return Err(self.protocol("unexpected confirm frame from the sender".into()));
+                    let problem = self.protocol("unexpected confirm frame from the sender".into());
+                    return Err(self.unverified(&header, false, problem));
                 }
             }
         }
@@ -164,6 +165,33 @@ impl ChannelReader {
         while Instant::now() < deadline && self.link.recv(&mut scratch).is_ok() {}
     }
 
+    /// A frame failed a check before its crc could be verified (the crc covers the payload,
+    /// which is not read yet): reads the rest of the frame and, if the crc does not match
+    /// either, reports the corruption instead of what the corrupted bytes seemed to say. With
+    /// `table`, the page table (already read) is part of the payload.
+    fn unverified(&mut self, header: &FrameHeader, table: bool, problem: Error) -> Error {
+        let mut hasher = header.hasher();
+        let mut rest = header.len as usize;
+        if table {
+            hasher.update(&self.table_bytes);
+            rest = rest.saturating_sub(self.table_bytes.len());
+        }
+        // The payload length passed the header's limits (at most 8 MiB).
+        let mut scratch = vec![0u8; rest.min(64 << 10)];
+        while rest > 0 {
+            let n = rest.min(scratch.len());
+            if self.link.recv(&mut scratch[..n]).is_err() {
+                return problem;
+            }
+            hasher.update(&scratch[..n]);
+            rest -= n;
+        }
+        match header.verify(hasher) {
+            Err(corrupt) => self.decode_error(corrupt),
+            Ok(()) => problem,
+        }
+    }
+
     fn verify(&self, header: &FrameHeader, payload: &[u8]) -> Result<(), Error> {
         let mut hasher = header.hasher();
         hasher.update(payload);
@@ -173,32 +201,43 @@ impl ChannelReader {
     fn pages(&mut self, header: &FrameHeader) -> Result<(), Error> {
         let due = self.round + 1;
         if header.round != due {
-            return Err(self.protocol(format!(
+            let problem = self.protocol(format!(
                 "pages of round {} arrived while round {due} was due",
                 header.round
-            )));
+            ));
+            return Err(self.unverified(header, false, problem));
         }
         let region = header.region as usize;
         let memory = Arc::clone(&self.shared.memory);
         let Some(layout) = memory.regions().get(region).map(|r| r.layout()) else {
-            return Err(self.protocol(format!(
+            let problem = self.protocol(format!(
                 "region index {region} does not exist (the guest has {} regions)",
                 memory.regions().len()
-            )));
+            ));
+            return Err(self.unverified(header, false, problem));
         };
         self.table_bytes.resize(PageTable::len_for(header), 0);
         let received = self.link.recv(&mut self.table_bytes);
         received.map_err(|e| self.io("receiving a page table", e))?;
-        let decoded = self.table.decode(header, &self.table_bytes);
-        decoded.map_err(|e| self.decode_error(e))?;
+        if let Err(e) = self.table.decode(header, &self.table_bytes) {
+            let problem = self.decode_error(e);
+            return Err(self.unverified(header, true, problem));
+        }
         let stamps = &self.shared.stamps[region];
         let mut lz_bytes = 0usize;
+        let mut checked = Ok(());
         for entry in self.table.entries() {
             let page = header.value + u64::from(entry.offset);
-            self.check_page(&layout, page, stamps)?;
+            checked = self.check_page(&layout, page, stamps);
+            if checked.is_err() {
+                break;
+            }
             if entry.encoding == Encoding::Lz4 {
                 lz_bytes += entry.len as usize;
             }
+        }
+        if let Err(problem) = checked {
+            return Err(self.unverified(header, true, problem));
         }
         let mut lz = (lz_bytes > 0).then(|| self.shared.pool.take());
         if let Some(lz) = &mut lz {
@@ -400,22 +439,25 @@ impl ChannelReader {
 
     fn device_state_piece(&mut self, header: &FrameHeader) -> Result<(), Error> {
         if self.channel != 0 {
-            return Err(self.protocol("device state arrived off channel 0".into()));
+            let problem = self.protocol("device state arrived off channel 0".into());
+            return Err(self.unverified(header, false, problem));
         }
         let start = self.device_state.len();
         if header.value != start as u64 {
-            return Err(self.protocol(format!(
+            let problem = self.protocol(format!(
                 "a device state piece for offset {} arrived after {start} bytes",
                 header.value
-            )));
+            ));
+            return Err(self.unverified(header, false, problem));
         }
         let end = start as u64 + u64::from(header.len);
         if end > MAX_DEVICE_STATE {
-            return Err(self.decode_error(DecodeError::TooLarge {
+            let problem = self.decode_error(DecodeError::TooLarge {
                 what: "device state",
                 value: end,
                 limit: MAX_DEVICE_STATE,
-            }));
+            });
+            return Err(self.unverified(header, false, problem));
         }
         // The piece is at most 8 MiB (checked with the header), and the blob grows only by
         // what actually arrives.
