@@ -1,6 +1,7 @@
 //! What both sides of a migration share: the fact sink, cancellation and the first error, and
 //! the counters that fill `RamStats`.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -10,7 +11,7 @@ use ramjet_control::{Fact, RamStats};
 use crate::codec::BatchCounts;
 use crate::error::Error;
 use crate::memory::PAGE_SIZE;
-use crate::transport::Stream;
+use crate::transport::{Queue, Stream, queued};
 use crate::wire::MAX_CHANNELS;
 
 /// Where a session reports its facts: the caller feeds them to a
@@ -84,6 +85,14 @@ impl Abort {
         }
         lock(&self.streams).push(clone);
         Ok(())
+    }
+
+    /// Bytes written to the registered sockets that their peers have not taken yet.
+    pub(crate) fn unsent(&self) -> u64 {
+        lock(&self.streams)
+            .iter()
+            .filter_map(|s| queued(s.as_raw_fd(), Queue::Out).ok())
+            .sum()
     }
 
     /// Shuts down every registered socket.

@@ -6,6 +6,7 @@ mod common;
 
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use common::{Image, Net, Next, Plan, Rng, assert_completed, guest, migrate, statuses, write_page};
 use ramjet_control::{Fact, Side};
@@ -361,5 +362,30 @@ fn cancel_on_either_side() {
             statuses(other, &failed_facts).last().map(String::as_str),
             Some("failed")
         );
+    }
+}
+
+/// A timeout means a link that stopped, not a slow one: through a relay moving 512 KiB/s, a
+/// 1 MiB guest takes about four times as long as each side's 500 ms timeout allows for one
+/// operation (a 256 KiB frame needs half a second, and the sender waits for its confirmation
+/// while its sockets still drain), and still completes, on every transport and socket.
+#[test]
+fn a_slow_link_is_not_a_stopped_one() {
+    for transport in common::transports() {
+        for net in [Net::Tcp, Net::Unix] {
+            let src = guest(1 << 20, Image::Random, 3);
+            let dst = Arc::new(GuestMemory::anonymous(1 << 20).expect("memory"));
+            let plan = Plan {
+                transport: Arc::clone(&transport),
+                paused: true,
+                timeout: Duration::from_millis(500),
+                throttle: Some(512 << 10),
+                ..Plan::new(net, 1, Compression::Off)
+            };
+            let none = DirtySet::none(&src);
+            let outcome = migrate(&src, &dst, &plan, |_| Next::Final(none.clone()), b"dev");
+            let what = format!("{} over {net:?}", transport.name());
+            assert_completed(&outcome, &src, &dst, &what);
+        }
     }
 }

@@ -711,10 +711,19 @@ impl Sender {
             let _ = queue.send(Outgoing::Control(frame));
         }
         self.jobs = None;
-        let deadline = Instant::now() + self.timeout;
+        // The timeout runs from the last progress: on a slow link the frames still queued
+        // here and in the sockets take a while to reach the receiver. Bytes leaving our queues
+        // or the sockets' change these figures; a link that stopped leaves them still.
+        let mut deadline = Instant::now() + self.timeout;
+        let mut last = None;
         let confirmation = loop {
             if self.abort.is_stopped() {
                 return Err(self.fail_stopped());
+            }
+            let remaining = Some((self.counters.in_flight(), self.abort.unsent()));
+            if remaining != last {
+                last = remaining;
+                deadline = Instant::now() + self.timeout;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

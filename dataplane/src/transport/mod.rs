@@ -153,6 +153,31 @@ impl Stream {
     }
 }
 
+/// Which of a socket's queues [`queued`] measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Queue {
+    /// Bytes received and not yet read (`FIONREAD`).
+    In,
+    /// Bytes written and not yet taken by the peer: unacknowledged on TCP, unread on a Unix
+    /// socket (`TIOCOUTQ`, alias `SIOCOUTQ`).
+    Out,
+}
+
+/// How many bytes wait in one of the queues of socket `fd` (see `tcp(7)`, `unix(7)`); how a
+/// timeout tells a slow peer from a stopped one.
+pub(crate) fn queued(fd: RawFd, queue: Queue) -> io::Result<u64> {
+    let request = match queue {
+        Queue::In => libc::FIONREAD,
+        Queue::Out => libc::TIOCOUTQ,
+    };
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: both requests write one c_int, which lives across the call.
+    if unsafe { libc::ioctl(fd, request, &raw mut bytes) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(bytes).unwrap_or(0))
+}
+
 impl AsRawFd for Stream {
     fn as_raw_fd(&self) -> RawFd {
         match self {

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
-use super::{LinkReader, LinkWriter, Stream, Transport};
+use super::{LinkReader, LinkWriter, Queue, Stream, Transport, queued};
 use crate::arena::Arena;
 
 /// Whether sends use `SENDMSG_ZC`, which lets the NIC read the pages without a copy.
@@ -377,7 +377,20 @@ impl Link {
                 let mut msg = msghdr(&mut iovecs);
                 // SAFETY: the kernel uses `msg`, `iovecs` and the buffers they describe, which
                 // outlive `run`, and `run` waits for every completion.
-                let moved = unsafe { self.run(make(&raw mut msg, again)) }?;
+                let moved = match unsafe { self.run(make(&raw mut msg, again)) } {
+                    // A receive waiting for its low-water mark times out while bytes trickle
+                    // in below it: those bytes are progress, so take them and wait again. (A
+                    // cancelled MSG_WAITALL operation reports the bytes it moved itself.)
+                    Err(e)
+                        if e.kind() == io::ErrorKind::TimedOut
+                            && self.lowat.is_some()
+                            && queued(self.socket.as_raw_fd(), Queue::In).is_ok_and(|n| n > 0) =>
+                    {
+                        again = false;
+                        continue;
+                    }
+                    other => other?,
+                };
                 again = true;
                 if moved == 0 {
                     return Err(at_zero.into());
@@ -611,6 +624,47 @@ mod tests {
         link.recv(&mut small).unwrap();
         assert_eq!(&small, b"small");
         drop(writer.join().unwrap());
+    }
+
+    /// A timeout means a peer that stopped, not a slow one: a receive completes while bytes
+    /// keep trickling in (each well within the timeout, all of them well after it), on TCP with
+    /// its low-water mark and on a Unix socket with MSG_WAITALL, and times out once they stop.
+    #[test]
+    fn a_trickling_peer_is_slow_not_stopped() {
+        if !available() {
+            return;
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        let (unix, unix_ours) = UnixStream::pair().unwrap();
+        let timeout = Some(Duration::from_millis(150));
+        let cases: [(Stream, Stream, bool); 2] = [
+            (Stream::Tcp(tcp), Stream::Tcp(ours), true),
+            (Stream::Unix(unix), Stream::Unix(unix_ours), false),
+        ];
+        for (peer, ours, lowat) in cases {
+            let mut link = Link::new(&ours, timeout, false).unwrap();
+            if lowat {
+                link.lowat = Some(1);
+            }
+            let writer = std::thread::spawn(move || {
+                use std::io::Write;
+                let mut peer = peer;
+                for i in 0..20u8 {
+                    std::thread::sleep(Duration::from_millis(25));
+                    peer.write_all(&[i]).unwrap();
+                }
+                // Then silence, the socket left open.
+                peer
+            });
+            let mut buf = [0u8; 20];
+            link.recv(&mut buf).unwrap();
+            assert_eq!(buf.to_vec(), (0..20u8).collect::<Vec<_>>());
+            let err = link.recv(&mut buf).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::TimedOut, "lowat {lowat}");
+            drop(writer.join().unwrap());
+        }
     }
 
     /// Zero-copy sends from the registered arena use it as a fixed buffer; a batch with a

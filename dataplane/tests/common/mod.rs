@@ -141,6 +141,8 @@ pub struct Plan {
     /// The guest is paused from the start (an image): switchover comes first, and the one
     /// round sends every page in place from the frozen memory.
     pub paused: bool,
+    /// Relay every channel through a proxy that forwards this many bytes per second.
+    pub throttle: Option<u64>,
 }
 
 /// What a migration test does after a round.
@@ -160,6 +162,7 @@ impl Plan {
             compression,
             timeout: Duration::from_secs(20),
             paused: false,
+            throttle: None,
         }
     }
 }
@@ -184,7 +187,10 @@ pub fn migrate(
     device_state: &[u8],
 ) -> Outcome {
     let listener = Listener::bind(&endpoint(plan.net)).expect("bind");
-    let at = listener.endpoint().clone();
+    let mut at = listener.endpoint().clone();
+    if let Some(rate) = plan.throttle {
+        at = throttle(plan.net, &at, plan.channels, rate);
+    }
     let (source_facts, destination_facts) =
         (Arc::new(Facts::default()), Arc::new(Facts::default()));
     let receive_options = ReceiveOptions {
@@ -232,6 +238,47 @@ pub fn migrate(
         destination_facts: destination_facts.all(),
         elapsed: started.elapsed(),
     }
+}
+
+/// Starts a relay that accepts `channels` connections and forwards each to `to`, sender to
+/// receiver at `rate` bytes per second in 4 KiB steps, and answers back as they come; returns
+/// where it listens.
+pub fn throttle(net: Net, to: &Endpoint, channels: u16, rate: u64) -> Endpoint {
+    use ramjet_dataplane::transport::Stream;
+    use std::io::{Read, Write};
+    let listener = Listener::bind(&endpoint(net)).expect("bind the relay");
+    let at = listener.endpoint().clone();
+    let to = to.clone();
+    thread::spawn(move || {
+        for _ in 0..channels {
+            let Ok(from) = listener.accept(Some(Duration::from_secs(20)), &|| false) else {
+                return;
+            };
+            let peer = Stream::connect(&to, Duration::from_secs(5)).expect("connect");
+            let (mut back_from, mut back_to) =
+                (peer.try_clone().unwrap(), from.try_clone().unwrap());
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut back_from, &mut back_to);
+                back_to.shutdown_write();
+            });
+            thread::spawn(move || {
+                let (mut from, mut peer) = (from, peer);
+                let mut buf = [0u8; 4096];
+                let started = Instant::now();
+                let mut moved = 0u64;
+                while let Ok(n @ 1..) = from.read(&mut buf) {
+                    if peer.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    moved += n as u64;
+                    let due = started + Duration::from_secs_f64(moved as f64 / rate as f64);
+                    thread::sleep(due.saturating_duration_since(Instant::now()));
+                }
+                peer.shutdown_write();
+            });
+        }
+    });
+    at
 }
 
 /// Asserts a migration completed with identical memory and the expected status sequences.
