@@ -1,195 +1,94 @@
 //! `ramjet stress`: many migrations between in-process senders and receivers through a
-//! fault-injecting proxy, each checked against what ramjet promises (see [`check`]).
+//! fault-injecting [proxy], several at once, each checked against what ramjet promises (see
+//! [`check::check`]).
 //!
-//! Every run is chosen from the seed (transport socket, channels, compression, image, fault,
-//! where the fault strikes), so a violation is reproduced by `--seed S --runs 1 --first R`.
+//! Every run is drawn from the seed and its number ([`plan::Plan`]: socket, paused or live
+//! guest, channels, compression, image, fault and where it strikes), so a violation is
+//! replayed by `--seed S --first R --runs 1`.
+
+mod check;
+mod plan;
+mod proxy;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use ramjet_control::{Machine, Options, Profile, Side, Status, Timestamp, Trigger};
-use ramjet_dataplane::codec::Compression;
 use ramjet_dataplane::dirty::DirtySet;
-use ramjet_dataplane::image::{self, ImageKind, Rng};
-use ramjet_dataplane::memory::GuestMemory;
-use ramjet_dataplane::transport::{Endpoint, Listener, Stream};
+use ramjet_dataplane::image::{self, ImageKind};
+use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use ramjet_dataplane::transport::{Endpoint, Listener};
+use ramjet_dataplane::workload::Workload;
 use ramjet_dataplane::{
-    CancelHandle, Error, Fact, FactSink, ReceiveOptions, SendOptions, Sender, receive,
+    CancelHandle, Error, Fact, FactSink, Guest, LiveHandle, LiveOptions, ReceiveOptions,
+    SendOptions, Sender, migrate_live, receive,
 };
+
+use check::{Evidence, Outcome};
+use plan::{Fault, Mode, Net, Plan, Strike, When};
+use proxy::Proxy;
 
 /// Run many migrations with injected faults and check every outcome.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// How many runs.
-    #[arg(long, default_value_t = 100)]
-    runs: u64,
-    /// The seed every run is chosen from.
+    /// How many runs (default 100, or as many as --duration allows).
+    #[arg(long)]
+    runs: Option<u64>,
+    /// Start no run after this long (90s, 20m, 1h).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// The seed every run is drawn from.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// The first run's number (to replay one run: --first R --runs 1).
     #[arg(long, default_value_t = 0)]
     first: u64,
+    /// Runs at once.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    jobs: u16,
     /// Sockets to use: tcp, unix, or both.
     #[arg(long, value_delimiter = ',', default_value = "tcp,unix")]
     transports: Vec<Net>,
+    /// Guests: paused, live (a vCPU thread writing during the migration), or both.
+    #[arg(long, value_delimiter = ',', default_value = "paused,live")]
+    modes: Vec<Mode>,
     /// Faults to choose from.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "none,drop,flip,stall,cancel"
+        default_value = "none,drop,flip,stall,slow,short,refuse,version,cancel"
     )]
     faults: Vec<Fault>,
 }
 
-/// A socket kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Net {
-    /// Loopback TCP.
-    Tcp,
-    /// A Unix socket.
-    Unix,
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (like 90s, 20m or 1h)"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?} (use s, m or h)")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(seconds)))
 }
 
-/// What the proxy (or the test) does to a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
-pub enum Fault {
-    /// Nothing: the run must complete.
-    None,
-    /// Close one channel's connection after some bytes.
-    Drop,
-    /// Flip one byte of one channel, sender to receiver.
-    Flip,
-    /// Stop forwarding one channel for longer than the timeout.
-    Stall,
-    /// Cancel the sender at a random moment.
-    Cancel,
-}
-
-/// How a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Outcome {
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-/// What one run is.
-#[derive(Debug, Clone, Copy)]
-struct Plan {
-    run: u64,
-    net: Net,
-    channels: u16,
-    compression: Compression,
-    image: ImageKind,
-    pages: u64,
-    fault: Fault,
-    /// The channel the fault hits, and after how many of its bytes.
-    channel: u16,
-    at_byte: u64,
-}
-
+/// Each side's timeout for a socket operation.
 const TIMEOUT: Duration = Duration::from_millis(1500);
 /// A run taking longer than this is a hang.
 const BOUND: Duration = Duration::from_secs(30);
 
-impl Plan {
-    fn new(seed: u64, run: u64, nets: &[Net], faults: &[Fault]) -> Plan {
-        let mut rng = Rng::new(seed ^ run.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let pick = |rng: &mut Rng, n: usize| usize::try_from(rng.below(n as u64)).unwrap_or(0);
-        let channels = u16::try_from(rng.below(4) + 1).unwrap_or(1);
-        let pages = 256 + rng.below(2048);
-        Plan {
-            run,
-            net: nets[pick(&mut rng, nets.len())],
-            channels,
-            compression: [Compression::Off, Compression::Lz4, Compression::Auto][pick(&mut rng, 3)],
-            image: [ImageKind::Random, ImageKind::Zero, ImageKind::Mixed][pick(&mut rng, 3)],
-            pages,
-            fault: faults[pick(&mut rng, faults.len())],
-            channel: u16::try_from(rng.below(u64::from(channels))).unwrap_or(0),
-            // Anywhere from the hello to well into the pages.
-            at_byte: rng.below(pages * 4096 / u64::from(channels) + 64),
-        }
-    }
-}
-
-/// Forwards one connection, sender to receiver and back, applying `fault` to the sender's
-/// bytes; returns when both directions are done. A direction that ends is half-closed, so the
-/// other can still carry an answer (the receiver's error message, say); a dropped or stalled
-/// connection is cut both ways, as a lost link is.
-fn forward(from: &Stream, to: &Stream, fault: Option<(Fault, u64)>, stop: &AtomicBool) {
-    let back = {
-        let (to_r, from_w) = (to.try_clone(), from.try_clone());
-        thread::spawn(move || {
-            if let (Ok(mut to_r), Ok(mut from_w)) = (to_r, from_w) {
-                let _ = std::io::copy(&mut to_r, &mut from_w);
-                from_w.shutdown_write();
-            }
-        })
-    };
-    let cut = pump(from, to, fault, stop);
-    if cut {
-        from.shutdown();
-        to.shutdown();
-    } else {
-        to.shutdown_write();
-    }
-    let _ = back.join();
-}
-
-/// Copies sender bytes to the receiver until either side ends; true if the fault cut the link.
-fn pump(from: &Stream, to: &Stream, fault: Option<(Fault, u64)>, stop: &AtomicBool) -> bool {
-    let (Ok(mut from_r), Ok(mut to_w)) = (from.try_clone(), to.try_clone()) else {
-        return true;
-    };
-    let mut buf = vec![0u8; 64 << 10];
-    let mut seen = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let n = match from_r.read(&mut buf) {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => n,
-        };
-        let chunk = &mut buf[..n];
-        let (start, end) = (seen, seen + n as u64);
-        seen = end;
-        if let Some((fault, at)) = fault
-            && (start..end).contains(&at)
-        {
-            let offset = usize::try_from(at - start).unwrap_or(0);
-            match fault {
-                Fault::Flip => chunk[offset] ^= 0x5A,
-                Fault::Drop => {
-                    let _ = to_w.write_all(&chunk[..offset]);
-                    return true;
-                }
-                Fault::Stall => {
-                    let _ = to_w.write_all(&chunk[..offset]);
-                    // Longer than either side's timeout, then the link is gone.
-                    let until = Instant::now() + TIMEOUT * 3;
-                    while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-                        thread::sleep(Duration::from_millis(10));
-                    }
-                    return true;
-                }
-                Fault::None | Fault::Cancel => {}
-            }
-        }
-        if to_w.write_all(chunk).is_err() {
-            return false;
-        }
-    }
-    true
-}
-
 /// Facts as they come.
 #[derive(Default)]
-struct Facts(std::sync::Mutex<Vec<Fact>>);
+struct Facts(Mutex<Vec<Fact>>);
 
 impl Facts {
     fn sink(self: &Arc<Self>) -> Arc<dyn FactSink> {
@@ -198,7 +97,7 @@ impl Facts {
             facts
                 .0
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .unwrap_or_else(PoisonError::into_inner)
                 .push(fact);
         })
     }
@@ -206,15 +105,9 @@ impl Facts {
     fn all(&self) -> Vec<Fact> {
         self.0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
-}
-
-/// What a run did.
-struct Ran {
-    outcome: Outcome,
-    violations: Vec<String>,
 }
 
 fn endpoint(net: Net, tag: &str, run: u64) -> Endpoint {
@@ -227,45 +120,34 @@ fn endpoint(net: Net, tag: &str, run: u64) -> Endpoint {
     }
 }
 
-/// Runs one migration as `plan` says.
+/// What a run did.
+struct Ran {
+    outcome: Outcome,
+    struck: bool,
+    violations: Vec<String>,
+}
+
+/// Runs one migration as `plan` says, and checks it.
 fn run_one(plan: &Plan) -> anyhow::Result<Ran> {
-    let bytes = plan.pages * 4096;
+    let bytes = plan.pages * PAGE_SIZE as u64;
     let src = Arc::new(GuestMemory::anonymous(bytes)?);
     if plan.image != ImageKind::Zero {
         image::fill(&src, plan.image, plan.run)?;
     }
-    let dst = Arc::new(GuestMemory::anonymous(bytes)?);
-    let receiver_listener = Listener::bind(&endpoint(plan.net, "r", plan.run))?;
-    let proxy_listener = Listener::bind(&endpoint(plan.net, "p", plan.run))?;
-    let (real, front) = (
-        receiver_listener.endpoint().clone(),
-        proxy_listener.endpoint().clone(),
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    // The proxy: one forwarder per accepted channel, the fault on one of them.
-    let proxy = {
-        let stop = Arc::clone(&stop);
-        let plan = *plan;
-        thread::spawn(move || {
-            let mut forwarders = Vec::new();
-            for channel in 0..plan.channels {
-                let Ok(from) =
-                    proxy_listener.accept(Some(TIMEOUT * 4), &|| stop.load(Ordering::Relaxed))
-                else {
-                    break;
-                };
-                let Ok(to) = Stream::connect(&real, TIMEOUT) else {
-                    break;
-                };
-                let fault = (channel == plan.channel).then_some((plan.fault, plan.at_byte));
-                let stop = Arc::clone(&stop);
-                forwarders.push(thread::spawn(move || forward(&from, &to, fault, &stop)));
-            }
-            for f in forwarders {
-                let _ = f.join();
-            }
-        })
+    let dst_bytes = match plan.strike {
+        Strike::Refuse => bytes + PAGE_SIZE as u64,
+        _ => bytes,
     };
+    let dst = Arc::new(GuestMemory::anonymous(dst_bytes)?);
+    let receiver_listener = Listener::bind(&endpoint(plan.net, "r", plan.run))?;
+    let hello_len = 48 + 24 * src.regions().len() as u64;
+    let proxy = Proxy::start(
+        Listener::bind(&endpoint(plan.net, "p", plan.run))?,
+        receiver_listener.endpoint().clone(),
+        plan,
+        hello_len,
+        TIMEOUT,
+    );
     let (source_facts, destination_facts) =
         (Arc::new(Facts::default()), Arc::new(Facts::default()));
     let receive_options = ReceiveOptions {
@@ -274,145 +156,143 @@ fn run_one(plan: &Plan) -> anyhow::Result<Ran> {
         workers: 2,
         ..ReceiveOptions::default()
     };
-    let (dst2, sink) = (Arc::clone(&dst), destination_facts.sink());
-    let receiver = thread::spawn(move || receive(&receiver_listener, dst2, &receive_options, sink));
-    let cancel = CancelHandle::new();
-    let canceller = (plan.fault == Fault::Cancel).then(|| {
-        let (cancel, after) = (cancel.clone(), Duration::from_micros(plan.at_byte % 20_000));
+    let receiver = {
+        let (dst, sink) = (Arc::clone(&dst), destination_facts.sink());
         thread::spawn(move || {
-            thread::sleep(after);
-            cancel.cancel();
+            receive(&receiver_listener, dst, &receive_options, sink).map(|r| r.device_state)
         })
-    });
+    };
+    let cancel = CancelHandle::new();
+    let canceller = match plan.strike {
+        Strike::Cancel(When::BeforeConnect) => {
+            cancel.cancel();
+            None
+        }
+        Strike::Cancel(When::After(after)) => {
+            let cancel = cancel.clone();
+            Some(thread::spawn(move || {
+                thread::sleep(after);
+                cancel.cancel();
+            }))
+        }
+        _ => None,
+    };
+    let at_switchover =
+        matches!(plan.strike, Strike::Cancel(When::Switchover)).then(|| cancel.clone());
     let options = SendOptions {
         channels: plan.channels,
         compression: plan.compression,
         timeout: TIMEOUT,
         workers: 2,
-        cancel,
+        cancel: cancel.clone(),
         ..SendOptions::default()
     };
-    let sent = Sender::connect(Arc::clone(&src), &front, &options, source_facts.sink()).and_then(
-        |mut sender| {
-            sender.switchover()?;
-            sender.round(&DirtySet::all(&src))?;
-            sender.finish(b"device")
-        },
-    );
+    let sink = source_facts.sink();
+    let sent = match plan.mode {
+        Mode::Paused => send_paused(&src, proxy.endpoint(), &options, sink, at_switchover),
+        Mode::Live => send_live(&src, plan, proxy.endpoint(), &options, sink, at_switchover),
+    };
+    let cancelled_in_time = cancel.is_cancelled();
     let received = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("the receiver panicked"))?;
-    stop.store(true, Ordering::Relaxed);
-    let _ = proxy.join();
+    let struck = proxy.stop()
+        || matches!(plan.strike, Strike::Refuse)
+        || (plan.fault == Fault::Cancel && cancelled_in_time);
     if let Some(canceller) = canceller {
         let _ = canceller.join();
     }
-    Ok(check(
+    let (outcome, violations) = check::check(&Evidence {
         plan,
-        &src,
-        &dst,
-        &sent.map(|_| ()),
-        &received.map(|_| ()),
-        &source_facts.all(),
-        &destination_facts.all(),
-    ))
+        src: &src,
+        dst: &dst,
+        sent: &sent,
+        received: &received,
+        source_facts: &source_facts.all(),
+        destination_facts: &destination_facts.all(),
+        struck,
+    });
+    Ok(Ran {
+        outcome,
+        struck,
+        violations,
+    })
 }
 
-/// The promises: (1) each side's statuses are a path of its control graph ending in exactly
-/// one terminal status; (2) `completed` means identical memory; (3) `failed` names the fault;
-/// (4) `cancelled` only after a cancel; a fault-free run completes.
-fn check(
+/// A stopped guest: switchover first, then every page straight from the frozen memory.
+fn send_paused(
+    src: &Arc<GuestMemory>,
+    to: &Endpoint,
+    options: &SendOptions,
+    sink: Arc<dyn FactSink>,
+    cancel_at_switchover: Option<CancelHandle>,
+) -> Result<Vec<u8>, Error> {
+    const STATE: &[u8] = b"paused guest device state";
+    let mut sender = Sender::connect(Arc::clone(src), to, options, sink)?;
+    sender.switchover()?;
+    if let Some(cancel) = cancel_at_switchover {
+        cancel.cancel();
+    }
+    sender.round(&DirtySet::all(src))?;
+    sender.finish(STATE)?;
+    Ok(STATE.to_vec())
+}
+
+/// A running guest: a vCPU thread writes while live pre-copy rounds go out; it is paused for
+/// the switchover (and resumed if the migration fails).
+fn send_live(
+    src: &Arc<GuestMemory>,
     plan: &Plan,
-    src: &GuestMemory,
-    dst: &GuestMemory,
-    sent: &Result<(), Error>,
-    received: &Result<(), Error>,
-    source_facts: &[Fact],
-    destination_facts: &[Fact],
-) -> Ran {
-    let mut violations = Vec::new();
-    let mut terminal = |side: Side, facts: &[Fact], cancelled: bool| {
-        let mut machine = Machine::new(side, Profile::Qemu10, Options::new());
-        let now = Timestamp::from_unix_micros(1);
-        let mut ends = 0;
-        let _ = machine.step(Trigger::Migrate, now);
-        for fact in facts {
-            if cancelled && *fact == Fact::Drained {
-                let _ = machine.step(Trigger::Cancel, now);
-            }
-            match machine.step(fact.clone(), now) {
-                Ok(Some(event)) if event.status().is_some_and(Status::is_terminal) => ends += 1,
-                Ok(_) => {}
-                Err(e) => {
-                    violations.push(format!("{side:?}: the control machine refused {fact}: {e}"));
-                }
-            }
-        }
-        if ends != 1 {
-            violations.push(format!(
-                "{side:?}: {ends} terminal statuses (facts {facts:?})"
-            ));
-        }
+    to: &Endpoint,
+    options: &SendOptions,
+    sink: Arc<dyn FactSink>,
+    cancel_at_switchover: Option<CancelHandle>,
+) -> Result<Vec<u8>, Error> {
+    let (workload, mut source, _) =
+        Workload::start_tracked(src, Some(plan.dirty_rate), ImageKind::Mixed, plan.run);
+    let mut guest = Hooks {
+        workload,
+        cancel_at_switchover,
+        handed_over: None,
     };
-    let source_cancelled = matches!(sent, Err(e) if e.is_cancelled());
-    terminal(Side::Source, source_facts, source_cancelled);
-    terminal(Side::Destination, destination_facts, false);
-    let outcome = match sent {
-        Ok(()) => Outcome::Completed,
-        Err(e) if e.is_cancelled() => Outcome::Cancelled,
-        Err(_) => Outcome::Failed,
+    let sender = Sender::connect(Arc::clone(src), to, options, sink)?;
+    let live = LiveOptions {
+        max_rounds: Some(8),
+        max_time: Some(Duration::from_secs(5)),
+        ..LiveOptions::default()
     };
-    if outcome == Outcome::Completed {
-        if received.is_err() {
-            violations.push("the sender completed, the receiver did not".into());
+    let handle = LiveHandle::new(options.cancel.clone());
+    migrate_live(sender, source.as_mut(), &mut guest, &live, &handle)?;
+    guest
+        .handed_over
+        .ok_or_else(|| Error::Config("the migration completed without device state".into()))
+}
+
+/// The live guest's hooks: the workload's, plus a cancel as it pauses, and a record of the
+/// device state handed over.
+struct Hooks {
+    workload: Workload,
+    cancel_at_switchover: Option<CancelHandle>,
+    handed_over: Option<Vec<u8>>,
+}
+
+impl Guest for Hooks {
+    fn pause(&mut self) -> Result<(), String> {
+        let paused = self.workload.pause();
+        if let Some(cancel) = &self.cancel_at_switchover {
+            cancel.cancel();
         }
-        match src.first_difference(dst) {
-            Ok(None) => {}
-            Ok(Some((region, page))) => {
-                violations.push(format!(
-                    "completed, but page {page} of region {region} differs"
-                ));
-            }
-            Err(e) => violations.push(format!("cannot compare: {e}")),
-        }
+        paused
     }
-    if outcome == Outcome::Cancelled && plan.fault != Fault::Cancel {
-        violations.push("cancelled without a cancel".into());
+
+    fn device_state(&mut self) -> Result<Vec<u8>, String> {
+        let state = self.workload.device_state()?;
+        self.handed_over = Some(state.clone());
+        Ok(state)
     }
-    if plan.fault == Fault::None && outcome != Outcome::Completed {
-        violations.push("a run without a fault did not complete".into());
-    }
-    let error = sent.as_ref().err().map(Error::chain);
-    if let (Outcome::Failed, Some(message)) = (outcome, &error) {
-        let message = &message.to_lowercase();
-        let named = match plan.fault {
-            Fault::Drop => ["closed", "connection", "reset", "broken pipe", "timed out"]
-                .iter()
-                .any(|w| message.contains(w)),
-            Fault::Flip => [
-                "invalid data",
-                "checksum",
-                "refused",
-                "not a ramjet peer",
-                "the receiver failed",
-            ]
-            .iter()
-            .any(|w| message.contains(w)),
-            Fault::Stall => ["timed out", "closed", "the receiver failed"]
-                .iter()
-                .any(|w| message.contains(w)),
-            Fault::None | Fault::Cancel => false,
-        };
-        if !named {
-            violations.push(format!(
-                "failed without naming the {:?} fault: {message}",
-                plan.fault
-            ));
-        }
-    }
-    Ran {
-        outcome,
-        violations,
+
+    fn resume(&mut self) {
+        self.workload.resume();
     }
 }
 
@@ -437,72 +317,218 @@ fn settled_threads() -> usize {
     count("/proc/self/task")
 }
 
-pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    if args.transports.is_empty() || args.faults.is_empty() {
-        bail!("--transports and --faults need at least one value each");
+/// One finished run, as a worker reports it.
+struct Report {
+    plan: Plan,
+    result: Result<anyhow::Result<Ran>, ()>,
+    took: Duration,
+}
+
+/// The tally: runs by row (a fault, or a mode) and outcome, and the violations.
+#[derive(Default)]
+struct Tally {
+    by_fault: BTreeMap<Fault, Row>,
+    by_mode: BTreeMap<Mode, Row>,
+    runs: u64,
+    violations: Vec<String>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Row {
+    runs: u64,
+    struck: u64,
+    completed: u64,
+    failed: u64,
+    cancelled: u64,
+}
+
+impl Row {
+    fn add(&mut self, ran: &Ran) {
+        self.runs += 1;
+        self.struck += u64::from(ran.struck);
+        match ran.outcome {
+            Outcome::Completed => self.completed += 1,
+            Outcome::Failed => self.failed += 1,
+            Outcome::Cancelled => self.cancelled += 1,
+        }
     }
-    let (fds, threads) = (count("/proc/self/fd"), settled_threads());
-    let started = Instant::now();
-    let mut table: BTreeMap<(Fault, Outcome), u64> = BTreeMap::new();
-    let mut violations = Vec::new();
-    for run in args.first..args.first + args.runs {
-        let plan = Plan::new(args.seed, run, &args.transports, &args.faults);
-        let began = Instant::now();
-        let result = thread::spawn(move || run_one(&plan)).join();
-        let took = began.elapsed();
+}
+
+impl Tally {
+    fn add(&mut self, report: Report) {
+        let Report { plan, result, took } = report;
+        self.runs += 1;
+        let mut violation = |v: String| {
+            self.violations
+                .push(format!("run {} ({plan:?}): {v}", plan.run));
+        };
         match result {
             Ok(Ok(ran)) => {
-                *table.entry((plan.fault, ran.outcome)).or_default() += 1;
+                self.by_fault.entry(plan.fault).or_default().add(&ran);
+                self.by_mode.entry(plan.mode).or_default().add(&ran);
                 for v in ran.violations {
-                    violations.push(format!("run {run} ({plan:?}): {v}"));
+                    violation(v);
                 }
             }
-            Ok(Err(e)) => violations.push(format!("run {run} ({plan:?}): could not run: {e:#}")),
-            Err(_) => violations.push(format!("run {run} ({plan:?}): panicked")),
+            Ok(Err(e)) => violation(format!("could not run: {e:#}")),
+            Err(()) => violation("panicked".into()),
         }
         if took > BOUND {
-            violations.push(format!(
-                "run {run} ({plan:?}): took {took:.1?}, over {BOUND:?}"
-            ));
+            violation(format!("took {took:.1?}, over the {BOUND:?} bound"));
         }
+    }
+
+    fn print(&self, seed: u64, elapsed: Duration) {
+        println!(
+            "{:<8} {:>6} {:>7} {:>10} {:>7} {:>10}",
+            "", "runs", "struck", "completed", "failed", "cancelled"
+        );
+        let line = |name: String, r: &Row| {
+            println!(
+                "{name:<8} {:>6} {:>7} {:>10} {:>7} {:>10}",
+                r.runs, r.struck, r.completed, r.failed, r.cancelled
+            );
+        };
+        for (fault, row) in &self.by_fault {
+            line(format!("{fault:?}").to_lowercase(), row);
+        }
+        for (mode, row) in &self.by_mode {
+            line(format!("{mode:?}").to_lowercase(), row);
+        }
+        println!(
+            "{} runs in {:.1?}, seed {seed}: {} violations",
+            self.runs,
+            elapsed,
+            self.violations.len()
+        );
+        for v in &self.violations {
+            println!("violation: {v} (replay: --seed {seed} --first <run> --runs 1)");
+        }
+    }
+}
+
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    if args.transports.is_empty() || args.faults.is_empty() || args.modes.is_empty() {
+        bail!("--transports, --modes and --faults need at least one value each");
+    }
+    let runs = args.runs.unwrap_or(if args.duration.is_some() {
+        u64::MAX
+    } else {
+        100
+    });
+    let end = args.first.saturating_add(runs);
+    let (fds, threads) = (count("/proc/self/fd"), settled_threads());
+    let started = Instant::now();
+    let stop_at = args.duration.map(|d| started + d);
+    let next = Arc::new(AtomicU64::new(args.first));
+    // Runs under way, with when they started: a run past the bound is a hang.
+    let running: Arc<Mutex<BTreeMap<u64, Instant>>> = Arc::default();
+    let (done, reports) = mpsc::channel();
+    let workers: Vec<_> = (0..args.jobs)
+        .map(|_| {
+            let (next, running, done) = (Arc::clone(&next), Arc::clone(&running), done.clone());
+            let (seed, nets, modes, faults) = (
+                args.seed,
+                args.transports.clone(),
+                args.modes.clone(),
+                args.faults.clone(),
+            );
+            thread::spawn(move || {
+                loop {
+                    if stop_at.is_some_and(|t| Instant::now() >= t) {
+                        break;
+                    }
+                    let run = next.fetch_add(1, Ordering::Relaxed);
+                    if run >= end {
+                        break;
+                    }
+                    let plan = Plan::new(seed, run, &nets, &modes, &faults);
+                    let began = Instant::now();
+                    lock(&running).insert(run, began);
+                    let result =
+                        panic::catch_unwind(AssertUnwindSafe(|| run_one(&plan))).map_err(|_| ());
+                    lock(&running).remove(&run);
+                    let took = began.elapsed();
+                    if done.send(Report { plan, result, took }).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(done);
+    let mut tally = Tally::default();
+    let mut last_word = Instant::now();
+    loop {
+        match reports.recv_timeout(Duration::from_secs(1)) {
+            Ok(report) => tally.add(report),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        let hung: Vec<u64> = lock(&running)
+            .iter()
+            .filter(|(_, began)| began.elapsed() > BOUND)
+            .map(|(run, _)| *run)
+            .collect();
+        if !hung.is_empty() {
+            for run in hung {
+                let plan = Plan::new(args.seed, run, &args.transports, &args.modes, &args.faults);
+                tally.violations.push(format!(
+                    "run {run} ({plan:?}): still running after {BOUND:?}: a hang"
+                ));
+            }
+            // The hung run's threads cannot be stopped: report and leave.
+            tally.print(args.seed, started.elapsed());
+            return Ok(ExitCode::FAILURE);
+        }
+        if last_word.elapsed() > Duration::from_secs(60) {
+            last_word = Instant::now();
+            eprintln!(
+                "stress: {} runs in {:.0?}, {} violations so far",
+                tally.runs,
+                started.elapsed(),
+                tally.violations.len()
+            );
+        }
+    }
+    for worker in workers {
+        let _ = worker.join();
     }
     let (fds_after, threads_after) = (count("/proc/self/fd"), settled_threads());
     if fds_after > fds {
-        violations.push(format!("{} file descriptors leaked", fds_after - fds));
+        tally
+            .violations
+            .push(format!("{} file descriptors leaked", fds_after - fds));
     }
     if threads_after > threads {
-        violations.push(format!("{} threads leaked", threads_after - threads));
+        tally
+            .violations
+            .push(format!("{} threads leaked", threads_after - threads));
     }
-    println!(
-        "{:<8} {:>10} {:>8} {:>10}",
-        "fault", "completed", "failed", "cancelled"
-    );
-    for fault in &args.faults {
-        let n = |o| table.get(&(*fault, o)).copied().unwrap_or(0);
-        println!(
-            "{:<8} {:>10} {:>8} {:>10}",
-            format!("{fault:?}").to_lowercase(),
-            n(Outcome::Completed),
-            n(Outcome::Failed),
-            n(Outcome::Cancelled)
-        );
-    }
-    println!(
-        "{} runs in {:.1?}, seed {}: {} violations",
-        args.runs,
-        started.elapsed(),
-        args.seed,
-        violations.len()
-    );
-    for v in &violations {
-        println!(
-            "violation: {v} (replay: --seed {} --first <run> --runs 1)",
-            args.seed
-        );
-    }
-    Ok(if violations.is_empty() {
+    tally.print(args.seed, started.elapsed());
+    Ok(if tally.violations.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_bad_ones_say_why() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("20m"), Ok(Duration::from_secs(1200)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("m").unwrap_err().contains("not a duration"));
+    }
 }

@@ -1,0 +1,288 @@
+//! What one stress run is, drawn from the seed and the run's number alone, so that
+//! `--seed S --first R --runs 1` replays run R exactly.
+
+use std::time::Duration;
+
+use ramjet_dataplane::codec::Compression;
+use ramjet_dataplane::image::{ImageKind, Rng};
+use ramjet_dataplane::memory::PAGE_SIZE;
+
+/// A socket kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Net {
+    /// Loopback TCP.
+    Tcp,
+    /// A Unix socket.
+    Unix,
+}
+
+/// Whether the guest runs during the migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Mode {
+    /// A stopped guest: one round of every page, sent straight from guest memory.
+    Paused,
+    /// A vCPU thread keeps writing: live pre-copy rounds with userfaultfd (or caller-fed)
+    /// tracking, then the switchover.
+    Live,
+}
+
+/// A kind of fault, as `--faults` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Fault {
+    /// Nothing: the run must complete.
+    None,
+    /// One channel's connection is cut at a random byte, on the sender's or the receiver's end.
+    Drop,
+    /// One byte of one channel is flipped, in the hello, a frame header or a payload.
+    Flip,
+    /// One channel stops forwarding, for longer than the timeout.
+    Stall,
+    /// Every channel is throttled to a few MB/s: slow, but moving, so the run must complete.
+    Slow,
+    /// Every channel is read and written in pieces of a few bytes: the run must complete.
+    Short,
+    /// The receiver's memory differs from the sender's, so it refuses the hello.
+    Refuse,
+    /// One channel speaks another protocol version (in the hello, or in the receiver's reply).
+    Version,
+    /// The sender is cancelled: before it connects, at a random moment, or at the switchover.
+    Cancel,
+}
+
+/// The end of a connection that a drop cuts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The sender's socket is closed; the receiver's is left open, silent.
+    Sender,
+    /// The receiver's socket is closed; the sender's is left open and swallows what comes.
+    Receiver,
+}
+
+/// A part of the sender's byte stream on one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The hello.
+    Hello,
+    /// A frame header.
+    Header,
+    /// A frame's payload.
+    Payload,
+}
+
+/// When a cancel comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// Before the sender connects.
+    BeforeConnect,
+    /// This long after the sender starts connecting.
+    After(Duration),
+    /// As the guest is paused for the switchover.
+    Switchover,
+}
+
+/// The fault of a run, with where and how it strikes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strike {
+    /// No fault.
+    None,
+    /// Cut the channel after `at` of the sender's bytes.
+    Drop {
+        /// The end that is closed.
+        end: End,
+        /// Bytes forwarded before the cut.
+        at: u64,
+    },
+    /// Flip byte `offset` (modulo the part's length) of the `nth` part of its kind.
+    Flip {
+        /// Hello, header or payload.
+        part: Part,
+        /// Which one of them (payloads count only frames that have one).
+        nth: u64,
+        /// The byte in it.
+        offset: u64,
+    },
+    /// Stop forwarding after `at` bytes.
+    Stall {
+        /// Bytes forwarded before the stall.
+        at: u64,
+    },
+    /// Forward every channel at this rate.
+    Slow {
+        /// Bytes per second per channel.
+        bytes_per_sec: u64,
+    },
+    /// Read and write every channel in pieces of at most `max_piece` bytes (its first
+    /// [`SHORT_SPAN`] bytes; then as the bytes come).
+    Short {
+        /// The largest piece.
+        max_piece: u64,
+    },
+    /// Give the destination one page more than the source.
+    Refuse,
+    /// Rewrite the protocol version to 2.
+    Version {
+        /// In the receiver's reply instead of the sender's hello.
+        reply: bool,
+    },
+    /// Cancel the sender.
+    Cancel(When),
+}
+
+/// How many bytes of each channel go in short pieces.
+pub const SHORT_SPAN: u64 = 256 << 10;
+
+/// What one run is.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Its number.
+    pub run: u64,
+    /// The socket kind.
+    pub net: Net,
+    /// Paused or live guest.
+    pub mode: Mode,
+    /// Channels, 1 to 4.
+    pub channels: u16,
+    /// Compression.
+    pub compression: Compression,
+    /// What the guest's pages hold.
+    pub image: ImageKind,
+    /// Guest pages.
+    pub pages: u64,
+    /// Pages per second the live guest writes.
+    pub dirty_rate: u64,
+    /// The fault kind.
+    pub fault: Fault,
+    /// Where and how it strikes.
+    pub strike: Strike,
+    /// The channel it strikes (drop, flip, stall, version).
+    pub channel: u16,
+}
+
+impl Plan {
+    /// Run `run` of `seed`, choosing among the given sockets, modes and faults.
+    pub fn new(seed: u64, run: u64, nets: &[Net], modes: &[Mode], faults: &[Fault]) -> Plan {
+        let mut rng = Rng::new(seed ^ run.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let channels = u16::try_from(rng.below(4) + 1).unwrap_or(1);
+        let mut plan = Plan {
+            run,
+            net: *pick(&mut rng, nets),
+            mode: *pick(&mut rng, modes),
+            channels,
+            compression: *pick(
+                &mut rng,
+                &[Compression::Off, Compression::Lz4, Compression::Auto],
+            ),
+            image: *pick(
+                &mut rng,
+                &[ImageKind::Random, ImageKind::Zero, ImageKind::Mixed],
+            ),
+            pages: 256 + rng.below(2048),
+            dirty_rate: 1000 + rng.below(19_000),
+            fault: *pick(&mut rng, faults),
+            strike: Strike::None,
+            channel: u16::try_from(rng.below(u64::from(channels))).unwrap_or(0),
+        };
+        // Anywhere from the hello to three quarters of what the channel carries in the first
+        // round, so that most faults strike.
+        let at = rng.below(plan.channel_bytes() * 3 / 4 + 1);
+        plan.strike = match plan.fault {
+            Fault::None => Strike::None,
+            Fault::Drop => Strike::Drop {
+                end: *pick(&mut rng, &[End::Sender, End::Receiver]),
+                at,
+            },
+            Fault::Flip => {
+                let part = *pick(&mut rng, &[Part::Hello, Part::Header, Part::Payload]);
+                Strike::Flip {
+                    part,
+                    // Each channel has at least a pages frame, an end of round and an end of
+                    // stream.
+                    nth: match part {
+                        Part::Hello => 0,
+                        Part::Header => rng.below(3),
+                        Part::Payload => rng.below(2),
+                    },
+                    offset: rng.next_u64(),
+                }
+            }
+            Fault::Stall => Strike::Stall { at },
+            Fault::Slow => Strike::Slow {
+                bytes_per_sec: (2 + rng.below(7)) << 20,
+            },
+            Fault::Short => Strike::Short {
+                max_piece: *pick(&mut rng, &[1, 7, 100, 1500, 9000]),
+            },
+            Fault::Refuse => Strike::Refuse,
+            Fault::Version => Strike::Version {
+                reply: rng.below(2) == 1,
+            },
+            Fault::Cancel => Strike::Cancel(match rng.below(3) {
+                0 => When::BeforeConnect,
+                1 => When::After(Duration::from_micros(match plan.mode {
+                    Mode::Paused => rng.below(30_000),
+                    Mode::Live => rng.below(300_000),
+                })),
+                _ => When::Switchover,
+            }),
+        };
+        plan
+    }
+
+    /// About how many bytes one channel carries in a round of every page.
+    fn channel_bytes(&self) -> u64 {
+        let per_page = match (self.image, self.compression) {
+            (ImageKind::Zero, _) => 8,
+            (ImageKind::Random, _) => PAGE_SIZE as u64 + 8,
+            (ImageKind::Mixed, Compression::Off) => PAGE_SIZE as u64 / 2,
+            (ImageKind::Mixed, _) => PAGE_SIZE as u64 / 3,
+        };
+        72 + self.pages * per_page / u64::from(self.channels)
+    }
+}
+
+fn pick<'a, T>(rng: &mut Rng, from: &'a [T]) -> &'a T {
+    let i = usize::try_from(rng.below(from.len() as u64)).unwrap_or(0);
+    &from[i]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_is_the_same_whenever_it_is_drawn() {
+        let all = [
+            Fault::None,
+            Fault::Drop,
+            Fault::Flip,
+            Fault::Stall,
+            Fault::Slow,
+            Fault::Short,
+            Fault::Refuse,
+            Fault::Version,
+            Fault::Cancel,
+        ];
+        let draw = |run| {
+            Plan::new(
+                9,
+                run,
+                &[Net::Tcp, Net::Unix],
+                &[Mode::Paused, Mode::Live],
+                &all,
+            )
+        };
+        for run in 0..200 {
+            let (a, b) = (draw(run), draw(run));
+            assert_eq!(format!("{a:?}"), format!("{b:?}"));
+            assert!((1..=4).contains(&a.channels) && a.channel < a.channels);
+            assert!((256..2304).contains(&a.pages));
+        }
+        // Every fault and mode comes up.
+        let plans: Vec<Plan> = (0..200).map(draw).collect();
+        for fault in all {
+            assert!(plans.iter().any(|p| p.fault == fault), "{fault:?}");
+        }
+        assert!(plans.iter().any(|p| p.mode == Mode::Live));
+        assert!(plans.iter().any(|p| p.mode == Mode::Paused));
+    }
+}

@@ -1,0 +1,450 @@
+//! The fault-injecting proxy between a stress run's sender and receiver: one pair of pipes per
+//! channel, applying the run's [`Strike`] to the bytes as they pass.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use ramjet_dataplane::image::Rng;
+use ramjet_dataplane::transport::{Endpoint, Listener, Stream};
+
+use super::plan::{End, Part, Plan, SHORT_SPAN, Strike};
+
+/// How often a blocked pipe looks at its stop flag.
+const POLL: Duration = Duration::from_millis(50);
+
+/// A running proxy.
+pub struct Proxy {
+    thread: JoinHandle<()>,
+    endpoint: Endpoint,
+    struck: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    /// Accepts the plan's channels on `listener`, connects each to `real`, and forwards.
+    /// `hello_len` is the length of the sender's hello on each channel; `timeout` is the
+    /// sessions' own, which a stall outlasts.
+    pub fn start(
+        listener: Listener,
+        real: Endpoint,
+        plan: &Plan,
+        hello_len: u64,
+        timeout: Duration,
+    ) -> Proxy {
+        let (stop, struck) = (Arc::new(AtomicBool::new(false)), Arc::default());
+        let endpoint = listener.endpoint().clone();
+        let thread = {
+            let (stop, struck, plan) = (Arc::clone(&stop), Arc::clone(&struck), *plan);
+            thread::spawn(move || {
+                let mut channels = Vec::new();
+                for channel in 0..plan.channels {
+                    let Ok(from) =
+                        listener.accept(Some(timeout * 4), &|| stop.load(Ordering::Relaxed))
+                    else {
+                        break;
+                    };
+                    let Ok(to) = Stream::connect(&real, timeout) else {
+                        break;
+                    };
+                    let ours = channel == plan.channel;
+                    let tamper = |forward: bool| Tamper {
+                        strike: plan.strike,
+                        forward,
+                        ours,
+                        framing: Framing::new(hello_len),
+                        rng: Rng::new(plan.run ^ u64::from(channel) << 32 ^ u64::from(forward)),
+                        seen: 0,
+                        started: None,
+                        struck: Arc::clone(&struck),
+                        timeout,
+                    };
+                    let (forward, back, stop) = (tamper(true), tamper(false), Arc::clone(&stop));
+                    channels.push(thread::spawn(move || {
+                        connect_pipes(&from, &to, forward, back, &stop);
+                    }));
+                }
+                for channel in channels {
+                    let _ = channel.join();
+                }
+            })
+        };
+        Proxy {
+            thread,
+            endpoint,
+            struck,
+            stop,
+        }
+    }
+
+    /// Where the sender connects.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Stops forwarding, waits for every pipe, and says whether the fault struck.
+    pub fn stop(self) -> bool {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        self.struck.load(Ordering::Relaxed)
+    }
+}
+
+/// Forwards one channel both ways until both directions end or `stop`. A direction that ends
+/// is half-closed, so the other can still carry an answer (the receiver's error message, say).
+fn connect_pipes(
+    from: &Stream,
+    to: &Stream,
+    forward: Tamper,
+    back: Tamper,
+    stop: &Arc<AtomicBool>,
+) {
+    // Bounded waits, so that every loop sees `stop`.
+    for s in [from, to] {
+        let _ = s.set_read_timeout(Some(POLL));
+        let _ = s.set_write_timeout(Some(POLL));
+    }
+    let back = match (to.try_clone(), from.try_clone()) {
+        (Ok(to), Ok(from)) => {
+            let stop = Arc::clone(stop);
+            let mut back = back;
+            Some(thread::spawn(move || {
+                if let Ended::Eof = pipe(&to, &from, &mut back, &stop) {
+                    from.shutdown_write();
+                }
+            }))
+        }
+        _ => None,
+    };
+    let mut forward = forward;
+    match pipe(from, to, &mut forward, stop) {
+        Ended::Eof => to.shutdown_write(),
+        Ended::Cut(Cut::Both) => {
+            from.shutdown();
+            to.shutdown();
+        }
+        // The other end stays open and silent, as a lost link looks until a timeout.
+        Ended::Cut(Cut::Sender) => {
+            from.shutdown();
+            drain(to, stop);
+        }
+        Ended::Cut(Cut::Receiver) => {
+            to.shutdown();
+            drain(from, stop);
+        }
+    }
+    if let Some(back) = back {
+        let _ = back.join();
+    }
+}
+
+/// How a pipe ended.
+enum Ended {
+    /// Its source ended (or its destination is gone).
+    Eof,
+    /// The fault cut the link.
+    Cut(Cut),
+}
+
+/// What a cut closes.
+enum Cut {
+    Sender,
+    Receiver,
+    Both,
+}
+
+/// One direction's view of the fault.
+struct Tamper {
+    strike: Strike,
+    /// Sender to receiver.
+    forward: bool,
+    /// Whether this is the channel the fault strikes (slow and short strike every channel).
+    ours: bool,
+    framing: Framing,
+    rng: Rng,
+    /// Bytes read so far.
+    seen: u64,
+    started: Option<Instant>,
+    struck: Arc<AtomicBool>,
+    timeout: Duration,
+}
+
+impl Tamper {
+    fn strike(&self) {
+        self.struck.store(true, Ordering::Relaxed);
+    }
+
+    /// How much to read next.
+    fn read_size(&mut self, buf: usize) -> usize {
+        match self.strike {
+            Strike::Short { max_piece } if self.seen < SHORT_SPAN => {
+                usize::try_from(1 + self.rng.below(max_piece)).map_or(buf, |n| n.min(buf))
+            }
+            _ => buf,
+        }
+    }
+
+    /// Applies the fault to `chunk`, the bytes at `start..` of the stream; `Some` ends the pipe
+    /// after `keep` bytes of it are written.
+    fn apply(&mut self, chunk: &mut [u8], start: u64) -> Option<(usize, Cut)> {
+        let end = start + chunk.len() as u64;
+        let at = |at: u64| {
+            (start..end)
+                .contains(&at)
+                .then(|| usize::try_from(at - start).ok())
+                .flatten()
+        };
+        match self.strike {
+            Strike::Flip { part, nth, offset } if self.ours && self.forward => {
+                for byte in chunk.iter_mut() {
+                    if self.framing.advance(*byte, part, nth, offset) {
+                        *byte ^= 0x5A;
+                        self.strike();
+                    }
+                }
+                None
+            }
+            Strike::Version { reply } if self.ours && self.forward != reply => {
+                // Bytes 8..10 of a hello and of a reply: the version, 2 instead of 1.
+                for (pos, value) in [(8, 2), (9, 0)] {
+                    if let Some(i) = at(pos) {
+                        chunk[i] = value;
+                        self.strike();
+                    }
+                }
+                None
+            }
+            Strike::Drop { end: side, at: cut } if self.ours && self.forward => {
+                at(cut).map(|keep| {
+                    self.strike();
+                    (
+                        keep,
+                        match side {
+                            End::Sender => Cut::Sender,
+                            End::Receiver => Cut::Receiver,
+                        },
+                    )
+                })
+            }
+            Strike::Stall { at: stall } if self.ours && self.forward => at(stall).map(|keep| {
+                self.strike();
+                (keep, Cut::Both)
+            }),
+            _ => None,
+        }
+    }
+
+    /// Writes `bytes` on, in the fault's pieces and at its pace; false if `to` is gone.
+    fn write(&mut self, to: &mut Stream, bytes: &[u8], stop: &AtomicBool) -> bool {
+        match self.strike {
+            Strike::Short { max_piece } if self.seen <= SHORT_SPAN + bytes.len() as u64 => {
+                self.strike();
+                let mut rest = bytes;
+                while !rest.is_empty() {
+                    let n = usize::try_from(1 + self.rng.below(max_piece))
+                        .map_or(rest.len(), |n| n.min(rest.len()));
+                    if !write_all(to, &rest[..n], stop) {
+                        return false;
+                    }
+                    rest = &rest[n..];
+                }
+                true
+            }
+            Strike::Slow { bytes_per_sec } if self.forward => {
+                self.strike();
+                if !write_all(to, bytes, stop) {
+                    return false;
+                }
+                let started = *self.started.get_or_insert_with(Instant::now);
+                let due =
+                    started + Duration::from_secs_f64(self.seen as f64 / bytes_per_sec as f64);
+                while Instant::now() < due && !stop.load(Ordering::Relaxed) {
+                    thread::sleep(due.saturating_duration_since(Instant::now()).min(POLL));
+                }
+                true
+            }
+            _ => write_all(to, bytes, stop),
+        }
+    }
+}
+
+/// Copies `from` to `to` through `tamper` until `from` ends, `to` is gone, the fault cuts the
+/// link, or `stop`.
+fn pipe(from: &Stream, to: &Stream, tamper: &mut Tamper, stop: &AtomicBool) -> Ended {
+    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+        return Ended::Eof;
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    while !stop.load(Ordering::Relaxed) {
+        let want = tamper.read_size(buf.len());
+        let n = match from.read(&mut buf[..want]) {
+            Ok(0) => return Ended::Eof,
+            Ok(n) => n,
+            Err(e) if waits(&e) => continue,
+            Err(_) => return Ended::Eof,
+        };
+        let start = tamper.seen;
+        tamper.seen += n as u64;
+        let chunk = &mut buf[..n];
+        if let Some((keep, cut)) = tamper.apply(chunk, start) {
+            let _ = write_all(&mut to, &chunk[..keep], stop);
+            if let Cut::Both = cut {
+                // A stall: nothing moves for longer than either side's timeout, then the link
+                // is gone.
+                let until = Instant::now() + tamper.timeout * 3;
+                while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    thread::sleep(POLL);
+                }
+            }
+            return Ended::Cut(cut);
+        }
+        if !tamper.write(&mut to, chunk, stop) {
+            return Ended::Eof;
+        }
+    }
+    Ended::Eof
+}
+
+/// Reads and discards until `from` ends or `stop`.
+fn drain(from: &Stream, stop: &AtomicBool) {
+    let Ok(mut from) = from.try_clone() else {
+        return;
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    while !stop.load(Ordering::Relaxed) {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if waits(&e) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// `write_all` that gives up at `stop` rather than block on a peer that stopped reading.
+fn write_all(to: &mut Stream, mut bytes: &[u8], stop: &AtomicBool) -> bool {
+    while !bytes.is_empty() {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        match to.write(bytes) {
+            Ok(0) => return false,
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if waits(&e) => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+fn waits(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+/// Follows the sender's stream on one channel: the hello, then frame headers (32 bytes, the
+/// payload length at offset 24) and payloads, as the wire module documents them.
+struct Framing {
+    part: Part,
+    /// Which one of its kind the current part is.
+    index: u64,
+    /// Offset in the current part, and its length.
+    at: u64,
+    len: u64,
+    headers: u64,
+    payloads: u64,
+    header: [u8; 32],
+}
+
+impl Framing {
+    fn new(hello_len: u64) -> Framing {
+        Framing {
+            part: Part::Hello,
+            index: 0,
+            at: 0,
+            len: hello_len,
+            headers: 0,
+            payloads: 0,
+            header: [0; 32],
+        }
+    }
+
+    /// Steps over one byte; true if it is byte `offset % len` of the `nth` `part`.
+    fn advance(&mut self, byte: u8, part: Part, nth: u64, offset: u64) -> bool {
+        let hit = self.part == part && self.index == nth && self.at == offset % self.len;
+        if self.part == Part::Header {
+            self.header[usize::try_from(self.at).unwrap_or(0) % 32] = byte;
+        }
+        self.at += 1;
+        if self.at == self.len {
+            self.next();
+        }
+        hit
+    }
+
+    fn next(&mut self) {
+        let header = |f: &mut Framing| {
+            f.part = Part::Header;
+            f.index = f.headers;
+            f.len = 32;
+        };
+        match self.part {
+            Part::Hello => header(self),
+            Part::Header => {
+                self.headers += 1;
+                let payload = u32::from_le_bytes([
+                    self.header[24],
+                    self.header[25],
+                    self.header[26],
+                    self.header[27],
+                ]);
+                if payload > 0 {
+                    self.part = Part::Payload;
+                    self.index = self.payloads;
+                    self.len = u64::from(payload);
+                } else {
+                    header(self);
+                }
+            }
+            Part::Payload => {
+                self.payloads += 1;
+                header(self);
+            }
+        }
+        self.at = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ramjet_dataplane::wire::FrameHeader;
+
+    /// The framing finds the parts of a real stream: a hello, a frame with a payload, one
+    /// without.
+    #[test]
+    fn framing_follows_hello_headers_and_payloads() {
+        let mut stream = vec![0xAA; 72];
+        stream.extend(FrameHeader::device_state(0, b"state"));
+        stream.extend(FrameHeader::end_of_stream(1, 9));
+        let parts = |part, nth, offset| {
+            let mut framing = Framing::new(72);
+            let hits: Vec<usize> = stream
+                .iter()
+                .enumerate()
+                .filter(|&(_, &b)| framing.advance(b, part, nth, offset))
+                .map(|(i, _)| i)
+                .collect();
+            hits
+        };
+        assert_eq!(parts(Part::Hello, 0, 75), vec![3]);
+        assert_eq!(parts(Part::Header, 0, 2), vec![72 + 2]);
+        assert_eq!(parts(Part::Payload, 0, 6), vec![72 + 32 + 1]);
+        assert_eq!(parts(Part::Header, 1, 33), vec![72 + 32 + 5 + 1]);
+        assert!(parts(Part::Payload, 1, 0).is_empty(), "one payload only");
+    }
+}
