@@ -44,15 +44,19 @@ impl Hello {
             put_u64(&mut b, at + 8, region.guest_base().0);
             put_u64(&mut b, at + 16, region.len());
         }
+        let head = crc32fast::hash(&b[..40]);
+        put_u32(&mut b, 40, head);
         let crc = crc32fast::hash(&b);
         put_u32(&mut b, 44, crc);
         b
     }
 
     /// Checks the fixed part and returns how many region-table bytes follow it. Magic and
-    /// version come first, so a peer of another version gets a precise error.
+    /// version come first, so a peer of another version gets a precise error; then the crc of
+    /// bytes 0..40, so that no corrupted count sizes a read of bytes that will never come.
     pub fn table_len(fixed: &[u8; Self::FIXED_LEN]) -> Result<usize, DecodeError> {
         check_magic_version(fixed)?;
+        verify_crc("hello", u32_at(fixed, 40), crc32fast::hash(&fixed[..40]))?;
         if u16_at(fixed, 10) != 0 {
             return Err(invalid("hello flags", u16_at(fixed, 10)));
         }
@@ -76,9 +80,6 @@ impl Hello {
         }
         if regions > MAX_REGIONS {
             return Err(too_large("region count", regions, MAX_REGIONS));
-        }
-        if u32_at(fixed, 40) != 0 {
-            return Err(invalid("hello reserved field", u32_at(fixed, 40)));
         }
         // At most 256 regions of 24 bytes: no overflow.
         Ok(regions as usize * Self::REGION_LEN)
@@ -155,6 +156,8 @@ impl HelloReply {
             u32::try_from(reason.len()).unwrap_or(MAX_MESSAGE),
         );
         b[Self::FIXED_LEN..].copy_from_slice(reason.as_bytes());
+        let head = crc32fast::hash(&b[..16]);
+        put_u32(&mut b, 20, head);
         let crc = crc32fast::hash(&b);
         put_u32(&mut b, 16, crc);
         b
@@ -163,6 +166,11 @@ impl HelloReply {
     /// Checks the fixed part and returns the reason length that follows.
     pub fn reason_len(fixed: &[u8; Self::FIXED_LEN]) -> Result<usize, DecodeError> {
         check_magic_version(fixed)?;
+        verify_crc(
+            "hello reply",
+            u32_at(fixed, 20),
+            crc32fast::hash(&fixed[..16]),
+        )?;
         let code = u16_at(fixed, 10);
         if !(1..=2).contains(&code) {
             return Err(invalid("hello reply verdict", code));
@@ -173,9 +181,6 @@ impl HelloReply {
         }
         if code == 1 && len != 0 {
             return Err(invalid("reason length of an acceptance", len));
-        }
-        if u32_at(fixed, 20) != 0 {
-            return Err(invalid("hello reply reserved field", u32_at(fixed, 20)));
         }
         Ok(len as usize)
     }
@@ -295,9 +300,12 @@ mod tests {
     fn hello_fields_are_checked_before_the_table_is_read() {
         let bytes = sample().encode();
         let (fixed, _) = split(&bytes);
+        // As a sender with a bug would send them: well-formed, the fixed part's crc right.
         let with = |at: usize, value: &[u8]| {
             let mut f = fixed;
             f[at..at + value.len()].copy_from_slice(value);
+            let head = crc32fast::hash(&f[..40]);
+            put_u32(&mut f, 40, head);
             Hello::table_len(&f).unwrap_err()
         };
         assert!(matches!(with(0, b"QEMU"), DecodeError::BadMagic { .. }));
@@ -341,6 +349,25 @@ mod tests {
         ));
     }
 
+    /// A count corrupted in transit is caught by the fixed part's crc before it sizes a read:
+    /// a receiver never waits for a region table, nor a sender for a reason, that will not
+    /// come.
+    #[test]
+    fn corrupted_counts_are_caught_before_anything_is_read_for_them() {
+        let bytes = sample().encode();
+        let (mut fixed, _) = split(&bytes);
+        fixed[36] ^= 0x5A;
+        assert!(Hello::table_len(&fixed).unwrap_err().is_checksum());
+        let reply = HelloReply {
+            verdict: Verdict::Refuse("no".into()),
+        }
+        .encode();
+        let mut fixed = [0u8; HelloReply::FIXED_LEN];
+        fixed.copy_from_slice(&reply[..24]);
+        fixed[12] ^= 0x04;
+        assert!(HelloReply::reason_len(&fixed).unwrap_err().is_checksum());
+    }
+
     #[test]
     fn replies_roundtrip_and_reasons_are_bounded() {
         for verdict in [
@@ -362,6 +389,8 @@ mod tests {
         let mut fixed = [0u8; 24];
         fixed.copy_from_slice(&bytes[..24]);
         put_u32(&mut fixed, 12, MAX_MESSAGE + 1);
+        let head = crc32fast::hash(&fixed[..16]);
+        put_u32(&mut fixed, 20, head);
         assert!(matches!(
             HelloReply::reason_len(&fixed),
             Err(DecodeError::TooLarge { .. })

@@ -22,7 +22,7 @@
 //!     32    2 channel index, below the channel count
 //!     34    2 channel count, 1..=64
 //!     36    4 region count, 1..=256
-//!     40    4 reserved, 0
+//!     40    4 crc32 of bytes 0..40, checked before any count in them is used
 //!     44    4 crc32 of bytes 0..48 (this field zero) and the region table
 //!     48 24*n region table, per region:
 //!             0 4 region id
@@ -39,7 +39,7 @@
 //!     10    2 verdict: 1 accept, 2 refuse
 //!     12    4 reason length, at most 1024 (0 when accepted)
 //!     16    4 crc32 of bytes 0..24 (this field zero) and the reason
-//!     20    4 reserved, 0
+//!     20    4 crc32 of bytes 0..16, checked before the reason length is used
 //!     24    n reason, UTF-8
 //! ```
 //!
