@@ -359,8 +359,10 @@ impl Tally {
         let Report { plan, result, took } = report;
         self.runs += 1;
         let mut violation = |v: String| {
-            self.violations
-                .push(format!("run {} ({plan:?}): {v}", plan.run));
+            let v = format!("run {} ({plan:?}): {v}", plan.run);
+            // At once too, for a long pass; the summary repeats it.
+            eprintln!("stress: violation: {v}");
+            self.violations.push(v);
         };
         match result {
             Ok(Ok(ran)) => {

@@ -112,7 +112,7 @@ pub enum Strike {
         bytes_per_sec: u64,
     },
     /// Read and write every channel in pieces of at most `max_piece` bytes (its first
-    /// [`SHORT_SPAN`] bytes; then as the bytes come).
+    /// [`short_span`] bytes; then as the bytes come).
     Short {
         /// The largest piece.
         max_piece: u64,
@@ -128,8 +128,14 @@ pub enum Strike {
     Cancel(When),
 }
 
-/// How many bytes of each channel go in short pieces.
-pub const SHORT_SPAN: u64 = 256 << 10;
+/// How many bytes of each channel go in pieces of at most `max_piece`: 256 KiB, or 64 KiB in
+/// single bytes. (A relay moving single bytes manages well under 1 MB/s on a loaded machine,
+/// and a Unix socket frees its sender's buffer a whole packet at a time, up to about 100 KiB:
+/// much more of that, and the sender sees no progress for longer than the stress timeout,
+/// which by ramjet's definition is a stopped link.)
+pub fn short_span(max_piece: u64) -> u64 {
+    (max_piece << 16).min(256 << 10)
+}
 
 /// What one run is.
 #[derive(Debug, Clone, Copy)]

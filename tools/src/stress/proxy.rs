@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ramjet_dataplane::image::Rng;
 use ramjet_dataplane::transport::{Endpoint, Listener, Stream};
 
-use super::plan::{End, Part, Plan, SHORT_SPAN, Strike};
+use super::plan::{End, Part, Plan, Strike, short_span};
 
 /// How often a blocked pipe looks at its stop flag.
 const POLL: Duration = Duration::from_millis(50);
@@ -179,7 +179,7 @@ impl Tamper {
     /// How much to read next.
     fn read_size(&mut self, buf: usize) -> usize {
         match self.strike {
-            Strike::Short { max_piece } if self.seen < SHORT_SPAN => {
+            Strike::Short { max_piece } if self.seen < short_span(max_piece) => {
                 usize::try_from(1 + self.rng.below(max_piece)).map_or(buf, |n| n.min(buf))
             }
             _ => buf,
@@ -239,7 +239,9 @@ impl Tamper {
     /// Writes `bytes` on, in the fault's pieces and at its pace; false if `to` is gone.
     fn write(&mut self, to: &mut Stream, bytes: &[u8], stop: &AtomicBool) -> bool {
         match self.strike {
-            Strike::Short { max_piece } if self.seen <= SHORT_SPAN + bytes.len() as u64 => {
+            Strike::Short { max_piece }
+                if self.seen <= short_span(max_piece) + bytes.len() as u64 =>
+            {
                 self.strike();
                 let mut rest = bytes;
                 while !rest.is_empty() {
