@@ -1,0 +1,150 @@
+//! The properties every step of a [`Machine`] must keep, as one checker that the property
+//! tests (`properties.rs`) and the control fuzz target (`fuzz/fuzz_targets/control.rs`, which
+//! includes this file by path) both drive:
+//! - a refused input changes nothing;
+//! - every `MIGRATION` event is a change (never a self-transition) along an edge of the graph
+//!   for the machine's side and profile, so nothing outside the profile is ever emitted;
+//! - after a terminal status the only event is `setup`, caused by `migrate`;
+//! - at most one terminal status per `migrate`, and it is caused by `drained`;
+//! - `cancelled` only after a cancel, `failed` only after an error, `completed` only after the
+//!   receiver's confirmation;
+//! - `MIGRATION_PASS` comes only from the source, numbered 1, 2, 3, ... within a migration;
+//! - the query shows the status last emitted, and events carry the step's time.
+
+use ramjet_control::{
+    EventKind, Fact, Input, Machine, Options, Profile, Side, Status, Timestamp, Trigger,
+};
+
+/// What the checker remembers of the current migration, beside the machine itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checker {
+    /// The machine under test.
+    pub machine: Machine,
+    terminals: u32,
+    cancelled: bool,
+    errored: bool,
+    confirmed: bool,
+    last_pass_event: u64,
+}
+
+impl Checker {
+    /// A checker around a new machine.
+    pub fn new(side: Side, profile: Profile, options: Options) -> Self {
+        Checker {
+            machine: Machine::new(side, profile, options),
+            terminals: 0,
+            cancelled: false,
+            errored: false,
+            confirmed: false,
+            last_pass_event: 0,
+        }
+    }
+
+    /// Steps the machine and checks every property; returns whether the input was accepted, or
+    /// the violated property.
+    pub fn step(&mut self, input: &Input, now: Timestamp) -> Result<bool, String> {
+        let before = self.machine.clone();
+        let prev = before.status();
+        let graph = before.graph();
+        let result = self.machine.step(input.clone(), now);
+        let event = match result {
+            Err(e) => {
+                if self.machine != before {
+                    return Err(format!("refused {input} ({e}) but the machine changed"));
+                }
+                return Ok(false);
+            }
+            Ok(event) => event,
+        };
+        match input {
+            Input::Trigger(Trigger::Migrate) => {
+                self.terminals = 0;
+                self.cancelled = false;
+                self.errored = false;
+                self.confirmed = false;
+                self.last_pass_event = 0;
+            }
+            Input::Trigger(Trigger::Cancel) => self.cancelled = true,
+            Input::Fact(Fact::Failed(_) | Fact::ChannelLost) => self.errored = true,
+            Input::Fact(Fact::Completed) => self.confirmed = true,
+            _ => {}
+        }
+        let status = self.machine.status();
+        let Some(event) = event else {
+            if status != prev {
+                return Err(format!(
+                    "{input}: status {prev} -> {status} without an event"
+                ));
+            }
+            if matches!(input, Input::Trigger(Trigger::Migrate)) {
+                return Err("migrate accepted without a setup event".into());
+            }
+            return Ok(true);
+        };
+        if event.timestamp() != now {
+            return Err(format!("{input}: event stamped {:?}", event.timestamp()));
+        }
+        match event.kind() {
+            EventKind::Migration { status: to } => {
+                if to != status {
+                    return Err(format!(
+                        "{input}: emitted {to} but the machine shows {status}"
+                    ));
+                }
+                if to == prev {
+                    return Err(format!("{input}: self-transition {prev} -> {to}"));
+                }
+                if !graph.allows(prev, to) {
+                    return Err(format!(
+                        "{input}: {prev} -> {to} is not an edge of the {} {} graph",
+                        graph.side().as_str(),
+                        graph.profile().as_str()
+                    ));
+                }
+                if (prev.is_terminal() || prev == Status::None)
+                    && !(to == Status::Setup && matches!(input, Input::Trigger(Trigger::Migrate)))
+                {
+                    return Err(format!("{input}: {prev} -> {to} after a terminal status"));
+                }
+                if to.is_terminal() {
+                    self.terminals += 1;
+                    if self.terminals > 1 {
+                        return Err(format!("{input}: a second terminal status ({to})"));
+                    }
+                    if !matches!(input, Input::Fact(Fact::Drained)) {
+                        return Err(format!("{input}: terminal {to} before drained"));
+                    }
+                }
+                let justified = match to {
+                    Status::Cancelled => self.cancelled,
+                    Status::Failed | Status::Failing => self.errored,
+                    Status::Completed => self.confirmed,
+                    _ => true,
+                };
+                if !justified {
+                    return Err(format!("{input}: {to} without its cause"));
+                }
+            }
+            EventKind::MigrationPass { pass } => {
+                if graph.side() != Side::Source {
+                    return Err(format!("{input}: MIGRATION_PASS on the destination"));
+                }
+                if prev.is_terminal() || prev == Status::None {
+                    return Err(format!("{input}: MIGRATION_PASS in {prev}"));
+                }
+                if pass != self.last_pass_event + 1 || input != &Input::Fact(Fact::Pass(pass)) {
+                    return Err(format!(
+                        "{input}: MIGRATION_PASS {pass} after {}",
+                        self.last_pass_event
+                    ));
+                }
+                self.last_pass_event = pass;
+            }
+        }
+        let shown = self.machine.query(now).status;
+        if shown != status {
+            return Err(format!("query shows {shown}, last event {status}"));
+        }
+        Ok(true)
+    }
+}
