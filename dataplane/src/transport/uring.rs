@@ -506,6 +506,14 @@ mod tests {
 
     use super::*;
 
+    /// A connected loopback TCP pair: (peer, ours).
+    fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        (peer, ours)
+    }
+
     fn available() -> bool {
         match Uring::probe() {
             Ok(()) => true,
@@ -558,9 +566,7 @@ mod tests {
         if !available() {
             return;
         }
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
+        let (peer, ours) = tcp_pair();
         ours.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let (_, mut reader) = Uring::default().split(&Stream::Tcp(ours)).unwrap();
@@ -605,9 +611,7 @@ mod tests {
         if !available() {
             return;
         }
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
+        let (mut peer, ours) = tcp_pair();
         let timeout = Some(Duration::from_secs(2));
         let mut link = Link::new(&Stream::Tcp(ours), timeout, false).unwrap();
         link.lowat = Some(1);
@@ -634,9 +638,7 @@ mod tests {
         if !available() {
             return;
         }
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
+        let (tcp, ours) = tcp_pair();
         let (unix, unix_ours) = UnixStream::pair().unwrap();
         let timeout = Some(Duration::from_millis(150));
         let cases: [(Stream, Stream, bool); 2] = [
@@ -675,9 +677,7 @@ mod tests {
             eprintln!("skipped: no SENDMSG_ZC");
             return;
         }
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
+        let (peer, ours) = tcp_pair();
         peer.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let timeout = Some(Duration::from_secs(10));
