@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use ramjet_control::{Fact, Input, Machine, Options, Profile, Side, Timestamp, Trigger};
 use ramjet_dataplane::codec::{Batch, Encoder, frame_capacity};
+use ramjet_dataplane::image::Rng;
 use ramjet_dataplane::memory::{GuestAddr, GuestMemory, RegionLayout};
 use ramjet_dataplane::wire::{FrameHeader, Hello, HelloReply, Verdict};
 use ramjet_fuzz::control_input::{self, Config, Step};
@@ -52,15 +53,8 @@ fn encoder_frame(compress: bool) -> Vec<u8> {
         .take(PAGE)
         .collect();
     memory.write(0, PAGE as u64, &text).expect("write");
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let random: Vec<u8> = (0..PAGE)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect();
+    let mut random = vec![0u8; PAGE];
+    Rng::new(0x9E37_79B9_7F4A_7C15).fill(&mut random);
     memory.write(0, 3 * PAGE as u64, &random).expect("write");
     let offsets = [0u32, 1, 3];
     let batch = Batch {
