@@ -1,13 +1,14 @@
-//! Page encoding: zero-page detection, the lz4 gate, building a pages frame from guest memory,
-//! and decoding an lz4 page. Used by the codec worker pools on both sides.
+//! Page encoding: zero-page detection, the lz4 gate, how each page of a batch goes on the wire,
+//! and decoding an lz4 page. Used by the codec worker pools on both sides; where the bytes go in
+//! a frame is [`wire`](crate::wire)'s business ([`PagesFrameWriter`]).
 
 use std::fmt;
 use std::str::FromStr;
 
-use crossbeam_channel::{Receiver, Sender};
-
 use crate::memory::{Frozen, GuestMemory, MemoryError, PAGE_SIZE};
-use crate::wire::{Encoding, FrameHeader, PageEntry, WIRE_PAGE_SIZE};
+#[cfg(doc)]
+use crate::wire::frame_capacity;
+use crate::wire::{Encoding, PagesFrameWriter, Piece};
 
 /// Whether and how pages are compressed. The receiver decodes whatever arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -101,11 +102,6 @@ impl BatchCounts {
     }
 }
 
-/// The size of a frame buffer for batches of up to `pages` pages.
-pub const fn frame_capacity(pages: usize) -> usize {
-    FrameHeader::LEN + pages * (PageEntry::LEN + PAGE_SIZE)
-}
-
 /// The pages of one frame: `first + offset` for each offset (strictly increasing) of region
 /// index `region`, sent in round `round`.
 #[derive(Debug, Clone, Copy)]
@@ -120,22 +116,9 @@ pub struct Batch<'a> {
     pub round: u32,
 }
 
-/// One piece of a pages frame sent in place ([`Encoder::encode_in_place`]), in wire order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Piece {
-    /// `len` bytes at `start` of the frame buffer.
-    Buffer {
-        /// Offset in the frame buffer.
-        start: usize,
-        /// Length.
-        len: usize,
-    },
-    /// A raw page of the frame's region, sent straight from frozen guest memory.
-    Page(u64),
-}
-
-/// Builds pages frames from guest memory into a caller's buffer. Holds the lz4 scratch so
-/// nothing is allocated per batch.
+/// Encodes batches of guest pages as pages frames ([`PagesFrameWriter`] lays them out): decides
+/// for each page whether it goes as a zero page, raw or lz4. Holds the lz4 scratch so nothing
+/// is allocated per batch.
 #[derive(Debug)]
 pub struct Encoder {
     scratch: Vec<u8>,
@@ -167,35 +150,30 @@ impl Encoder {
         &mut self,
         memory: &GuestMemory,
         batch: &Batch<'_>,
-        compress: bool,
+        compression: PageCompression,
         buf: &mut [u8],
     ) -> Result<(usize, BatchCounts), MemoryError> {
-        let count = batch.offsets.len();
-        assert!(buf.len() >= frame_capacity(count), "frame buffer too small");
-        let head = FrameHeader::LEN + count * PageEntry::LEN;
-        let mut cursor = head;
+        let mut frame = PagesFrameWriter::new(buf, batch.offsets.len());
         let mut counts = BatchCounts::default();
-        // The crc of the page data, page by page while each is hot in cache.
-        let mut data_crc = crc32fast::Hasher::new();
-        for (i, &offset) in batch.offsets.iter().enumerate() {
+        // One read claim for the whole batch.
+        let reader = memory.reader()?;
+        for &offset in batch.offsets {
             let at = (batch.first + u64::from(offset)) * PAGE_SIZE as u64;
-            let dst = &mut buf[cursor..cursor + PAGE_SIZE];
-            memory.read(batch.region as usize, at, dst)?;
-            let (encoding, len) = match self.classify(dst, compress) {
+            let data = frame.data();
+            reader.read(batch.region as usize, at, data)?;
+            let (encoding, len) = match self.classify(data, compression) {
                 Class::Zero => (Encoding::Zero, 0),
                 Class::Raw => (Encoding::Raw, PAGE_SIZE),
                 Class::Lz4(n) => {
-                    buf[cursor..cursor + n].copy_from_slice(&self.scratch[..n]);
+                    data[..n].copy_from_slice(&self.scratch[..n]);
                     (Encoding::Lz4, n)
                 }
             };
             counts.add(encoding);
-            table_entry(buf, i, offset, encoding, len);
-            data_crc.update(&buf[cursor..cursor + len]);
-            cursor += len;
+            frame.push(offset, encoding, len);
         }
-        seal(buf, batch, head, cursor, &data_crc);
-        Ok((cursor, counts))
+        let len = frame.finish(batch.region, batch.first, batch.round);
+        Ok((len, counts))
     }
 
     /// Encodes `batch` from frozen memory without copying raw pages: the header, the page table
@@ -207,61 +185,42 @@ impl Encoder {
         &mut self,
         memory: &Frozen,
         batch: &Batch<'_>,
-        compress: bool,
+        compression: PageCompression,
         buf: &mut [u8],
         pieces: &mut Vec<Piece>,
     ) -> Result<(usize, BatchCounts), MemoryError> {
-        let count = batch.offsets.len();
-        assert!(buf.len() >= frame_capacity(count), "frame buffer too small");
-        let head = FrameHeader::LEN + count * PageEntry::LEN;
-        pieces.clear();
-        pieces.push(Piece::Buffer {
-            start: 0,
-            len: head,
-        });
-        let mut cursor = head;
-        let mut wire = head;
+        let mut frame = PagesFrameWriter::in_place(buf, batch.offsets.len(), pieces);
         let mut counts = BatchCounts::default();
-        let mut data_crc = crc32fast::Hasher::new();
-        for (i, &offset) in batch.offsets.iter().enumerate() {
+        for &offset in batch.offsets {
             let number = batch.first + u64::from(offset);
             let page = memory.page(batch.region as usize, number)?;
-            let (encoding, len) = match self.classify(page, compress) {
-                Class::Zero => (Encoding::Zero, 0),
+            let encoding = match self.classify(page, compression) {
+                Class::Zero => {
+                    frame.push(offset, Encoding::Zero, 0);
+                    Encoding::Zero
+                }
                 Class::Raw => {
-                    data_crc.update(page);
-                    pieces.push(Piece::Page(number));
-                    (Encoding::Raw, PAGE_SIZE)
+                    frame.push_in_place(offset, number, page);
+                    Encoding::Raw
                 }
                 Class::Lz4(n) => {
-                    let data = &mut buf[cursor..cursor + n];
-                    data.copy_from_slice(&self.scratch[..n]);
-                    data_crc.update(data);
-                    match pieces.last_mut() {
-                        Some(Piece::Buffer { start, len }) if *start + *len == cursor => *len += n,
-                        _ => pieces.push(Piece::Buffer {
-                            start: cursor,
-                            len: n,
-                        }),
-                    }
-                    cursor += n;
-                    (Encoding::Lz4, n)
+                    frame.data()[..n].copy_from_slice(&self.scratch[..n]);
+                    frame.push(offset, Encoding::Lz4, n);
+                    Encoding::Lz4
                 }
             };
             counts.add(encoding);
-            table_entry(buf, i, offset, encoding, len);
-            wire += len;
         }
-        seal(buf, batch, head, wire, &data_crc);
-        Ok((wire, counts))
+        let len = frame.finish(batch.region, batch.first, batch.round);
+        Ok((len, counts))
     }
 
     /// How `page` goes on the wire; for lz4, the block is in `self.scratch`.
-    fn classify(&mut self, page: &[u8], compress: bool) -> Class {
+    fn classify(&mut self, page: &[u8], compression: PageCompression) -> Class {
         if is_zero(page) {
             return Class::Zero;
         }
-        if compress && looks_compressible(page) {
+        if compression == PageCompression::Lz4 && looks_compressible(page) {
             match lz4_flex::block::compress_into(page, &mut self.scratch) {
                 Ok(n) if n > 0 && n < PAGE_SIZE => return Class::Lz4(n),
                 _ => {}
@@ -269,6 +228,16 @@ impl Encoder {
         }
         Class::Raw
     }
+}
+
+/// Whether an encoder tries lz4 on the pages of one batch (the session's [`Compression`]
+/// decides this per batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageCompression {
+    /// Zero pages are elided, the rest sent raw.
+    Off,
+    /// Pages that the sampling gate lets through are lz4-compressed where that is shorter.
+    Lz4,
 }
 
 /// How a page is sent.
@@ -289,29 +258,6 @@ impl BatchCounts {
     }
 }
 
-/// Writes page table entry `index` of a frame in `buf`.
-fn table_entry(buf: &mut [u8], index: usize, offset: u32, encoding: Encoding, len: usize) {
-    // A page's data is never longer than a page.
-    let len = u32::try_from(len).unwrap_or(WIRE_PAGE_SIZE);
-    let entry = PageEntry {
-        offset,
-        encoding,
-        len,
-    };
-    entry.write(&mut buf[FrameHeader::LEN + index * PageEntry::LEN..]);
-}
-
-/// Writes the header of a pages frame `wire` bytes long into `buf` and seals it: the crc of the
-/// header and table (the first `head` bytes) combined with `data_crc`.
-fn seal(buf: &mut [u8], batch: &Batch<'_>, head: usize, wire: usize, data_crc: &crc32fast::Hasher) {
-    // Frames are at most a few hundred KiB.
-    let payload = u32::try_from(wire - FrameHeader::LEN).unwrap_or(u32::MAX);
-    let count = u32::try_from(batch.offsets.len()).unwrap_or(u32::MAX);
-    let header = FrameHeader::pages(batch.region, batch.first, batch.round, count, payload);
-    buf[..FrameHeader::LEN].copy_from_slice(&header.encode());
-    crate::wire::seal_split(&mut buf[..head], head, data_crc);
-}
-
 /// Decodes an lz4 block that must yield exactly one page into `page`.
 pub fn decode_lz4(block: &[u8], page: &mut [u8]) -> Result<(), String> {
     match lz4_flex::block::decompress_into(block, page) {
@@ -321,68 +267,10 @@ pub fn decode_lz4(block: &[u8], page: &mut [u8]) -> Result<(), String> {
     }
 }
 
-/// A fixed set of reusable objects (buffers) that circulate over a channel: taken by
-/// producers, given back by consumers. Nothing is allocated after start-up; a buffer keeps the
-/// capacity it grew to.
-#[derive(Debug)]
-pub struct Pool<T> {
-    give: Sender<T>,
-    take: Receiver<T>,
-}
-
-impl<T> Clone for Pool<T> {
-    fn clone(&self) -> Self {
-        Pool {
-            give: self.give.clone(),
-            take: self.take.clone(),
-        }
-    }
-}
-
-impl<T> Pool<T> {
-    /// A pool of these objects.
-    pub fn of(items: Vec<T>) -> Self {
-        let (give, take) = crossbeam_channel::bounded(items.len());
-        for item in items {
-            let _ = give.send(item);
-        }
-        Pool { give, take }
-    }
-
-    /// A pool of `count` objects made by `make`.
-    pub fn filled(count: usize, mut make: impl FnMut() -> T) -> Self {
-        let (give, take) = crossbeam_channel::bounded(count);
-        for _ in 0..count {
-            let _ = give.send(make());
-        }
-        Pool { give, take }
-    }
-
-    /// Takes an object, waiting for one to come back if all are in use.
-    pub fn take(&self) -> T
-    where
-        T: Default,
-    {
-        // The pool holds its own sender, so the channel never disconnects.
-        self.take.recv().unwrap_or_default()
-    }
-
-    /// Takes an object, waiting for one to come back if all are in use; `None` only if the
-    /// pool is broken (it holds its own sender, so it never is).
-    pub fn try_take(&self) -> Option<T> {
-        self.take.recv().ok()
-    }
-
-    /// Gives an object back.
-    pub fn give(&self, item: T) {
-        let _ = self.give.try_send(item);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{FrameKind, PageTable};
+    use crate::wire::{FrameHeader, FrameKind, PageTable, frame_capacity};
 
     #[test]
     fn zero_check_finds_any_set_byte() {
@@ -440,29 +328,29 @@ mod tests {
         memory.write(0, 3 * PAGE_SIZE as u64, &noise).unwrap();
         let mut buf = vec![0u8; frame_capacity(4)];
         let mut encoder = Encoder::new();
-        for compress in [false, true] {
+        for compression in [PageCompression::Off, PageCompression::Lz4] {
             let (len, counts) = encoder
-                .encode(&memory, &batch(0, &[0, 1, 3, 5], 7), compress, &mut buf)
+                .encode(&memory, &batch(0, &[0, 1, 3, 5], 7), compression, &mut buf)
                 .unwrap();
             assert_eq!(counts.zero, 2);
-            assert_eq!(counts.lz4, u64::from(compress));
+            assert_eq!(counts.lz4, u64::from(compression == PageCompression::Lz4));
             let mut fixed = [0u8; FrameHeader::LEN];
-            fixed.copy_from_slice(&buf[..32]);
+            fixed.copy_from_slice(&buf[..FrameHeader::LEN]);
             let header = FrameHeader::decode(&fixed).unwrap();
             assert_eq!(
                 (header.kind, header.count, header.round),
                 (FrameKind::Pages, 4, 7)
             );
-            assert_eq!(32 + header.len as usize, len);
+            assert_eq!(FrameHeader::LEN + header.len as usize, len);
             let mut hasher = header.hasher();
-            hasher.update(&buf[32..len]);
+            hasher.update(&buf[FrameHeader::LEN..len]);
             header.verify(hasher).unwrap();
             let mut table = PageTable::new();
-            table.decode(&header, &buf[32..64]).unwrap();
-            let mut at = 64;
+            let mut at = FrameHeader::LEN + PageTable::len_for(&header);
+            table.decode(&header, &buf[FrameHeader::LEN..at]).unwrap();
             let mut page = vec![0u8; PAGE_SIZE];
             let mut expected = vec![0u8; PAGE_SIZE];
-            for entry in table.entries() {
+            for (number, entry) in table.pages() {
                 let data = &buf[at..at + entry.len as usize];
                 match entry.encoding {
                     Encoding::Zero => page.fill(0),
@@ -470,14 +358,14 @@ mod tests {
                     Encoding::Lz4 => decode_lz4(data, &mut page).unwrap(),
                 }
                 memory
-                    .read(0, u64::from(entry.offset) * PAGE_SIZE as u64, &mut expected)
+                    .read(0, number * PAGE_SIZE as u64, &mut expected)
                     .unwrap();
-                assert_eq!(page, expected, "page {}", entry.offset);
+                assert_eq!(page, expected, "page {number}");
                 at += entry.len as usize;
             }
         }
         let err = encoder
-            .encode(&memory, &batch(7, &[1], 1), false, &mut buf)
+            .encode(&memory, &batch(7, &[1], 1), PageCompression::Off, &mut buf)
             .unwrap_err();
         assert!(err.to_string().contains("outside guest memory"));
     }
@@ -499,13 +387,14 @@ mod tests {
         let mut encoder = Encoder::new();
         let (mut copied, mut buf) = (vec![0u8; frame_capacity(7)], vec![0u8; frame_capacity(7)]);
         let mut pieces = Vec::new();
-        for compress in [false, true] {
+        for compression in [PageCompression::Off, PageCompression::Lz4] {
+            let compress = compression == PageCompression::Lz4;
             let batch = batch(0, &[0, 1, 2, 3, 4, 6, 7], 3);
             let (len, counts) = encoder
-                .encode(&memory, &batch, compress, &mut copied)
+                .encode(&memory, &batch, compression, &mut copied)
                 .unwrap();
             let (wire, in_place) = encoder
-                .encode_in_place(&frozen, &batch, compress, &mut buf, &mut pieces)
+                .encode_in_place(&frozen, &batch, compression, &mut buf, &mut pieces)
                 .unwrap();
             assert_eq!((wire, in_place), (len, counts));
             let mut sent = Vec::new();
@@ -527,8 +416,13 @@ mod tests {
             assert_eq!(pages as u64, counts.raw);
             assert_eq!(pieces.len(), if compress { 3 } else { 5 }, "{pieces:?}");
         }
-        let outside =
-            encoder.encode_in_place(&frozen, &batch(7, &[1], 1), false, &mut buf, &mut pieces);
+        let outside = encoder.encode_in_place(
+            &frozen,
+            &batch(7, &[1], 1),
+            PageCompression::Off,
+            &mut buf,
+            &mut pieces,
+        );
         assert!(outside.is_err());
     }
 
@@ -550,14 +444,7 @@ mod tests {
     }
 
     #[test]
-    fn pool_recycles() {
-        let pool = Pool::filled(2, || vec![0u8; 16]);
-        let a = pool.take();
-        let b = pool.take();
-        assert_eq!(a.len(), 16);
-        pool.give(a);
-        pool.give(b);
-        assert_eq!(pool.take().len(), 16);
+    fn compression_names_parse() {
         assert_eq!("auto".parse::<Compression>(), Ok(Compression::Auto));
         assert!("zstd".parse::<Compression>().is_err());
     }

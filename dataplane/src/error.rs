@@ -146,6 +146,15 @@ pub enum Error {
     /// The session was cancelled.
     #[error("the migration was cancelled")]
     Cancelled,
+    /// A bug in ramjet, not the peer's doing: one of the session's own threads or queues
+    /// stopped when it must not.
+    #[error("channel {channel}: internal error: {what}")]
+    Internal {
+        /// The channel.
+        channel: u16,
+        /// What broke.
+        what: &'static str,
+    },
     /// A worker thread could not be started.
     #[error("cannot start a {what} thread")]
     Spawn {

@@ -33,12 +33,11 @@ mod error;
 pub mod image;
 pub mod live;
 pub mod memory;
+mod pool;
 mod recv;
 mod send;
 mod session;
 pub mod transport;
-#[cfg(feature = "vm-memory")]
-mod vm_memory;
 pub mod wire;
 pub mod workload;
 
@@ -53,3 +52,20 @@ pub use session::{CancelHandle, Counters, FactSink, Stats};
 
 /// The vocabulary the data plane reports in: facts for the control machine.
 pub use ramjet_control::Fact;
+
+#[cfg(test)]
+mod tests {
+    /// The property tests' configuration: the defaults, except under Miri, which interprets
+    /// every case a hundred times slower and may not touch the file system.
+    pub(crate) fn proptest_config() -> proptest::test_runner::Config {
+        if cfg!(miri) {
+            proptest::test_runner::Config {
+                cases: 4,
+                failure_persistence: None,
+                ..proptest::test_runner::Config::default()
+            }
+        } else {
+            proptest::test_runner::Config::default()
+        }
+    }
+}

@@ -17,12 +17,13 @@ use std::time::Duration;
 
 use common::{Facts, Image, Net, guest};
 use ramjet_control::Fact;
-use ramjet_dataplane::codec::{Batch, Encoder, frame_capacity};
+use ramjet_dataplane::codec::{Batch, Encoder, PageCompression};
 use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::memory::{GuestAddr, GuestMemory, RegionLayout};
 use ramjet_dataplane::transport::{Endpoint, Listener, Transport};
 use ramjet_dataplane::wire::{
-    Encoding, FrameHeader, Hello, HelloReply, MAX_PAYLOAD, PageEntry, Verdict, channel_of, seal,
+    Encoding, FrameHeader, Hello, HelloReply, MAX_PAYLOAD, PageEntry, Verdict, channel_of,
+    frame_capacity, seal,
 };
 use ramjet_dataplane::{Error, ReceiveOptions, Received, SendOptions, Sender, receive};
 
@@ -114,7 +115,7 @@ fn valid_stream(memory: &GuestMemory, channels: u16) -> Vec<(Vec<u8>, Vec<Vec<u8
             round: 1,
         };
         let (len, _) = encoder
-            .encode(memory, &batch, true, &mut buf)
+            .encode(memory, &batch, PageCompression::Lz4, &mut buf)
             .expect("encode");
         buf.truncate(len);
         out[usize::from(channel)].1.push(buf);
@@ -637,4 +638,61 @@ fn memory_held_by_another_session_is_refused() {
         let (result, _) = run.join().expect("receiver thread");
         assert_names(&result.expect_err("the sender failed"), "the sender failed");
     }
+}
+
+/// Memory that a receive session holds is the session's alone: the embedder's own reads and
+/// writes of it are refused with a clear error, and so is a second receive session on it (it
+/// fails at once with `failed` and `drained`, without touching the memory); once the first
+/// session ends, the memory is usable again.
+#[test]
+fn memory_being_received_into_is_the_sessions_alone() {
+    let memory = guest(PAGES * 4096, Image::Mixed, 7);
+    let listener = Listener::bind(&common::endpoint(Net::Tcp)).expect("bind");
+    let cancel = ramjet_dataplane::CancelHandle::new();
+    let first = {
+        let (memory, cancel) = (Arc::clone(&memory), cancel.clone());
+        thread::spawn(move || {
+            let facts = Arc::new(Facts::default());
+            let options = ReceiveOptions {
+                cancel,
+                ..ReceiveOptions::default()
+            };
+            let result = receive(&listener, memory, &options, facts.sink());
+            (result, facts.all())
+        })
+    };
+    // The session holds the memory from its start, before any sender connects.
+    let mut page = vec![0u8; 4096];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        match memory.write(0, 0, &page) {
+            Ok(()) if std::time::Instant::now() < deadline => thread::yield_now(),
+            Ok(()) => panic!("writes to memory being received into are never refused"),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        refused
+            .to_string()
+            .contains("cannot be written while a migration is being received into it"),
+        "{refused}"
+    );
+    let read = memory.read(0, 0, &mut page).expect_err("reads are refused");
+    assert!(read.to_string().contains("cannot be read"), "{read}");
+    assert!(memory.fill(0, 0, 4096, 1).is_err());
+    assert!(memory.prefault().is_err());
+
+    let (_, second) = receiver(Arc::clone(&memory), &common::transports()[0]);
+    let (result, facts) = second.join().expect("second receiver");
+    let err = result.expect_err("a second session is refused");
+    assert!(matches!(err, Error::MemoryInUse(_)), "{}", err.chain());
+    assert_names(&err, "cannot be received into twice");
+    assert_eq!(facts, [Fact::Failed(err.chain()), Fact::Drained]);
+
+    cancel.cancel();
+    let (result, facts) = first.join().expect("first receiver");
+    assert!(result.expect_err("cancelled").is_cancelled());
+    assert_eq!(facts, [Fact::Drained]);
+    memory.write(0, 0, &page).expect("the memory is free again");
+    memory.read(0, 0, &mut page).expect("readable again");
 }

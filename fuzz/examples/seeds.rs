@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use ramjet_control::{Fact, Input, Machine, Options, Profile, Side, Timestamp, Trigger};
-use ramjet_dataplane::codec::{Batch, Encoder, frame_capacity};
+use ramjet_dataplane::codec::{Batch, Encoder, PageCompression};
 use ramjet_dataplane::image::Rng;
 use ramjet_dataplane::memory::{GuestAddr, GuestMemory, RegionLayout};
-use ramjet_dataplane::wire::{FrameHeader, Hello, HelloReply, Verdict};
+use ramjet_dataplane::wire::{FrameHeader, Hello, HelloReply, Verdict, frame_capacity};
 use ramjet_fuzz::control_input::{self, Config, Step};
 use ramjet_fuzz::program::{
     self, FLAG_PREFILL, FLAG_URING, LAYOUT, Op, PAGE, PageSpec, program_input,
@@ -44,7 +44,7 @@ fn main() {
 
 /// A pages frame, region index 0, in round 1, built by the data plane's own encoder from a
 /// memory holding zero, text-like and random pages.
-fn encoder_frame(compress: bool) -> Vec<u8> {
+fn encoder_frame(compression: PageCompression) -> Vec<u8> {
     let memory = GuestMemory::anonymous(4 * PAGE as u64).expect("memory");
     let text: Vec<u8> = b"ramjet moves guest RAM. "
         .iter()
@@ -65,7 +65,7 @@ fn encoder_frame(compress: bool) -> Vec<u8> {
     };
     let mut buf = vec![0u8; frame_capacity(offsets.len())];
     let (len, _) = Encoder::new()
-        .encode(&memory, &batch, compress, &mut buf)
+        .encode(&memory, &batch, compression, &mut buf)
         .expect("encode");
     buf.truncate(len);
     buf
@@ -122,7 +122,7 @@ fn receiver() -> Seeds {
         [&[FLAG_PREFILL][..], &raw].concat(),
     ));
     // What the real sender's encoder produces: one frame of each flavour, then the end.
-    let mut real = encoder_frame(true);
+    let mut real = encoder_frame(PageCompression::Lz4);
     real.extend(FrameHeader::end_of_round(1, 3));
     real.extend(FrameHeader::device_state(0, b"dev"));
     real.extend(FrameHeader::end_of_stream(1, 3));
@@ -130,7 +130,7 @@ fn receiver() -> Seeds {
         "raw-encoder-lz4".into(),
         [&[FLAG_PREFILL][..], &real].concat(),
     ));
-    let mut plain = encoder_frame(false);
+    let mut plain = encoder_frame(PageCompression::Off);
     plain.extend(FrameHeader::end_of_round(1, 3));
     plain.extend(FrameHeader::end_of_stream(1, 3));
     seeds.push(("raw-encoder-plain".into(), [&[0u8][..], &plain].concat()));
@@ -241,8 +241,8 @@ fn wire_decode() -> Seeds {
     );
     frame("error", 0, &FrameHeader::error("disk full"));
     frame("confirm", 0, &FrameHeader::confirm(2, 100, 5));
-    frame("pages-lz4", 0, &encoder_frame(true));
-    frame("pages-raw", 0, &encoder_frame(false));
+    frame("pages-lz4", 0, &encoder_frame(PageCompression::Lz4));
+    frame("pages-raw", 0, &encoder_frame(PageCompression::Off));
     frame("pages-program", 0, &program::build_ops(&valid_ops()[..1]));
     frame("pages-fix-crc", 4, &program::build_ops(&valid_ops()[1..2]));
     let hello = program::hello();

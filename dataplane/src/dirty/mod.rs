@@ -365,6 +365,8 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(crate::tests::proptest_config())]
+
         #[test]
         fn runs_match_a_per_bit_loop(
             words in prop::collection::vec(word_strategy(), 0..12),

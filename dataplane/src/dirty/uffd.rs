@@ -347,6 +347,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri has no userfaultfd")]
     fn written_pages_are_found_once_and_then_tracked_again() {
         // Anonymous memory, partly touched before tracking starts, and a memfd region.
         let memory = GuestMemory::new(vec![
@@ -387,6 +388,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri has no userfaultfd")]
     fn a_scan_larger_than_its_output_continues_where_it_stopped() {
         let memory = GuestMemory::anonymous(16 << 20).unwrap();
         let Some(mut source) = started(&memory) else {
@@ -404,6 +406,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri has no userfaultfd")]
     fn file_backed_memory_and_unstarted_sources_are_refused() {
         let file = crate::memory::tests::scratch_file("uffd", 4096);
         // SAFETY: the file is private to this test and never truncated.

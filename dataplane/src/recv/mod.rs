@@ -7,10 +7,11 @@
 //! fails it fails the migration.
 //!
 //! No two threads ever touch the same destination page at once, even with a hostile sender:
-//! a page is accepted only on its fixed channel (see [`crate::wire::channel_of`]), at most once
-//! per round (a per-page round stamp), and a channel's reader waits for its decode jobs at every
-//! end of round before it reads the next round. That is what makes writing guest pages through
-//! `&mut [u8]` sound here.
+//! the session holds the memory's exclusive receive lease (no other reader or writer of this
+//! process, and no second session, may use the memory meanwhile), a page is accepted only on
+//! its fixed channel (see [`crate::wire::channel_of`]), at most once per round (a per-page round
+//! stamp), and a channel's reader waits for its decode jobs at every end of round before it
+//! reads the next round. That is what makes writing guest pages through `&mut [u8]` sound here.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
@@ -24,9 +25,9 @@ mod reader;
 
 use reader::{ChannelDone, ChannelReader, DecodeJob, LzBuf, decode_worker};
 
-use crate::codec::Pool;
 use crate::error::Error;
-use crate::memory::{GuestMemory, RegionLayout};
+use crate::memory::{GuestMemory, ReceiveLease, RegionLayout};
+use crate::pool::Pool;
 use crate::session::{Abort, CancelHandle, Counters, FactSink, Stats};
 use crate::transport::{LinkWriter, Listener, Stream, Transport};
 use crate::wire::{FrameHeader, Hello, HelloReply, Verdict};
@@ -79,7 +80,8 @@ pub struct Received {
 
 /// What every thread of a receive session shares.
 struct Shared {
-    memory: Arc<GuestMemory>,
+    /// The memory, held exclusively: the only way to its pages as `&mut [u8]`.
+    lease: ReceiveLease,
     /// Per region, per page: the last round that wrote the page (0: never).
     stamps: Vec<Vec<AtomicU32>>,
     /// Per region: whether it was all zero when the session started.
@@ -107,14 +109,16 @@ pub fn receive(
         abort.fail(Error::Config("at least one decode worker is needed".into()));
         return Err(end_failed(&abort, sink.as_ref()));
     }
-    // Held until the session ends: no sender can freeze this memory while it is written.
-    let _lease = match memory.lease_for_receiving() {
+    // Held until the session ends: nothing else in this process reads, writes or freezes the
+    // memory while the session writes it.
+    let lease = match memory.lease_for_receiving() {
         Ok(lease) => lease,
         Err(e) => {
             abort.fail(Error::MemoryInUse(e));
             return Err(end_failed(&abort, sink.as_ref()));
         }
     };
+    let memory = Arc::clone(lease.memory());
     let streams = match accept_channels(listener, &memory, options, &abort) {
         Ok(streams) => streams,
         Err(err) => {
@@ -137,16 +141,17 @@ pub fn receive(
             .iter()
             .map(|r| (0..r.layout().pages()).map(|_| AtomicU32::new(0)).collect())
             .collect(),
-        memory,
+        lease,
         known_zero,
         abort: Arc::clone(&abort),
         counters: Arc::new(Counters::default()),
         sink,
         channels,
         timeout: options.timeout,
-        pool: Pool::filled(
-            usize::from(channels) * 2 + options.workers * 2,
-            LzBuf::default,
+        pool: Pool::new(
+            (0..usize::from(channels) * 2 + options.workers * 2)
+                .map(|_| LzBuf::default())
+                .collect(),
         ),
     });
     let mut session = Session::start(&shared, &streams, options);
@@ -283,10 +288,10 @@ impl Session {
         let mut done = Done::default();
         while self.pending > 0 {
             let Ok(result) = self.results.recv() else {
-                return Err(Error::protocol(
-                    0,
-                    "the channel readers stopped unexpectedly",
-                ));
+                return Err(Error::Internal {
+                    channel: 0,
+                    what: "the channel readers stopped unexpectedly",
+                });
             };
             self.pending -= 1;
             let channel = result?;
@@ -297,7 +302,10 @@ impl Session {
             }
         }
         if self.readers.is_empty() {
-            return Err(Error::protocol(0, "no channel reader could be started"));
+            return Err(Error::Internal {
+                channel: 0,
+                what: "no channel reader could be started",
+            });
         }
         Ok(done)
     }

@@ -13,7 +13,7 @@ use ramjet_control::Fact;
 use super::{LINGER, Shared};
 use crate::codec::{BatchCounts, decode_lz4};
 use crate::error::Error;
-use crate::memory::{GuestMemory, RegionLayout};
+use crate::memory::{ReceiveLease, RegionLayout};
 use crate::transport::LinkReader;
 use crate::wire::{
     DecodeError, Encoding, FrameHeader, FrameKind, MAX_DEVICE_STATE, MAX_PAGES_PER_FRAME,
@@ -198,7 +198,41 @@ impl ChannelReader {
         header.verify(hasher).map_err(|e| self.decode_error(e))
     }
 
+    /// A pages frame, in three steps: its page table is read and every page in it checked
+    /// before any byte of page data is touched; then the data is received (raw pages straight
+    /// into guest memory); then the crc is verified and the pages applied.
     fn pages(&mut self, header: &FrameHeader) -> Result<(), Error> {
+        let region = self.check_pages(header)?;
+        let lz4_bytes = self.table.lz4_bytes();
+        let mut lz = match lz4_bytes {
+            0 => None,
+            n => {
+                let mut buf = self.shared.pool.take().ok_or(Error::Internal {
+                    channel: self.channel,
+                    what: "the lz4 buffer pool broke",
+                })?;
+                buf.data.resize(n, 0);
+                buf.pages.clear();
+                Some(buf)
+            }
+        };
+        let shared = Arc::clone(&self.shared);
+        let received = self.receive_data(&shared.lease, region, lz.as_mut());
+        if let Err(e) = received.and_then(|()| self.verify_and_apply(header, region, lz.as_mut())) {
+            if let Some(buf) = lz {
+                shared.pool.give(buf);
+            }
+            return Err(e);
+        }
+        if let Some(buf) = lz {
+            self.send_decode(region, buf)?;
+        }
+        Ok(())
+    }
+
+    /// Reads a pages frame's table and checks every page it names; returns the region index.
+    /// A failed check reads the rest of the frame to tell corruption from a bad peer.
+    fn check_pages(&mut self, header: &FrameHeader) -> Result<usize, Error> {
         let due = self.round + 1;
         if header.round != due {
             let problem = self.protocol(format!(
@@ -208,7 +242,7 @@ impl ChannelReader {
             return Err(self.unverified(header, false, problem));
         }
         let region = header.region as usize;
-        let memory = Arc::clone(&self.shared.memory);
+        let memory = self.shared.lease.memory();
         let Some(layout) = memory.regions().get(region).map(|r| r.layout()) else {
             let problem = self.protocol(format!(
                 "region index {region} does not exist (the guest has {} regions)",
@@ -224,38 +258,33 @@ impl ChannelReader {
             return Err(self.unverified(header, true, problem));
         }
         let stamps = &self.shared.stamps[region];
-        let mut lz_bytes = 0usize;
-        let mut checked = Ok(());
-        for entry in self.table.entries() {
-            let page = header.value + u64::from(entry.offset);
-            checked = self.check_page(&layout, page, stamps);
-            if checked.is_err() {
-                break;
-            }
-            if entry.encoding == Encoding::Lz4 {
-                lz_bytes += entry.len as usize;
-            }
-        }
+        let checked = self
+            .table
+            .pages()
+            .try_for_each(|(page, _)| self.check_page(&layout, page, stamps));
         if let Err(problem) = checked {
             return Err(self.unverified(header, true, problem));
         }
-        let mut lz = (lz_bytes > 0).then(|| self.shared.pool.take());
-        if let Some(lz) = &mut lz {
-            lz.data.resize(lz_bytes, 0);
-            lz.pages.clear();
-        }
-        // Receive all page data with one vectored read: raw pages straight into guest memory.
+        Ok(region)
+    }
+
+    /// Receives the page data of the frame whose table was checked, in wire order, with one
+    /// vectored read: raw pages straight into guest memory, lz4 blocks into `lz`; and the next
+    /// frame's header with it.
+    fn receive_data(
+        &mut self,
+        lease: &ReceiveLease,
+        region: usize,
+        lz: Option<&mut LzBuf>,
+    ) -> Result<(), Error> {
         let mut iov = reuse(std::mem::take(&mut self.iov));
-        let mut lz_rest: &mut [u8] = lz.as_mut().map_or(&mut [], |lz| &mut lz.data[..]);
-        for entry in self.table.entries() {
-            let page = header.value + u64::from(entry.offset);
+        let mut lz_rest: &mut [u8] = lz.map_or(&mut [], |lz| &mut lz.data[..]);
+        for (page, entry) in self.table.pages() {
             match entry.encoding {
                 Encoding::Zero => {}
                 Encoding::Raw => {
                     // SAFETY: `check_page` passed for this page in this frame.
-                    iov.push(IoSliceMut::new(unsafe {
-                        self.page(&memory, region, page)
-                    }?));
+                    iov.push(IoSliceMut::new(unsafe { self.page(lease, region, page) }?));
                 }
                 Encoding::Lz4 => {
                     let (part, rest) =
@@ -270,35 +299,43 @@ impl ChannelReader {
         self.iov = reuse(iov);
         received.map_err(|e| self.io("receiving page data and the next header", e))?;
         self.have_next_header = true;
+        Ok(())
+    }
 
-        // The crc covers header, table and data in the order sent.
+    /// Checks the crc of the frame just received (header, table and data in the order sent),
+    /// then applies it: zero pages are written (unless the memory is known to be zero), every
+    /// page is stamped with the round, and the lz4 pages are listed in `lz` for a decode job.
+    fn verify_and_apply(
+        &mut self,
+        header: &FrameHeader,
+        region: usize,
+        mut lz: Option<&mut LzBuf>,
+    ) -> Result<(), Error> {
+        let shared = Arc::clone(&self.shared);
         let mut hasher = header.hasher();
         hasher.update(&self.table_bytes);
         let mut lz_at = 0usize;
-        for entry in self.table.entries() {
-            let page = header.value + u64::from(entry.offset);
-            match entry.encoding {
-                Encoding::Zero => {}
-                Encoding::Raw => {
+        for (page, entry) in self.table.pages() {
+            let len = entry.len as usize;
+            match (entry.encoding, lz.as_deref()) {
+                (Encoding::Raw, _) => {
                     // SAFETY: `check_page` passed for this page in this frame.
-                    hasher.update(unsafe { self.page(&memory, region, page) }?);
+                    hasher.update(unsafe { self.page(&shared.lease, region, page) }?);
                 }
-                Encoding::Lz4 => {
-                    let len = entry.len as usize;
-                    if let Some(lz) = &lz {
-                        hasher.update(&lz.data[lz_at..lz_at + len]);
-                    }
-                    lz_at += len;
-                }
+                (Encoding::Lz4, Some(lz)) => hasher.update(&lz.data[lz_at..lz_at + len]),
+                _ => {}
+            }
+            if entry.encoding == Encoding::Lz4 {
+                lz_at += len;
             }
         }
         header.verify(hasher).map_err(|e| self.decode_error(e))?;
 
         let mut counts = BatchCounts::default();
-        let known_zero = self.shared.known_zero[region];
+        let known_zero = shared.known_zero[region];
+        let stamps = &shared.stamps[region];
         let mut lz_at = 0usize;
-        for entry in self.table.entries() {
-            let page = header.value + u64::from(entry.offset);
+        for (page, entry) in self.table.pages() {
             let Some(stamp) = stamp_of(stamps, page) else {
                 continue;
             };
@@ -308,14 +345,14 @@ impl ChannelReader {
                     // Memory that is known to be zero needs no write.
                     if !(known_zero && stamp.load(Ordering::Relaxed) == 0) {
                         // SAFETY: `check_page` passed for this page in this frame.
-                        unsafe { self.page(&memory, region, page) }?.fill(0);
+                        unsafe { self.page(&shared.lease, region, page) }?.fill(0);
                     }
                 }
                 Encoding::Raw => counts.raw += 1,
                 Encoding::Lz4 => {
                     counts.lz4 += 1;
                     let len = entry.len as usize;
-                    if let Some(lz) = &mut lz {
+                    if let Some(lz) = lz.as_deref_mut() {
                         lz.pages.push((page, lz_at, len));
                     }
                     lz_at += len;
@@ -325,19 +362,25 @@ impl ChannelReader {
         }
         self.shared.counters.add_pages(counts);
         self.round_pages += counts.pages();
-        if let Some(buf) = lz {
-            let job = DecodeJob {
+        Ok(())
+    }
+
+    /// Hands the lz4 pages of a frame to the decode workers.
+    fn send_decode(&mut self, region: usize, buf: LzBuf) -> Result<(), Error> {
+        let job = DecodeJob {
+            channel: self.channel,
+            region,
+            buf,
+            done: self.done_tx.clone(),
+        };
+        if let Err(e) = self.decode.send(job) {
+            self.shared.pool.give(e.into_inner().buf);
+            return Err(Error::Internal {
                 channel: self.channel,
-                region,
-                buf,
-                done: self.done_tx.clone(),
-            };
-            if let Err(e) = self.decode.send(job) {
-                self.shared.pool.give(e.into_inner().buf);
-                return Err(self.protocol("the decode workers stopped unexpectedly".into()));
-            }
-            self.outstanding += 1;
+                what: "the decode workers stopped unexpectedly",
+            });
         }
+        self.outstanding += 1;
         Ok(())
     }
 
@@ -355,12 +398,12 @@ impl ChannelReader {
     )]
     unsafe fn page<'m>(
         &self,
-        memory: &'m GuestMemory,
+        lease: &'m ReceiveLease,
         region: usize,
         page: u64,
     ) -> Result<&'m mut [u8], Error> {
         // SAFETY: exclusive access, as the caller guarantees.
-        unsafe { memory.page_mut(region, page) }.map_err(|source| Error::Memory {
+        unsafe { lease.page_mut(region, page) }.map_err(|source| Error::Memory {
             channel: self.channel,
             source,
         })
@@ -401,9 +444,10 @@ impl ChannelReader {
     fn wait_decodes(&mut self) -> Result<(), Error> {
         let mut first = Ok(());
         for _ in 0..std::mem::take(&mut self.outstanding) {
-            let result = self.done_rx.recv().unwrap_or_else(|_| {
-                Err(self.protocol("a decode worker stopped unexpectedly".into()))
-            });
+            let result = self.done_rx.recv().unwrap_or(Err(Error::Internal {
+                channel: self.channel,
+                what: "a decode worker stopped unexpectedly",
+            }));
             if first.is_ok() {
                 first = result;
             }
@@ -522,7 +566,7 @@ pub(super) fn decode_worker(shared: &Shared, jobs: &Receiver<DecodeJob>) {
             for &(page, start, len) in &job.buf.pages {
                 // SAFETY: the channel reader handed this page to this job alone (see the module
                 // docs) and waits for the job before it touches the page again.
-                let dst = match unsafe { shared.memory.page_mut(job.region, page) } {
+                let dst = match unsafe { shared.lease.page_mut(job.region, page) } {
                     Ok(dst) => dst,
                     Err(source) => {
                         result = Err(Error::Memory {

@@ -28,15 +28,16 @@ use pipeline::{
 };
 
 use crate::arena::{Arena, Slot};
-use crate::codec::{Compression, Piece, Pool, frame_capacity};
+use crate::codec::Compression;
 use crate::dirty::DirtySet;
 use crate::error::Error;
 use crate::memory::{Frozen, GuestMemory, MemoryError};
+use crate::pool::Pool;
 use crate::session::{Abort, CancelHandle, Counters, FactSink, Stats};
 use crate::transport::{Endpoint, Stream, Transport};
 use crate::wire::{
     CHUNK_PAGES, FrameHeader, Hello, HelloReply, MAX_CHANNELS, MAX_DEVICE_STATE, MAX_PAYLOAD,
-    MAX_REGIONS, Verdict, channel_of,
+    MAX_REGIONS, Piece, Verdict, channel_of, frame_capacity,
 };
 
 // A dirty-bitmap word is exactly one channel-assignment chunk, so a word becomes a job.
@@ -428,7 +429,7 @@ impl Sender {
     ) -> Sender {
         let channels = streams.len();
         let counters = Arc::new(Counters::default());
-        let pool = Pool::of(
+        let pool = Pool::new(
             slots
                 .into_iter()
                 .map(|data| FrameBuf {
@@ -648,8 +649,10 @@ impl Sender {
         // The barrier: every job of this round is encoded and queued before its end marker.
         for _ in 0..dispatched {
             if self.acks.recv().is_err() {
-                self.abort
-                    .fail(Error::protocol(0, "the codec workers stopped unexpectedly"));
+                self.abort.fail(Error::Internal {
+                    channel: 0,
+                    what: "the codec workers stopped unexpectedly",
+                });
                 break;
             }
         }

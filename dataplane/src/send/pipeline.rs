@@ -9,9 +9,10 @@ use crossbeam_channel::{self as channel, Receiver};
 
 use super::{CHUNK_LEN, Confirmation, FrameBuf, Job, Outgoing, QUEUE_FRAMES, WRITE_BATCH_BYTES};
 use crate::arena::Arena;
-use crate::codec::{Batch, Compression, Encoder, Pool};
+use crate::codec::{Batch, Compression, Encoder, PageCompression};
 use crate::error::Error;
 use crate::memory::GuestMemory;
+use crate::pool::Pool;
 use crate::session::{Abort, Counters};
 use crate::transport::{LinkReader, LinkWriter};
 use crate::wire::{CHUNK_PAGES, FrameHeader, FrameKind};
@@ -169,15 +170,18 @@ impl WorkerContext {
                 mask &= mask - 1;
             }
         }
-        let compress = match self.compression {
-            Compression::Off => false,
-            Compression::Lz4 => true,
+        let compression = match self.compression {
+            Compression::Off => PageCompression::Off,
+            Compression::Lz4 => PageCompression::Lz4,
             // The link is the bottleneck while frames pile up in front of it, and compressing
             // pays only if it is slower than the workers compress.
-            Compression::Auto => {
-                queue.len() * 2 >= QUEUE_FRAMES
-                    && self.meter.sample(self.counters.wire_bytes()) < self.auto_below
+            Compression::Auto
+                if queue.len() * 2 >= QUEUE_FRAMES
+                    && self.meter.sample(self.counters.wire_bytes()) < self.auto_below =>
+            {
+                PageCompression::Lz4
             }
+            Compression::Auto => PageCompression::Off,
         };
         let batch = Batch {
             region: job.region,
@@ -185,20 +189,22 @@ impl WorkerContext {
             offsets: &offsets[..count],
             round: job.round,
         };
-        let Some(mut frame) = self.pool.try_take() else {
-            self.abort
-                .fail(Error::protocol(job.channel, "the frame buffer pool broke"));
+        let Some(mut frame) = self.pool.take() else {
+            self.abort.fail(Error::Internal {
+                channel: job.channel,
+                what: "the frame buffer pool broke",
+            });
             return;
         };
         let encoded = match &job.frozen {
             Some(memory) => encoder.encode_in_place(
                 memory,
                 &batch,
-                compress,
+                compression,
                 &mut frame.data,
                 &mut frame.pieces,
             ),
-            None => encoder.encode(&self.memory, &batch, compress, &mut frame.data),
+            None => encoder.encode(&self.memory, &batch, compression, &mut frame.data),
         };
         match encoded {
             Ok((len, counts)) => {

@@ -149,6 +149,10 @@ const MAX_IN_FLIGHT: usize = 1;
 const MAX_LOWAT: usize = 4 << 20;
 
 /// One direction of one channel: a ring, the socket registered in it, reused scratch.
+///
+/// Drop order matters: fields drop in declaration order, so `ring` goes first (closing it ends
+/// every registration, and no operation is ever in flight between calls), and only then the
+/// socket and the arena that the ring had registered.
 struct Link {
     ring: IoUring,
     /// Keeps the registered socket open for as long as the ring may use it.
@@ -157,8 +161,12 @@ struct Link {
     zero_copy: bool,
     /// A TCP reader's `SO_RCVLOWAT`, as last set (see [`Link::set_lowat`]).
     lowat: Option<usize>,
-    /// The arena registered as fixed buffer 0, kept alive as long as the ring.
+    /// The arena registered as fixed buffer 0, kept alive as long as the ring (it is never
+    /// unregistered before the ring is closed).
     registered: Option<Arc<Arena>>,
+    /// Whether zero-copy sends from the arena name it as fixed buffer 0: cleared when the
+    /// kernel refuses vectored fixed buffers, while the registration (and `registered`) stays.
+    use_fixed: bool,
     /// Zero-copy sends made from the registered arena.
     fixed_sends: u64,
     /// Bytes the last `move_all` moved.
@@ -188,6 +196,7 @@ impl Link {
             zero_copy,
             lowat: None,
             registered: None,
+            use_fixed: false,
             fixed_sends: 0,
             moved: 0,
             in_flight: 0,
@@ -417,6 +426,7 @@ impl LinkWriter for Link {
         // A zero-copy send whose every buffer is in the registered arena uses it, so the kernel
         // need not pin the pages again (vectored fixed buffers need Linux 6.15).
         let fixed = self.zero_copy
+            && self.use_fixed
             && self
                 .registered
                 .as_ref()
@@ -437,10 +447,10 @@ impl LinkWriter for Link {
         // SAFETY: the caller's buffers outlive this call.
         let sent = unsafe { self.move_all(make, io::ErrorKind::WriteZero) };
         match sent {
-            // A kernel without vectored fixed buffers refuses the operation: stop using the
+            // A kernel without vectored fixed buffers refuses the operation: stop naming the
             // registration, and send this batch unregistered if nothing of it went out.
             Err(e) if fixed && self.moved == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
-                self.registered = None;
+                self.stop_using_fixed();
                 self.send(bufs)
             }
             Ok(()) if fixed => {
@@ -460,10 +470,21 @@ impl LinkWriter for Link {
             iov_len: arena.len(),
         };
         // SAFETY: the arena's mapping stays valid for as long as the ring can use it: the link
-        // keeps the arena alive in `registered`, and the registration ends with the ring.
+        // keeps the arena alive in `registered`, which is set here and never cleared, and the
+        // registration ends with the ring, which is dropped before `registered` (see `Link`).
         unsafe { self.ring.submitter().register_buffers(&[buffer]) }?;
         self.registered = Some(Arc::clone(arena));
+        self.use_fixed = true;
         Ok(())
+    }
+}
+
+impl Link {
+    /// Sends from the registered arena without naming it as a fixed buffer from now on. The
+    /// registration stays in the ring until the ring is closed, so the link keeps the arena
+    /// alive: dropping it here would let the kernel keep a registration of freed memory.
+    fn stop_using_fixed(&mut self) {
+        self.use_fixed = false;
     }
 }
 
@@ -712,9 +733,54 @@ mod tests {
         let expected: Vec<u8> = all.concat().into_iter().chain(mixed.concat()).collect();
         assert!(got == expected, "the bytes arrived changed or out of order");
         // Linux 6.15 and later take vectored fixed buffers; older kernels fall back.
-        if link.registered.is_some() {
+        if link.use_fixed {
             assert_eq!(registered, 1);
         }
+    }
+
+    /// When the kernel refuses vectored fixed buffers, the link stops naming the arena in its
+    /// sends but keeps it alive: the ring still has it registered until the ring is closed.
+    #[test]
+    fn falling_back_from_fixed_buffers_keeps_the_registered_arena_alive() {
+        if !available() || !supports(opcode::SendMsgZc::CODE) {
+            eprintln!("skipped: no SENDMSG_ZC");
+            return;
+        }
+        let (peer, ours) = tcp_pair();
+        let timeout = Some(Duration::from_secs(10));
+        let mut link = Link::new(&Stream::Tcp(ours), timeout, true).unwrap();
+        let (arena, mut slots) = Arena::new(1, 4096).unwrap();
+        slots[0].fill(5);
+        link.register(&arena).unwrap();
+        let held = Arc::strong_count(&arena);
+        // What the EINVAL fallback does.
+        link.stop_using_fixed();
+        assert_eq!(
+            Arc::strong_count(&arena),
+            held,
+            "the ring still has the arena registered: the link must keep it"
+        );
+        assert!(
+            link.registered
+                .as_ref()
+                .is_some_and(|a| Arc::ptr_eq(a, &arena))
+        );
+        let before = link.fixed_sends;
+        link.send(&[&slots[0][..]]).unwrap();
+        assert_eq!(
+            link.fixed_sends, before,
+            "sent without naming the fixed buffer"
+        );
+        let mut got = vec![0u8; 4096];
+        io::Read::read_exact(&mut &peer, &mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 5));
+        // Dropping the caller's handles leaves the link's keep-alive, until the link goes.
+        drop(slots);
+        let weak = Arc::downgrade(&arena);
+        drop(arena);
+        assert!(weak.upgrade().is_some());
+        drop(link);
+        assert!(weak.upgrade().is_none());
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! Frames: [`FrameHeader`], and the page table of a pages frame.
+//! Frames: [`FrameHeader`], the control frames, and the crc that seals every frame. The
+//! payload of a pages frame is laid out in [`pages`](super::pages).
 
-use super::hello::{truncate, verify_crc};
 use super::le::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
+use super::pages::PageEntry;
 use super::{
     DecodeError, MAX_MESSAGE, MAX_PAGES_PER_FRAME, MAX_PAYLOAD, WIRE_PAGE_SIZE, invalid, too_large,
+    truncate, verify_crc,
 };
 
 /// What a frame carries.
@@ -99,6 +101,14 @@ impl FrameHeader {
         put_u32(&mut b, 24, self.len);
         put_u32(&mut b, 28, self.crc);
         b
+    }
+
+    /// The payload length field of header bytes, unchecked: for a relay that only needs to
+    /// know where the frame ends (the stress tool's proxy); a receiver uses [`decode`].
+    ///
+    /// [`decode`]: FrameHeader::decode
+    pub fn payload_len(b: &[u8; Self::LEN]) -> u32 {
+        u32_at(b, 24)
     }
 
     /// Decodes and checks a header: a known kind, zero flags, and the kind's limits on count and
@@ -238,117 +248,12 @@ pub fn seal_split(frame: &mut [u8], head: usize, rest: &crc32fast::Hasher) {
     put_u32(frame, 28, hasher.finalize());
 }
 
-/// How one page is encoded in a pages frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Encoding {
-    /// All zero bytes; no data.
-    Zero = 0,
-    /// The page's bytes as they are.
-    Raw = 1,
-    /// An lz4 block that decodes to exactly one page.
-    Lz4 = 2,
-}
-
-/// One page table entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageEntry {
-    /// Page offset from the frame's first page.
-    pub offset: u32,
-    /// Its encoding.
-    pub encoding: Encoding,
-    /// Its data length.
-    pub len: u32,
-}
-
-impl PageEntry {
-    /// Encoded size.
-    pub const LEN: usize = 8;
-    const LEN_U32: u32 = 8;
-
-    /// Writes the entry into `out[..8]`.
-    pub fn write(&self, out: &mut [u8]) {
-        put_u32(out, 0, self.offset);
-        put_u32(out, 4, (self.encoding as u32) << 24 | self.len);
-    }
-
-    fn read(b: &[u8]) -> Result<Self, DecodeError> {
-        let offset = u32_at(b, 0);
-        let desc = u32_at(b, 4);
-        let len = desc & 0x00FF_FFFF;
-        let encoding = match desc >> 24 {
-            0 if len == 0 => Encoding::Zero,
-            1 if len == WIRE_PAGE_SIZE => Encoding::Raw,
-            2 if len > 0 && len < WIRE_PAGE_SIZE => Encoding::Lz4,
-            0..=2 => return Err(invalid("page data length", len)),
-            other => return Err(invalid("page encoding", other)),
-        };
-        Ok(PageEntry {
-            offset,
-            encoding,
-            len,
-        })
-    }
-}
-
-/// The decoded page table of a pages frame.
-#[derive(Debug, Clone, Default)]
-pub struct PageTable {
-    entries: Vec<PageEntry>,
-}
-
-impl PageTable {
-    /// An empty table with room for the largest frame, so decoding never allocates.
-    pub fn new() -> Self {
-        PageTable {
-            entries: Vec::with_capacity(MAX_PAGES_PER_FRAME as usize),
-        }
-    }
-
-    /// Bytes of table in a frame of `header.count` pages.
-    pub fn len_for(header: &FrameHeader) -> usize {
-        header.count as usize * PageEntry::LEN
-    }
-
-    /// Decodes `bytes` (exactly [`PageTable::len_for`] of them) for `header`: every entry
-    /// valid, offsets strictly increasing, and data lengths adding up to the payload.
-    pub fn decode(&mut self, header: &FrameHeader, bytes: &[u8]) -> Result<(), DecodeError> {
-        self.entries.clear();
-        if header.kind != FrameKind::Pages || bytes.len() != Self::len_for(header) {
-            return Err(invalid("page table length", bytes.len() as u64));
-        }
-        let mut data = 0u64;
-        let mut next_offset = 0u64;
-        for chunk in bytes.chunks_exact(PageEntry::LEN) {
-            let entry = PageEntry::read(chunk)?;
-            if u64::from(entry.offset) < next_offset {
-                return Err(invalid("page offset (not increasing)", entry.offset));
-            }
-            if header.value.checked_add(u64::from(entry.offset)).is_none() {
-                return Err(invalid("page offset", entry.offset));
-            }
-            next_offset = u64::from(entry.offset) + 1;
-            data += u64::from(entry.len);
-            self.entries.push(entry);
-        }
-        let expected = u64::from(header.len) - bytes.len() as u64;
-        if data != expected {
-            return Err(invalid("sum of page data lengths", data));
-        }
-        Ok(())
-    }
-
-    /// The entries, in order.
-    pub fn entries(&self) -> &[PageEntry] {
-        &self.entries
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::wire::PageTable;
 
     fn header_bytes(h: FrameHeader) -> [u8; FrameHeader::LEN] {
         h.encode()
@@ -431,71 +336,9 @@ mod tests {
         assert_eq!(FrameHeader::decode(&header_bytes(ok)), Ok(ok));
     }
 
-    fn table_bytes(entries: &[PageEntry]) -> Vec<u8> {
-        let mut b = vec![0u8; entries.len() * 8];
-        for (e, out) in entries.iter().zip(b.chunks_exact_mut(8)) {
-            e.write(out);
-        }
-        b
-    }
-
-    #[test]
-    fn page_tables_are_validated() {
-        let e = |offset, encoding, len| PageEntry {
-            offset,
-            encoding,
-            len,
-        };
-        let good = [
-            e(0, Encoding::Zero, 0),
-            e(3, Encoding::Raw, 4096),
-            e(4, Encoding::Lz4, 100),
-        ];
-        let h = FrameHeader::pages(0, 10, 1, 3, 24 + 4196);
-        let mut table = PageTable::new();
-        table.decode(&h, &table_bytes(&good)).unwrap();
-        assert_eq!(table.entries(), good);
-
-        let cases: [(&[PageEntry], u32, &str); 6] = [
-            (
-                &[e(1, Encoding::Zero, 0), e(1, Encoding::Zero, 0)],
-                16,
-                "not increasing",
-            ),
-            (&[e(0, Encoding::Raw, 100)], 108, "page data length"),
-            (&[e(0, Encoding::Lz4, 4096)], 8 + 4096, "page data length"),
-            (&[e(0, Encoding::Lz4, 0)], 8, "page data length"),
-            (&[e(0, Encoding::Zero, 5)], 13, "page data length"),
-            (
-                &[e(0, Encoding::Raw, 4096)],
-                8 + 4095,
-                "sum of page data lengths",
-            ),
-        ];
-        for (entries, len, needle) in cases {
-            let h = FrameHeader::pages(0, 0, 1, entries.len() as u32, len);
-            let err = table.decode(&h, &table_bytes(entries)).unwrap_err();
-            assert!(err.to_string().contains(needle), "{err}");
-        }
-        let mut unknown = table_bytes(&[e(0, Encoding::Zero, 0)]);
-        unknown[7] = 9;
-        let h = FrameHeader::pages(0, 0, 1, 1, 8);
-        assert!(
-            table
-                .decode(&h, &unknown)
-                .unwrap_err()
-                .to_string()
-                .contains("page encoding")
-        );
-        let h = FrameHeader::pages(0, u64::MAX, 1, 1, 8);
-        assert!(
-            table
-                .decode(&h, &table_bytes(&[e(1, Encoding::Zero, 0)]))
-                .is_err()
-        );
-    }
-
     proptest! {
+        #![proptest_config(crate::tests::proptest_config())]
+
         #[test]
         fn decoding_arbitrary_bytes_never_panics(
             header in prop::array::uniform32(any::<u8>()),

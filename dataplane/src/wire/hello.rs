@@ -5,7 +5,7 @@ use crate::memory::{GuestAddr, RegionLayout};
 use super::le::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
 use super::{
     DecodeError, MAGIC, MAX_CHANNELS, MAX_MESSAGE, MAX_REGIONS, VERSION, WIRE_PAGE_SIZE, invalid,
-    too_large,
+    too_large, truncate, verify_crc,
 };
 
 /// A sender's greeting on one channel.
@@ -26,6 +26,11 @@ impl Hello {
     pub const FIXED_LEN: usize = 48;
     /// Bytes per region table entry.
     pub const REGION_LEN: usize = 24;
+
+    /// The length of a hello describing `regions` regions.
+    pub const fn encoded_len(regions: usize) -> usize {
+        Self::FIXED_LEN + regions * Self::REGION_LEN
+    }
 
     /// The encoded hello.
     pub fn encode(&self) -> Vec<u8> {
@@ -218,34 +223,6 @@ fn check_magic_version(b: &[u8]) -> Result<(), DecodeError> {
     Ok(())
 }
 
-pub(super) fn verify_crc(
-    what: &'static str,
-    expected: u32,
-    actual: u32,
-) -> Result<(), DecodeError> {
-    if expected == actual {
-        Ok(())
-    } else {
-        Err(DecodeError::Checksum {
-            what,
-            expected,
-            actual,
-        })
-    }
-}
-
-/// `s` cut to at most `max` bytes at a character boundary.
-pub(crate) fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -398,6 +375,8 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(crate::tests::proptest_config())]
+
         #[test]
         fn hello_decoding_never_panics(bytes in prop::collection::vec(any::<u8>(), 48..200)) {
             let (fixed, table) = split(&bytes);

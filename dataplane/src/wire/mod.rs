@@ -1,4 +1,5 @@
-//! Wire format, version 1. This module alone knows the byte layout; everything is
+//! Wire format, version 1. This module alone knows the byte layout (the sender builds pages
+//! frames with [`PagesFrameWriter`], the receiver reads them through [`PageTable`]); everything is
 //! little-endian, every length is checked against a fixed limit before anything is allocated,
 //! and crc32 (IEEE, as `crc32fast` computes it) covers every header and payload as sent.
 //!
@@ -88,11 +89,13 @@
 
 mod frame;
 mod hello;
+mod pages;
 
 use thiserror::Error;
 
-pub use frame::{Encoding, FrameHeader, FrameKind, PageEntry, PageTable, seal, seal_split};
+pub use frame::{FrameHeader, FrameKind, seal, seal_split};
 pub use hello::{Hello, HelloReply, Verdict};
+pub use pages::{Encoding, PageEntry, PageTable, PagesFrameWriter, Piece, frame_capacity};
 
 /// The first eight bytes of every hello and hello reply.
 pub const MAGIC: [u8; 8] = *b"RAMJET\r\n";
@@ -188,6 +191,31 @@ fn too_large(what: &'static str, value: impl Into<u64>, limit: impl Into<u64>) -
         value: value.into(),
         limit: limit.into(),
     }
+}
+
+/// A crc check: `expected` is what the peer sent, `actual` what its bytes give.
+fn verify_crc(what: &'static str, expected: u32, actual: u32) -> Result<(), DecodeError> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(DecodeError::Checksum {
+            what,
+            expected,
+            actual,
+        })
+    }
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Little-endian field access on fixed-size byte arrays.

@@ -1,0 +1,644 @@
+//! Guest memory: regions of guest RAM mapped into this process, by ramjet (anonymous, memfd, an
+//! image file) or by the embedding VMM ([`Region::from_host`]).
+//!
+//! [`GuestMemory`] is the one type that owns the mappings and the raw pointers into them
+//! ([`Region`], in `region.rs`). Guest pages are never handed out as `&[u8]` by the public API:
+//! on the source the guest keeps writing them while they are read, so every read is a copy
+//! ([`GuestMemory::read`]) made of relaxed atomic word loads (`atomic.rs` says why a plain copy
+//! would be a data race), and whatever is checksummed or sent is that copy. Every offset that
+//! comes from a peer is bounds-checked here before any pointer is formed.
+//!
+//! References to guest pages are formed only under the access protocol of `access.rs`:
+//!
+//! - A **receive session** holds the memory's one exclusive lease, and writes pages through the
+//!   lease's `page_mut`, whose callers guarantee that no two of the session's threads touch the
+//!   same page at once (the wire protocol's page → channel assignment and the once-per-round
+//!   rule make that true even for a hostile peer; see `recv/mod.rs`). While the lease lives,
+//!   every other reader and writer of this process ([`GuestMemory::read`],
+//!   [`GuestMemory::write`], [`GuestMemory::fill`], [`GuestMemory::prefault`], a freeze, a
+//!   second receive session) is refused with [`MemoryError::Receiving`].
+//! - Memory that is [frozen](GuestMemory::freeze) lends its pages out as `&[u8]`: the sender
+//!   freezes the source at switchover, once the guest is paused, and then checksums and sends
+//!   the final round straight from guest memory. While any [`Frozen`] guard lives, every safe
+//!   writer in this process is refused, so the pages cannot change under them — from this
+//!   process. Writers outside Rust's view (a vCPU through KVM, another process sharing a memfd)
+//!   are the embedder's to stop: that is what pausing the guest means. If one keeps writing,
+//!   the checksum no longer matches what was sent and the receiver fails the migration.
+
+mod access;
+mod atomic;
+mod region;
+#[cfg(feature = "vm-memory")]
+mod vm_memory;
+
+#[cfg(test)]
+use std::fs::File;
+use std::io;
+#[cfg(test)]
+use std::sync::Arc;
+
+use thiserror::Error;
+
+pub use access::Frozen;
+pub(crate) use access::ReceiveLease;
+use access::{Access, AccessGuard};
+pub use region::{Backing, GuestAddr, Region, RegionLayout};
+
+/// Bytes per guest page. ramjet moves 4 KiB pages; larger host pages still hold 4 KiB guest
+/// pages.
+pub const PAGE_SIZE: usize = 4096;
+const PAGE_SIZE_U64: u64 = PAGE_SIZE as u64;
+
+/// Errors from building or accessing guest memory.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum MemoryError {
+    /// The kernel refused a mapping or a memfd.
+    #[error("cannot map {what} of {len} bytes")]
+    Map {
+        /// What was being mapped.
+        what: &'static str,
+        /// Its length.
+        len: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A region length or guest base that is not page-aligned, or zero.
+    #[error(
+        "region {id}: base {base:#x} and length {len} must be non-zero multiples of {PAGE_SIZE}"
+    )]
+    Unaligned {
+        /// The region id.
+        id: u32,
+        /// Its guest base.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// Two regions with the same id.
+    #[error("region id {id} is used twice")]
+    DuplicateId {
+        /// The id.
+        id: u32,
+    },
+    /// Two regions that overlap in guest address space.
+    #[error("regions {first} and {second} overlap in guest memory")]
+    Overlap {
+        /// The first region's id.
+        first: u32,
+        /// The second region's id.
+        second: u32,
+    },
+    /// A memory with no region.
+    #[error("guest memory needs at least one region")]
+    Empty,
+    /// Two memories compared page by page have different layouts.
+    #[error("the guest memory layouts differ")]
+    LayoutMismatch,
+    /// A write to memory that a sender has frozen for its final round.
+    #[error("guest memory is frozen: a sender is sending its final round from it")]
+    Frozen,
+    /// Reading, writing or freezing memory that a receive session holds, or a second receive
+    /// session on it.
+    #[error("guest memory cannot be {op} while a migration is being received into it")]
+    Receiving {
+        /// What was refused: "read", "written", "frozen" or "received into twice".
+        op: &'static str,
+    },
+    /// An access outside a region, or to a region that does not exist.
+    #[error("{len} bytes at offset {offset:#x} of region index {region} are outside guest memory")]
+    OutOfBounds {
+        /// The region index.
+        region: usize,
+        /// The offset into it.
+        offset: u64,
+        /// The access length.
+        len: u64,
+    },
+}
+
+/// The guest RAM: one or more regions, addressed by their index in the list.
+#[derive(Debug)]
+pub struct GuestMemory {
+    regions: Vec<Region>,
+    access: Access,
+}
+
+/// A safe reader that holds its claim across many copies (a codec worker's batch), so the
+/// protocol's counter is touched once per batch rather than once per page.
+#[derive(Debug)]
+pub(crate) struct Reader<'a> {
+    memory: &'a GuestMemory,
+    _guard: AccessGuard<'a>,
+}
+
+impl Reader<'_> {
+    /// Copies guest bytes at `offset` of region `region` into `dst` (see [`GuestMemory::read`]).
+    pub(crate) fn read(
+        &self,
+        region: usize,
+        offset: u64,
+        dst: &mut [u8],
+    ) -> Result<(), MemoryError> {
+        let src = self.memory.ptr(region, offset, dst.len())?;
+        // SAFETY: `ptr` checked that `dst.len()` bytes at `src` lie inside one mapping, which
+        // lives as long as `self.memory`; regions are whole pages, so every word overlapping
+        // the range does too. While this reader lives no receive lease exists (so no `&mut` to
+        // these bytes), and every other access that may race is an atomic word copy or a read
+        // through a freeze. `dst` is ours, outside any mapping we own.
+        unsafe { atomic::load(src, dst) };
+        Ok(())
+    }
+}
+
+impl GuestMemory {
+    /// Guest memory from regions, which must have distinct ids and must not overlap.
+    pub fn new(regions: Vec<Region>) -> Result<Self, MemoryError> {
+        if regions.is_empty() {
+            return Err(MemoryError::Empty);
+        }
+        for (i, a) in regions.iter().enumerate() {
+            for b in &regions[i + 1..] {
+                let (a, b) = (a.layout(), b.layout());
+                if a.id() == b.id() {
+                    return Err(MemoryError::DuplicateId { id: a.id() });
+                }
+                let a_end = a.guest_base().0 + a.len();
+                let b_end = b.guest_base().0 + b.len();
+                if a.guest_base().0 < b_end && b.guest_base().0 < a_end {
+                    return Err(MemoryError::Overlap {
+                        first: a.id(),
+                        second: b.id(),
+                    });
+                }
+            }
+        }
+        Ok(GuestMemory {
+            regions,
+            access: Access::default(),
+        })
+    }
+
+    /// One anonymous region of `len` bytes, id 0, at guest address 0.
+    pub fn anonymous(len: u64) -> Result<Self, MemoryError> {
+        GuestMemory::new(vec![Region::anonymous(0, GuestAddr(0), len)?])
+    }
+
+    /// Anonymous memory with the same layout as `layout`, e.g. for a receiver.
+    pub fn anonymous_like(layout: &[RegionLayout]) -> Result<Self, MemoryError> {
+        let regions = layout
+            .iter()
+            .map(|l| Region::anonymous(l.id(), l.guest_base(), l.len()))
+            .collect::<Result<Vec<_>, _>>()?;
+        GuestMemory::new(regions)
+    }
+
+    /// The regions, in index order.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Every region's layout, in index order.
+    pub fn layout(&self) -> Vec<RegionLayout> {
+        self.regions.iter().map(Region::layout).collect()
+    }
+
+    /// Total bytes of guest RAM.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.layout().len()).sum()
+    }
+
+    /// Total pages of guest RAM.
+    pub fn total_pages(&self) -> u64 {
+        self.total_bytes() / PAGE_SIZE_U64
+    }
+
+    /// Faults every page in for writing now (`MADV_POPULATE_WRITE`, or a touch per page on
+    /// older kernels), as a VMM preallocates guest RAM at start-up, so that receiving a
+    /// migration does not pay for page faults.
+    pub fn prefault(&self) -> io::Result<()> {
+        let _write = self.access.begin_write().map_err(io::Error::other)?;
+        self.regions.iter().try_for_each(Region::prefault)
+    }
+
+    /// Starts a safe read that may make many copies; refused while a receive session holds
+    /// the memory.
+    pub(crate) fn reader(&self) -> Result<Reader<'_>, MemoryError> {
+        Ok(Reader {
+            memory: self,
+            _guard: self.access.begin_read()?,
+        })
+    }
+
+    /// Whether region `region` is known to be all zero, forgetting it: the caller is about to
+    /// write the region (a receiver, whose zero pages then need no write).
+    pub(crate) fn take_known_zero(&self, region: usize) -> bool {
+        self.regions
+            .get(region)
+            .is_some_and(Region::take_known_zero)
+    }
+
+    fn forget_zero(&self, region: usize) {
+        if let Some(r) = self.regions.get(region) {
+            r.forget_zero();
+        }
+    }
+
+    pub(super) fn ptr(
+        &self,
+        region: usize,
+        offset: u64,
+        len: usize,
+    ) -> Result<*mut u8, MemoryError> {
+        let len64 = len as u64;
+        let out_of_bounds = || MemoryError::OutOfBounds {
+            region,
+            offset,
+            len: len64,
+        };
+        self.regions
+            .get(region)
+            .ok_or_else(out_of_bounds)?
+            .ptr_at(offset, len64)
+            .map_err(|_| out_of_bounds())
+    }
+
+    /// Copies guest bytes at `offset` of region `region` into `dst`.
+    ///
+    /// The guest may be writing the same bytes meanwhile; the copy is then a mix of old and new
+    /// words, which is fine for migration because such a write dirties the page again and it
+    /// is sent again. Whatever is checksummed and sent is `dst`, never the guest page. Fails
+    /// while a receive session holds the memory.
+    pub fn read(&self, region: usize, offset: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
+        self.reader()?.read(region, offset, dst)
+    }
+
+    /// Copies `src` into guest memory at `offset` of region `region`. Fails while the memory is
+    /// [frozen](Self::freeze) or a receive session holds it.
+    pub fn write(&self, region: usize, offset: u64, src: &[u8]) -> Result<(), MemoryError> {
+        let _write = self.access.begin_write()?;
+        let dst = self.ptr(region, offset, src.len())?;
+        self.forget_zero(region);
+        // SAFETY: `ptr` checked the destination range, inside one mapping of whole pages; the
+        // write guard keeps freezes and receive leases (the only holders of references to guest
+        // bytes) away, and every other access that may race is an atomic word copy. `src` is
+        // caller memory, not part of a mapping we own.
+        unsafe { atomic::store(dst, src) };
+        Ok(())
+    }
+
+    /// Sets `len` guest bytes at `offset` of region `region` to `byte`. Fails while the memory
+    /// is [frozen](Self::freeze) or a receive session holds it.
+    pub fn fill(
+        &self,
+        region: usize,
+        offset: u64,
+        len: usize,
+        byte: u8,
+    ) -> Result<(), MemoryError> {
+        let _write = self.access.begin_write()?;
+        let dst = self.ptr(region, offset, len)?;
+        self.forget_zero(region);
+        // SAFETY: as in `write`: a checked range, no references to it, only atomic racers.
+        unsafe { atomic::fill(dst, byte, len) };
+        Ok(())
+    }
+
+    /// Whether this memory has the same bytes as `other` (which must have the same layout),
+    /// compared page by page. Meant for verification while neither side is being written.
+    pub fn content_eq(&self, other: &GuestMemory) -> Result<bool, MemoryError> {
+        Ok(self.first_difference(other)?.is_none())
+    }
+
+    /// The first page (region index, page) where this memory and `other` differ, or `None` if
+    /// they are identical; an error if their layouts differ.
+    pub fn first_difference(
+        &self,
+        other: &GuestMemory,
+    ) -> Result<Option<(usize, u64)>, MemoryError> {
+        if self.layout() != other.layout() {
+            return Err(MemoryError::LayoutMismatch);
+        }
+        let mut a = vec![0u8; PAGE_SIZE];
+        let mut b = vec![0u8; PAGE_SIZE];
+        let (mine, theirs) = (self.reader()?, other.reader()?);
+        for (index, region) in self.regions.iter().enumerate() {
+            for page in 0..region.layout().pages() {
+                mine.read(index, page * PAGE_SIZE_U64, &mut a)?;
+                theirs.read(index, page * PAGE_SIZE_U64, &mut b)?;
+                if a != b {
+                    return Ok(Some((index, page)));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::ptr;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A read-write file of `len` bytes that is already unlinked: gone when dropped.
+    pub(crate) fn scratch_file(tag: &str, len: u64) -> File {
+        let path = std::env::temp_dir().join(format!(
+            "ramjet-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(len).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+
+    #[test]
+    fn anonymous_memory_is_zero_and_holds_writes() {
+        let memory = GuestMemory::anonymous(16 * PAGE_SIZE_U64).unwrap();
+        assert_eq!(memory.total_pages(), 16);
+        assert!(memory.take_known_zero(0));
+        assert!(!memory.take_known_zero(0), "taken");
+        let mut page = vec![1u8; PAGE_SIZE];
+        memory.read(0, 5 * PAGE_SIZE_U64, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0));
+        memory.write(0, 5 * PAGE_SIZE_U64 + 10, b"ramjet").unwrap();
+        memory.read(0, 5 * PAGE_SIZE_U64, &mut page).unwrap();
+        assert_eq!(&page[10..16], b"ramjet");
+        memory.fill(0, 0, PAGE_SIZE, 0xAB).unwrap();
+        memory.read(0, 0, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0xAB));
+        memory.prefault().unwrap();
+    }
+
+    #[test]
+    fn frozen_memory_refuses_writers_and_lends_its_pages() {
+        let memory = Arc::new(GuestMemory::anonymous(4 * PAGE_SIZE_U64).unwrap());
+        memory.fill(0, PAGE_SIZE_U64, PAGE_SIZE, 7).unwrap();
+        let frozen = memory.freeze().unwrap();
+        let again = frozen.clone();
+        drop(frozen);
+        assert!(memory.is_frozen(), "a clone keeps the freeze");
+        assert!(again.page(0, 1).unwrap().iter().all(|&b| b == 7));
+        assert!(again.page(0, 4).is_err(), "bounds are checked");
+        assert!(again.page(1, 0).is_err());
+        assert!(matches!(memory.write(0, 0, b"x"), Err(MemoryError::Frozen)));
+        assert!(matches!(memory.fill(0, 0, 1, 1), Err(MemoryError::Frozen)));
+        assert!(memory.prefault().is_err());
+        assert!(matches!(
+            Arc::clone(&memory).lease_for_receiving(),
+            Err(MemoryError::Frozen)
+        ));
+        drop(again);
+        assert!(!memory.is_frozen());
+        memory.write(0, 0, b"x").unwrap();
+        // A receive session and a freeze exclude each other both ways.
+        let lease = Arc::clone(&memory).lease_for_receiving().unwrap();
+        assert!(matches!(
+            memory.freeze(),
+            Err(MemoryError::Receiving { op: "frozen" })
+        ));
+        assert!(!memory.is_frozen(), "a failed freeze leaves nothing behind");
+        drop(lease);
+        drop(memory.freeze().unwrap());
+    }
+
+    /// While a receive session holds the memory (and writes its pages through `&mut`), every
+    /// other safe reader and writer is refused, and so is a second session; once the lease is
+    /// gone, all of them work again.
+    #[test]
+    fn a_receive_lease_is_exclusive() {
+        let memory = Arc::new(GuestMemory::anonymous(4 * PAGE_SIZE_U64).unwrap());
+        let lease = Arc::clone(&memory).lease_for_receiving().unwrap();
+        let refused = |err: MemoryError, op: &str| {
+            assert!(
+                matches!(err, MemoryError::Receiving { op: o } if o == op),
+                "{err}"
+            );
+            assert!(
+                err.to_string()
+                    .contains("while a migration is being received into it"),
+                "{err}"
+            );
+        };
+        let mut buf = [0u8; 8];
+        refused(memory.read(0, 0, &mut buf).unwrap_err(), "read");
+        refused(memory.write(0, 0, &buf).unwrap_err(), "written");
+        refused(memory.fill(0, 0, 8, 1).unwrap_err(), "written");
+        refused(memory.reader().unwrap_err(), "read");
+        refused(memory.freeze().unwrap_err(), "frozen");
+        refused(
+            Arc::clone(&memory).lease_for_receiving().unwrap_err(),
+            "received into twice",
+        );
+        assert!(memory.prefault().is_err());
+        assert!(memory.content_eq(&memory).is_err());
+        // SAFETY: this thread alone touches the page while the slice lives.
+        unsafe { lease.page_mut(0, 1) }.unwrap().fill(9);
+        drop(lease);
+        memory.read(0, PAGE_SIZE_U64, &mut buf).unwrap();
+        assert_eq!(buf, [9; 8]);
+        memory.write(0, 0, &buf).unwrap();
+        drop(Arc::clone(&memory).lease_for_receiving().unwrap());
+    }
+
+    /// A lease waits for the reads and writes in progress, and refuses those that start
+    /// after it: the two never overlap.
+    #[test]
+    fn a_lease_waits_for_racing_readers_and_writers() {
+        let memory = Arc::new(GuestMemory::anonymous(PAGE_SIZE_U64).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let racers: Vec<_> = (0..2)
+            .map(|i| {
+                let (memory, stop, done) =
+                    (Arc::clone(&memory), Arc::clone(&stop), Arc::clone(&done));
+                std::thread::spawn(move || {
+                    let mut page = vec![0u8; PAGE_SIZE];
+                    while !stop.load(Ordering::Relaxed) {
+                        let result = if i == 0 {
+                            memory.read(0, 0, &mut page)
+                        } else {
+                            memory.fill(0, 0, PAGE_SIZE, 1)
+                        };
+                        match result {
+                            Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                            Err(MemoryError::Receiving { .. }) => 0,
+                            Err(e) => panic!("{e}"),
+                        };
+                    }
+                })
+            })
+            .collect();
+        while done.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        for _ in 0..if cfg!(miri) { 3 } else { 200 } {
+            let lease = Arc::clone(&memory).lease_for_receiving().unwrap();
+            // SAFETY: the lease keeps the racers out while the slice lives.
+            let page = unsafe { lease.page_mut(0, 0) }.unwrap();
+            page.fill(0);
+            std::thread::yield_now();
+            assert!(page.iter().all(|&b| b == 0), "a racer wrote a leased page");
+        }
+        stop.store(true, Ordering::Relaxed);
+        for racer in racers {
+            racer.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_freeze_waits_for_racing_writers_and_then_nothing_changes() {
+        let memory = Arc::new(GuestMemory::anonymous(PAGE_SIZE_U64).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicUsize::new(0));
+        let writer = {
+            let (memory, stop, written) =
+                (Arc::clone(&memory), Arc::clone(&stop), Arc::clone(&written));
+            std::thread::spawn(move || {
+                let mut byte = 0u8;
+                while !stop.load(Ordering::Relaxed) {
+                    byte = byte.wrapping_add(1);
+                    match memory.fill(0, 0, PAGE_SIZE, byte) {
+                        Ok(()) => written.fetch_add(1, Ordering::Relaxed),
+                        Err(MemoryError::Frozen) => 0,
+                        Err(e) => panic!("{e}"),
+                    };
+                }
+            })
+        };
+        // The writer is running before the first freeze.
+        while written.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        for _ in 0..if cfg!(miri) { 3 } else { 200 } {
+            let frozen = memory.freeze().unwrap();
+            let first = frozen.page(0, 0).unwrap().to_vec();
+            std::thread::yield_now();
+            assert_eq!(
+                frozen.page(0, 0).unwrap(),
+                &first[..],
+                "a frozen page changed"
+            );
+            assert!(first.iter().all(|&b| b == first[0]), "a write was torn");
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn every_access_is_bounds_checked() {
+        let memory = GuestMemory::anonymous(4 * PAGE_SIZE_U64).unwrap();
+        let mut buf = [0u8; 8];
+        for (region, offset) in [
+            (0, 4 * PAGE_SIZE_U64 - 4),
+            (0, 4 * PAGE_SIZE_U64),
+            (0, u64::MAX - 2),
+            (1, 0),
+            (usize::MAX, 0),
+        ] {
+            let err = memory.read(region, offset, &mut buf).unwrap_err();
+            assert!(matches!(err, MemoryError::OutOfBounds { .. }), "{err}");
+            assert!(memory.write(region, offset, &buf).is_err());
+            assert!(memory.fill(region, offset, 8, 0).is_err());
+        }
+        let lease = Arc::new(memory).lease_for_receiving().unwrap();
+        // SAFETY: the call fails its bounds check before forming any slice.
+        let err = unsafe { lease.page_mut(0, 4) }.unwrap_err();
+        assert!(err.to_string().contains("outside guest memory"), "{err}");
+        // SAFETY: as above; the multiplication overflows and is refused.
+        assert!(unsafe { lease.page_mut(0, u64::MAX) }.is_err());
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot mmap")]
+    fn host_mappings_are_shared_and_checked() {
+        let mut host = memmap2::MmapMut::map_anon(2 * PAGE_SIZE).unwrap();
+        host[PAGE_SIZE] = 7;
+        let ptr = host.as_mut_ptr();
+        let keep: Arc<dyn std::any::Any + Send + Sync> = Arc::new(std::sync::Mutex::new(host));
+        // SAFETY: `keep` holds the mapping for as long as the region lives.
+        let region =
+            unsafe { Region::from_host(4, GuestAddr(0), ptr, 2 * PAGE_SIZE_U64, Some(keep)) }
+                .unwrap();
+        assert_eq!(region.backing(), Backing::Host);
+        let memory = GuestMemory::new(vec![region]).unwrap();
+        let mut byte = [0u8; 1];
+        memory.read(0, PAGE_SIZE_U64, &mut byte).unwrap();
+        assert_eq!(byte, [7]);
+        memory.prefault().unwrap();
+        // SAFETY: both calls fail their checks before any access.
+        let null = unsafe { Region::from_host(0, GuestAddr(0), ptr::null_mut(), 4096, None) };
+        assert!(matches!(null, Err(MemoryError::Unaligned { .. })));
+        // SAFETY: as above.
+        let odd = unsafe { Region::from_host(0, GuestAddr(0), ptr.wrapping_add(1), 4096, None) };
+        assert!(matches!(odd, Err(MemoryError::Unaligned { .. })));
+    }
+
+    #[test]
+    fn layouts_are_validated() {
+        let r = |id, base, len| Region::anonymous(id, GuestAddr(base), len);
+        assert!(matches!(r(0, 0, 100), Err(MemoryError::Unaligned { .. })));
+        assert!(matches!(r(0, 1, 4096), Err(MemoryError::Unaligned { .. })));
+        assert!(matches!(r(0, 0, 0), Err(MemoryError::Unaligned { .. })));
+        assert!(matches!(GuestMemory::new(vec![]), Err(MemoryError::Empty)));
+        let dup = GuestMemory::new(vec![r(1, 0, 4096).unwrap(), r(1, 8192, 4096).unwrap()]);
+        assert!(matches!(dup, Err(MemoryError::DuplicateId { id: 1 })));
+        let overlap = GuestMemory::new(vec![r(1, 0, 8192).unwrap(), r(2, 4096, 4096).unwrap()]);
+        assert!(matches!(
+            overlap,
+            Err(MemoryError::Overlap {
+                first: 1,
+                second: 2
+            })
+        ));
+        let ok =
+            GuestMemory::new(vec![r(1, 0, 8192).unwrap(), r(2, 1 << 32, 4096).unwrap()]).unwrap();
+        assert_eq!(ok.total_pages(), 3);
+        let like = GuestMemory::anonymous_like(&ok.layout()).unwrap();
+        assert_eq!(like.layout(), ok.layout());
+        assert!(like.content_eq(&ok).unwrap());
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "Miri has no memfd_create and cannot mmap files")]
+    fn memfd_and_file_regions_share_their_bytes() {
+        let region = Region::memfd(3, GuestAddr(0), 2 * PAGE_SIZE_U64).unwrap();
+        assert_eq!(region.backing(), Backing::Memfd);
+        let fd = region.memfd_fd().unwrap().try_clone_to_owned().unwrap();
+        let memory = GuestMemory::new(vec![region]).unwrap();
+        memory.write(0, PAGE_SIZE_U64, b"shared").unwrap();
+        // Map the same memfd as a file: it sees the write.
+        let file = File::from(fd);
+        // SAFETY: the memfd is private to this test and never truncated.
+        let again = unsafe { Region::from_file(3, GuestAddr(0), &file) }.unwrap();
+        assert_eq!(again.backing(), Backing::File);
+        let other = GuestMemory::new(vec![again]).unwrap();
+        let mut buf = [0u8; 6];
+        other.read(0, PAGE_SIZE_U64, &mut buf).unwrap();
+        assert_eq!(&buf, b"shared");
+        assert!(memory.content_eq(&other).unwrap());
+        other.write(0, PAGE_SIZE_U64 + 1, b"x").unwrap();
+        memory.read(0, PAGE_SIZE_U64, &mut buf).unwrap();
+        assert_eq!(&buf, b"sxared");
+        let unshared = GuestMemory::new(vec![
+            Region::anonymous(3, GuestAddr(0), 2 * PAGE_SIZE_U64).unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(memory.first_difference(&unshared).unwrap(), Some((0, 1)));
+        let other_layout = GuestMemory::anonymous(8192).unwrap();
+        assert!(matches!(
+            memory.first_difference(&other_layout),
+            Err(MemoryError::LayoutMismatch)
+        ));
+    }
+}
