@@ -1,0 +1,279 @@
+//! Live pre-copy: migrating a running guest.
+//!
+//! [`migrate_live`] runs the loop QEMU's pre-copy runs. Round 1 sends every page. Each later
+//! round starts with a dirty sync ([`DirtySource::harvest`]) and sends what the guest wrote
+//! meanwhile. After each sync it measures the link's bandwidth over the round just sent, the
+//! guest's dirty rate and the bytes still dirty, and expects a downtime of the bytes to send
+//! (dirty, plus what earlier rounds still have queued) over the bandwidth, plus one more sync.
+//! It switches over once that fits the downtime limit, or when a bound (rounds, time) or the
+//! stall policy says so. The switchover pauses the guest ([`Guest::pause`]),
+//! optionally waits for [`LiveHandle::proceed`] (`pause-before-switchover`), syncs once more,
+//! sends the final round straight from the frozen memory, then the device state, and
+//! completes once the receiver confirms every page. Downtime is measured from the pause to
+//! that confirmation.
+//!
+//! A stall is the bytes still dirty not shrinking over [`LiveOptions::stall_rounds`] rounds;
+//! it is reported in [`Progress`], and [`StallPolicy`] says whether to go on, switch over
+//! anyway, or fail with [`Error::Stalled`].
+
+// The loop here owns the sender, the dirty source and the guest, and reads the clock. What it
+// measures goes to `convergence`, a pure policy (no clock, no IO) that computes the progress
+// and makes the switchover decision. `handle` holds `LiveHandle` and what it shares with the loop.
+mod convergence;
+mod handle;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::dirty::{DirtySet, DirtySource};
+use crate::error::Error;
+use crate::memory::GuestMemory;
+use crate::send::{Sender, Summary};
+use crate::session::Counters;
+use convergence::{Convergence, Decision, SyncSample};
+
+pub use convergence::{Progress, SwitchoverReason};
+pub use handle::LiveHandle;
+
+/// What to do when the migration stops converging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StallPolicy {
+    /// Go on (as QEMU does); the stall shows in [`Progress::stalled`].
+    #[default]
+    Continue,
+    /// Switch over now and accept a longer downtime.
+    Switchover,
+    /// Fail the migration with [`Error::Stalled`]; the guest resumes on the source.
+    Fail,
+}
+
+/// How a live migration decides when to switch over.
+#[derive(Debug, Clone)]
+pub struct LiveOptions {
+    /// The longest pause the guest may see (QEMU's and Cloud Hypervisor's default: 300 ms).
+    pub downtime_limit: Duration,
+    /// Switch over after this many rounds at the latest.
+    pub max_rounds: Option<u32>,
+    /// Switch over after this long at the latest.
+    pub max_time: Option<Duration>,
+    /// The number of rounds without progress that make a stall (at least 1).
+    pub stall_rounds: u32,
+    /// What a stall does.
+    pub on_stall: StallPolicy,
+    /// Wait in `pre-switchover`, guest paused, until [`LiveHandle::proceed`].
+    pub pause_before_switchover: bool,
+}
+
+impl Default for LiveOptions {
+    fn default() -> Self {
+        LiveOptions {
+            downtime_limit: Duration::from_millis(300),
+            max_rounds: None,
+            max_time: None,
+            stall_rounds: 5,
+            on_stall: StallPolicy::Continue,
+            pause_before_switchover: false,
+        }
+    }
+}
+
+/// The embedder's side of the switchover.
+pub trait Guest {
+    /// Stops the guest (its vCPUs): once this returns, nothing writes guest memory.
+    fn pause(&mut self) -> Result<(), String>;
+
+    /// The device-state blob, taken while paused.
+    fn device_state(&mut self) -> Result<Vec<u8>, String>;
+
+    /// Resumes the guest on the source after a failed or cancelled migration.
+    fn resume(&mut self) {}
+}
+
+/// What a completed live migration did.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveReport {
+    /// Rounds sent, the final one included.
+    pub rounds: u32,
+    /// Why it switched over.
+    pub reason: SwitchoverReason,
+    /// The downtime expected at the switchover decision.
+    pub expected_downtime: Duration,
+    /// From pausing the guest to the receiver's confirmation.
+    pub downtime: Duration,
+    /// Bytes sent while the guest was paused (what earlier rounds still had queued included).
+    pub downtime_bytes: u64,
+    /// The progress at the last sync before the switchover.
+    pub last: Progress,
+    /// Dirty syncs at which the migration was stalled.
+    pub stalled_syncs: u32,
+    /// The send session's summary (wire bytes, pages, total time).
+    pub summary: Summary,
+}
+
+/// Runs a live migration on a connected `sender` (see the [module docs](self)): `source` tracks
+/// the guest's writes, `guest` pauses it and hands over its device state. On failure or
+/// cancel the session reports `failed`/`drained`, a paused guest is resumed, and the error is
+/// returned.
+pub fn migrate_live(
+    sender: Sender,
+    source: &mut dyn DirtySource,
+    guest: &mut dyn Guest,
+    options: &LiveOptions,
+    handle: &LiveHandle,
+) -> Result<LiveReport, Error> {
+    let mut run = Run {
+        started: Instant::now(),
+        memory: Arc::clone(sender.memory()),
+        counters: sender.counters(),
+        sender: Some(sender),
+        convergence: Convergence::new(options),
+        options,
+        handle,
+        paused: false,
+    };
+    let result = run.run(source, guest);
+    if result.is_err() && run.paused {
+        guest.resume();
+        handle.update(|p| p.paused = false);
+    }
+    result
+}
+
+/// One live migration: owns the sender, reads the clock, and asks [`Convergence`] what to do.
+struct Run<'a> {
+    /// Taken by whatever ends the session.
+    sender: Option<Sender>,
+    memory: Arc<GuestMemory>,
+    counters: Arc<Counters>,
+    convergence: Convergence,
+    options: &'a LiveOptions,
+    handle: &'a LiveHandle,
+    started: Instant,
+    /// Whether the guest is paused (and must resume if the migration fails).
+    paused: bool,
+}
+
+impl Run<'_> {
+    fn sender(&mut self) -> Result<&mut Sender, Error> {
+        self.sender.as_mut().ok_or(Error::Ended)
+    }
+
+    /// Ends the session with `err` (failed and drained are reported).
+    fn fail(&mut self, err: Error) -> Error {
+        match self.sender.take() {
+            Some(sender) => sender.fail_with(err),
+            None => err,
+        }
+    }
+
+    fn run(
+        &mut self,
+        source: &mut dyn DirtySource,
+        guest: &mut dyn Guest,
+    ) -> Result<LiveReport, Error> {
+        let total_bytes = self.memory.total_bytes();
+        self.handle
+            .start(Arc::clone(&self.counters), total_bytes, self.started);
+        if let Err(e) = source.start(&self.memory) {
+            return Err(self.fail(Error::Dirty(e)));
+        }
+        let (pending, reason) = self.precopy(source)?;
+        self.switchover(source, guest, pending, reason)
+    }
+
+    /// Round 1 (every page), then a dirty sync and a round of what it found until the policy
+    /// says to switch over: returns the pages the last sync found, still to send, and why.
+    fn precopy(
+        &mut self,
+        source: &mut dyn DirtySource,
+    ) -> Result<(DirtySet, SwitchoverReason), Error> {
+        let mut round_start = Instant::now();
+        let mut round_bytes = self.counters.sent();
+        let every_page = DirtySet::all(&self.memory);
+        self.sender()?.round(&every_page)?;
+        let mut last_sync = round_start;
+        loop {
+            // The dirty sync that starts the next round.
+            let sync_start = Instant::now();
+            let dirty = match source.harvest(&self.memory) {
+                Ok(dirty) => dirty,
+                Err(e) => return Err(self.fail(Error::Dirty(e))),
+            };
+            let now = Instant::now();
+            let progress = self.convergence.observe(SyncSample {
+                bytes_sent: self.counters.sent() - round_bytes,
+                round_time: now.duration_since(round_start),
+                pages_dirtied: dirty.count(),
+                sync_interval: now.duration_since(last_sync),
+                sync_time: now.duration_since(sync_start),
+                bytes_queued: self.counters.in_flight(),
+            });
+            last_sync = now;
+            self.handle.update(|p| *p = progress);
+            match self.convergence.decide(self.started.elapsed()) {
+                Decision::Continue => {}
+                Decision::Switchover(reason) => return Ok((dirty, reason)),
+                Decision::Fail(err) => return Err(self.fail(err)),
+            }
+            round_start = now;
+            round_bytes = self.counters.sent();
+            self.sender()?.round(&dirty)?;
+        }
+    }
+
+    /// Pauses the guest, (waits for `proceed`,) syncs once more, sends `pending` and what that
+    /// sync found straight from the frozen memory, then the device state.
+    fn switchover(
+        &mut self,
+        source: &mut dyn DirtySource,
+        guest: &mut dyn Guest,
+        pending: DirtySet,
+        reason: SwitchoverReason,
+    ) -> Result<LiveReport, Error> {
+        let paused_at = Instant::now();
+        if let Err(message) = guest.pause() {
+            return Err(self.fail(Error::Guest {
+                op: "pause",
+                message,
+            }));
+        }
+        self.paused = true;
+        self.handle.update(|p| p.paused = true);
+        let paused_bytes = self.counters.sent();
+        self.handle.paused_at(paused_bytes);
+        self.sender()?.switchover()?;
+        if self.options.pause_before_switchover && !self.handle.wait_to_proceed() {
+            return Err(self.fail(Error::Cancelled));
+        }
+        let mut last = pending;
+        match source.harvest(&self.memory) {
+            Ok(dirty) => last.union(&dirty),
+            Err(e) => return Err(self.fail(Error::Dirty(e))),
+        }
+        self.sender()?.round(&last)?;
+        let device_state = match guest.device_state() {
+            Ok(blob) => blob,
+            Err(message) => {
+                return Err(self.fail(Error::Guest {
+                    op: "save its device state",
+                    message,
+                }));
+            }
+        };
+        let sender = self.sender.take().ok_or(Error::Ended)?;
+        let summary = sender.finish(&device_state)?;
+        // Everything is across now.
+        self.handle.update(|p| p.remaining_bytes = 0);
+        let progress = self.convergence.progress();
+        Ok(LiveReport {
+            rounds: summary.rounds,
+            reason,
+            expected_downtime: progress.expected_downtime,
+            downtime: summary.confirmed.saturating_duration_since(paused_at),
+            downtime_bytes: self.counters.sent().saturating_sub(paused_bytes),
+            last: progress,
+            stalled_syncs: self.convergence.stalled_syncs(),
+            summary,
+        })
+    }
+}
