@@ -10,35 +10,27 @@ use anyhow::{Context, bail};
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::codec::Compression;
 use ramjet_dataplane::image::{self, ImageKind};
-use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
-use ramjet_dataplane::transport::{self, Blocking, Listener, Transport, Uring};
+use ramjet_dataplane::memory::GuestMemory;
+use ramjet_dataplane::transport::Listener;
 use ramjet_dataplane::workload::Workload;
 use ramjet_dataplane::{
     CancelHandle, LiveHandle, LiveOptions, ReceiveOptions, SendOptions, Sender, migrate_live,
     receive,
 };
 
+use crate::cli::{GuestSize, TransportKind, millis, transport_of};
 use crate::events::{Events, Format};
 use crate::progress::Watcher;
-use crate::units::{Bytes, Rate, Size};
-
-/// How bytes move.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum TransportKind {
-    /// io_uring (the default where the kernel allows it).
-    Uring,
-    /// Blocking sockets.
-    Blocking,
-}
+use crate::units::{Bytes, Rate};
 
 /// Migrate a running guest over loopback and show how it goes.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Guest RAM.
     #[arg(long, default_value = "1G")]
-    size: Size,
+    size: GuestSize,
     /// Channels (sockets).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     channels: u16,
     /// Transport; io_uring where the kernel allows it unless given.
     #[arg(long, value_enum)]
@@ -49,9 +41,9 @@ pub struct Args {
     /// Pages the guest dirties per second.
     #[arg(long, default_value_t = 20_000)]
     dirty_rate: u64,
-    /// The downtime limit, in milliseconds.
-    #[arg(long, default_value_t = 300)]
-    downtime_limit: u64,
+    /// The downtime limit of a live migration: 300ms, 1.5s, ...; a bare number is milliseconds.
+    #[arg(long, default_value = "300ms", value_parser = millis)]
+    downtime_limit: Duration,
     /// Limit the link, e.g. 200M/s.
     #[arg(long)]
     max_bandwidth: Option<Rate>,
@@ -60,25 +52,8 @@ pub struct Args {
     events: Format,
 }
 
-pub fn transport_of(kind: Option<TransportKind>) -> anyhow::Result<Arc<dyn Transport>> {
-    Ok(match kind {
-        None => transport::best().0,
-        Some(TransportKind::Blocking) => Arc::new(Blocking),
-        Some(TransportKind::Uring) => {
-            Uring::probe().context("--transport uring")?;
-            Arc::new(Uring::default())
-        }
-    })
-}
-
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let Size(bytes) = args.size;
-    if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE as u64) {
-        bail!("--size must be a positive multiple of {PAGE_SIZE} bytes, not {bytes}");
-    }
-    if !(1..=64).contains(&args.channels) {
-        bail!("--channels must be 1 to 64, not {}", args.channels);
-    }
+    let bytes = args.size.bytes();
     let transport = transport_of(args.transport)?;
 
     eprintln!(
@@ -123,7 +98,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ..SendOptions::default()
     };
     let live_options = LiveOptions {
-        downtime_limit: Duration::from_millis(args.downtime_limit),
+        downtime_limit: args.downtime_limit,
         ..LiveOptions::default()
     };
     let started = Instant::now();

@@ -20,10 +20,9 @@ use ramjet_dataplane::{
     CancelHandle, Error, LiveHandle, LiveOptions, SendOptions, Sender, migrate_live,
 };
 
-use crate::demo::{TransportKind, transport_of};
+use crate::cli::{GuestSize, TransportKind, millis, parse_endpoint, transport_of};
 use crate::events::{Events, Format};
 use crate::progress::Watcher;
-use crate::recv::parse_endpoint;
 use crate::signals;
 use crate::units::{Bytes, Rate};
 
@@ -37,7 +36,7 @@ pub struct Args {
     #[arg(long)]
     image: PathBuf,
     /// Channels (sockets).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     channels: u16,
     /// Page compression: off, lz4 or auto.
     #[arg(long, default_value = "auto")]
@@ -48,9 +47,9 @@ pub struct Args {
     /// Limit the link, e.g. 200M/s.
     #[arg(long)]
     max_bandwidth: Option<Rate>,
-    /// The downtime limit of a live migration, in milliseconds.
-    #[arg(long, default_value_t = 300)]
-    downtime_limit: u64,
+    /// The downtime limit of a live migration: 300ms, 1.5s, ...; a bare number is milliseconds.
+    #[arg(long, default_value = "300ms", value_parser = millis)]
+    downtime_limit: Duration,
     /// Wait in pre-switchover, guest paused, until stdin gets a line (`continue`).
     #[arg(long)]
     pause_before_switchover: bool,
@@ -69,7 +68,7 @@ pub struct Args {
 fn load(path: &PathBuf) -> anyhow::Result<Arc<GuestMemory>> {
     let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let len = file.metadata()?.len();
-    if len == 0 || !len.is_multiple_of(PAGE_SIZE as u64) {
+    if GuestSize::new(len).is_none() {
         bail!(
             "{} is {len} bytes; an image is a positive whole number of {PAGE_SIZE}-byte pages",
             path.display()
@@ -92,9 +91,6 @@ fn load(path: &PathBuf) -> anyhow::Result<Arc<GuestMemory>> {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    if !(1..=64).contains(&args.channels) {
-        bail!("--channels must be 1 to 64, not {}", args.channels);
-    }
     let transport = transport_of(args.transport)?;
     let memory = load(&args.image)?;
     let control = Options::new().pause_before_switchover(args.pause_before_switchover);
@@ -192,7 +188,7 @@ fn live(
     let (mut guest, mut source, _) =
         Workload::start_tracked(memory, Some(rate), ImageKind::Mixed, 1);
     let options = LiveOptions {
-        downtime_limit: Duration::from_millis(args.downtime_limit),
+        downtime_limit: args.downtime_limit,
         pause_before_switchover: args.pause_before_switchover,
         ..LiveOptions::default()
     };

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
+use crate::cli::seconds;
 use plan::{Fault, Mode, Net, Plan};
 use tally::{Report, Tally};
 
@@ -33,7 +34,7 @@ pub struct Args {
     #[arg(long)]
     runs: Option<u64>,
     /// Start no run after this long (90s, 20m, 1h).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = seconds)]
     duration: Option<Duration>,
     /// The seed every run is drawn from.
     #[arg(long, default_value_t = 1)]
@@ -57,20 +58,6 @@ pub struct Args {
         default_value = "none,drop,flip,stall,slow,short,refuse,version,cancel"
     )]
     faults: Vec<Fault>,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (like 90s, 20m or 1h)"))?;
-    let seconds = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        _ => return Err(format!("unknown unit {unit:?} in {s:?} (use s, m or h)")),
-    };
-    Ok(Duration::from_secs(n.saturating_mul(seconds)))
 }
 
 /// A run taking longer than this is a hang.
@@ -278,20 +265,4 @@ fn settled_threads() -> usize {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_units_and_bad_ones_say_why() {
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("20m"), Ok(Duration::from_secs(1200)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert!(parse_duration("").unwrap_err().contains("not a duration"));
-        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("m").unwrap_err().contains("not a duration"));
-    }
 }
