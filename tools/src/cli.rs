@@ -1,15 +1,23 @@
 //! What the subcommands' flags share: value parsers (endpoints, guest sizes, durations with
-//! units) and the transport choice. clap checks each value as it reads it, so a bad one is
-//! reported with its flag before anything runs.
+//! units), the transport choice, and the flags `send` and `demo` both take, with the step that
+//! turns them into the library's options.
+//!
+//! Parsing has two stages, as in ripgrep: clap checks each value as it reads it (so a bad one
+//! is reported with its flag, before anything runs), and each subcommand then turns its checked
+//! flags into the library's options in one `TryFrom`.
 
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::units::Size;
 use anyhow::Context;
+use ramjet_dataplane::codec::Compression;
 use ramjet_dataplane::memory::PAGE_SIZE;
 use ramjet_dataplane::transport::{self, Blocking, Endpoint, Transport, Uring};
+use ramjet_dataplane::{LiveOptions, SendOptions};
+
+use crate::events::Format;
+use crate::units::{Rate, Size};
 
 /// How bytes move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -132,6 +140,50 @@ fn whole_duration(n: u64, per_unit: u64) -> Duration {
     Duration::from_secs(n.saturating_mul(per_unit / 1_000))
 }
 
+/// The flags `send` and `demo` share: how the source side migrates.
+#[derive(Debug, clap::Args)]
+pub struct MigrationArgs {
+    /// Channels (sockets).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub channels: u16,
+    /// Page compression: off, lz4 or auto.
+    #[arg(long, default_value = "auto")]
+    pub compress: Compression,
+    /// Transport; io_uring where the kernel allows it unless given.
+    #[arg(long, value_enum)]
+    pub transport: Option<TransportKind>,
+    /// Limit the link, e.g. 200M/s.
+    #[arg(long)]
+    pub max_bandwidth: Option<Rate>,
+    /// The downtime limit of a live migration: 300ms, 1.5s, ...; a bare number is milliseconds.
+    #[arg(long, default_value = "300ms", value_parser = millis)]
+    pub downtime_limit: Duration,
+    /// How events are printed.
+    #[arg(long, value_enum, default_value = "text")]
+    pub events: Format,
+}
+
+impl TryFrom<&MigrationArgs> for (SendOptions, LiveOptions) {
+    type Error = anyhow::Error;
+
+    /// The library's options for these flags: the transport probed, a fresh cancel handle,
+    /// everything else at the library's defaults.
+    fn try_from(args: &MigrationArgs) -> anyhow::Result<Self> {
+        let send = SendOptions {
+            channels: args.channels,
+            compression: args.compress,
+            transport: transport_of(args.transport)?,
+            max_bandwidth: args.max_bandwidth.map(|Rate(r)| r),
+            ..SendOptions::default()
+        };
+        let live = LiveOptions {
+            downtime_limit: args.downtime_limit,
+            ..LiveOptions::default()
+        };
+        Ok((send, live))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -140,6 +192,8 @@ mod tests {
 
     #[derive(Debug, Parser)]
     struct Cli {
+        #[command(flatten)]
+        migration: MigrationArgs,
         #[arg(long)]
         memory: Option<GuestSize>,
         #[arg(long, value_parser = seconds)]
@@ -261,6 +315,66 @@ mod tests {
         );
         let huge = format!("{}.5h", "9".repeat(30));
         assert_eq!(seconds(&huge), Err(format!("{huge:?} is too large")));
+    }
+
+    #[test]
+    fn shared_flags_default_as_before() {
+        let cli = parse(&[]).unwrap();
+        let m = &cli.migration;
+        assert_eq!(m.channels, 2);
+        assert_eq!(m.compress, Compression::Auto);
+        assert_eq!(m.transport, None);
+        assert_eq!(m.max_bandwidth, None);
+        assert_eq!(m.downtime_limit, Duration::from_millis(300));
+        assert_eq!(m.events, Format::Text);
+        let cli = parse(&["--downtime-limit", "50", "--channels", "64"]).unwrap();
+        assert_eq!(cli.migration.downtime_limit, Duration::from_millis(50));
+        assert_eq!(cli.migration.channels, 64);
+        let cli = parse(&["--downtime-limit", "1.5s", "--timeout", "2"]).unwrap();
+        assert_eq!(cli.migration.downtime_limit, Duration::from_millis(1500));
+        assert_eq!(cli.timeout, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn bad_shared_flags_name_the_flag() {
+        for (argv, says) in [
+            (&["--channels", "0"][..], "0 is not in 1..=64"),
+            (&["--channels", "65"][..], "65 is not in 1..=64"),
+            (&["--downtime-limit", "fast"][..], "is not a duration"),
+            (&["--max-bandwidth", "100M"][..], "not a rate"),
+            (&["--transport", "carrier-pigeon"][..], "carrier-pigeon"),
+        ] {
+            let err = parse(argv).unwrap_err();
+            assert!(
+                err.contains(argv[0]) && err.contains(says),
+                "{argv:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn shared_flags_become_the_library_options() {
+        let cli = parse(&[
+            "--channels",
+            "3",
+            "--compress",
+            "lz4",
+            "--transport",
+            "blocking",
+            "--max-bandwidth",
+            "1M/s",
+            "--downtime-limit",
+            "2s",
+        ])
+        .unwrap();
+        let (send, live) = <(SendOptions, LiveOptions)>::try_from(&cli.migration).unwrap();
+        assert_eq!(send.channels, 3);
+        assert_eq!(send.compression, Compression::Lz4);
+        assert_eq!(send.transport.name(), Blocking.name());
+        assert_eq!(send.max_bandwidth, Some(1 << 20));
+        assert!(!send.cancel.is_cancelled());
+        assert_eq!(live.downtime_limit, Duration::from_secs(2));
+        assert_eq!(live.max_rounds, LiveOptions::default().max_rounds);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use anyhow::Context;
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::transport::{Endpoint, Listener};
-use ramjet_dataplane::{CancelHandle, ReceiveOptions, receive};
+use ramjet_dataplane::{ReceiveOptions, receive};
 
 use crate::cli::{GuestSize, TransportKind, parse_endpoint, seconds, transport_of};
 use crate::events::{Events, Format};
@@ -44,27 +44,33 @@ pub struct Args {
     accept_timeout: Option<Duration>,
 }
 
+impl TryFrom<&Args> for ReceiveOptions {
+    type Error = anyhow::Error;
+
+    /// The library's options for the flags: the transport probed, a fresh cancel handle.
+    fn try_from(args: &Args) -> anyhow::Result<Self> {
+        Ok(ReceiveOptions {
+            transport: transport_of(args.transport)?,
+            accept_timeout: args.accept_timeout,
+            ..ReceiveOptions::default()
+        })
+    }
+}
+
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let options = ReceiveOptions::try_from(args)?;
     let bytes = args.memory.bytes();
-    let transport = transport_of(args.transport)?;
     // Guest RAM is allocated and faulted in before listening, as a VMM does at start-up.
     let memory = Arc::new(GuestMemory::anonymous(bytes).context("cannot map guest memory")?);
     memory.prefault().context("cannot fault in guest memory")?;
     // Ctrl-C is handled from before anyone can know where to connect.
     let events = Events::new(Side::Destination, Options::new(), args.events, false);
     events.step(Trigger::Migrate);
-    let cancel = CancelHandle::new();
     let user = events.clone();
-    signals::cancel_on_interrupt(cancel.clone(), move || user.step(Trigger::Cancel))?;
+    signals::cancel_on_interrupt(options.cancel.clone(), move || user.step(Trigger::Cancel))?;
     let listener = Listener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     eprintln!("ramjet: listening on {}", listener.endpoint());
-    let options = ReceiveOptions {
-        transport,
-        cancel,
-        accept_timeout: args.accept_timeout,
-        ..ReceiveOptions::default()
-    };
     let result = receive(&listener, Arc::clone(&memory), &options, events.sink());
     if let Ok(received) = &result {
         let stats = received.stats.ram_stats(bytes, received.elapsed);
