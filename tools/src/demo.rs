@@ -3,84 +3,66 @@
 //! both sides' events, and a summary that checks the destination.
 
 use std::sync::Arc;
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ramjet_control::{Options, Side, Trigger};
-use ramjet_dataplane::codec::Compression;
 use ramjet_dataplane::image::{self, ImageKind};
-use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
-use ramjet_dataplane::transport::{self, Blocking, Listener, Transport, Uring};
+use ramjet_dataplane::memory::GuestMemory;
+use ramjet_dataplane::transport::Listener;
 use ramjet_dataplane::workload::Workload;
 use ramjet_dataplane::{
-    CancelHandle, LiveHandle, LiveOptions, ReceiveOptions, SendOptions, Sender, migrate_live,
-    receive,
+    Error, LiveHandle, LiveOptions, LiveReport, ReceiveOptions, Received, SendOptions, Sender,
+    migrate_live, receive,
 };
 
-use crate::events::{Events, Format};
+use crate::cli::{GuestSize, MigrationArgs};
+use crate::events::Events;
 use crate::progress::Watcher;
-use crate::units::{Bytes, Rate, Size};
-
-/// How bytes move.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum TransportKind {
-    /// io_uring (the default where the kernel allows it).
-    Uring,
-    /// Blocking sockets.
-    Blocking,
-}
+use crate::units::Bytes;
 
 /// Migrate a running guest over loopback and show how it goes.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Guest RAM.
     #[arg(long, default_value = "1G")]
-    size: Size,
-    /// Channels (sockets).
-    #[arg(long, default_value_t = 2)]
-    channels: u16,
-    /// Transport; io_uring where the kernel allows it unless given.
-    #[arg(long, value_enum)]
-    transport: Option<TransportKind>,
-    /// Page compression: off, lz4 or auto.
-    #[arg(long, default_value = "auto")]
-    compress: Compression,
+    size: GuestSize,
+    #[command(flatten)]
+    migration: MigrationArgs,
     /// Pages the guest dirties per second.
     #[arg(long, default_value_t = 20_000)]
     dirty_rate: u64,
-    /// The downtime limit, in milliseconds.
-    #[arg(long, default_value_t = 300)]
-    downtime_limit: u64,
-    /// Limit the link, e.g. 200M/s.
-    #[arg(long)]
-    max_bandwidth: Option<Rate>,
-    /// How events are printed.
-    #[arg(long, value_enum, default_value = "text")]
-    events: Format,
 }
 
-pub fn transport_of(kind: Option<TransportKind>) -> anyhow::Result<Arc<dyn Transport>> {
-    Ok(match kind {
-        None => transport::best().0,
-        Some(TransportKind::Blocking) => Arc::new(Blocking),
-        Some(TransportKind::Uring) => {
-            Uring::probe().context("--transport uring")?;
-            Arc::new(Uring::default())
-        }
-    })
+/// What the flags ask of the library, for both ends of the loopback.
+#[derive(Debug)]
+struct Config {
+    send: SendOptions,
+    live: LiveOptions,
+    receive: ReceiveOptions,
 }
 
-pub fn run(args: &Args) -> anyhow::Result<()> {
-    let Size(bytes) = args.size;
-    if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE as u64) {
-        bail!("--size must be a positive multiple of {PAGE_SIZE} bytes, not {bytes}");
-    }
-    if !(1..=64).contains(&args.channels) {
-        bail!("--channels must be 1 to 64, not {}", args.channels);
-    }
-    let transport = transport_of(args.transport)?;
+impl TryFrom<&Args> for Config {
+    type Error = anyhow::Error;
 
+    fn try_from(args: &Args) -> anyhow::Result<Self> {
+        let (send, live) = <(SendOptions, LiveOptions)>::try_from(&args.migration)?;
+        // Both ends move bytes the same way.
+        let receive = ReceiveOptions {
+            transport: Arc::clone(&send.transport),
+            ..ReceiveOptions::default()
+        };
+        Ok(Config {
+            send,
+            live,
+            receive,
+        })
+    }
+}
+
+/// The guest and the destination's memory: a mixed-content source, a prefaulted copy target.
+fn prepare(bytes: u64) -> anyhow::Result<(Arc<GuestMemory>, Arc<GuestMemory>)> {
     eprintln!(
         "preparing a {} guest of mixed content and its destination...",
         Bytes(bytes)
@@ -91,6 +73,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     incoming
         .prefault()
         .context("cannot prefault the destination")?;
+    Ok((memory, incoming))
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let config = Config::try_from(args)?;
+    let bytes = args.size.bytes();
+    let (memory, incoming) = prepare(bytes)?;
 
     // Dirty tracking: userfaultfd where the kernel allows it, else the vCPU's own bitmap.
     let (mut guest, mut source, why) =
@@ -101,45 +90,24 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
     let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().map_err(anyhow::Error::msg)?)?;
     let at = listener.endpoint().clone();
-    let destination = Events::new(Side::Destination, Options::new(), args.events, true);
-    let source_events = Events::new(Side::Source, Options::new(), args.events, true);
+    let format = args.migration.events;
+    let destination = Events::new(Side::Destination, Options::new(), format, true);
+    let source_events = Events::new(Side::Source, Options::new(), format, true);
     destination.step(Trigger::Migrate);
-    let receive_options = ReceiveOptions {
-        transport: Arc::clone(&transport),
-        ..ReceiveOptions::default()
-    };
-    let (dst, sink) = (Arc::clone(&incoming), destination.sink());
-    let receiver = thread::spawn(move || receive(&listener, dst, &receive_options, sink));
+    let receiver = start_receiver(listener, &incoming, config.receive, &destination);
 
     source_events.step(Trigger::Migrate);
-    let cancel = CancelHandle::new();
-    let handle = LiveHandle::new(cancel.clone());
-    let send_options = SendOptions {
-        channels: args.channels,
-        compression: args.compress,
-        transport: Arc::clone(&transport),
-        max_bandwidth: args.max_bandwidth.map(|Rate(r)| r),
-        cancel,
-        ..SendOptions::default()
-    };
-    let live_options = LiveOptions {
-        downtime_limit: Duration::from_millis(args.downtime_limit),
-        ..LiveOptions::default()
-    };
+    let handle = LiveHandle::new(config.send.cancel.clone());
     let started = Instant::now();
-    let sender = Sender::connect(
-        Arc::clone(&memory),
-        &at,
-        &send_options,
-        source_events.sink(),
-    )?;
+    let sender = Sender::connect(Arc::clone(&memory), &at, &config.send, source_events.sink())?;
+    let channels = config.send.channels;
     let watcher = Watcher::start(
         Some(handle.clone()),
-        source_events.clone(),
+        source_events,
         sender.counters(),
-        args.channels,
+        channels,
     );
-    let report = migrate_live(sender, source.as_mut(), &mut guest, &live_options, &handle);
+    let report = migrate_live(sender, source.as_mut(), &mut guest, &config.live, &handle);
     let total = started.elapsed();
     watcher.stop();
     let received = receiver
@@ -147,15 +115,41 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?;
     let report = report.context("the migration failed")?;
     received.context("the receiver failed")?;
-
-    let stats = report.summary.stats;
     let identical = memory.first_difference(&incoming)?.is_none();
+    let tracking = source.name();
+    print_summary(&config.send, tracking, &report, bytes, total);
+    if !identical {
+        bail!("verification failed: the destination differs from the paused source");
+    }
+    println!("verified: destination identical");
+    Ok(())
+}
+
+/// The destination's thread: one receive into `incoming`, its facts stepping `destination`.
+fn start_receiver(
+    listener: Listener,
+    incoming: &Arc<GuestMemory>,
+    options: ReceiveOptions,
+    destination: &Events,
+) -> JoinHandle<Result<Received, Error>> {
+    let (dst, sink) = (Arc::clone(incoming), destination.sink());
+    thread::spawn(move || receive(&listener, dst, &options, sink))
+}
+
+/// What the migration did, as the closing lines show it.
+fn print_summary(
+    send: &SendOptions,
+    tracking: &str,
+    report: &LiveReport,
+    bytes: u64,
+    total: Duration,
+) {
+    let stats = report.summary.stats;
     println!();
     println!(
-        "transport:   {}, {} channels, {} tracking",
-        transport.name(),
-        args.channels,
-        source.name()
+        "transport:   {}, {} channels, {tracking} tracking",
+        send.transport.name(),
+        send.channels,
     );
     println!("rounds:      {} ({:?})", report.rounds, report.reason);
     println!("total time:  {total:.2?}");
@@ -177,9 +171,4 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "pages:       {} zero, {} raw, {} lz4",
         stats.pages_zero, stats.pages_raw, stats.pages_lz4
     );
-    if !identical {
-        bail!("verification failed: the destination differs from the paused source");
-    }
-    println!("verified: destination identical");
-    Ok(())
 }

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use ramjet_dataplane::image::{self, ImageKind};
-use ramjet_dataplane::memory::PAGE_SIZE;
 
-use crate::units::{Bytes, Size};
+use crate::cli::GuestSize;
+use crate::units::Bytes;
 
 /// Write a deterministic guest image: the same profile, size and seed give the same bytes.
 #[derive(Debug, clap::Args)]
@@ -17,7 +17,7 @@ pub struct Args {
     profile: ImageKind,
     /// Size, a whole number of 4 KiB pages (512M, 2G, ...).
     #[arg(long)]
-    size: Size,
+    size: GuestSize,
     /// Seed of the generator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -26,10 +26,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let Size(bytes) = args.size;
-    if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE as u64) {
-        anyhow::bail!("--size must be a positive multiple of {PAGE_SIZE} bytes, not {bytes}");
-    }
+    let bytes = args.size.bytes();
     let file = File::create(&args.file)
         .with_context(|| format!("cannot create {}", args.file.display()))?;
     image::write_file(&file, args.profile, args.seed, bytes)

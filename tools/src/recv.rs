@@ -7,16 +7,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use ramjet_control::{Options, Side, Trigger};
-use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::transport::{Endpoint, Listener};
-use ramjet_dataplane::{CancelHandle, ReceiveOptions, receive};
+use ramjet_dataplane::{ReceiveOptions, receive};
 
-use crate::demo::{TransportKind, transport_of};
+use crate::cli::{GuestSize, TransportKind, parse_endpoint, seconds, transport_of};
 use crate::events::{Events, Format};
 use crate::signals;
-use crate::units::Size;
 
 /// Receive one migration into fresh guest memory.
 #[derive(Debug, clap::Args)]
@@ -26,7 +25,7 @@ pub struct Args {
     listen: Endpoint,
     /// Guest RAM to receive into (the sender's must match).
     #[arg(long)]
-    memory: Size,
+    memory: GuestSize,
     /// Write the received memory to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -39,39 +38,39 @@ pub struct Args {
     /// Print a query-migrate JSON object at the end.
     #[arg(long)]
     query: bool,
-    /// Give up if no sender connects within this many seconds.
-    #[arg(long)]
-    accept_timeout: Option<u64>,
+    /// Give up if no sender connects within this long: 30s, 500ms, 2m; a bare number is
+    /// seconds.
+    #[arg(long, value_parser = seconds)]
+    accept_timeout: Option<Duration>,
 }
 
-pub fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
-    s.parse()
+impl TryFrom<&Args> for ReceiveOptions {
+    type Error = anyhow::Error;
+
+    /// The library's options for the flags: the transport probed, a fresh cancel handle.
+    fn try_from(args: &Args) -> anyhow::Result<Self> {
+        Ok(ReceiveOptions {
+            transport: transport_of(args.transport)?,
+            accept_timeout: args.accept_timeout,
+            ..ReceiveOptions::default()
+        })
+    }
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let Size(bytes) = args.memory;
-    if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE as u64) {
-        bail!("--memory must be a positive multiple of {PAGE_SIZE} bytes, not {bytes}");
-    }
-    let transport = transport_of(args.transport)?;
+    let options = ReceiveOptions::try_from(args)?;
+    let bytes = args.memory.bytes();
     // Guest RAM is allocated and faulted in before listening, as a VMM does at start-up.
     let memory = Arc::new(GuestMemory::anonymous(bytes).context("cannot map guest memory")?);
     memory.prefault().context("cannot fault in guest memory")?;
     // Ctrl-C is handled from before anyone can know where to connect.
     let events = Events::new(Side::Destination, Options::new(), args.events, false);
     events.step(Trigger::Migrate);
-    let cancel = CancelHandle::new();
     let user = events.clone();
-    signals::cancel_on_interrupt(cancel.clone(), move || user.step(Trigger::Cancel))?;
+    signals::cancel_on_interrupt(options.cancel.clone(), move || user.step(Trigger::Cancel))?;
     let listener = Listener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     eprintln!("ramjet: listening on {}", listener.endpoint());
-    let options = ReceiveOptions {
-        transport,
-        cancel,
-        accept_timeout: args.accept_timeout.map(Duration::from_secs),
-        ..ReceiveOptions::default()
-    };
     let result = receive(&listener, Arc::clone(&memory), &options, events.sink());
     if let Ok(received) = &result {
         let stats = received.stats.ram_stats(bytes, received.elapsed);

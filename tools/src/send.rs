@@ -10,22 +10,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ramjet_control::{Options, Side, Trigger};
-use ramjet_dataplane::codec::Compression;
 use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::image::ImageKind;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use ramjet_dataplane::transport::Endpoint;
 use ramjet_dataplane::workload::Workload;
-use ramjet_dataplane::{
-    CancelHandle, Error, LiveHandle, LiveOptions, SendOptions, Sender, migrate_live,
-};
+use ramjet_dataplane::{Error, LiveHandle, LiveOptions, SendOptions, Sender, migrate_live};
 
-use crate::demo::{TransportKind, transport_of};
-use crate::events::{Events, Format};
+use crate::cli::{GuestSize, MigrationArgs, parse_endpoint};
+use crate::events::Events;
 use crate::progress::Watcher;
-use crate::recv::parse_endpoint;
 use crate::signals;
-use crate::units::{Bytes, Rate};
+use crate::units::Bytes;
 
 /// Migrate a guest image to a receiver.
 #[derive(Debug, clap::Args)]
@@ -36,40 +32,47 @@ pub struct Args {
     /// The guest image (its size is the guest's RAM).
     #[arg(long)]
     image: PathBuf,
-    /// Channels (sockets).
-    #[arg(long, default_value_t = 2)]
-    channels: u16,
-    /// Page compression: off, lz4 or auto.
-    #[arg(long, default_value = "auto")]
-    compress: Compression,
-    /// Transport; io_uring where the kernel allows it unless given.
-    #[arg(long, value_enum)]
-    transport: Option<TransportKind>,
-    /// Limit the link, e.g. 200M/s.
-    #[arg(long)]
-    max_bandwidth: Option<Rate>,
-    /// The downtime limit of a live migration, in milliseconds.
-    #[arg(long, default_value_t = 300)]
-    downtime_limit: u64,
+    #[command(flatten)]
+    migration: MigrationArgs,
     /// Wait in pre-switchover, guest paused, until stdin gets a line (`continue`).
     #[arg(long)]
     pause_before_switchover: bool,
     /// Migrate live: a vCPU thread dirties this many pages a second meanwhile.
     #[arg(long)]
     live_dirty_rate: Option<u64>,
-    /// How events are printed.
-    #[arg(long, value_enum, default_value = "text")]
-    events: Format,
     /// Print a query-migrate JSON object at the end.
     #[arg(long)]
     query: bool,
+}
+
+/// What the flags ask of the library and of the source's control machine.
+#[derive(Debug)]
+struct Config {
+    send: SendOptions,
+    live: LiveOptions,
+    control: Options,
+}
+
+impl TryFrom<&Args> for Config {
+    type Error = anyhow::Error;
+
+    fn try_from(args: &Args) -> anyhow::Result<Self> {
+        let (send, mut live) = <(SendOptions, LiveOptions)>::try_from(&args.migration)?;
+        live.pause_before_switchover = args.pause_before_switchover;
+        let control = Options::new().pause_before_switchover(args.pause_before_switchover);
+        Ok(Config {
+            send,
+            live,
+            control,
+        })
+    }
 }
 
 /// Reads the image into fresh anonymous guest memory (the file itself is never written).
 fn load(path: &PathBuf) -> anyhow::Result<Arc<GuestMemory>> {
     let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let len = file.metadata()?.len();
-    if len == 0 || !len.is_multiple_of(PAGE_SIZE as u64) {
+    if GuestSize::new(len).is_none() {
         bail!(
             "{} is {len} bytes; an image is a positive whole number of {PAGE_SIZE}-byte pages",
             path.display()
@@ -92,40 +95,28 @@ fn load(path: &PathBuf) -> anyhow::Result<Arc<GuestMemory>> {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    if !(1..=64).contains(&args.channels) {
-        bail!("--channels must be 1 to 64, not {}", args.channels);
-    }
-    let transport = transport_of(args.transport)?;
+    let config = Config::try_from(args)?;
     let memory = load(&args.image)?;
-    let control = Options::new().pause_before_switchover(args.pause_before_switchover);
-    let events = Events::new(Side::Source, control, args.events, false);
+    let events = Events::new(Side::Source, config.control, args.migration.events, false);
     events.step(Trigger::Migrate);
-    let cancel = CancelHandle::new();
+    let cancel = config.send.cancel.clone();
     let user = events.clone();
     signals::cancel_on_interrupt(cancel.clone(), move || user.step(Trigger::Cancel))?;
-    let options = SendOptions {
-        channels: args.channels,
-        compression: args.compress,
-        transport,
-        max_bandwidth: args.max_bandwidth.map(|Rate(r)| r),
-        cancel: cancel.clone(),
-        ..SendOptions::default()
-    };
     let started = Instant::now();
-    let outcome = Sender::connect(Arc::clone(&memory), &args.to, &options, events.sink()).and_then(
-        |sender| {
+    let outcome = Sender::connect(Arc::clone(&memory), &args.to, &config.send, events.sink())
+        .and_then(|sender| {
             let handle = LiveHandle::new(cancel.clone());
             let live_handle = args.live_dirty_rate.map(|_| handle.clone());
             let counters = sender.counters();
-            let watcher = Watcher::start(live_handle, events.clone(), counters, args.channels);
+            let channels = config.send.channels;
+            let watcher = Watcher::start(live_handle, events.clone(), counters, channels);
             let outcome = match args.live_dirty_rate {
-                Some(rate) => live(sender, &memory, rate, args, &events, &handle),
+                Some(rate) => live(sender, &memory, rate, &config.live, &events, &handle),
                 None => paused(sender, &memory, args, &events),
             };
             watcher.stop();
             outcome
-        },
-    );
+        });
     if args.query {
         println!("{}", serde_json::to_string(&events.query())?);
     }
@@ -185,18 +176,13 @@ fn live(
     sender: Sender,
     memory: &Arc<GuestMemory>,
     rate: u64,
-    args: &Args,
+    options: &LiveOptions,
     events: &Events,
     handle: &LiveHandle,
 ) -> Result<(u32, u64, Duration), Error> {
     let (mut guest, mut source, _) =
         Workload::start_tracked(memory, Some(rate), ImageKind::Mixed, 1);
-    let options = LiveOptions {
-        downtime_limit: Duration::from_millis(args.downtime_limit),
-        pause_before_switchover: args.pause_before_switchover,
-        ..LiveOptions::default()
-    };
-    if args.pause_before_switchover {
+    if options.pause_before_switchover {
         let (handle, events) = (handle.clone(), events.clone());
         std::thread::spawn(move || {
             while !handle.progress().paused {
@@ -206,7 +192,7 @@ fn live(
             handle.proceed();
         });
     }
-    let report = migrate_live(sender, source.as_mut(), &mut guest, &options, handle);
+    let report = migrate_live(sender, source.as_mut(), &mut guest, options, handle);
     if let Some(stats) = handle.ram_stats() {
         events.with(|m| {
             m.set_ram_stats(stats);

@@ -65,26 +65,40 @@ pub fn check(e: &Evidence<'_>) -> (Outcome, Vec<String>) {
         &mut violations,
     );
     if outcome == Outcome::Completed {
-        match (e.sent, e.received) {
-            (Ok(ours), Ok(theirs)) if ours != theirs => {
-                violations.push("completed, but the device state differs".into());
-            }
-            (_, Err(err)) => violations.push(format!(
-                "the sender completed, the receiver failed: {}",
-                err.chain()
-            )),
-            _ => {}
-        }
-        match e.src.first_difference(e.dst) {
-            Ok(None) => {}
-            Ok(Some((region, page))) => {
-                violations.push(format!(
-                    "completed, but page {page} of region {region} differs"
-                ));
-            }
-            Err(err) => violations.push(format!("cannot compare the memories: {err}")),
-        }
+        same_on_both_sides(e, &mut violations);
     }
+    fault_decides_the_end(e, outcome, &mut violations);
+    if outcome == Outcome::Failed {
+        error_names_the_fault(e, &mut violations);
+    }
+    (outcome, violations)
+}
+
+/// Promise 2, for a completed run: the same device state and byte-identical memory.
+fn same_on_both_sides(e: &Evidence<'_>, violations: &mut Vec<String>) {
+    match (e.sent, e.received) {
+        (Ok(ours), Ok(theirs)) if ours != theirs => {
+            violations.push("completed, but the device state differs".into());
+        }
+        (_, Err(err)) => violations.push(format!(
+            "the sender completed, the receiver failed: {}",
+            err.chain()
+        )),
+        _ => {}
+    }
+    match e.src.first_difference(e.dst) {
+        Ok(None) => {}
+        Ok(Some((region, page))) => {
+            violations.push(format!(
+                "completed, but page {page} of region {region} differs"
+            ));
+        }
+        Err(err) => violations.push(format!("cannot compare the memories: {err}")),
+    }
+}
+
+/// Promises 4 and 5: how the fault lets the run end.
+fn fault_decides_the_end(e: &Evidence<'_>, outcome: Outcome, violations: &mut Vec<String>) {
     let fault = e.plan.fault;
     if outcome == Outcome::Cancelled && fault != Fault::Cancel {
         violations.push("cancelled without a cancel".into());
@@ -109,35 +123,37 @@ pub fn check(e: &Evidence<'_>) -> (Outcome, Vec<String>) {
     {
         violations.push(format!("a cancel {when:?} ended {outcome:?}"));
     }
-    if outcome == Outcome::Failed {
-        let errors: String = [e.sent, e.received]
-            .iter()
-            .filter_map(|r| r.as_ref().err())
-            .map(|err| err.chain().to_lowercase())
-            .collect::<Vec<_>>()
-            .join(" | ");
-        let names = |words: &[&str]| words.iter().any(|w| errors.contains(w));
-        let named = match fault {
-            Fault::Drop => names(&["closed", "reset", "broken pipe", "timed out"]),
-            Fault::Flip => names(&[
-                "checksum",
-                "not a ramjet peer",
-                "version",
-                "invalid",
-                "exceeds the limit",
-            ]),
-            Fault::Stall => names(&["timed out"]),
-            Fault::Refuse => names(&["memory layouts differ"]),
-            Fault::Version => names(&["unsupported protocol version 2"]),
-            Fault::None | Fault::Slow | Fault::Short | Fault::Cancel => false,
-        };
-        if !named {
-            violations.push(format!(
-                "failed without naming the {fault:?} fault: {errors}"
-            ));
-        }
+}
+
+/// Promise 3, for a failed run: an error from either side names the fault.
+fn error_names_the_fault(e: &Evidence<'_>, violations: &mut Vec<String>) {
+    let fault = e.plan.fault;
+    let errors: String = [e.sent, e.received]
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|err| err.chain().to_lowercase())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    let names = |words: &[&str]| words.iter().any(|w| errors.contains(w));
+    let named = match fault {
+        Fault::Drop => names(&["closed", "reset", "broken pipe", "timed out"]),
+        Fault::Flip => names(&[
+            "checksum",
+            "not a ramjet peer",
+            "version",
+            "invalid",
+            "exceeds the limit",
+        ]),
+        Fault::Stall => names(&["timed out"]),
+        Fault::Refuse => names(&["memory layouts differ"]),
+        Fault::Version => names(&["unsupported protocol version 2"]),
+        Fault::None | Fault::Slow | Fault::Short | Fault::Cancel => false,
+    };
+    if !named {
+        violations.push(format!(
+            "failed without naming the {fault:?} fault: {errors}"
+        ));
     }
-    (outcome, violations)
 }
 
 /// Drives a control machine for `side` with `facts` (and a cancel, if the run was cancelled,
