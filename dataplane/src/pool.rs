@@ -42,9 +42,45 @@ impl<T> Pool<T> {
     }
 }
 
+/// The allocation of `v`, emptied, for elements of another type of the same layout: a list of
+/// slices rebuilt for every write or read with a new lifetime, without allocating. (Collecting
+/// an emptied `Vec` reuses its allocation when the layouts match, which std does in practice
+/// but does not promise; `recycled_vectors_keep_their_allocation` checks it.)
+pub(crate) fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
+    v.clear();
+    v.into_iter()
+        .map(|_| unreachable!("the vector was emptied"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    use std::io::IoSliceMut;
+
     use super::*;
+
+    #[test]
+    fn recycled_vectors_keep_their_allocation() {
+        let bytes = [1u8; 4];
+        let mut slices: Vec<&[u8]> = Vec::with_capacity(64);
+        slices.push(&bytes);
+        let (at, capacity) = (slices.as_ptr().cast::<u8>(), slices.capacity());
+        let again: Vec<&[u8]> = recycle(slices);
+        assert!(again.is_empty());
+        assert_eq!(
+            (again.as_ptr().cast::<u8>(), again.capacity()),
+            (at, capacity)
+        );
+        let mut buf = [0u8; 8];
+        let mut iov: Vec<IoSliceMut<'_>> = Vec::with_capacity(1025);
+        iov.push(IoSliceMut::new(&mut buf));
+        let (at, capacity) = (iov.as_ptr().cast::<u8>(), iov.capacity());
+        let again: Vec<IoSliceMut<'static>> = recycle(iov);
+        assert_eq!(
+            (again.as_ptr().cast::<u8>(), again.capacity()),
+            (at, capacity)
+        );
+    }
 
     #[test]
     fn objects_circulate_and_keep_their_capacity() {

@@ -18,23 +18,25 @@ use std::sync::atomic::AtomicU32;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{self as channel, Receiver};
+use crossbeam_channel::{self as channels, Receiver};
 use ramjet_control::Fact;
 
-mod reader;
+mod accept;
+mod channel;
+mod decode;
+mod shared;
 
-use reader::{ChannelDone, ChannelReader, DecodeJob, LzBuf, decode_worker};
+use accept::accept_channels;
+use channel::{ChannelDone, ChannelReader};
+use decode::{DecodeJob, LzBuf};
+use shared::{LINGER, Shared};
 
 use crate::error::Error;
-use crate::memory::{GuestMemory, ReceiveLease, RegionLayout};
+use crate::memory::GuestMemory;
 use crate::pool::Pool;
-use crate::session::{Abort, CancelHandle, Counters, FactSink, Stats};
+use crate::session::{self, CancelHandle, Counters, FactSink, Stats, Stop};
 use crate::transport::{LinkWriter, Listener, Stream, Transport};
-use crate::wire::{FrameHeader, Hello, HelloReply, Verdict};
-
-/// How long a failed receiver keeps reading (and discarding) so that the sender gets its error
-/// message instead of a connection reset.
-const LINGER: Duration = Duration::from_secs(1);
+use crate::wire::FrameHeader;
 
 /// How to receive.
 #[derive(Debug, Clone)]
@@ -78,22 +80,6 @@ pub struct Received {
     pub elapsed: Duration,
 }
 
-/// What every thread of a receive session shares.
-struct Shared {
-    /// The memory, held exclusively: the only way to its pages as `&mut [u8]`.
-    lease: ReceiveLease,
-    /// Per region, per page: the last round that wrote the page (0: never).
-    stamps: Vec<Vec<AtomicU32>>,
-    /// Per region: whether it was all zero when the session started.
-    known_zero: Vec<bool>,
-    abort: Arc<Abort>,
-    counters: Arc<Counters>,
-    sink: Arc<dyn FactSink>,
-    channels: u16,
-    timeout: Duration,
-    pool: Pool<LzBuf>,
-}
-
 /// Receives one migration on `listener` into `memory`: accepts the sender's channels, checks
 /// its hello against `memory`'s layout, applies every page, and confirms once everything has
 /// arrived. Reports `setup-done`, `pass N` at the end of each round, `completed`, `failed` with
@@ -104,27 +90,27 @@ pub fn receive(
     options: &ReceiveOptions,
     sink: Arc<dyn FactSink>,
 ) -> Result<Received, Error> {
-    let abort = options.cancel.abort();
+    let stop = options.cancel.stop();
     if options.workers == 0 {
-        abort.fail(Error::Config("at least one decode worker is needed".into()));
-        return Err(end_failed(&abort, sink.as_ref()));
+        stop.fail(Error::Config("at least one decode worker is needed".into()));
+        return Err(stop.end(sink.as_ref()));
     }
     // Held until the session ends: nothing else in this process reads, writes or freezes the
     // memory while the session writes it.
     let lease = match memory.lease_for_receiving() {
         Ok(lease) => lease,
         Err(e) => {
-            abort.fail(Error::MemoryInUse(e));
-            return Err(end_failed(&abort, sink.as_ref()));
+            stop.fail(Error::MemoryInUse(e));
+            return Err(stop.end(sink.as_ref()));
         }
     };
     let memory = Arc::clone(lease.memory());
-    let streams = match accept_channels(listener, &memory, options, &abort) {
+    let streams = match accept_channels(listener, &memory, options, &stop) {
         Ok(streams) => streams,
         Err(err) => {
-            abort.fail(err);
-            abort.close_all();
-            return Err(end_failed(&abort, sink.as_ref()));
+            stop.fail(err);
+            stop.close_all();
+            return Err(stop.end(sink.as_ref()));
         }
     };
     let started = Instant::now();
@@ -143,7 +129,7 @@ pub fn receive(
             .collect(),
         lease,
         known_zero,
-        abort: Arc::clone(&abort),
+        stop: Arc::clone(&stop),
         counters: Arc::new(Counters::default()),
         sink,
         channels,
@@ -154,21 +140,21 @@ pub fn receive(
                 .collect(),
         ),
     });
-    let mut session = Session::start(&shared, &streams, options);
-    let outcome = session.collect();
+    let mut running = Running::start(&shared, &streams, options);
+    let outcome = running.collect();
     match outcome {
         Ok(mut done) => {
             let device_state = std::mem::take(&mut done.device_state);
             let confirm = FrameHeader::confirm(done.rounds, done.pages, device_state.len() as u64);
-            let sent = session.writers.first_mut().map(|w| w.send(&[&confirm]));
+            let sent = running.writers.first_mut().map(|w| w.send(&[&confirm]));
             if let Some(Err(e)) = sent {
-                abort.fail(Error::io(0, "sending the confirmation", options.timeout, e));
-                session.stop(&abort);
-                return Err(end_failed(&abort, shared.sink.as_ref()));
+                stop.fail(Error::io(0, "sending the confirmation", options.timeout, e));
+                running.stop(&stop);
+                return Err(stop.end(shared.sink.as_ref()));
             }
             shared.counters.add_wire_bytes(confirm.len() as u64);
             shared.sink.fact(Fact::Completed);
-            session.stop(&abort);
+            running.stop(&stop);
             shared.sink.fact(Fact::Drained);
             Ok(Received {
                 device_state,
@@ -178,30 +164,19 @@ pub fn receive(
             })
         }
         Err(err) => {
-            abort.fail(err);
-            if !abort.is_cancelled() && !abort.peer_failed() {
+            stop.fail(err);
+            if !stop.is_cancelled() && !stop.peer_failed() {
                 // Tell the sender why, on every channel, before closing.
-                let message = FrameHeader::error(&abort.reason());
-                for writer in &mut session.writers {
+                let message = FrameHeader::error(&stop.reason());
+                for writer in &mut running.writers {
                     let _ = writer.send(&[&message]);
                 }
             }
-            session.linger();
-            session.stop(&abort);
-            Err(end_failed(&abort, shared.sink.as_ref()))
+            running.linger();
+            running.stop(&stop);
+            Err(stop.end(shared.sink.as_ref()))
         }
     }
-}
-
-/// Reports `failed` (unless cancelled) and `drained`; returns the reason.
-fn end_failed(abort: &Abort, sink: &dyn FactSink) -> Error {
-    let cancelled = abort.is_cancelled();
-    let err = abort.take_error();
-    if !cancelled {
-        sink.fact(Fact::Failed(err.chain()));
-    }
-    sink.fact(Fact::Drained);
-    err
 }
 
 /// What every channel reported at its end of stream.
@@ -213,7 +188,7 @@ struct Done {
 }
 
 /// The running threads of a receive session.
-struct Session {
+struct Running {
     writers: Vec<Box<dyn LinkWriter>>,
     results: Receiver<Result<ChannelDone, Error>>,
     pending: usize,
@@ -221,66 +196,50 @@ struct Session {
     workers: Vec<JoinHandle<()>>,
 }
 
-impl Session {
-    fn start(shared: &Arc<Shared>, streams: &[Stream], options: &ReceiveOptions) -> Session {
-        let (results_tx, results) = channel::unbounded();
-        let (decode_tx, decode_rx) = channel::bounded::<DecodeJob>(options.workers * 2);
-        let mut session = Session {
+impl Running {
+    fn start(shared: &Arc<Shared>, streams: &[Stream], options: &ReceiveOptions) -> Running {
+        // Unbounded, but each channel's reader sends exactly one result.
+        let (results_tx, results) = channels::unbounded();
+        let (decode_tx, decode_rx) = channels::bounded::<DecodeJob>(options.workers * 2);
+        let mut running = Running {
             writers: Vec::new(),
             results,
             pending: 0,
             readers: Vec::new(),
             workers: Vec::new(),
         };
-        for _ in 0..options.workers {
+        for worker in 0..options.workers {
             let (worker_shared, jobs) = (Arc::clone(shared), decode_rx.clone());
-            let spawned = thread::Builder::new()
-                .name("ramjet-decode".into())
-                .spawn(move || decode_worker(&worker_shared, &jobs));
-            match spawned {
-                Ok(handle) => session.workers.push(handle),
-                Err(source) => shared.abort.fail(Error::Spawn {
-                    what: "decode worker",
-                    source,
-                }),
-            }
+            let name = format!("ramjet-decode-{worker}");
+            let spawned = session::spawn(name, "decode worker", &shared.stop, move || {
+                decode::run(&worker_shared, &jobs);
+            });
+            running.workers.extend(spawned);
         }
         for (index, stream) in streams.iter().enumerate() {
             let channel = u16::try_from(index).unwrap_or(u16::MAX);
+            running.pending += 1;
             let (writer, link) = match options.transport.split(stream) {
                 Ok(halves) => halves,
                 Err(e) => {
-                    let _ = results_tx.send(Err(Error::io(
-                        channel,
-                        "setting up the transport",
-                        options.timeout,
-                        e,
-                    )));
-                    session.pending += 1;
+                    let op = "setting up the transport";
+                    let _ = results_tx.send(Err(Error::io(channel, op, options.timeout, e)));
                     continue;
                 }
             };
-            session.writers.push(writer);
+            running.writers.push(writer);
             let reader = ChannelReader::new(channel, link, Arc::clone(shared), decode_tx.clone());
             let results_tx = results_tx.clone();
-            let spawned = thread::Builder::new()
-                .name(format!("ramjet-recv-{channel}"))
-                .spawn(move || {
-                    let _ = results_tx.send(reader.run());
-                });
-            session.pending += 1;
+            let name = format!("ramjet-recv-{channel}");
+            let spawned = session::spawn(name, "channel reader", &shared.stop, move || {
+                let _ = results_tx.send(reader.run());
+            });
             match spawned {
-                Ok(handle) => session.readers.push(handle),
-                Err(source) => {
-                    session.pending -= 1;
-                    shared.abort.fail(Error::Spawn {
-                        what: "channel reader",
-                        source,
-                    });
-                }
+                Some(handle) => running.readers.push(handle),
+                None => running.pending -= 1,
             }
         }
-        session
+        running
     }
 
     /// Waits for every channel's end of stream; the first error ends the wait.
@@ -324,154 +283,10 @@ impl Session {
     }
 
     /// Shuts every socket down, joins every thread, and closes the sockets.
-    fn stop(&mut self, abort: &Abort) {
-        abort.close_all();
+    fn stop(&mut self, stop: &Stop) {
+        stop.close_all();
         for handle in self.readers.drain(..).chain(self.workers.drain(..)) {
             let _ = handle.join();
         }
     }
-}
-
-/// Accepts every channel of one migration and answers its hello.
-fn accept_channels(
-    listener: &Listener,
-    memory: &GuestMemory,
-    options: &ReceiveOptions,
-    abort: &Abort,
-) -> Result<Vec<Stream>, Error> {
-    let mut slots: Vec<Option<Stream>> = Vec::new();
-    let mut session = None;
-    let mut accepted = 0usize;
-    loop {
-        let first = session.is_none();
-        let (timeout, op) = if first {
-            (options.accept_timeout, "waiting for the sender to connect")
-        } else {
-            (
-                Some(options.timeout),
-                "waiting for the other channels to connect",
-            )
-        };
-        let channel = u16::try_from(accepted).unwrap_or(u16::MAX);
-        let mut stream = listener
-            .accept(timeout, &|| abort.is_stopped())
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::Interrupted => Error::Cancelled,
-                std::io::ErrorKind::TimedOut => Error::Timeout {
-                    channel,
-                    op,
-                    timeout: timeout.unwrap_or_default(),
-                },
-                _ => Error::Listen {
-                    endpoint: listener.endpoint().to_string(),
-                    source: e,
-                },
-            })?;
-        abort
-            .register(&stream)
-            .map_err(|e| Error::io(channel, "duplicating the socket", options.timeout, e))?;
-        stream
-            .set_read_timeout(Some(options.timeout))
-            .and_then(|()| stream.set_write_timeout(Some(options.timeout)))
-            .map_err(|e| Error::io(channel, "setting socket timeouts", options.timeout, e))?;
-        let hello = read_hello(&mut stream, channel, options.timeout)?;
-        let channel = hello.channel;
-        let problem = match session {
-            _ if hello.regions != memory.layout() => {
-                Some(layout_mismatch(&hello.regions, &memory.layout()))
-            }
-            Some((id, count)) if hello.session != id || hello.channels != count => Some(format!(
-                "channel {channel} belongs to another migration (session or channel count differs)"
-            )),
-            Some(_) if slots[usize::from(channel)].is_some() => {
-                Some(format!("channel {channel} is already connected"))
-            }
-            _ => None,
-        };
-        if let Some(problem) = problem {
-            refuse(&mut stream, &problem);
-            return Err(Error::Refused {
-                channel,
-                reason: problem,
-            });
-        }
-        send_reply(&mut stream, &Verdict::Accept, channel, options.timeout)?;
-        if first {
-            session = Some((hello.session, hello.channels));
-            slots.resize_with(usize::from(hello.channels), || None);
-        }
-        slots[usize::from(channel)] = Some(stream);
-        accepted += 1;
-        if accepted == slots.len() {
-            return Ok(slots.into_iter().flatten().collect());
-        }
-    }
-}
-
-fn layout_mismatch(theirs: &[RegionLayout], ours: &[RegionLayout]) -> String {
-    let show = |layout: &[RegionLayout]| {
-        layout
-            .iter()
-            .map(|r| {
-                format!(
-                    "id {} at {:#x}, {} bytes",
-                    r.id(),
-                    r.guest_base().0,
-                    r.len()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    format!(
-        "the memory layouts differ: the sender has [{}], this receiver [{}]",
-        show(theirs),
-        show(ours)
-    )
-}
-
-/// Reads a hello; a malformed one is refused with the reason before the error is returned.
-fn read_hello(stream: &mut Stream, channel: u16, timeout: Duration) -> Result<Hello, Error> {
-    use std::io::Read;
-    let mut fixed = [0u8; Hello::FIXED_LEN];
-    stream
-        .read_exact(&mut fixed)
-        .map_err(|e| Error::io(channel, "waiting for the hello", timeout, e))?;
-    let len = Hello::table_len(&fixed).map_err(|source| {
-        refuse(stream, &source.to_string());
-        Error::Decode { channel, source }
-    })?;
-    let mut table = vec![0u8; len];
-    stream
-        .read_exact(&mut table)
-        .map_err(|e| Error::io(channel, "receiving the hello's region table", timeout, e))?;
-    Hello::decode(&fixed, &table).map_err(|source| {
-        refuse(stream, &source.to_string());
-        Error::Decode { channel, source }
-    })
-}
-
-fn send_reply(
-    stream: &mut Stream,
-    verdict: &Verdict,
-    channel: u16,
-    timeout: Duration,
-) -> Result<(), Error> {
-    use std::io::Write;
-    let reply = HelloReply {
-        verdict: verdict.clone(),
-    };
-    stream
-        .write_all(&reply.encode())
-        .map_err(|e| Error::io(channel, "sending the hello reply", timeout, e))
-}
-
-/// Refuses a hello, best effort: the connection is being dropped anyway.
-fn refuse(stream: &mut Stream, reason: &str) {
-    let _ = send_reply(
-        stream,
-        &Verdict::Refuse(reason.to_owned()),
-        0,
-        Duration::ZERO,
-    );
 }

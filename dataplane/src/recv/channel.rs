@@ -1,39 +1,26 @@
-//! One channel of a receive session: the reader that checks and applies its frames, and the
-//! decode workers that expand its lz4 pages. Why their writes to guest memory never overlap is
-//! explained in the [parent module](super).
+//! One channel of a receive session: the reader that checks and applies its frames, handing
+//! lz4 pages to the decode workers (`decode.rs`). Why their writes to guest memory never overlap
+//! is explained in the [parent module](super).
 
 use std::io::IoSliceMut;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
-use crossbeam_channel::{self as channel, Receiver};
+use crossbeam_channel::{self as channels, Receiver};
 use ramjet_control::Fact;
 
-use super::{LINGER, Shared};
-use crate::codec::{BatchCounts, decode_lz4};
+use super::decode::{DecodeJob, LzBuf};
+use super::shared::{LINGER, Shared};
+use crate::codec::BatchCounts;
 use crate::error::Error;
 use crate::memory::{ReceiveLease, RegionLayout};
+use crate::pool::recycle;
 use crate::transport::LinkReader;
 use crate::wire::{
     DecodeError, Encoding, FrameHeader, FrameKind, MAX_DEVICE_STATE, MAX_PAGES_PER_FRAME,
     PageTable, channel_of,
 };
-
-/// An lz4 payload buffer and the pages in it: (page, start, length).
-#[derive(Debug, Default)]
-pub(super) struct LzBuf {
-    data: Vec<u8>,
-    pages: Vec<(u64, usize, usize)>,
-}
-
-/// Pages of one frame for a decode worker.
-pub(super) struct DecodeJob {
-    channel: u16,
-    region: usize,
-    buf: LzBuf,
-    done: channel::Sender<Result<(), Error>>,
-}
 
 /// What one channel delivered.
 pub(super) struct ChannelDone {
@@ -47,8 +34,8 @@ pub(super) struct ChannelReader {
     channel: u16,
     link: Box<dyn LinkReader>,
     shared: Arc<Shared>,
-    decode: channel::Sender<DecodeJob>,
-    done_tx: channel::Sender<Result<(), Error>>,
+    decode: channels::Sender<DecodeJob>,
+    done_tx: channels::Sender<Result<(), Error>>,
     done_rx: Receiver<Result<(), Error>>,
     /// Decode jobs sent and not yet finished.
     outstanding: usize,
@@ -67,21 +54,14 @@ pub(super) struct ChannelReader {
     device_state: Vec<u8>,
 }
 
-/// The same allocation, emptied and with a new lifetime: the buffer list is rebuilt for every
-/// frame without allocating.
-fn reuse<'b>(mut v: Vec<IoSliceMut<'_>>) -> Vec<IoSliceMut<'b>> {
-    v.clear();
-    v.into_iter().map(|_| IoSliceMut::new(&mut [])).collect()
-}
-
 impl ChannelReader {
     pub(super) fn new(
         channel: u16,
         link: Box<dyn LinkReader>,
         shared: Arc<Shared>,
-        decode: channel::Sender<DecodeJob>,
+        decode: channels::Sender<DecodeJob>,
     ) -> Self {
-        let (done_tx, done_rx) = channel::unbounded();
+        let (done_tx, done_rx) = channels::unbounded();
         ChannelReader {
             channel,
             link,
@@ -128,7 +108,7 @@ impl ChannelReader {
 
     fn read_frames(&mut self) -> Result<ChannelDone, Error> {
         loop {
-            if self.shared.abort.is_stopped() {
+            if self.shared.stop.is_stopped() {
                 self.drain();
                 return Err(Error::Cancelled);
             }
@@ -277,7 +257,7 @@ impl ChannelReader {
         region: usize,
         lz: Option<&mut LzBuf>,
     ) -> Result<(), Error> {
-        let mut iov = reuse(std::mem::take(&mut self.iov));
+        let mut iov = recycle(std::mem::take(&mut self.iov));
         let mut lz_rest: &mut [u8] = lz.map_or(&mut [], |lz| &mut lz.data[..]);
         for (page, entry) in self.table.pages() {
             match entry.encoding {
@@ -296,7 +276,7 @@ impl ChannelReader {
         }
         iov.push(IoSliceMut::new(&mut self.next_header));
         let received = self.link.recv_vectored(&mut iov);
-        self.iov = reuse(iov);
+        self.iov = recycle(iov);
         received.map_err(|e| self.io("receiving page data and the next header", e))?;
         self.have_next_header = true;
         Ok(())
@@ -475,7 +455,7 @@ impl ChannelReader {
         self.total_pages += self.round_pages;
         self.round_pages = 0;
         if self.channel == 0 {
-            self.shared.counters.set_round(due);
+            self.shared.counters.note_round(due);
             self.shared.sink.fact(Fact::Pass(u64::from(due)));
         }
         Ok(())
@@ -556,36 +536,4 @@ impl ChannelReader {
 /// The round stamp of `page` (which `check_page` has bounds-checked).
 fn stamp_of(stamps: &[AtomicU32], page: u64) -> Option<&AtomicU32> {
     usize::try_from(page).ok().and_then(|i| stamps.get(i))
-}
-
-/// Expands lz4 pages into guest memory until the job queue closes.
-pub(super) fn decode_worker(shared: &Shared, jobs: &Receiver<DecodeJob>) {
-    while let Ok(job) = jobs.recv() {
-        let mut result = Ok(());
-        if !shared.abort.is_stopped() {
-            for &(page, start, len) in &job.buf.pages {
-                // SAFETY: the channel reader handed this page to this job alone (see the module
-                // docs) and waits for the job before it touches the page again.
-                let dst = match unsafe { shared.lease.page_mut(job.region, page) } {
-                    Ok(dst) => dst,
-                    Err(source) => {
-                        result = Err(Error::Memory {
-                            channel: job.channel,
-                            source,
-                        });
-                        break;
-                    }
-                };
-                if let Err(problem) = decode_lz4(&job.buf.data[start..start + len], dst) {
-                    result = Err(Error::protocol(
-                        job.channel,
-                        format!("region index {} page {page}: {problem}", job.region),
-                    ));
-                    break;
-                }
-            }
-        }
-        shared.pool.give(job.buf);
-        let _ = job.done.send(result);
-    }
 }

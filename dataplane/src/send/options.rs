@@ -1,0 +1,64 @@
+//! What a sender is told ([`SendOptions`]) and what it reports ([`RoundStats`], [`Summary`]).
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::codec::Compression;
+use crate::session::{CancelHandle, Stats};
+use crate::transport::Transport;
+
+/// How to send.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    /// Number of channels (sockets), 1 to 64.
+    pub channels: u16,
+    /// Page compression.
+    pub compression: Compression,
+    /// Codec worker threads (at least 1).
+    pub workers: usize,
+    /// Limit for connecting, the handshake, each socket write and the final confirmation.
+    pub timeout: Duration,
+    /// How bytes move (by default io_uring where the kernel allows it, else blocking).
+    pub transport: Arc<dyn Transport>,
+    /// Cancels the session from another thread.
+    pub cancel: CancelHandle,
+    /// The most bytes per second to send, every channel together (QEMU's `max-bandwidth`).
+    pub max_bandwidth: Option<u64>,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            channels: 2,
+            compression: Compression::Auto,
+            workers: thread::available_parallelism().map_or(2, usize::from),
+            timeout: Duration::from_secs(30),
+            transport: crate::transport::best().0,
+            cancel: CancelHandle::new(),
+            max_bandwidth: None,
+        }
+    }
+}
+
+/// What one round sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundStats {
+    /// The round number, from 1.
+    pub round: u32,
+    /// Pages sent in it.
+    pub pages: u64,
+}
+
+/// What a completed migration sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    /// Rounds sent.
+    pub rounds: u32,
+    /// Final counters.
+    pub stats: Stats,
+    /// From connecting to the receiver's confirmation.
+    pub elapsed: Duration,
+    /// When the receiver's confirmation arrived.
+    pub confirmed: Instant,
+}

@@ -1,0 +1,76 @@
+//! Frames on their way from the codec workers to a channel's writer.
+
+use crate::arena::Slot;
+use crate::memory::{Frozen, MemoryError};
+use crate::wire::Piece;
+
+/// Frames queued per channel before workers wait for its writer.
+pub(super) const QUEUE_FRAMES: usize = 8;
+/// A writer sends up to this many bytes in one vectored write.
+pub(super) const WRITE_BATCH_BYTES: usize = 1 << 20;
+
+/// A pool buffer for one pages frame: its bytes (a slot of the session's arena, which a
+/// transport may register with the kernel) and, for a frame sent in place, its pieces.
+#[derive(Debug)]
+pub(super) struct FrameBuf {
+    pub(super) data: Slot,
+    pub(super) pieces: Vec<Piece>,
+}
+
+/// A frame on its way to a writer.
+pub(super) enum Outgoing {
+    /// A pages frame: the first `len` bytes of a pool buffer.
+    Pooled(FrameBuf, usize),
+    /// A pages frame of the paused final round, `len` bytes on the wire: the buffer's pieces,
+    /// and raw pages of region `region` straight from the frozen memory.
+    InPlace {
+        frame: FrameBuf,
+        len: usize,
+        region: usize,
+        memory: Frozen,
+    },
+    /// A control frame.
+    Control(Vec<u8>),
+    /// Our error message for the receiver: sent even while the session is stopping.
+    Farewell(Vec<u8>),
+}
+
+impl Outgoing {
+    /// Bytes on the wire.
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Outgoing::Pooled(_, len) | Outgoing::InPlace { len, .. } => *len,
+            Outgoing::Control(frame) | Outgoing::Farewell(frame) => frame.len(),
+        }
+    }
+
+    /// Appends the frame's bytes, in order, to `out`.
+    pub(super) fn slices<'a>(&'a self, out: &mut Vec<&'a [u8]>) -> Result<(), MemoryError> {
+        match self {
+            Outgoing::Pooled(frame, len) => out.push(&frame.data[..*len]),
+            Outgoing::InPlace {
+                frame,
+                region,
+                memory,
+                ..
+            } => {
+                for piece in &frame.pieces {
+                    out.push(match *piece {
+                        Piece::Buffer { start, len } => &frame.data[start..start + len],
+                        Piece::Page(page) => memory.page(*region, page)?,
+                    });
+                }
+            }
+            Outgoing::Control(frame) | Outgoing::Farewell(frame) => out.push(frame),
+        }
+        Ok(())
+    }
+
+    /// The pool buffer, if it has one.
+    pub(super) fn into_buffer(self) -> Option<FrameBuf> {
+        match self {
+            Outgoing::Pooled(frame, _) | Outgoing::InPlace { frame, .. } => Some(frame),
+            Outgoing::Control(_) | Outgoing::Farewell(_) => None,
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The return path: what the receiver sends back on each channel (its confirmation on channel
+//! 0, or its error on any channel).
+
+use std::time::Duration;
+
+use crossbeam_channel as channel;
+
+use crate::error::Error;
+use crate::session::{Counters, Stop};
+use crate::transport::LinkReader;
+use crate::wire::{FrameHeader, FrameKind};
+
+/// What the receiver confirmed.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Confirmation {
+    pub(super) pages: u64,
+    pub(super) device_state_len: u64,
+}
+
+/// Reads the receiver's frames on one channel: an error message on any channel, the
+/// confirmation on channel 0. Ends at end of stream or on a socket error; only channel 0 reports
+/// a closed connection (as a missing confirmation), since the receiver closes every channel once
+/// it has confirmed.
+pub(super) fn run(
+    channel: u16,
+    mut link: Box<dyn LinkReader>,
+    stop: &Stop,
+    counters: &Counters,
+    confirm: Option<&channel::Sender<Result<Confirmation, Error>>>,
+    timeout: Duration,
+) {
+    let mut payload = Vec::with_capacity(crate::wire::MAX_MESSAGE as usize);
+    loop {
+        let mut fixed = [0u8; FrameHeader::LEN];
+        if let Err(e) = link.recv(&mut fixed) {
+            if let Some(confirm) = confirm {
+                let op = "waiting for the receiver's confirmation";
+                let _ = confirm.send(Err(Error::io(channel, op, timeout, e)));
+            }
+            return;
+        }
+        let header = match FrameHeader::decode(&fixed) {
+            Ok(header) => header,
+            Err(source) => {
+                stop.fail(Error::Decode { channel, source });
+                return;
+            }
+        };
+        payload.resize(header.len as usize, 0);
+        if let Err(e) = link.recv(&mut payload) {
+            stop.fail(Error::io(
+                channel,
+                "receiving the receiver's message",
+                timeout,
+                e,
+            ));
+            return;
+        }
+        let mut hasher = header.hasher();
+        hasher.update(&payload);
+        if let Err(source) = header.verify(hasher) {
+            stop.fail(Error::Decode { channel, source });
+            return;
+        }
+        counters.add_wire_bytes((FrameHeader::LEN + payload.len()) as u64);
+        match (header.kind, confirm) {
+            (FrameKind::Error, _) => {
+                stop.fail(Error::PeerFailed {
+                    peer: "receiver",
+                    message: String::from_utf8_lossy(&payload).into_owned(),
+                });
+                return;
+            }
+            (FrameKind::Confirm, Some(confirm)) => {
+                let mut len = [0u8; 8];
+                len.copy_from_slice(&payload[..8]);
+                let _ = confirm.try_send(Ok(Confirmation {
+                    pages: header.value,
+                    device_state_len: u64::from_le_bytes(len),
+                }));
+            }
+            (kind, _) => {
+                let problem = format!("unexpected {kind:?} frame from the receiver");
+                stop.fail(Error::protocol(channel, problem));
+                return;
+            }
+        }
+    }
+}

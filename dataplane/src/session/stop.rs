@@ -1,0 +1,189 @@
+//! The stop switch of a session ([`Stop`]) and the caller's handle on it ([`CancelHandle`]).
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ramjet_control::Fact;
+
+use super::{FactSink, lock};
+use crate::error::Error;
+use crate::transport::{Queue, Stream, queued};
+
+/// The stop switch of one session: whether it stopped, why, and the sockets to shut down.
+#[derive(Debug, Default)]
+pub(crate) struct Stop {
+    stopped: AtomicBool,
+    cancelled: AtomicBool,
+    error: Mutex<Option<Error>>,
+    streams: Mutex<Vec<Stream>>,
+}
+
+impl Stop {
+    /// Whether the session must stop (cancelled or failed).
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Records `err` as the reason, unless a better one is known, and stops. The sockets stay
+    /// open so that an error message from the peer can still be read and ours sent; the
+    /// session's clean-up shuts them down.
+    pub(crate) fn fail(&self, err: Error) {
+        {
+            let mut slot = lock(&self.error);
+            let replace = match &*slot {
+                None => !self.cancelled.load(Ordering::Acquire),
+                Some(old) => err.explains(old),
+            };
+            if replace {
+                *slot = Some(err);
+            }
+        }
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    /// Stops at once: every socket is shut down so that blocked reads and writes return.
+    pub(crate) fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        self.stopped.store(true, Ordering::Release);
+        self.shutdown_all();
+    }
+
+    /// Whether a cancel stopped the session (before any error).
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire) && lock(&self.error).is_none()
+    }
+
+    /// Keeps a handle to `stream` so that a stop can shut it down; shuts it down at once if
+    /// the session was cancelled already.
+    pub(crate) fn register(&self, stream: &Stream) -> std::io::Result<()> {
+        let clone = stream.try_clone()?;
+        if self.cancelled.load(Ordering::Acquire) {
+            clone.shutdown();
+        }
+        lock(&self.streams).push(clone);
+        Ok(())
+    }
+
+    /// Bytes written to the registered sockets that their peers have not taken yet.
+    pub(crate) fn unsent(&self) -> u64 {
+        lock(&self.streams)
+            .iter()
+            .filter_map(|s| queued(s.as_raw_fd(), Queue::Out).ok())
+            .sum()
+    }
+
+    /// Shuts down every registered socket.
+    pub(crate) fn shutdown_all(&self) {
+        for stream in lock(&self.streams).iter() {
+            stream.shutdown();
+        }
+    }
+
+    /// Shuts down and closes every registered socket: the session is over, and the handle
+    /// (which the caller may keep) must not hold its file descriptors.
+    pub(crate) fn close_all(&self) {
+        for stream in lock(&self.streams).drain(..) {
+            stream.shutdown();
+        }
+    }
+
+    /// The message of the error that stopped the session, without taking it.
+    pub(crate) fn reason(&self) -> String {
+        lock(&self.error)
+            .as_ref()
+            .map_or_else(|| Error::Cancelled.chain(), Error::chain)
+    }
+
+    /// Whether the error that stopped the session is the peer's own (which it need not be
+    /// told about).
+    pub(crate) fn peer_failed(&self) -> bool {
+        matches!(&*lock(&self.error), Some(Error::PeerFailed { .. }))
+    }
+
+    /// The reason the session stopped: the first error, or [`Error::Cancelled`].
+    pub(crate) fn take_error(&self) -> Error {
+        lock(&self.error).take().unwrap_or(Error::Cancelled)
+    }
+
+    /// Ends a stopped session whose threads and sockets are all gone: reports `failed` with
+    /// the reason (unless it was cancelled) and then `drained`, and returns the reason.
+    pub(crate) fn end(&self, sink: &dyn FactSink) -> Error {
+        let err = self.take_error();
+        if !err.is_cancelled() {
+            sink.fact(Fact::Failed(err.chain()));
+        }
+        sink.fact(Fact::Drained);
+        err
+    }
+}
+
+/// Cancels a send or receive session from any thread: every worker and socket stops promptly,
+/// the session returns [`Error::Cancelled`] and reports `drained` (not `failed`). Create one,
+/// put it in the session's options, keep a clone. One handle serves one session.
+#[derive(Debug, Clone, Default)]
+pub struct CancelHandle {
+    stop: Arc<Stop>,
+}
+
+impl CancelHandle {
+    /// A handle that has not cancelled anything yet.
+    pub fn new() -> Self {
+        CancelHandle::default()
+    }
+
+    /// Cancels the session.
+    pub fn cancel(&self) {
+        self.stop.cancel();
+    }
+
+    /// Whether [`CancelHandle::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.stop.cancelled.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn stop(&self) -> Arc<Stop> {
+        Arc::clone(&self.stop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_error_wins_unless_the_peer_explains_it() {
+        let stop = Stop::default();
+        assert!(!stop.is_stopped());
+        stop.fail(Error::Closed {
+            channel: 1,
+            op: "sending frames",
+        });
+        stop.fail(Error::protocol(0, "later"));
+        assert!(stop.is_stopped() && !stop.is_cancelled());
+        stop.fail(Error::PeerFailed {
+            peer: "receiver",
+            message: "checksum mismatch".into(),
+        });
+        assert_eq!(
+            stop.take_error().to_string(),
+            "the receiver failed: checksum mismatch"
+        );
+    }
+
+    #[test]
+    fn a_cancel_is_not_an_error_but_an_earlier_error_stands() {
+        let stop = Stop::default();
+        stop.cancel();
+        stop.fail(Error::protocol(0, "broken by the cancel"));
+        assert!(stop.is_cancelled());
+        assert!(stop.take_error().is_cancelled());
+
+        let handle = CancelHandle::new();
+        handle.stop().fail(Error::protocol(0, "first"));
+        handle.cancel();
+        assert!(handle.is_cancelled());
+        assert!(!handle.stop().is_cancelled());
+        assert_eq!(handle.stop().take_error().to_string(), "channel 0: first");
+    }
+}
