@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use ramjet_dataplane::codec::{Batch, Encoder, PageCompression};
-use ramjet_dataplane::image::{self, ImageKind};
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use ramjet_dataplane::testkit::image::{self, ImageKind};
 use ramjet_dataplane::wire::frame_capacity;
 
 const BYTES: u64 = 512 << 20;

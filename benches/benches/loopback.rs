@@ -18,8 +18,8 @@ use io_uring::{IoUring, opcode, types};
 use memmap2::MmapMut;
 use ramjet_dataplane::codec::Compression;
 use ramjet_dataplane::dirty::DirtySet;
-use ramjet_dataplane::image::{self, ImageKind, Rng};
 use ramjet_dataplane::memory::GuestMemory;
+use ramjet_dataplane::testkit::image::{self, ImageKind, Rng};
 use ramjet_dataplane::transport::{Blocking, Listener, Transport, Uring};
 use ramjet_dataplane::{ReceiveOptions, SendOptions, Sender, receive};
 

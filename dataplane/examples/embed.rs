@@ -17,10 +17,10 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use ramjet_control::{Input, Machine, Options, Profile, Side, Timestamp, Trigger};
-use ramjet_dataplane::image::{self, ImageKind};
 use ramjet_dataplane::memory::GuestMemory;
+use ramjet_dataplane::testkit::Workload;
+use ramjet_dataplane::testkit::image::{self, ImageKind};
 use ramjet_dataplane::transport::Listener;
-use ramjet_dataplane::workload::Workload;
 use ramjet_dataplane::{
     CancelHandle, Fact, FactSink, LiveHandle, LiveOptions, ReceiveOptions, SendOptions, Sender,
     migrate_live, receive,

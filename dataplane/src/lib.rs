@@ -30,16 +30,16 @@ pub mod arena;
 pub mod codec;
 pub mod dirty;
 mod error;
-pub mod image;
 pub mod live;
 pub mod memory;
 mod pool;
 mod recv;
 mod send;
 mod session;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod transport;
 pub mod wire;
-pub mod workload;
 
 pub use error::Error;
 pub use live::{

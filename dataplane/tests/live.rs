@@ -11,10 +11,10 @@ use std::time::Duration;
 use common::{Image, Net, guest};
 use ramjet_control::{Input, Machine, Options, Profile, Side, Timestamp, Trigger};
 use ramjet_dataplane::dirty::{CallerFed, DirtyBitmap, DirtyError, DirtySet, DirtySource, UffdWp};
-use ramjet_dataplane::image::ImageKind;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use ramjet_dataplane::testkit::Workload;
+use ramjet_dataplane::testkit::image::ImageKind;
 use ramjet_dataplane::transport::Listener;
-use ramjet_dataplane::workload::Workload;
 use ramjet_dataplane::{
     CancelHandle, Error, Fact, FactSink, LiveHandle, LiveOptions, LiveReport, ReceiveOptions,
     SendOptions, Sender, StallPolicy, SwitchoverReason, migrate_live, receive,

@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use ramjet_control::{Fact, Input, Machine, Options, Profile, Side, Timestamp, Trigger};
 use ramjet_dataplane::codec::{Batch, Encoder, PageCompression};
-use ramjet_dataplane::image::Rng;
+use ramjet_dataplane::testkit::image::Rng;
 use ramjet_dataplane::memory::{GuestAddr, GuestMemory, RegionLayout};
 use ramjet_dataplane::wire::{FrameHeader, Hello, HelloReply, Verdict, frame_capacity};
 use ramjet_fuzz::control_input::{self, Config, Step};

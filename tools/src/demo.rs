@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ramjet_control::{Options, Side, Trigger};
-use ramjet_dataplane::image::{self, ImageKind};
 use ramjet_dataplane::memory::GuestMemory;
+use ramjet_dataplane::testkit::Workload;
+use ramjet_dataplane::testkit::image::{self, ImageKind};
 use ramjet_dataplane::transport::Listener;
-use ramjet_dataplane::workload::Workload;
 use ramjet_dataplane::{
     Error, LiveHandle, LiveOptions, LiveReport, ReceiveOptions, Received, SendOptions, Sender,
     migrate_live, receive,

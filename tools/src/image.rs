@@ -4,7 +4,7 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use ramjet_dataplane::image::{self, ImageKind};
+use ramjet_dataplane::testkit::image::{self, ImageKind};
 
 use crate::cli::GuestSize;
 use crate::units::Bytes;

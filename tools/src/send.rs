@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::dirty::DirtySet;
-use ramjet_dataplane::image::ImageKind;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use ramjet_dataplane::testkit::Workload;
+use ramjet_dataplane::testkit::image::ImageKind;
 use ramjet_dataplane::transport::Endpoint;
-use ramjet_dataplane::workload::Workload;
 use ramjet_dataplane::{Error, LiveHandle, LiveOptions, SendOptions, Sender, migrate_live};
 
 use crate::cli::{GuestSize, MigrationArgs, parse_endpoint};

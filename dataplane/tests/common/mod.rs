@@ -18,11 +18,11 @@ use ramjet_dataplane::{
     Error, FactSink, ReceiveOptions, Received, SendOptions, Sender, Summary, receive,
 };
 
-pub use ramjet_dataplane::image::{ImageKind as Image, Rng};
+pub use ramjet_dataplane::testkit::image::{ImageKind as Image, Rng};
 
 /// Fills page `page` of region 0 the way `image` wants, from `rng`.
 pub fn write_page(memory: &GuestMemory, image: Image, rng: &mut Rng, page: u64, buf: &mut [u8]) {
-    ramjet_dataplane::image::fill_page(image, rng, buf);
+    ramjet_dataplane::testkit::image::fill_page(image, rng, buf);
     memory
         .write(0, page * PAGE_SIZE as u64, buf)
         .expect("page in bounds");
@@ -32,7 +32,7 @@ pub fn write_page(memory: &GuestMemory, image: Image, rng: &mut Rng, page: u64, 
 pub fn guest(bytes: u64, image: Image, seed: u64) -> Arc<GuestMemory> {
     let memory = GuestMemory::anonymous(bytes).expect("anonymous memory");
     if image != Image::Zero {
-        ramjet_dataplane::image::fill(&memory, image, seed).expect("fill");
+        ramjet_dataplane::testkit::image::fill(&memory, image, seed).expect("fill");
     }
     Arc::new(memory)
 }

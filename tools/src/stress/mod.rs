@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
+use ramjet_dataplane::testkit::Resources;
+
 use crate::cli::seconds;
 use plan::{Fault, Mode, Net, Plan};
 use tally::{Report, Tally};
@@ -82,12 +84,14 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     });
     let draw = Arc::new(Draw::from(args));
     let (done, reports) = mpsc::channel();
-    let workers: Vec<_> = (0..args.jobs)
-        .map(|_| {
+    let workers: Vec<thread::JoinHandle<()>> = (0..args.jobs)
+        .map(|job| {
             let (queue, draw, done) = (Arc::clone(&queue), Arc::clone(&draw), done.clone());
-            thread::spawn(move || work(&queue, &draw, &done))
+            thread::Builder::new()
+                .name(format!("stress-job-{job}"))
+                .spawn(move || work(&queue, &draw, &done))
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     drop(done);
     let mut tally = Tally::default();
     if let Err(hung) = collect(&reports, &queue, &mut tally, started) {
@@ -104,7 +108,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     for worker in workers {
         let _ = worker.join();
     }
-    tally.violations.extend(before.leaks());
+    // Threads on their way out get up to 10 s to go.
+    tally
+        .violations
+        .extend(before.leaks(Duration::from_secs(10)));
     tally.print(args.seed, started.elapsed());
     Ok(if tally.violations.is_empty() {
         ExitCode::SUCCESS
@@ -212,55 +219,6 @@ fn collect(
             );
         }
     }
-}
-
-/// What the process holds, to tell a leak: open file descriptors and threads.
-struct Resources {
-    fds: usize,
-    threads: usize,
-}
-
-impl Resources {
-    fn now() -> Resources {
-        Resources {
-            fds: count("/proc/self/fd"),
-            threads: settled_threads(),
-        }
-    }
-
-    /// What the process holds now beyond what it held at `self`, a violation each.
-    fn leaks(&self) -> Vec<String> {
-        let after = Resources::now();
-        let mut leaks = Vec::new();
-        if after.fds > self.fds {
-            leaks.push(format!("{} file descriptors leaked", after.fds - self.fds));
-        }
-        if after.threads > self.threads {
-            leaks.push(format!("{} threads leaked", after.threads - self.threads));
-        }
-        leaks
-    }
-}
-
-fn count(dir: &str) -> usize {
-    std::fs::read_dir(dir).map(Iterator::count).unwrap_or(0)
-}
-
-/// Threads, once the kernel's io_uring workers (`iou-*`, ended asynchronously after their
-/// ring closes) are gone: waits up to 10 s for them.
-fn settled_threads() -> usize {
-    let iou = || {
-        std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| {
-            tasks.filter_map(Result::ok).any(|t| {
-                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("iou-"))
-            })
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while iou() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-    }
-    count("/proc/self/task")
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

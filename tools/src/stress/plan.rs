@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use ramjet_dataplane::codec::Compression;
-use ramjet_dataplane::image::{ImageKind, Rng};
 use ramjet_dataplane::memory::PAGE_SIZE;
+use ramjet_dataplane::testkit::image::{ImageKind, Rng};
 
 /// A socket kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

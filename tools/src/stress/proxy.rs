@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use ramjet_dataplane::image::Rng;
+use ramjet_dataplane::testkit::image::Rng;
 use ramjet_dataplane::transport::{Endpoint, Listener, Stream};
 
 use super::plan::{End, Part, Plan, Strike, short_span};

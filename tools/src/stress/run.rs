@@ -6,10 +6,10 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use ramjet_dataplane::dirty::DirtySet;
-use ramjet_dataplane::image::{self, ImageKind};
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use ramjet_dataplane::testkit::Workload;
+use ramjet_dataplane::testkit::image::{self, ImageKind};
 use ramjet_dataplane::transport::{Endpoint, Listener};
-use ramjet_dataplane::workload::Workload;
 use ramjet_dataplane::{
     CancelHandle, Error, Fact, FactSink, Guest, LiveHandle, LiveOptions, ReceiveOptions,
     SendOptions, Sender, migrate_live, receive,

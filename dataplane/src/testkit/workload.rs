@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use super::image::{self, ImageKind, Rng};
 use crate::dirty::{CallerFed, DirtyBitmap, DirtyError, DirtySource, UffdWp};
-use crate::image::{self, ImageKind, Rng};
 use crate::live::Guest;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 
@@ -100,47 +100,52 @@ impl Workload {
         );
         let (rate, kind) = (self.pages_per_second, self.kind);
         let seed = self.seed.wrapping_add(self.resumes);
-        let vcpu = thread::spawn(move || {
-            let mut rng = Rng::new(seed);
-            let mut page = vec![0u8; PAGE_SIZE];
-            let regions: Vec<u64> = memory
-                .regions()
-                .iter()
-                .map(|r| r.layout().pages())
-                .collect();
-            let total: u64 = regions.iter().sum();
-            let started = Instant::now();
-            let mut done = 0u64;
-            while !flag.load(Ordering::Relaxed) {
-                if let Some(rate) = rate
-                    && done as f64 >= started.elapsed().as_secs_f64() * rate as f64
-                {
-                    thread::sleep(Duration::from_micros(100));
-                    continue;
+        let vcpu = thread::Builder::new()
+            .name("ramjet-vcpu".into())
+            .spawn(move || {
+                let mut rng = Rng::new(seed);
+                let mut page = vec![0u8; PAGE_SIZE];
+                let regions: Vec<u64> = memory
+                    .regions()
+                    .iter()
+                    .map(|r| r.layout().pages())
+                    .collect();
+                let total: u64 = regions.iter().sum();
+                let started = Instant::now();
+                let mut done = 0u64;
+                while !flag.load(Ordering::Relaxed) {
+                    if let Some(rate) = rate
+                        && done as f64 >= started.elapsed().as_secs_f64() * rate as f64
+                    {
+                        thread::sleep(Duration::from_micros(100));
+                        continue;
+                    }
+                    // A page of the whole guest, then its region.
+                    let mut target = rng.below(total);
+                    let mut region = 0;
+                    while region + 1 < regions.len() && target >= regions[region] {
+                        target -= regions[region];
+                        region += 1;
+                    }
+                    image::fill_page(kind, &mut rng, &mut page);
+                    // Writes fail only while a sender has the memory frozen, which it does only
+                    // after pausing us: stop then.
+                    if memory
+                        .write(region, target * PAGE_SIZE as u64, &page)
+                        .is_err()
+                    {
+                        break;
+                    }
+                    if let Some(bitmap) = log.as_ref().and_then(|log| log.get(region)) {
+                        bitmap.set(target);
+                    }
+                    done += 1;
+                    writes.fetch_add(1, Ordering::Relaxed);
                 }
-                // A page of the whole guest, then its region.
-                let mut target = rng.below(total);
-                let mut region = 0;
-                while region + 1 < regions.len() && target >= regions[region] {
-                    target -= regions[region];
-                    region += 1;
-                }
-                image::fill_page(kind, &mut rng, &mut page);
-                // Writes fail only while a sender has the memory frozen, which it does only
-                // after pausing us: stop then.
-                if memory
-                    .write(region, target * PAGE_SIZE as u64, &page)
-                    .is_err()
-                {
-                    break;
-                }
-                if let Some(bitmap) = log.as_ref().and_then(|log| log.get(region)) {
-                    bitmap.set(target);
-                }
-                done += 1;
-                writes.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+            });
+        // A toy for tests and demos: a machine that cannot start one more thread cannot run
+        // them either.
+        let vcpu = vcpu.expect("cannot start the toy guest's vCPU thread");
         self.vcpu = Some((stop, vcpu));
     }
 
