@@ -25,6 +25,7 @@ mod link;
 mod op;
 
 use std::io;
+use std::sync::OnceLock;
 
 use io_uring::{IoUring, opcode};
 
@@ -65,9 +66,10 @@ pub struct Unavailable {
 }
 
 impl Uring {
-    /// Whether this kernel can send zero-copy (`SENDMSG_ZC`, Linux 6.1).
+    /// Whether this kernel can send zero-copy (`SENDMSG_ZC`, Linux 6.1). The kernel is asked
+    /// once per process.
     pub fn supports_zero_copy(&self) -> bool {
-        supports(opcode::SendMsgZc::CODE)
+        zero_copy_supported()
     }
 
     /// Checks that rings can be set up and support the operations this transport uses.
@@ -105,6 +107,14 @@ impl Uring {
     }
 }
 
+/// Whether this kernel supports `SENDMSG_ZC`, asked of it once per process: its opcodes do not
+/// change while the process runs, so splitting a channel need not set up a ring just to ask
+/// again. If the first ask cannot set up a ring, the answer is no for the rest of the process.
+fn zero_copy_supported() -> bool {
+    static SENDMSG_ZC: OnceLock<bool> = OnceLock::new();
+    *SENDMSG_ZC.get_or_init(|| supports(opcode::SendMsgZc::CODE))
+}
+
 /// Whether this kernel's io_uring supports `code`.
 fn supports(code: u8) -> bool {
     let Ok(ring) = IoUring::new(2) else {
@@ -127,7 +137,7 @@ impl Transport for Uring {
         let zero_copy = match self.zero_copy {
             ZeroCopy::Off => false,
             ZeroCopy::On => true,
-            ZeroCopy::Auto => !stream.is_local() && supports(opcode::SendMsgZc::CODE),
+            ZeroCopy::Auto => !stream.is_local() && zero_copy_supported(),
         };
         let (read_timeout, write_timeout) = match stream {
             Stream::Tcp(s) => (s.read_timeout()?, s.write_timeout()?),
@@ -163,6 +173,14 @@ mod tests {
                 false
             }
         }
+    }
+
+    /// The answer kept for the process is the kernel's, asked again or not.
+    #[test]
+    fn the_kept_zero_copy_answer_is_the_kernels() {
+        let asked = supports(opcode::SendMsgZc::CODE);
+        assert_eq!(zero_copy_supported(), asked);
+        assert_eq!(Uring::default().supports_zero_copy(), asked);
     }
 
     #[test]
