@@ -1,12 +1,13 @@
 //! The io_uring transport: each channel direction owns a small ring with its socket registered
-//! as a fixed file. A send is one vectored `SENDMSG` (or `SENDMSG_ZC`) of everything the writer
-//! batched, with `MSG_WAITALL` so that the kernel itself finishes it. A receive is one `RECVMSG`
-//! straight into the destination buffers (guest pages included); on TCP, when the first try
-//! finds only part of the bytes, the socket's `SO_RCVLOWAT` is raised to what is still missing
-//! and the retry waits for it (`IORING_RECVSEND_POLL_FIRST`), so a large receive is woken once
-//! rather than at every arriving segment; elsewhere `MSG_WAITALL` does. Each operation is
-//! awaited with a timed wait (when the time is up it is cancelled), resubmitted for the rest
-//! after a short transfer, and awaited with all its completions before the call returns.
+//! as a fixed file. A send is one vectored `SENDMSG` (or `SENDMSG_ZC`, from the sender's
+//! registered frame buffers where it can) of everything the writer batched, with `MSG_WAITALL`
+//! so that the kernel itself finishes it. A receive is one `RECVMSG` straight into the
+//! destination buffers (guest pages included); on TCP, when the first try finds only part of
+//! the bytes, the socket's `SO_RCVLOWAT` is raised to what is still missing and the retry waits
+//! for it (`IORING_RECVSEND_POLL_FIRST`), so a large receive is woken once rather than at every
+//! arriving segment; elsewhere `MSG_WAITALL` does. Each operation is awaited with a timed wait
+//! (when the time is up it is cancelled), resubmitted for the rest after a short transfer, and
+//! awaited with all its completions before the call returns.
 //!
 //! Ownership of buffers in flight is therefore simple and strict: a buffer is lent to the kernel
 //! only for the duration of one call, which does not return (not even on error) until the kernel
