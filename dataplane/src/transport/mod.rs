@@ -1,16 +1,11 @@
 //! Transports: where channels connect ([`Endpoint`]), the sockets ([`Stream`], [`Listener`]),
 //! and how bytes move over a connected channel ([`Transport`], [`LinkWriter`], [`LinkReader`]).
 //!
-//! [`Uring`] moves them with io_uring: each channel direction owns a small ring with its socket
-//! registered as a fixed file; a send is one vectored `SENDMSG` (or `SENDMSG_ZC`, from the
-//! sender's registered frame buffers where it can) of everything the writer batched, a receive
-//! one `RECVMSG` straight into the destination buffers, guest pages included, woken once its
-//! bytes are there. A buffer is lent to the kernel only for one call, which returns (even on
-//! error or timeout) only after the kernel posted every completion for it, the zero-copy
-//! notification included; at most one operation is in flight per socket, so bytes never
-//! reorder. [`Blocking`] uses plain `std` sockets with vectored reads and writes: it is
-//! the reference the io_uring transport is tested against, and the fallback where io_uring
-//! cannot be set up ([`best`] says why).
+//! [`Uring`] moves them with io_uring, lending each buffer to the kernel for one call only; how,
+//! and why that keeps buffers in flight safe, is in the docs of `transport/uring/mod.rs`.
+//! [`Blocking`] uses plain `std` sockets with vectored reads and writes: it is the reference the
+//! io_uring transport is tested against, and the fallback where io_uring cannot be set up
+//! ([`best`] says why).
 
 mod blocking;
 mod uring;

@@ -1,163 +1,34 @@
-//! The io_uring transport: each channel direction owns a small ring with its socket registered
-//! as a fixed file. A send is one vectored `SENDMSG` (or `SENDMSG_ZC`) of everything the writer
-//! batched, with `MSG_WAITALL` so that the kernel itself finishes it. A receive is one `RECVMSG`
-//! straight into the destination buffers (guest pages included); on TCP, when the first try
-//! finds only part of the bytes, the socket's `SO_RCVLOWAT` is raised to what is still missing
-//! and the retry waits for it (`IORING_RECVSEND_POLL_FIRST`), so a large receive is woken once
-//! rather than at every arriving segment; elsewhere `MSG_WAITALL` does. Each operation is
-//! awaited with a timed wait (when the time is up it is cancelled), resubmitted for the rest
-//! after a short transfer, and awaited with all its completions before the call returns.
-//!
-//! Ownership of buffers in flight is therefore simple and strict: a buffer is lent to the kernel
-//! only for the duration of one call, which does not return (not even on error) until the kernel
-//! has posted every completion for it, the zero-copy notification included. Only then does the
-//! caller give the buffer back to its pool. At most one operation is in flight per socket, so
-//! bytes never reorder on the stream.
-//!
-//! Kernel behaviour: [io_uring(7)](https://man7.org/linux/man-pages/man7/io_uring.7.html);
-//! `SENDMSG_ZC` needs Linux 6.1, and Unix sockets refuse it.
+//! One direction of one channel: the socket registered in its ring, the iovecs of the batch in
+//! hand, and the policy that turns one `send` or `recv` into as few operations as it can (the
+//! receive low-water mark, the rest resubmitted after a short transfer, the registered arena
+//! named as a fixed buffer).
 
 use std::io::{self, IoSliceMut};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use io_uring::{opcode, squeue, types};
 
-use super::{LinkReader, LinkWriter, Queue, Stream, Transport, queued};
+use super::op::Runner;
 use crate::arena::Arena;
+use crate::transport::{LinkReader, LinkWriter, Queue, Stream, queued};
 
-/// Whether sends use `SENDMSG_ZC`, which lets the NIC read the pages without a copy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ZeroCopy {
-    /// Always copy.
-    Off,
-    /// Zero-copy on TCP; fails on Unix sockets, which do not support it.
-    On,
-    /// Zero-copy on TCP to a peer that is not on this machine: loopback copies in the kernel
-    /// anyway, and Unix sockets refuse it.
-    #[default]
-    Auto,
-}
-
-/// The io_uring transport: a ring per channel direction, one vectored operation in flight per
-/// socket, each awaited with every completion before its buffers go back to their owner.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Uring {
-    /// Zero-copy sends.
-    pub zero_copy: ZeroCopy,
-}
-
-/// Why io_uring cannot be used here.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "io_uring is unavailable ({what}); check the kernel.io_uring_disabled sysctl, a seccomp \
-     profile (containers often block io_uring_setup), or the kernel version (5.19 or newer)"
-)]
-pub struct Unavailable {
-    what: String,
-    #[source]
-    source: Option<io::Error>,
-}
-
-impl Uring {
-    /// Whether this kernel can send zero-copy (`SENDMSG_ZC`, Linux 6.1).
-    pub fn supports_zero_copy(&self) -> bool {
-        supports(opcode::SendMsgZc::CODE)
-    }
-
-    /// Checks that rings can be set up and support the operations this transport uses.
-    pub fn probe() -> Result<(), Unavailable> {
-        let ring = IoUring::new(4).map_err(|e| Unavailable {
-            what: "io_uring_setup failed".into(),
-            source: Some(e),
-        })?;
-        let mut probe = io_uring::Probe::new();
-        ring.submitter()
-            .register_probe(&mut probe)
-            .map_err(|e| Unavailable {
-                what: "the opcode probe failed".into(),
-                source: Some(e),
-            })?;
-        if !ring.params().is_feature_ext_arg() {
-            return Err(Unavailable {
-                what: "the kernel lacks timed waits (IORING_FEAT_EXT_ARG)".into(),
-                source: None,
-            });
-        }
-        for (code, name) in [
-            (opcode::SendMsg::CODE, "SENDMSG"),
-            (opcode::RecvMsg::CODE, "RECVMSG"),
-            (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
-        ] {
-            if !probe.is_supported(code) {
-                return Err(Unavailable {
-                    what: format!("the kernel lacks {name}"),
-                    source: None,
-                });
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Whether this kernel's io_uring supports `code`.
-fn supports(code: u8) -> bool {
-    let Ok(ring) = IoUring::new(2) else {
-        return false;
-    };
-    let mut probe = io_uring::Probe::new();
-    ring.submitter().register_probe(&mut probe).is_ok() && probe.is_supported(code)
-}
-
-impl Transport for Uring {
-    fn name(&self) -> &'static str {
-        match self.zero_copy {
-            ZeroCopy::Off => "io_uring without zero-copy",
-            ZeroCopy::On => "io_uring with zero-copy",
-            ZeroCopy::Auto => "io_uring",
-        }
-    }
-
-    fn split(&self, stream: &Stream) -> io::Result<(Box<dyn LinkWriter>, Box<dyn LinkReader>)> {
-        let zero_copy = match self.zero_copy {
-            ZeroCopy::Off => false,
-            ZeroCopy::On => true,
-            ZeroCopy::Auto => !stream.is_local() && supports(opcode::SendMsgZc::CODE),
-        };
-        let (read_timeout, write_timeout) = match stream {
-            Stream::Tcp(s) => (s.read_timeout()?, s.write_timeout()?),
-            Stream::Unix(s) => (s.read_timeout()?, s.write_timeout()?),
-        };
-        let writer = Link::new(stream, write_timeout, zero_copy)?;
-        let mut reader = Link::new(stream, read_timeout, false)?;
-        if matches!(stream, Stream::Tcp(_)) {
-            reader.lowat = Some(1);
-        }
-        Ok((Box::new(writer), Box::new(reader)))
-    }
-}
-
-const OP: u64 = 1;
-const CANCEL: u64 = 2;
 /// `IORING_RECVSEND_POLL_FIRST` (linux/io_uring.h): wait for readiness before the first try.
 const POLL_FIRST: u16 = 1;
-/// Operations in flight per socket: one, so bytes on a stream never reorder.
-const MAX_IN_FLIGHT: usize = 1;
 /// The largest receive low-water mark asked for; the kernel caps it at half the largest
 /// receive buffer anyway.
 const MAX_LOWAT: usize = 4 << 20;
 
 /// One direction of one channel: a ring, the socket registered in it, reused scratch.
 ///
-/// Drop order matters: fields drop in declaration order, so `ring` goes first (closing it ends
-/// every registration, and no operation is ever in flight between calls), and only then the
-/// socket and the arena that the ring had registered.
-struct Link {
-    ring: IoUring,
+/// Drop order matters: fields drop in declaration order, so `runner` (and with it the ring)
+/// goes first (closing it ends every registration, and no operation is ever in flight between
+/// calls), and only then the socket and the arena that the ring had registered.
+pub(super) struct Link {
+    runner: Runner,
     /// Keeps the registered socket open for as long as the ring may use it.
     socket: OwnedFd,
-    timeout: Option<Duration>,
     zero_copy: bool,
     /// A TCP reader's `SO_RCVLOWAT`, as last set (see [`Link::set_lowat`]).
     lowat: Option<usize>,
@@ -171,35 +42,50 @@ struct Link {
     fixed_sends: u64,
     /// Bytes the last `move_all` moved.
     moved: usize,
-    /// Operations submitted and not yet completed (at most [`MAX_IN_FLIGHT`]).
-    in_flight: usize,
     iovecs: Vec<libc::iovec>,
 }
 
 // SAFETY: `iovecs` holds raw pointers only during a call on `&mut self`, which completes every
 // operation that uses them before returning; between calls they are dangling but never read.
-// The ring itself is `Send`.
+// The runner and its ring are `Send`.
 unsafe impl Send for Link {}
 
 impl Link {
+    /// The writing half of a channel over `stream`, sending with `SENDMSG_ZC` if `zero_copy`.
+    pub(super) fn writer(
+        stream: &Stream,
+        timeout: Option<Duration>,
+        zero_copy: bool,
+    ) -> io::Result<Link> {
+        Link::new(stream, timeout, zero_copy)
+    }
+
+    /// The reading half of a channel over `stream`; on TCP it receives with a low-water mark
+    /// (see [`Link::set_lowat`]).
+    pub(super) fn reader(stream: &Stream, timeout: Option<Duration>) -> io::Result<Link> {
+        let mut reader = Link::new(stream, timeout, false)?;
+        if matches!(stream, Stream::Tcp(_)) {
+            reader.lowat = Some(1);
+        }
+        Ok(reader)
+    }
+
     fn new(stream: &Stream, timeout: Option<Duration>, zero_copy: bool) -> io::Result<Link> {
         let socket = match stream {
             Stream::Tcp(s) => OwnedFd::from(s.try_clone()?),
             Stream::Unix(s) => OwnedFd::from(s.try_clone()?),
         };
-        let ring = IoUring::new(8)?;
-        ring.submitter().register_files(&[socket.as_raw_fd()])?;
+        let runner = Runner::new(timeout)?;
+        runner.submitter().register_files(&[socket.as_raw_fd()])?;
         Ok(Link {
-            ring,
+            runner,
             socket,
-            timeout,
             zero_copy,
             lowat: None,
             registered: None,
             use_fixed: false,
             fixed_sends: 0,
             moved: 0,
-            in_flight: 0,
             iovecs: Vec::with_capacity(64),
         })
     }
@@ -235,130 +121,6 @@ impl Link {
         Ok(())
     }
 
-    /// Submits `entry` and waits for every completion it produces, the zero-copy notification
-    /// included; returns the operation's result. When the timeout passes first, the operation
-    /// is cancelled, its completion awaited all the same, and the result is `TimedOut`.
-    ///
-    /// # Safety
-    ///
-    /// Every buffer `entry` points to must stay valid until this returns, which is after the
-    /// kernel posted its last completion for it.
-    unsafe fn run(&mut self, entry: squeue::Entry) -> io::Result<i32> {
-        if self.in_flight >= MAX_IN_FLIGHT {
-            return Err(io::Error::other(
-                "an operation is already in flight on this socket",
-            ));
-        }
-        // SAFETY: the caller keeps the operation's buffers valid until we return.
-        unsafe {
-            self.ring
-                .submission()
-                .push(&entry.user_data(OP))
-                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
-        }
-        self.in_flight += 1;
-        let deadline = self.timeout.map(|t| Instant::now() + t);
-        let mut result = None;
-        let mut more = false;
-        let mut cancelled = false;
-        let mut cancel_pending = false;
-        while result.is_none() || more || cancel_pending {
-            let waited = match deadline {
-                Some(deadline) if !cancelled => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    let ts = types::Timespec::from(left);
-                    let args = types::SubmitArgs::new().timespec(&ts);
-                    self.ring.submitter().submit_with_args(1, &args)
-                }
-                _ => self.ring.submit_and_wait(1),
-            };
-            match waited {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
-                    let cancel = opcode::AsyncCancel::new(OP).build().user_data(CANCEL);
-                    // SAFETY: a cancel request points to no buffer.
-                    if unsafe { self.ring.submission().push(&cancel) }.is_ok() {
-                        cancelled = true;
-                        cancel_pending = true;
-                    }
-                    continue;
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                    ) || e.raw_os_error() == Some(libc::EBUSY) => {}
-                // io_uring_enter fails otherwise only if the ring itself is broken.
-                Err(e) => broken_ring(&e),
-            }
-            // Copy the completions out of the ring before acting on them.
-            let mut cqes = [(0u64, 0i32, 0u32); 8];
-            let mut n = 0;
-            for cqe in self.ring.completion().take(cqes.len()) {
-                cqes[n] = (cqe.user_data(), cqe.result(), cqe.flags());
-                n += 1;
-            }
-            for &(user_data, res, flags) in &cqes[..n] {
-                match user_data {
-                    CANCEL => cancel_pending = false,
-                    _ if cqueue::notif(flags) => more = false,
-                    _ => {
-                        result = Some(res);
-                        more = cqueue::more(flags);
-                    }
-                }
-            }
-        }
-        self.in_flight -= 1;
-        let res = result.unwrap_or(-libc::EIO);
-        if cancelled && (res == -libc::ECANCELED || res == -libc::EINTR) {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        if res < 0 {
-            return Err(io::Error::from_raw_os_error(-res));
-        }
-        Ok(res)
-    }
-}
-
-/// `io_uring_enter` failed for a reason other than a timeout or a signal (`EFAULT`, `EINVAL`,
-/// `ENXIO`: the ring itself is broken) while an operation is in flight. Its buffers belong to
-/// the caller, who would free or reuse them once we return, while the kernel may still write
-/// into them; there is no safe way back, so the process stops here instead.
-#[cold]
-fn broken_ring(e: &io::Error) -> ! {
-    eprintln!(
-        "ramjet: the io_uring ring broke ({e}) with an operation in flight; stopping, since \
-         the kernel may still use memory its owner would free"
-    );
-    std::process::abort()
-}
-
-/// Drops the first `n` bytes from a list of iovecs.
-fn advance(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
-    let mut whole = 0;
-    for iov in iovecs.iter_mut() {
-        if n < iov.iov_len {
-            // SAFETY: `n` is less than the buffer's length, so the result stays inside it.
-            iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n) }.cast();
-            iov.iov_len -= n;
-            break;
-        }
-        n -= iov.iov_len;
-        whole += 1;
-    }
-    iovecs.drain(..whole);
-}
-
-fn msghdr(iovecs: &mut [libc::iovec]) -> libc::msghdr {
-    // SAFETY: msghdr is a plain C struct for which all-zero is a valid empty value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iovecs.as_mut_ptr();
-    msg.msg_iovlen = iovecs.len().min(1024);
-    msg
-}
-
-impl Link {
     /// Moves every byte described by `self.iovecs`, one operation at a time, each made by
     /// `make` for the bytes still to go; `at_zero` is the error when an operation moves nothing.
     ///
@@ -385,8 +147,8 @@ impl Link {
                 }
                 let mut msg = msghdr(&mut iovecs);
                 // SAFETY: the kernel uses `msg`, `iovecs` and the buffers they describe, which
-                // outlive `run`, and `run` waits for every completion.
-                let moved = match unsafe { self.run(make(&raw mut msg, again)) } {
+                // outlive `run`, and `run` returns only after the operation's last completion.
+                let moved = match unsafe { self.runner.run(make(&raw mut msg, again)) } {
                     // A receive waiting for its low-water mark times out while bytes trickle
                     // in below it: those bytes are progress, so take them and wait again. (A
                     // cancelled MSG_WAITALL operation reports the bytes it moved itself.)
@@ -412,6 +174,13 @@ impl Link {
         })();
         self.iovecs = iovecs;
         result
+    }
+
+    /// Sends from the registered arena without naming it as a fixed buffer from now on. The
+    /// registration stays in the ring until the ring is closed, so the link keeps the arena
+    /// alive: dropping it here would let the kernel keep a registration of freed memory.
+    fn stop_using_fixed(&mut self) {
+        self.use_fixed = false;
     }
 }
 
@@ -471,20 +240,12 @@ impl LinkWriter for Link {
         };
         // SAFETY: the arena's mapping stays valid for as long as the ring can use it: the link
         // keeps the arena alive in `registered`, which is set here and never cleared, and the
-        // registration ends with the ring, which is dropped before `registered` (see `Link`).
-        unsafe { self.ring.submitter().register_buffers(&[buffer]) }?;
+        // registration ends with the ring, which `runner` owns and which is dropped before
+        // `registered` (see `Link`).
+        unsafe { self.runner.submitter().register_buffers(&[buffer]) }?;
         self.registered = Some(Arc::clone(arena));
         self.use_fixed = true;
         Ok(())
-    }
-}
-
-impl Link {
-    /// Sends from the registered arena without naming it as a fixed buffer from now on. The
-    /// registration stays in the ring until the ring is closed, so the link keeps the arena
-    /// alive: dropping it here would let the kernel keep a registration of freed memory.
-    fn stop_using_fixed(&mut self) {
-        self.use_fixed = false;
     }
 }
 
@@ -521,63 +282,39 @@ impl LinkReader for Link {
     }
 }
 
+/// Drops the first `n` bytes from a list of iovecs.
+fn advance(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut whole = 0;
+    for iov in iovecs.iter_mut() {
+        if n < iov.iov_len {
+            // SAFETY: `n` is less than the buffer's length, so the result stays inside it.
+            iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n) }.cast();
+            iov.iov_len -= n;
+            break;
+        }
+        n -= iov.iov_len;
+        whole += 1;
+    }
+    iovecs.drain(..whole);
+}
+
+/// A message header over `iovecs`, at most 1024 of them (the kernel's `UIO_MAXIOV`): a short
+/// transfer leaves the rest to the next operation.
+fn msghdr(iovecs: &mut [libc::iovec]) -> libc::msghdr {
+    // SAFETY: msghdr is a plain C struct for which all-zero is a valid empty value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iovecs.as_mut_ptr();
+    msg.msg_iovlen = iovecs.len().min(1024);
+    msg
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::net::UnixStream;
 
     use super::*;
-
-    /// A connected loopback TCP pair: (peer, ours).
-    fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
-        (peer, ours)
-    }
-
-    fn available() -> bool {
-        match Uring::probe() {
-            Ok(()) => true,
-            Err(e) => {
-                eprintln!("skipped: {e}");
-                false
-            }
-        }
-    }
-
-    #[test]
-    fn sends_and_receives_across_many_buffers() {
-        if !available() {
-            return;
-        }
-        let (a, b) = UnixStream::pair().unwrap();
-        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let (a, b) = (Stream::Unix(a), Stream::Unix(b));
-        let (mut writer, _) = Uring::default().split(&a).unwrap();
-        let (_, mut reader) = Uring::default().split(&b).unwrap();
-        let chunks: Vec<Vec<u8>> = (0..3000u32)
-            .map(|i| vec![(i % 251) as u8; (i % 700) as usize + 1])
-            .collect();
-        let total: usize = chunks.iter().map(Vec::len).sum();
-        let sender = std::thread::spawn(move || {
-            let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
-            writer.send(&refs).unwrap();
-            chunks
-        });
-        let mut out = vec![0u8; total];
-        let (x, y) = out.split_at_mut(total / 3);
-        reader
-            .recv_vectored(&mut [IoSliceMut::new(x), IoSliceMut::new(y)])
-            .unwrap();
-        let chunks = sender.join().unwrap();
-        assert_eq!(out, chunks.concat());
-        drop(a);
-        let mut more = [0u8; 1];
-        assert_eq!(
-            reader.recv(&mut more).unwrap_err().kind(),
-            io::ErrorKind::UnexpectedEof
-        );
-    }
+    use crate::transport::uring::tests::{available, tcp_pair};
+    use crate::transport::{Transport, Uring};
 
     /// On TCP a receive raises the socket's low-water mark after a short first try; the mark
     /// never exceeds what the receive still needs, so a small receive after a large one, and
@@ -694,7 +431,7 @@ mod tests {
     /// buffer outside it is sent unregistered. Either way the bytes arrive in order.
     #[test]
     fn zero_copy_sends_use_the_registered_arena() {
-        if !available() || !supports(opcode::SendMsgZc::CODE) {
+        if !available() || !Uring::default().supports_zero_copy() {
             eprintln!("skipped: no SENDMSG_ZC");
             return;
         }
@@ -742,7 +479,7 @@ mod tests {
     /// sends but keeps it alive: the ring still has it registered until the ring is closed.
     #[test]
     fn falling_back_from_fixed_buffers_keeps_the_registered_arena_alive() {
-        if !available() || !supports(opcode::SendMsgZc::CODE) {
+        if !available() || !Uring::default().supports_zero_copy() {
             eprintln!("skipped: no SENDMSG_ZC");
             return;
         }
@@ -781,29 +518,5 @@ mod tests {
         assert!(weak.upgrade().is_some());
         drop(link);
         assert!(weak.upgrade().is_none());
-    }
-
-    #[test]
-    fn a_silent_peer_times_out_and_zero_copy_is_refused_on_unix() {
-        if !available() {
-            return;
-        }
-        let (a, b) = UnixStream::pair().unwrap();
-        a.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let a = Stream::Unix(a);
-        let (_, mut reader) = Uring::default().split(&a).unwrap();
-        let mut buf = [0u8; 8];
-        assert_eq!(
-            reader.recv(&mut buf).unwrap_err().kind(),
-            io::ErrorKind::TimedOut
-        );
-        let b = Stream::Unix(b);
-        let (mut writer, _) = Uring {
-            zero_copy: ZeroCopy::On,
-        }
-        .split(&b)
-        .unwrap();
-        assert!(writer.send(&[b"zero copy"]).is_err());
     }
 }
