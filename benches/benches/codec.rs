@@ -7,10 +7,10 @@
 use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use ramjet_dataplane::codec::{Batch, Encoder, PageCompression};
+use ramjet_dataplane::internals::codec::{Batch, Encoder, PageCompression};
+use ramjet_dataplane::internals::wire::frame_capacity;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use ramjet_dataplane::testkit::image::{self, ImageKind};
-use ramjet_dataplane::wire::frame_capacity;
 
 const BYTES: u64 = 512 << 20;
 const PAGES_PER_FRAME: u32 = 64;

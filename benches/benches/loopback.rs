@@ -16,12 +16,11 @@ use criterion::{
 };
 use io_uring::{IoUring, opcode, types};
 use memmap2::MmapMut;
-use ramjet_dataplane::codec::Compression;
-use ramjet_dataplane::dirty::DirtySet;
+use ramjet_dataplane::Compression;
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::testkit::image::{self, ImageKind, Rng};
 use ramjet_dataplane::transport::{Blocking, Listener, Transport, Uring};
-use ramjet_dataplane::{ReceiveOptions, SendOptions, Sender, receive};
+use ramjet_dataplane::{PreSwitchover, ReceiveOptions, SendOptions, Sender, receive};
 
 const BYTES: u64 = 2 << 30;
 const CHUNK: usize = 1 << 20;
@@ -106,11 +105,11 @@ fn migrate(
         transport: Arc::clone(transport),
         ..SendOptions::default()
     };
-    let mut sender =
+    let sender =
         Sender::connect(Arc::clone(src), &at, &options, Arc::new(|_| {})).expect("connect");
-    sender.switchover().expect("switchover");
-    sender.round(&DirtySet::all(src)).expect("round");
-    sender.finish(&[0u8; 4096]).expect("finish");
+    sender
+        .migrate_paused(&[0u8; 4096], PreSwitchover::Skip)
+        .expect("migrate");
     receiver.join().expect("receiver thread");
 }
 

@@ -1,6 +1,6 @@
 //! A minimal VMM embedding ramjet: its "guest" is a memory region and a vCPU thread that keeps
-//! writing to it (ramjet's toy [`Workload`], which implements the [`Guest`] hooks). It migrates itself live over loopback TCP to a destination VMM in the same
-//! process, drives one `ramjet-control` machine per side and prints their QMP-shaped events,
+//! writing to it (ramjet's toy `Workload`, which implements the `Guest` hooks). It migrates
+//! itself live over loopback TCP to a destination VMM in the same process, drives one `ramjet-control` machine per side and prints their QMP-shaped events,
 //! then the figures a management tool would ask for.
 //!
 //! ```text
@@ -17,12 +17,10 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use ramjet_control::{Input, Machine, Options, Profile, Side, Timestamp, Trigger};
-use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::testkit::Workload;
 use ramjet_dataplane::testkit::image::{self, ImageKind};
-use ramjet_dataplane::transport::Listener;
 use ramjet_dataplane::{
-    CancelHandle, Fact, FactSink, LiveHandle, LiveOptions, ReceiveOptions, SendOptions, Sender,
+    Fact, FactSink, GuestMemory, Listener, LiveOptions, ReceiveOptions, SendOptions, Sender,
     migrate_live, receive,
 };
 
@@ -84,14 +82,15 @@ fn main() -> Result<(), Box<dyn Error>> {
     // `migrate`: connect and run the live loop; progress is sampled from another thread.
     let (source_machine, source_sink) = machine(Side::Source);
     step(&source_machine, Side::Source, Trigger::Migrate);
-    let cancel = CancelHandle::new();
-    let handle = LiveHandle::new(cancel.clone());
-    let options = SendOptions {
-        cancel,
-        ..SendOptions::default()
-    };
     let started = Instant::now();
-    let sender = Sender::connect(Arc::clone(&memory), &at, &options, source_sink)?;
+    let sender = Sender::connect(
+        Arc::clone(&memory),
+        &at,
+        &SendOptions::default(),
+        source_sink,
+    )?;
+    // The handle steers and watches this sender's migration from other threads.
+    let handle = sender.live_handle();
     let watcher = {
         let (handle, machine) = (handle.clone(), Arc::clone(&source_machine));
         thread::spawn(move || {
@@ -109,13 +108,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             }
         })
     };
-    let report = migrate_live(
-        sender,
-        source.as_mut(),
-        &mut vm,
-        &LiveOptions::default(),
-        &handle,
-    );
+    let report = migrate_live(sender, source.as_mut(), &mut vm, &LiveOptions::default());
     let received = receiver
         .join()
         .map_err(|_| "the receiver thread panicked")?;

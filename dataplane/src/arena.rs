@@ -21,7 +21,7 @@ pub struct Arena {
 
 impl Arena {
     /// Maps `slots` slots of `slot_len` bytes each (zero-filled) and returns them.
-    pub fn new(slots: usize, slot_len: usize) -> io::Result<(Arc<Arena>, Vec<Slot>)> {
+    pub(crate) fn new(slots: usize, slot_len: usize) -> io::Result<(Arc<Arena>, Vec<Slot>)> {
         let len = slots
             .checked_mul(slot_len)
             .filter(|&len| len > 0)
@@ -47,7 +47,7 @@ impl Arena {
         self.map.len()
     }
 
-    /// Whether it has no bytes (never: [`Arena::new`] refuses that).
+    /// Whether it has no bytes (never: an arena is made with at least one slot).
     pub fn is_empty(&self) -> bool {
         self.map.len() == 0
     }
@@ -69,7 +69,8 @@ pub struct Slot {
 
 impl Slot {
     /// The arena it belongs to.
-    pub fn arena(&self) -> &Arc<Arena> {
+    #[cfg(test)]
+    fn arena(&self) -> &Arc<Arena> {
         &self.arena
     }
 

@@ -10,6 +10,10 @@ use crate::dirty::DirtyError;
 use crate::memory::MemoryError;
 use crate::wire::DecodeError;
 
+/// An error from the embedder's code (a [`Guest`](crate::Guest) hook, a dirty log read), kept
+/// with its own chain of causes.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why a send or receive session failed.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -115,12 +119,13 @@ pub enum Error {
     #[error("dirty page tracking failed")]
     Dirty(#[source] DirtyError),
     /// The embedder's guest hook failed.
-    #[error("the guest could not {op}: {message}")]
+    #[error("the guest could not {op}")]
     Guest {
         /// What it was asked to do.
         op: &'static str,
-        /// Its message.
-        message: String,
+        /// The hook's error.
+        #[source]
+        source: BoxError,
     },
     /// The live migration stopped converging and the stall policy says to fail.
     #[error(

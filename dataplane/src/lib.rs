@@ -1,35 +1,81 @@
 //! ramjet's data plane: moves guest RAM from mmapped memory to a receiver.
 //!
+//! # The shortest migration
+//!
+//! A paused guest, 16 MiB of anonymous memory, moved over loopback TCP into memory of the same
+//! layout:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::thread;
+//!
+//! use ramjet_dataplane::{
+//!     GuestMemory, Listener, PreSwitchover, ReceiveOptions, SendOptions, Sender, receive,
+//! };
+//!
+//! let source = Arc::new(GuestMemory::anonymous(16 << 20)?);
+//! source.write(0, 4096, b"the guest's memory")?;
+//!
+//! // The destination listens (like QEMU's -incoming) with memory of the same layout.
+//! let destination = Arc::new(GuestMemory::anonymous_like(&source.layout())?);
+//! let listener = Listener::bind(&"tcp:127.0.0.1:0".parse()?)?;
+//! let at = listener.endpoint().clone();
+//! let incoming = Arc::clone(&destination);
+//! let receiver = thread::spawn(move || {
+//!     receive(&listener, incoming, &ReceiveOptions::default(), Arc::new(|_| {}))
+//! });
+//!
+//! // The source connects and sends every page, then the device state.
+//! let sink = Arc::new(|fact| println!("source: {fact:?}"));
+//! let sender = Sender::connect(Arc::clone(&source), &at, &SendOptions::default(), sink)?;
+//! sender.migrate_paused(b"device state", PreSwitchover::Skip)?;
+//!
+//! let received = receiver.join().map_err(|_| "the receiver thread panicked")??;
+//! assert_eq!(received.device_state, b"device state");
+//! assert!(source.content_eq(&destination)?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Embedding it in a VMM
 //!
-//! 1. **Guest memory.** Describe guest RAM as a [`GuestMemory`](memory::GuestMemory) of regions:
-//!    the VMM's own mappings ([`Region::from_host`](memory::Region::from_host)), rust-vmm's
-//!    `GuestMemoryMmap` (`GuestMemory::from_vm_memory`, feature `vm-memory`), or memory ramjet
-//!    maps (anonymous, memfd, an image file).
-//! 2. **Dirty source.** Pick how writes are tracked ([`dirty::DirtySource`]): the VMM's dirty log
-//!    ([`dirty::CallerFed`], e.g. `KVM_GET_DIRTY_LOG` per region), userfaultfd write protection
-//!    of memory this process maps ([`dirty::UffdWp`]), or nothing for a stopped guest
-//!    ([`dirty::Everything`]).
-//! 3. **Connect.** [`Sender::connect`] with [`SendOptions`] (channels, compression, transport,
-//!    `max_bandwidth`, timeout, cancel handle); the destination runs [`receive`] on a
-//!    [`Listener`](transport::Listener) into its own, prefaulted guest memory.
+//! 1. **Guest memory.** Describe guest RAM as a [`GuestMemory`] of regions: the VMM's own
+//!    mappings ([`Region::from_host`]), rust-vmm's `GuestMemoryMmap`
+//!    (`GuestMemory::from_vm_memory`, feature `vm-memory`), or memory ramjet maps (anonymous,
+//!    memfd, an image file).
+//! 2. **Dirty source.** Pick how writes are tracked ([`DirtySource`]): the VMM's dirty log
+//!    ([`CallerFed`], e.g. `KVM_GET_DIRTY_LOG` per region), userfaultfd write protection of
+//!    memory this process maps ([`UffdWp`]), or nothing for a stopped guest ([`Everything`]).
+//! 3. **Connect.** [`Sender::connect`] with [`SendOptions`] (channels, [`Compression`],
+//!    [`Transport`], `max_bandwidth`, timeout, [`CancelHandle`]); the destination runs
+//!    [`receive`] on a [`Listener`] into its own, prefaulted guest memory.
 //! 4. **Run.** [`migrate_live`] with [`LiveOptions`] (downtime limit, bounds, stall policy,
 //!    pause-before-switchover) and the VMM's [`Guest`] hooks (pause the vCPUs, save the device
-//!    state, resume after a failure).
+//!    state, resume after a failure); or, for a guest that is already stopped,
+//!    [`Sender::migrate_paused`].
 //! 5. **Observe and steer** from other threads: the [`FactSink`] given to `connect` and
 //!    `receive` gets every fact (feed them to a `ramjet_control::Machine` for QEMU's statuses and
-//!    events); [`LiveHandle`] gives [`Progress`], `query-migrate` figures
-//!    ([`LiveHandle::ram_stats`]), `continue` ([`LiveHandle::proceed`]) and cancel.
+//!    events); the sender's [`LiveHandle`] ([`Sender::live_handle`]) gives [`Progress`],
+//!    `query-migrate` figures ([`LiveHandle::ram_stats`]), `continue`
+//!    ([`LiveHandle::proceed`]) and cancel.
 //!
 //! `examples/embed.rs` does all of this for a toy guest that migrates itself over loopback.
+//!
+//! # Features
+//!
+//! - `vm-memory`: [`GuestMemory::from_vm_memory`](memory::GuestMemory) for VMMs built on
+//!   rust-vmm.
+//! - `testkit` and `internals` are for ramjet's own tests, benchmarks, fuzz targets and tools
+//!   (test images, a toy guest, leak checks; the wire format and the page codec). They are not
+//!   part of the embedder's API and may change at any time.
 
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
-pub mod arena;
-pub mod codec;
+mod arena;
+mod codec;
 pub mod dirty;
 mod error;
+mod handle;
 pub mod live;
 pub mod memory;
 mod pool;
@@ -39,19 +85,45 @@ mod session;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod transport;
+// Reached from outside only as `internals::wire`; without that feature some of its items have
+// no user in the crate.
+#[cfg(feature = "internals")]
+#[doc(hidden)]
 pub mod wire;
+#[cfg(not(feature = "internals"))]
+#[allow(dead_code, unused_imports)]
+mod wire;
 
-pub use error::Error;
+pub use codec::Compression;
+pub use dirty::{CallerFed, DirtyBitmap, DirtyError, DirtySet, DirtySource, Everything, UffdWp};
+pub use error::{BoxError, Error};
 pub use live::{
     Guest, LiveHandle, LiveOptions, LiveReport, Progress, StallPolicy, SwitchoverReason,
     migrate_live,
 };
+pub use memory::{Backing, GuestAddr, GuestMemory, MemoryError, PAGE_SIZE, Region, RegionLayout};
 pub use recv::{ReceiveOptions, Received, receive};
-pub use send::{RoundStats, SendOptions, Sender, Summary};
+pub use send::{PreSwitchover, RoundStats, SendOptions, Sender, Summary};
 pub use session::{CancelHandle, Counters, FactSink, Stats};
+pub use transport::{Blocking, Endpoint, Listener, Transport, Uring, ZeroCopy};
 
 /// The vocabulary the data plane reports in: facts for the control machine.
 pub use ramjet_control::Fact;
+
+/// ramjet's own internals, for its benchmarks, fuzz targets and tools (feature `internals`):
+/// not the embedder's API, and not stable.
+#[cfg(feature = "internals")]
+pub mod internals {
+    #[doc(inline)]
+    pub use crate::wire;
+
+    /// The page codec: how each page of a frame is encoded, and lz4 decoding.
+    pub mod codec {
+        pub use crate::codec::{
+            Batch, BatchCounts, Encoder, PageCompression, decode_lz4, is_zero, looks_compressible,
+        };
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -17,14 +17,14 @@ use std::time::Duration;
 
 use common::{Facts, Image, Net, guest};
 use ramjet_control::Fact;
-use ramjet_dataplane::codec::{Batch, Encoder, PageCompression};
 use ramjet_dataplane::dirty::DirtySet;
-use ramjet_dataplane::memory::{GuestAddr, GuestMemory, RegionLayout};
-use ramjet_dataplane::transport::{Endpoint, Listener, Transport};
-use ramjet_dataplane::wire::{
+use ramjet_dataplane::internals::codec::{Batch, Encoder, PageCompression};
+use ramjet_dataplane::internals::wire::{
     Encoding, FrameHeader, Hello, HelloReply, MAX_PAYLOAD, PageEntry, Verdict, channel_of,
     frame_capacity, seal,
 };
+use ramjet_dataplane::memory::{GuestAddr, GuestMemory, RegionLayout};
+use ramjet_dataplane::transport::{Endpoint, Listener, Transport};
 use ramjet_dataplane::{Error, ReceiveOptions, Received, SendOptions, Sender, receive};
 
 const PAGES: u64 = 256;

@@ -9,15 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Image, Net, Next, Plan, guest, migrate};
-use ramjet_dataplane::codec::Compression;
+use ramjet_dataplane::Compression;
 use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::dirty::{CallerFed, DirtySource, UffdWp};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::testkit::Resources;
 use ramjet_dataplane::transport::Listener;
 use ramjet_dataplane::{
-    CancelHandle, Error, Fact, FactSink, Guest, LiveHandle, LiveOptions, LiveReport,
-    ReceiveOptions, SendOptions, Sender, migrate_live, receive,
+    BoxError, CancelHandle, Error, Fact, FactSink, Guest, LiveOptions, LiveReport, ReceiveOptions,
+    SendOptions, Sender, migrate_live, receive,
 };
 
 #[test]
@@ -77,13 +77,15 @@ fn no_descriptors_or_threads_outlive_a_session() {
 struct Idle;
 
 impl Guest for Idle {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), BoxError> {
         Ok(())
     }
 
-    fn device_state(&mut self) -> Result<Vec<u8>, String> {
+    fn device_state(&mut self) -> Result<Vec<u8>, BoxError> {
         Ok(Vec::new())
     }
+
+    fn resume(&mut self) {}
 }
 
 /// A live migration of `src` into `dst`, cancelled at pass `cancel_at` (whose log says every
@@ -100,8 +102,7 @@ fn live(
         receive(&listener, dst, &ReceiveOptions::default(), Arc::new(|_| {}))
     });
     let cancel = CancelHandle::new();
-    let handle = LiveHandle::new(cancel.clone());
-    let watcher = handle.clone();
+    let watcher = cancel.clone();
     let sink: Arc<dyn FactSink> = Arc::new(move |fact: Fact| {
         if cancel_at.is_some_and(|n| fact == Fact::Pass(n)) {
             watcher.cancel();
@@ -126,9 +127,8 @@ fn live(
         },
         ..LiveOptions::default()
     };
-    let report = Sender::connect(Arc::clone(src), &at, &options, sink).and_then(|sender| {
-        migrate_live(sender, source.as_mut(), &mut Idle, &live_options, &handle)
-    });
+    let report = Sender::connect(Arc::clone(src), &at, &options, sink)
+        .and_then(|sender| migrate_live(sender, source.as_mut(), &mut Idle, &live_options));
     drop(source);
     let _ = receiver.join().expect("receiver");
     report

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -16,8 +16,8 @@ use ramjet_dataplane::testkit::Workload;
 use ramjet_dataplane::testkit::image::ImageKind;
 use ramjet_dataplane::transport::Listener;
 use ramjet_dataplane::{
-    CancelHandle, Error, Fact, FactSink, LiveHandle, LiveOptions, LiveReport, ReceiveOptions,
-    SendOptions, Sender, StallPolicy, SwitchoverReason, migrate_live, receive,
+    Error, Fact, FactSink, LiveHandle, LiveOptions, LiveReport, ReceiveOptions, SendOptions,
+    Sender, StallPolicy, SwitchoverReason, migrate_live, receive,
 };
 
 const BYTES: u64 = 64 << 20;
@@ -81,7 +81,8 @@ struct Live {
     report: Result<LiveReport, Error>,
     received: Result<ramjet_dataplane::Received, Error>,
     inputs: Arc<Inputs>,
-    handle: LiveHandle,
+    /// The sender's handle (none if it could not connect).
+    handle: Option<LiveHandle>,
 }
 
 /// Migrates `memory` live to a receiver over loopback TCP.
@@ -115,30 +116,33 @@ fn live_limited(
     let dst = Arc::clone(dst);
     let receiver =
         thread::spawn(move || receive(&listener, dst, &receive_options, Arc::new(|_| {})));
-    let cancel = CancelHandle::new();
-    let handle = LiveHandle::new(cancel.clone());
     let inputs = Arc::new(Inputs::default());
+    // The sender's handle, once it has connected (before that, only setup-done arrives).
+    let slot: Arc<OnceLock<LiveHandle>> = Arc::default();
     let sink: Arc<dyn FactSink> = {
-        let (inputs, handle) = (Arc::clone(&inputs), handle.clone());
+        let (inputs, slot) = (Arc::clone(&inputs), Arc::clone(&slot));
         Arc::new(move |fact: Fact| {
             inputs.push(fact.clone());
-            on_fact(&fact, &handle);
+            if let Some(handle) = slot.get() {
+                on_fact(&fact, handle);
+            }
         })
     };
     let send_options = SendOptions {
-        cancel,
         max_bandwidth,
         timeout: Duration::from_secs(20),
         ..SendOptions::default()
     };
-    let report = Sender::connect(Arc::clone(memory), &at, &send_options, sink)
-        .and_then(|sender| migrate_live(sender, source, workload, options, &handle));
+    let report = Sender::connect(Arc::clone(memory), &at, &send_options, sink).and_then(|sender| {
+        let _ = slot.set(sender.live_handle());
+        migrate_live(sender, source, workload, options)
+    });
     let received = receiver.join().expect("receiver thread");
     Live {
         report,
         received,
         inputs,
-        handle,
+        handle: slot.get().cloned(),
     }
 }
 
@@ -187,7 +191,8 @@ fn a_running_guest_converges_with_either_dirty_source() {
         );
         assert_identical(&memory, &dst);
         // query-migrate's figures add up.
-        let ram = outcome.handle.ram_stats().expect("ram stats");
+        let handle = outcome.handle.as_ref().expect("the sender connected");
+        let ram = handle.ram_stats().expect("ram stats");
         let stats = report.summary.stats;
         assert_eq!(ram.total, BYTES);
         assert_eq!(ram.dirty_sync_count, u64::from(report.rounds));

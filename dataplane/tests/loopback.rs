@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{Image, Net, Next, Plan, Rng, assert_completed, guest, migrate, statuses, write_page};
 use ramjet_control::{Fact, Side};
-use ramjet_dataplane::codec::Compression;
+use ramjet_dataplane::Compression;
 use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use ramjet_dataplane::transport::Listener;

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use ramjet_control::{Fact, Input, Machine, Options, Profile, Side, Timestamp, Trigger};
-use ramjet_dataplane::codec::{Batch, Encoder, PageCompression};
+use ramjet_dataplane::internals::codec::{Batch, Encoder, PageCompression};
 use ramjet_dataplane::testkit::image::Rng;
 use ramjet_dataplane::memory::{GuestAddr, GuestMemory, RegionLayout};
-use ramjet_dataplane::wire::{FrameHeader, Hello, HelloReply, Verdict, frame_capacity};
+use ramjet_dataplane::internals::wire::{FrameHeader, Hello, HelloReply, Verdict, frame_capacity};
 use ramjet_fuzz::control_input::{self, Config, Step};
 use ramjet_fuzz::program::{
     self, FLAG_PREFILL, FLAG_URING, LAYOUT, Op, PAGE, PageSpec, program_input,

@@ -18,7 +18,7 @@
 #![no_main]
 
 use libfuzzer_sys::{Corpus, fuzz_target};
-use ramjet_dataplane::wire::{
+use ramjet_dataplane::internals::wire::{
     DecodeError, Encoding, FrameHeader, FrameKind, Hello, HelloReply, MAX_CHANNELS, MAX_MESSAGE,
     MAX_PAGES_PER_FRAME, MAX_PAYLOAD, MAX_REGIONS, PageEntry, PageTable, Verdict, WIRE_PAGE_SIZE,
     seal,

@@ -8,7 +8,7 @@
 //! channel at the next end of round or end of stream (decoding runs on worker threads), not at
 //! its frame.
 
-use ramjet_dataplane::wire::{FrameHeader, FrameKind, MAX_DEVICE_STATE, PageTable};
+use ramjet_dataplane::internals::wire::{FrameHeader, FrameKind, MAX_DEVICE_STATE, PageTable};
 
 use crate::program::PAGE;
 
@@ -172,15 +172,15 @@ impl<'a> Model<'a> {
             let src = &data[at..at + e.len as usize];
             at += e.len as usize;
             match e.encoding {
-                ramjet_dataplane::wire::Encoding::Zero => {
+                ramjet_dataplane::internals::wire::Encoding::Zero => {
                     dst.fill(0);
                     self.accepted.zero += 1;
                 }
-                ramjet_dataplane::wire::Encoding::Raw => {
+                ramjet_dataplane::internals::wire::Encoding::Raw => {
                     dst.copy_from_slice(src);
                     self.accepted.raw += 1;
                 }
-                ramjet_dataplane::wire::Encoding::Lz4 => {
+                ramjet_dataplane::internals::wire::Encoding::Lz4 => {
                     let mut page = vec![0u8; PAGE];
                     match lz4_flex::block::decompress_into(src, &mut page) {
                         Ok(n) if n == PAGE => dst.copy_from_slice(&page),

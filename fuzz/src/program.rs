@@ -29,7 +29,7 @@
 //! The guest memory is always [`LAYOUT`]; the hello is built for it ([`hello`]).
 
 use ramjet_dataplane::memory::{GuestAddr, RegionLayout};
-use ramjet_dataplane::wire::{Encoding, FrameHeader, Hello, PageEntry, seal};
+use ramjet_dataplane::internals::wire::{Encoding, FrameHeader, Hello, PageEntry, seal};
 
 use crate::cursor::Cursor;
 

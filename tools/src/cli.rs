@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use ramjet_dataplane::codec::Compression;
+use ramjet_dataplane::Compression;
 use ramjet_dataplane::memory::PAGE_SIZE;
 use ramjet_dataplane::transport::{self, Blocking, Endpoint, Transport, Uring};
 use ramjet_dataplane::{LiveOptions, SendOptions};

@@ -13,8 +13,8 @@ use ramjet_dataplane::testkit::Workload;
 use ramjet_dataplane::testkit::image::{self, ImageKind};
 use ramjet_dataplane::transport::Listener;
 use ramjet_dataplane::{
-    Error, LiveHandle, LiveOptions, LiveReport, ReceiveOptions, Received, SendOptions, Sender,
-    migrate_live, receive,
+    Error, LiveOptions, LiveReport, ReceiveOptions, Received, SendOptions, Sender, migrate_live,
+    receive,
 };
 
 use crate::cli::{GuestSize, MigrationArgs};
@@ -97,9 +97,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let receiver = start_receiver(listener, &incoming, config.receive, &destination);
 
     source_events.step(Trigger::Migrate);
-    let handle = LiveHandle::new(config.send.cancel.clone());
     let started = Instant::now();
     let sender = Sender::connect(Arc::clone(&memory), &at, &config.send, source_events.sink())?;
+    let handle = sender.live_handle();
     let channels = config.send.channels;
     let watcher = Watcher::start(
         Some(handle.clone()),
@@ -107,7 +107,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         sender.counters(),
         channels,
     );
-    let report = migrate_live(sender, source.as_mut(), &mut guest, &config.live, &handle);
+    let report = migrate_live(sender, source.as_mut(), &mut guest, &config.live);
     let total = started.elapsed();
     watcher.stop();
     let received = receiver

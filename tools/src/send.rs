@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ramjet_control::{Options, Side, Trigger};
-use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use ramjet_dataplane::testkit::Workload;
 use ramjet_dataplane::testkit::image::ImageKind;
 use ramjet_dataplane::transport::Endpoint;
-use ramjet_dataplane::{Error, LiveHandle, LiveOptions, SendOptions, Sender, migrate_live};
+use ramjet_dataplane::{
+    Error, LiveHandle, LiveOptions, PreSwitchover, SendOptions, Sender, migrate_live,
+};
 
 use crate::cli::{GuestSize, MigrationArgs, parse_endpoint};
 use crate::events::Events;
@@ -105,7 +106,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let outcome = Sender::connect(Arc::clone(&memory), &args.to, &config.send, events.sink())
         .and_then(|sender| {
-            let handle = LiveHandle::new(cancel.clone());
+            let handle = sender.live_handle();
             let live_handle = args.live_dirty_rate.map(|_| handle.clone());
             let counters = sender.counters();
             let channels = config.send.channels;
@@ -151,23 +152,37 @@ fn wait_for_continue(events: &Events) {
 
 /// A paused guest: switchover first, then every page in place from the frozen memory.
 fn paused(
-    mut sender: Sender,
+    sender: Sender,
     memory: &Arc<GuestMemory>,
     args: &Args,
     events: &Events,
 ) -> Result<(u32, u64, Duration), Error> {
     let started = Instant::now();
-    sender.switchover()?;
-    if args.pause_before_switchover {
-        wait_for_continue(events);
-    }
-    sender.round(&DirtySet::all(memory))?;
-    let summary = sender.finish(&[])?;
+    let pre_switchover = if args.pause_before_switchover {
+        continue_when_told(&sender.live_handle(), events);
+        PreSwitchover::Wait
+    } else {
+        PreSwitchover::Skip
+    };
+    let summary = sender.migrate_paused(&[], pre_switchover)?;
     let stats = summary
         .stats
         .ram_stats(memory.total_bytes(), summary.elapsed);
     events.with(|m| m.set_ram_stats(stats));
     Ok((summary.rounds, summary.stats.wire_bytes, started.elapsed()))
+}
+
+/// Once the migration waits in `pre-switchover` (its guest paused), asks the user to
+/// `continue`, then lets it go on: from a thread of its own, since the migration blocks.
+fn continue_when_told(handle: &LiveHandle, events: &Events) {
+    let (handle, events) = (handle.clone(), events.clone());
+    std::thread::spawn(move || {
+        while !handle.progress().paused {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        wait_for_continue(&events);
+        handle.proceed();
+    });
 }
 
 /// A running guest: a vCPU dirtying `rate` pages a second, tracked by userfaultfd (or its own
@@ -183,16 +198,9 @@ fn live(
     let (mut guest, mut source, _) =
         Workload::start_tracked(memory, Some(rate), ImageKind::Mixed, 1);
     if options.pause_before_switchover {
-        let (handle, events) = (handle.clone(), events.clone());
-        std::thread::spawn(move || {
-            while !handle.progress().paused {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            wait_for_continue(&events);
-            handle.proceed();
-        });
+        continue_when_told(handle, events);
     }
-    let report = migrate_live(sender, source.as_mut(), &mut guest, options, handle);
+    let report = migrate_live(sender, source.as_mut(), &mut guest, options);
     if let Some(stats) = handle.ram_stats() {
         events.with(|m| {
             m.set_ram_stats(stats);

@@ -4,6 +4,7 @@ use std::io;
 use std::sync::Arc;
 
 use super::{DirtyBitmap, DirtySet, words_for};
+use crate::error::BoxError;
 use crate::memory::GuestMemory;
 
 /// Why dirty pages could not be tracked or harvested.
@@ -31,12 +32,13 @@ pub enum DirtyError {
         source: io::Error,
     },
     /// The embedder's dirty log could not be read.
-    #[error("the dirty log of region {region} could not be read: {message}")]
+    #[error("the dirty log of region {region} could not be read")]
     Caller {
         /// The region index.
         region: usize,
-        /// The embedder's message.
-        message: String,
+        /// The embedder's error.
+        #[source]
+        source: BoxError,
     },
     /// The source was started for a different guest memory, or not started.
     #[error("the dirty source tracks another guest memory, or was not started")]
@@ -82,7 +84,7 @@ impl DirtySource for Everything {
 
 /// The caller's read of one region's dirty log: OR the pages written since the previous read
 /// into the words (a `u64` per 64 pages, as `KVM_GET_DIRTY_LOG` returns them) and clear the log.
-type ReadLog = dyn FnMut(usize, &mut [u64]) -> Result<(), String> + Send;
+type ReadLog = dyn FnMut(usize, &mut [u64]) -> Result<(), BoxError> + Send;
 
 /// Dirty pages the embedder reports: from KVM's dirty log, from vm-memory's
 /// `AtomicBitmap::get_and_reset`, or from bitmaps it marks itself.
@@ -100,8 +102,10 @@ impl CallerFed {
     /// A source that calls `read(region, words)` at each dirty sync, once per region index:
     /// `read` ORs the pages written since its previous call into `words` (KVM dirty-log word
     /// format, sized for the region) and clears its log, as `KVM_GET_DIRTY_LOG` does. An error
-    /// fails the migration with the message.
-    pub fn new(read: impl FnMut(usize, &mut [u64]) -> Result<(), String> + Send + 'static) -> Self {
+    /// fails the migration, with the error as [`DirtyError::Caller`]'s source.
+    pub fn new(
+        read: impl FnMut(usize, &mut [u64]) -> Result<(), BoxError> + Send + 'static,
+    ) -> Self {
         CallerFed {
             read: Box::new(read),
         }
@@ -128,7 +132,7 @@ impl CallerFed {
             words.clear();
             words.resize(words_for(r.layout().pages()), 0);
             (self.read)(region, &mut words)
-                .map_err(|message| DirtyError::Caller { region, message })?;
+                .map_err(|source| DirtyError::Caller { region, source })?;
             set.merge(region, &words);
         }
         Ok(set)
@@ -208,7 +212,9 @@ mod tests {
         assert_eq!(set.count(), 103, "only pages inside the regions");
         let err = source.harvest(&memory).unwrap_err();
         assert!(matches!(err, DirtyError::Caller { region: 0, .. }), "{err}");
-        assert!(err.to_string().contains("bad address"));
+        // The embedder's own error is kept as the source, so its message reaches the user.
+        let source = std::error::Error::source(&err).map(ToString::to_string);
+        assert!(source.is_some_and(|s| s.contains("bad address")), "{err:?}");
         assert_eq!(Everything.harvest(&memory).unwrap().count(), 0);
     }
 }

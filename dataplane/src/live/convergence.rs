@@ -15,34 +15,12 @@ use std::time::Duration;
 
 use super::{LiveOptions, StallPolicy};
 use crate::error::Error;
+use crate::handle::Progress;
 use crate::memory::PAGE_SIZE;
 
 /// Rounds sending less than this keep the previous bandwidth estimate: too few bytes say
 /// little about the link.
 const MIN_MEASURED_ROUND_BYTES: u64 = 1 << 20;
-
-/// Where a live migration stands, as of its last dirty sync.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Progress {
-    /// Rounds started.
-    pub round: u32,
-    /// Bytes dirty at the last sync (what the next round sends).
-    pub remaining_bytes: u64,
-    /// Bytes sent per second over the last round.
-    pub bandwidth: u64,
-    /// Pages the guest dirtied per second since the previous sync.
-    pub dirty_pages_rate: u64,
-    /// How long the last dirty sync took.
-    pub sync_time: Duration,
-    /// (remaining + bytes still queued from earlier rounds) / bandwidth, plus a dirty sync.
-    pub expected_downtime: Duration,
-    /// Rounds in a row in which the bytes still dirty did not shrink.
-    pub rounds_without_progress: u32,
-    /// Whether that reached [`LiveOptions::stall_rounds`].
-    pub stalled: bool,
-    /// Whether the guest is paused for the switchover.
-    pub paused: bool,
-}
 
 /// Why the switchover happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,22 +18,22 @@
 
 // The loop here owns the sender, the dirty source and the guest, and reads the clock. What it
 // measures goes to `convergence`, a pure policy (no clock, no IO) that computes the progress
-// and makes the switchover decision. `handle` holds `LiveHandle` and what it shares with the loop.
+// and makes the switchover decision. `crate::handle` holds `LiveHandle` and what it shares with
+// the loop.
 mod convergence;
-mod handle;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::dirty::{DirtySet, DirtySource};
-use crate::error::Error;
+use crate::error::{BoxError, Error};
 use crate::memory::GuestMemory;
 use crate::send::{Sender, Summary};
 use crate::session::Counters;
 use convergence::{Convergence, Decision, SyncSample};
 
-pub use convergence::{Progress, SwitchoverReason};
-pub use handle::LiveHandle;
+pub use crate::handle::{LiveHandle, Progress};
+pub use convergence::SwitchoverReason;
 
 /// What to do when the migration stops converging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -77,16 +77,19 @@ impl Default for LiveOptions {
     }
 }
 
-/// The embedder's side of the switchover.
+/// The embedder's side of the switchover. An error from a hook fails the migration with
+/// [`Error::Guest`], which keeps it as its source.
 pub trait Guest {
     /// Stops the guest (its vCPUs): once this returns, nothing writes guest memory.
-    fn pause(&mut self) -> Result<(), String>;
+    fn pause(&mut self) -> Result<(), BoxError>;
 
     /// The device-state blob, taken while paused.
-    fn device_state(&mut self) -> Result<Vec<u8>, String>;
+    fn device_state(&mut self) -> Result<Vec<u8>, BoxError>;
 
-    /// Resumes the guest on the source after a failed or cancelled migration.
-    fn resume(&mut self) {}
+    /// Resumes the guest on the source after a failed or cancelled migration (the guest
+    /// must never stay paused, nor run in two places: it resumes only if the migration did
+    /// not complete).
+    fn resume(&mut self);
 }
 
 /// What a completed live migration did.
@@ -111,16 +114,17 @@ pub struct LiveReport {
 }
 
 /// Runs a live migration on a connected `sender` (see the [module docs](self)): `source` tracks
-/// the guest's writes, `guest` pauses it and hands over its device state. On failure or
-/// cancel the session reports `failed`/`drained`, a paused guest is resumed, and the error is
-/// returned.
+/// the guest's writes, `guest` pauses it and hands over its device state. Other threads steer
+/// and watch it through the sender's [`LiveHandle`] ([`Sender::live_handle`], taken before this
+/// call). On failure or cancel the session reports `failed`/`drained`, a paused guest is
+/// resumed, and the error is returned.
 pub fn migrate_live(
     sender: Sender,
     source: &mut dyn DirtySource,
     guest: &mut dyn Guest,
     options: &LiveOptions,
-    handle: &LiveHandle,
 ) -> Result<LiveReport, Error> {
+    let handle = sender.live_handle();
     let mut run = Run {
         started: Instant::now(),
         memory: Arc::clone(sender.memory()),
@@ -128,7 +132,7 @@ pub fn migrate_live(
         sender: Some(sender),
         convergence: Convergence::new(options),
         options,
-        handle,
+        handle: &handle,
         paused: false,
     };
     let result = run.run(source, guest);
@@ -231,10 +235,10 @@ impl Run<'_> {
         reason: SwitchoverReason,
     ) -> Result<LiveReport, Error> {
         let paused_at = Instant::now();
-        if let Err(message) = guest.pause() {
+        if let Err(source) = guest.pause() {
             return Err(self.fail(Error::Guest {
                 op: "pause",
-                message,
+                source,
             }));
         }
         self.paused = true;
@@ -253,11 +257,9 @@ impl Run<'_> {
         self.sender()?.round(&last)?;
         let device_state = match guest.device_state() {
             Ok(blob) => blob,
-            Err(message) => {
-                return Err(self.fail(Error::Guest {
-                    op: "save its device state",
-                    message,
-                }));
+            Err(source) => {
+                let op = "save its device state";
+                return Err(self.fail(Error::Guest { op, source }));
             }
         };
         let sender = self.sender.take().ok_or(Error::Ended)?;

@@ -29,7 +29,7 @@ pub struct RegionLayout {
 }
 
 impl RegionLayout {
-    /// A layout; `len` must be a whole number of pages (checked by [`GuestMemory::new`]).
+    /// A layout; `len` must be a whole number of pages (checked by [`GuestMemory::new`](super::GuestMemory::new)).
     pub const fn new(id: u32, guest_base: GuestAddr, len: u64) -> Self {
         RegionLayout {
             id,
@@ -53,7 +53,7 @@ impl RegionLayout {
         self.len
     }
 
-    /// Whether it is empty (never true in a valid [`GuestMemory`]).
+    /// Whether it is empty (never true in a valid [`GuestMemory`](super::GuestMemory)).
     pub const fn is_empty(&self) -> bool {
         self.len == 0
     }

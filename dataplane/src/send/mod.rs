@@ -34,7 +34,7 @@ mod return_path;
 mod worker;
 mod writer;
 
-pub use options::{RoundStats, SendOptions, Summary};
+pub use options::{PreSwitchover, RoundStats, SendOptions, Summary};
 
 use job::{CHUNK_LEN, Job};
 use outgoing::{FrameBuf, Outgoing, QUEUE_FRAMES};
@@ -47,6 +47,7 @@ use crate::arena::Arena;
 use crate::codec::Compression;
 use crate::dirty::DirtySet;
 use crate::error::Error;
+use crate::handle::LiveHandle;
 use crate::memory::{Frozen, GuestMemory};
 use crate::pool::Pool;
 use crate::session::{self, Counters, FactSink, Stop};
@@ -94,6 +95,8 @@ pub struct Sender {
     memory: Arc<GuestMemory>,
     timeout: Duration,
     stop: Arc<Stop>,
+    /// The one handle of this session (see [`Sender::live_handle`]).
+    handle: LiveHandle,
     sink: Arc<dyn FactSink>,
     counters: Arc<Counters>,
     jobs: Option<channel::Sender<Job>>,
@@ -250,6 +253,7 @@ impl Sender {
             memory: Arc::clone(&wiring.memory),
             timeout: options.timeout,
             stop: Arc::clone(&wiring.stop),
+            handle: LiveHandle::new(Arc::clone(&wiring.stop)),
             sink,
             counters: Arc::clone(&wiring.counters),
             jobs: Some(jobs_tx),
@@ -341,6 +345,35 @@ impl Sender {
             let _ = exit.send(());
         });
         self.readers.extend(spawned);
+    }
+
+    /// The handle other threads steer and watch this session's live migration with
+    /// ([`migrate_live`](crate::migrate_live)): its progress and `query-migrate` figures,
+    /// `migrate-continue`, and cancel. Every clone is bound to this session, so a cancel through
+    /// it always cancels this migration.
+    pub fn live_handle(&self) -> LiveHandle {
+        self.handle.clone()
+    }
+
+    /// Migrates a paused ("cold") guest in one call: the switchover (the memory is frozen, so
+    /// every page is sent in place), optionally a wait in `pre-switchover` until
+    /// [`LiveHandle::proceed`], one round of every page, then `device_state` and the receiver's
+    /// confirmation. The caller has stopped the guest (its vCPUs) before; on an error it
+    /// resumes it, since the migration did not complete. Reports `switchover`, `pass 1`,
+    /// `completed` and `drained`, or `failed` (unless cancelled) and `drained`.
+    pub fn migrate_paused(
+        mut self,
+        device_state: &[u8],
+        pre_switchover: PreSwitchover,
+    ) -> Result<Summary, Error> {
+        self.handle.update(|p| p.paused = true);
+        self.switchover()?;
+        if pre_switchover == PreSwitchover::Wait && !self.handle.wait_to_proceed() {
+            return Err(self.fail(Error::Cancelled));
+        }
+        let every_page = DirtySet::all(&self.memory);
+        self.round(&every_page)?;
+        self.finish(device_state)
     }
 
     /// The guest memory it sends.

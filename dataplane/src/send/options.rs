@@ -41,6 +41,19 @@ impl Default for SendOptions {
     }
 }
 
+/// Whether a migration waits in `pre-switchover`, the guest paused and its memory frozen, until
+/// told to go on ([`LiveHandle::proceed`](crate::LiveHandle::proceed)): QEMU's
+/// `pause-before-switchover` capability, for management software that must act (say, on
+/// storage) between the pause and the last round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PreSwitchover {
+    /// Go on at once.
+    #[default]
+    Skip,
+    /// Wait for `proceed` (or a cancel, or a failure).
+    Wait,
+}
+
 /// What one round sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoundStats {

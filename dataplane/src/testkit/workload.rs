@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::image::{self, ImageKind, Rng};
 use crate::dirty::{CallerFed, DirtyBitmap, DirtyError, DirtySource, UffdWp};
+use crate::error::BoxError;
 use crate::live::Guest;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 
@@ -159,11 +160,11 @@ impl Workload {
 }
 
 impl Guest for Workload {
-    fn pause(&mut self) -> Result<(), String> {
-        self.stop()
+    fn pause(&mut self) -> Result<(), BoxError> {
+        Ok(self.stop()?)
     }
 
-    fn device_state(&mut self) -> Result<Vec<u8>, String> {
+    fn device_state(&mut self) -> Result<Vec<u8>, BoxError> {
         Ok(format!("vcpu0: {} page writes", self.writes()).into_bytes())
     }
 

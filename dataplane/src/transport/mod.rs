@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 pub use blocking::Blocking;
 
-use crate::arena::Arena;
+pub use crate::arena::Arena;
 pub use uring::{Unavailable, Uring, ZeroCopy};
 
 /// The best transport this machine supports: io_uring, or the blocking one with the reason

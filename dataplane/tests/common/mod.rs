@@ -10,12 +10,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ramjet_control::{Fact, Machine, Options, Profile, Side, Status, Timestamp, Trigger};
-use ramjet_dataplane::codec::Compression;
+use ramjet_dataplane::Compression;
 use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use ramjet_dataplane::transport::{Blocking, Endpoint, Listener, Transport, Uring, ZeroCopy};
 use ramjet_dataplane::{
-    Error, FactSink, ReceiveOptions, Received, SendOptions, Sender, Summary, receive,
+    Error, FactSink, PreSwitchover, ReceiveOptions, Received, SendOptions, Sender, Summary, receive,
 };
 
 pub use ramjet_dataplane::testkit::image::{ImageKind as Image, Rng};
@@ -213,16 +213,17 @@ pub fn migrate(
     };
     let sent = (|| {
         let mut sender = Sender::connect(Arc::clone(src), &at, &send_options, source_facts.sink())?;
+        if plan.paused {
+            return sender.migrate_paused(device_state, PreSwitchover::Skip);
+        }
         let mut dirty = DirtySet::all(src);
-        if !plan.paused {
-            loop {
-                sender.round(&dirty)?;
-                match between(sender.rounds()) {
-                    Next::Live(next) => dirty = next,
-                    Next::Final(last) => {
-                        dirty = last;
-                        break;
-                    }
+        loop {
+            sender.round(&dirty)?;
+            match between(sender.rounds()) {
+                Next::Live(next) => dirty = next,
+                Next::Final(last) => {
+                    dirty = last;
+                    break;
                 }
             }
         }

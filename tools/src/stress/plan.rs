@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ramjet_dataplane::codec::Compression;
+use ramjet_dataplane::Compression;
 use ramjet_dataplane::memory::PAGE_SIZE;
 use ramjet_dataplane::testkit::image::{ImageKind, Rng};
 

@@ -424,7 +424,7 @@ impl Framing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ramjet_dataplane::wire::FrameHeader;
+    use ramjet_dataplane::internals::wire::FrameHeader;
 
     /// The framing finds the parts of a real stream: a hello, a frame with a payload, one
     /// without.

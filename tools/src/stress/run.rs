@@ -5,14 +5,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use ramjet_dataplane::testkit::Workload;
 use ramjet_dataplane::testkit::image::{self, ImageKind};
 use ramjet_dataplane::transport::{Endpoint, Listener};
 use ramjet_dataplane::{
-    CancelHandle, Error, Fact, FactSink, Guest, LiveHandle, LiveOptions, ReceiveOptions,
-    SendOptions, Sender, migrate_live, receive,
+    BoxError, CancelHandle, Error, Fact, FactSink, Guest, LiveOptions, PreSwitchover,
+    ReceiveOptions, SendOptions, Sender, migrate_live, receive,
 };
 
 use super::check::{self, Evidence, Outcome};
@@ -192,13 +191,18 @@ fn send_paused(
     cancel_at_switchover: Option<CancelHandle>,
 ) -> Result<Vec<u8>, Error> {
     const STATE: &[u8] = b"paused guest device state";
-    let mut sender = Sender::connect(Arc::clone(src), to, options, sink)?;
-    sender.switchover()?;
-    if let Some(cancel) = cancel_at_switchover {
-        cancel.cancel();
-    }
-    sender.round(&DirtySet::all(src))?;
-    sender.finish(STATE)?;
+    // A cancel at the switchover strikes as the sender reports it, before the final round.
+    let sink: Arc<dyn FactSink> = match cancel_at_switchover {
+        Some(cancel) => Arc::new(move |fact: Fact| {
+            if fact == Fact::Switchover {
+                cancel.cancel();
+            }
+            sink.fact(fact);
+        }),
+        None => sink,
+    };
+    let sender = Sender::connect(Arc::clone(src), to, options, sink)?;
+    sender.migrate_paused(STATE, PreSwitchover::Skip)?;
     Ok(STATE.to_vec())
 }
 
@@ -225,8 +229,7 @@ fn send_live(
         max_time: Some(Duration::from_secs(5)),
         ..LiveOptions::default()
     };
-    let handle = LiveHandle::new(options.cancel.clone());
-    migrate_live(sender, source.as_mut(), &mut guest, &live, &handle)?;
+    migrate_live(sender, source.as_mut(), &mut guest, &live)?;
     guest
         .handed_over
         .ok_or_else(|| Error::Config("the migration completed without device state".into()))
@@ -241,7 +244,7 @@ struct Hooks {
 }
 
 impl Guest for Hooks {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), BoxError> {
         let paused = self.workload.pause();
         if let Some(cancel) = &self.cancel_at_switchover {
             cancel.cancel();
@@ -249,7 +252,7 @@ impl Guest for Hooks {
         paused
     }
 
-    fn device_state(&mut self) -> Result<Vec<u8>, String> {
+    fn device_state(&mut self) -> Result<Vec<u8>, BoxError> {
         let state = self.workload.device_state()?;
         self.handed_over = Some(state.clone());
         Ok(state)

@@ -1,22 +1,49 @@
-//! [`LiveHandle`]: how other threads steer and watch a live migration.
+//! [`LiveHandle`]: how other threads steer and watch a live migration, and the [`Progress`]
+//! it shows.
 //!
-//! The loop in [`migrate_live`](super::migrate_live) publishes its [`Progress`] and the figures
-//! `query-migrate` needs here, and waits here in `pre-switchover`; the handle's clones read them,
-//! proceed and cancel.
+//! Every [`Sender`](crate::Sender) has one handle, made with it and bound to its session
+//! ([`Sender::live_handle`](crate::Sender::live_handle)), so cancelling it always cancels that
+//! session. The loop in [`migrate_live`](crate::migrate_live) publishes its progress and the
+//! figures `query-migrate` needs here, and waits here in `pre-switchover`; the handle's clones
+//! read them, proceed and cancel.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::Progress;
-use crate::session::{CancelHandle, Counters, lock};
 use ramjet_control::RamStats;
 
+use crate::session::{Counters, Stop, lock};
+
+/// Where a live migration stands, as of its last dirty sync.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Progress {
+    /// Rounds started.
+    pub round: u32,
+    /// Bytes dirty at the last sync (what the next round sends).
+    pub remaining_bytes: u64,
+    /// Bytes sent per second over the last round.
+    pub bandwidth: u64,
+    /// Pages the guest dirtied per second since the previous sync.
+    pub dirty_pages_rate: u64,
+    /// How long the last dirty sync took.
+    pub sync_time: Duration,
+    /// (remaining + bytes still queued from earlier rounds) / bandwidth, plus a dirty sync.
+    pub expected_downtime: Duration,
+    /// Rounds in a row in which the bytes still dirty did not shrink.
+    pub rounds_without_progress: u32,
+    /// Whether that reached [`LiveOptions::stall_rounds`](crate::LiveOptions::stall_rounds).
+    pub stalled: bool,
+    /// Whether the guest is paused for the switchover.
+    pub paused: bool,
+}
+
 /// Drives a live migration from other threads: proceed out of `pre-switchover`, cancel, and
-/// watch its progress. Clones share one migration.
-#[derive(Debug, Clone, Default)]
+/// watch its progress. Clones share one migration; get one from
+/// [`Sender::live_handle`](crate::Sender::live_handle).
+#[derive(Debug, Clone)]
 pub struct LiveHandle {
     shared: Arc<HandleShared>,
-    cancel: CancelHandle,
+    stop: Arc<Stop>,
 }
 
 #[derive(Debug, Default)]
@@ -38,12 +65,11 @@ struct Running {
 }
 
 impl LiveHandle {
-    /// A handle whose [`cancel`](LiveHandle::cancel) cancels the send session of `cancel` (the
-    /// one in its [`SendOptions`](crate::SendOptions)).
-    pub fn new(cancel: CancelHandle) -> Self {
+    /// The handle of the send session that `stop` stops.
+    pub(crate) fn new(stop: Arc<Stop>) -> Self {
         LiveHandle {
             shared: Arc::default(),
-            cancel,
+            stop,
         }
     }
 
@@ -55,7 +81,7 @@ impl LiveHandle {
 
     /// Cancels the migration; the guest resumes on the source.
     pub fn cancel(&self) {
-        self.cancel.cancel();
+        self.stop.cancel();
         self.shared.wake.notify_all();
     }
 
@@ -87,7 +113,7 @@ impl LiveHandle {
 
     /// The migration started at `started`, moving `total_bytes` of guest memory and counting
     /// in `counters`: from now on [`ram_stats`](LiveHandle::ram_stats) reports it.
-    pub(super) fn start(&self, counters: Arc<Counters>, total_bytes: u64, started: Instant) {
+    pub(crate) fn start(&self, counters: Arc<Counters>, total_bytes: u64, started: Instant) {
         *lock(&self.shared.running) = Some(Running {
             counters,
             total_bytes,
@@ -97,21 +123,22 @@ impl LiveHandle {
     }
 
     /// The guest paused when `sent` bytes had been sent: what follows is downtime bytes.
-    pub(super) fn paused_at(&self, sent: u64) {
+    pub(crate) fn paused_at(&self, sent: u64) {
         if let Some(running) = lock(&self.shared.running).as_mut() {
             running.paused_at_sent = Some(sent);
         }
     }
 
-    pub(super) fn update(&self, f: impl FnOnce(&mut Progress)) {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Progress)) {
         f(&mut lock(&self.shared.progress));
     }
 
-    /// Waits for `proceed` or a cancel; true if told to proceed.
-    pub(super) fn wait_to_proceed(&self) -> bool {
+    /// Waits for `proceed`, or for the session to stop (a cancel, or a failure such as the
+    /// receiver's); true if told to proceed.
+    pub(crate) fn wait_to_proceed(&self) -> bool {
         let mut proceed = lock(&self.shared.proceed);
         loop {
-            if self.cancel.is_cancelled() {
+            if self.stop.is_stopped() {
                 return false;
             }
             if *proceed {
