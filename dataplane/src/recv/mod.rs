@@ -49,7 +49,8 @@ pub struct ReceiveOptions {
     /// How long to wait for the sender's first connection (`None`: forever, like
     /// `-incoming`).
     pub accept_timeout: Option<Duration>,
-    /// How bytes move (by default io_uring where the kernel allows it, else blocking).
+    /// How bytes move. The default, [`Auto`](crate::transport::Auto), is io_uring where the
+    /// kernel allows it, else blocking sockets, chosen when the first channel is set up.
     pub transport: Arc<dyn Transport>,
     /// Cancels the session from another thread.
     pub cancel: CancelHandle,
@@ -61,7 +62,7 @@ impl Default for ReceiveOptions {
             workers: thread::available_parallelism().map_or(2, usize::from),
             timeout: Duration::from_secs(30),
             accept_timeout: None,
-            transport: crate::transport::best().0,
+            transport: Arc::new(crate::transport::Auto),
             cancel: CancelHandle::new(),
         }
     }

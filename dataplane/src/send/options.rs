@@ -19,7 +19,8 @@ pub struct SendOptions {
     pub workers: usize,
     /// Limit for connecting, the handshake, each socket write and the final confirmation.
     pub timeout: Duration,
-    /// How bytes move (by default io_uring where the kernel allows it, else blocking).
+    /// How bytes move. The default, [`Auto`](crate::transport::Auto), is io_uring where the
+    /// kernel allows it, else blocking sockets, chosen when the first channel is set up.
     pub transport: Arc<dyn Transport>,
     /// Cancels the session from another thread.
     pub cancel: CancelHandle,
@@ -34,7 +35,7 @@ impl Default for SendOptions {
             compression: Compression::Auto,
             workers: thread::available_parallelism().map_or(2, usize::from),
             timeout: Duration::from_secs(30),
-            transport: crate::transport::best().0,
+            transport: Arc::new(crate::transport::Auto),
             cancel: CancelHandle::new(),
             max_bandwidth: None,
         }
@@ -74,4 +75,18 @@ pub struct Summary {
     pub elapsed: Duration,
     /// When the receiver's confirmation arrived.
     pub confirmed: Instant,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ReceiveOptions;
+
+    /// Making options sets nothing up: the transport is chosen (and io_uring probed) only
+    /// when a session connects.
+    #[test]
+    fn default_options_leave_the_transport_to_be_chosen() {
+        assert_eq!(format!("{:?}", SendOptions::default().transport), "Auto");
+        assert_eq!(format!("{:?}", ReceiveOptions::default().transport), "Auto");
+    }
 }
