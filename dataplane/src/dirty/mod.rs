@@ -1,10 +1,10 @@
-//! Dirty pages: per-region atomic bitmaps in KVM dirty-log word format, and the runs of dirty
-//! pages they describe.
+//! Dirty pages: per-region atomic bitmaps in KVM dirty-log word format ([`DirtyBitmap`]), and
+//! the dirty pages of one round ([`DirtySet`]).
 //!
 //! A bitmap is a `u64` word per 64 pages, bit `i` of word `w` standing for page `64 * w + i`
 //! (the layout `KVM_GET_DIRTY_LOG` and vm-memory's `AtomicBitmap` use). Bits past the region's
-//! last page are ignored. [`runs`] turns words into runs of consecutive dirty pages, skipping
-//! zero words and jumping with `trailing_zeros`.
+//! last page are ignored. A round is planned from the words directly: a word is one 64-page
+//! chunk of one channel.
 //!
 //! Where each round's dirty pages come from is a [`DirtySource`]: bitmaps the embedder feeds
 //! ([`CallerFed`], e.g. from `KVM_GET_DIRTY_LOG`), userfaultfd write-protection of memory this
@@ -19,22 +19,6 @@ mod uffd;
 
 pub use source::{CallerFed, DirtyError, DirtySource, Everything};
 pub use uffd::UffdWp;
-
-/// A run of consecutive pages `start .. start + len` within one region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PageRun {
-    /// The first page.
-    pub start: u64,
-    /// How many pages (never zero).
-    pub len: u64,
-}
-
-impl PageRun {
-    /// One past the last page.
-    pub const fn end(&self) -> u64 {
-        self.start + self.len
-    }
-}
 
 /// A dirty bitmap for one region, safe to mark from any thread.
 #[derive(Debug)]
@@ -150,83 +134,6 @@ impl DirtyBitmap {
     }
 }
 
-/// The runs of consecutive set bits in `words`, clipped to `pages` pages.
-pub fn runs(words: &[u64], pages: u64) -> Runs<'_> {
-    Runs {
-        words,
-        pages,
-        index: 0,
-        current: words.first().copied().unwrap_or(0) & valid_mask(0, pages),
-    }
-}
-
-/// Iterator over the dirty runs of a word slice; see [`runs`].
-#[derive(Debug, Clone)]
-pub struct Runs<'a> {
-    words: &'a [u64],
-    pages: u64,
-    /// The word being scanned.
-    index: usize,
-    /// Its bits not yet consumed.
-    current: u64,
-}
-
-impl Runs<'_> {
-    /// Advances to the next non-zero word; false at the end.
-    fn seek(&mut self) -> bool {
-        while self.current == 0 {
-            self.index += 1;
-            match self.words.get(self.index) {
-                Some(&w) => self.current = w & valid_mask(self.index, self.pages),
-                None => return false,
-            }
-        }
-        true
-    }
-}
-
-impl Iterator for Runs<'_> {
-    type Item = PageRun;
-
-    fn next(&mut self) -> Option<PageRun> {
-        if !self.seek() {
-            return None;
-        }
-        let bit = self.current.trailing_zeros();
-        let base = self.index as u64 * 64;
-        let start = base + u64::from(bit);
-        // Ones from `bit` upwards; the shift brings in zeros at the top, so this is at most
-        // 64 - bit.
-        let ones = (!(self.current >> bit)).trailing_zeros();
-        if bit + ones < 64 {
-            self.current &= !(((1u64 << ones) - 1) << bit);
-            let len = u64::from(ones);
-            return Some(PageRun { start, len });
-        }
-        // The run reaches the top of this word: it goes on while the next words start with
-        // set bits.
-        self.current = 0;
-        let mut end = base + 64;
-        while let Some(&word) = self.words.get(self.index + 1) {
-            let word = word & valid_mask(self.index + 1, self.pages);
-            if word & 1 == 0 {
-                break;
-            }
-            self.index += 1;
-            let ones = (!word).trailing_zeros();
-            end = self.index as u64 * 64 + u64::from(ones);
-            if ones < 64 {
-                self.current = word & !((1u64 << ones) - 1);
-                break;
-            }
-        }
-        Some(PageRun {
-            start,
-            len: end - start,
-        })
-    }
-}
-
 /// The dirty pages of every region of a guest memory, taken at one moment: what one round
 /// sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,13 +163,6 @@ impl DirtySet {
             })
             .collect();
         DirtySet { regions }
-    }
-
-    /// Takes (and clears) the pages marked in `bitmaps`, one per region index.
-    pub fn take(bitmaps: &[DirtyBitmap]) -> Self {
-        DirtySet {
-            regions: bitmaps.iter().map(|b| (b.take(), b.pages())).collect(),
-        }
     }
 
     /// Marks pages `start .. start + count` of region `region`, clipped to the region.
@@ -304,14 +204,6 @@ impl DirtySet {
         self.regions.len()
     }
 
-    /// The dirty runs of region `region`.
-    pub fn runs(&self, region: usize) -> Runs<'_> {
-        match self.regions.get(region) {
-            Some((words, pages)) => runs(words, *pages),
-            None => runs(&[], 0),
-        }
-    }
-
     /// The bitmap words of region `region` (empty if there is no such region).
     pub fn words(&self, region: usize) -> &[u64] {
         self.regions.get(region).map_or(&[], |(words, _)| words)
@@ -333,49 +225,8 @@ mod tests {
 
     use super::*;
 
-    /// The model: one bit at a time.
-    fn naive_runs(words: &[u64], pages: u64) -> Vec<PageRun> {
-        let mut out: Vec<PageRun> = Vec::new();
-        for page in 0..pages.min(words.len() as u64 * 64) {
-            if words[(page / 64) as usize] >> (page % 64) & 1 == 1 {
-                match out.last_mut() {
-                    Some(run) if run.end() == page => run.len += 1,
-                    _ => out.push(PageRun {
-                        start: page,
-                        len: 1,
-                    }),
-                }
-            }
-        }
-        out
-    }
-
-    fn word_strategy() -> impl Strategy<Value = u64> {
-        prop_oneof![
-            Just(0u64),
-            Just(u64::MAX),
-            Just(1u64),
-            Just(1u64 << 63),
-            any::<u64>(),
-            (0u32..64, 0u32..64).prop_map(|(a, b)| {
-                let (lo, hi) = (a.min(b), a.max(b));
-                (u64::MAX >> (63 - (hi - lo))) << lo
-            }),
-        ]
-    }
-
     proptest! {
         #![proptest_config(crate::tests::proptest_config())]
-
-        #[test]
-        fn runs_match_a_per_bit_loop(
-            words in prop::collection::vec(word_strategy(), 0..12),
-            slack in 0u64..130,
-        ) {
-            let pages = (words.len() as u64 * 64).saturating_sub(slack);
-            let fast: Vec<PageRun> = runs(&words, pages).collect();
-            prop_assert_eq!(fast, naive_runs(&words, pages));
-        }
 
         #[test]
         fn bitmap_set_range_take_and_merge(
@@ -406,29 +257,13 @@ mod tests {
             prop_assert_eq!(bitmap.count(), model.iter().filter(|&&d| d).count() as u64);
             let words = bitmap.take();
             prop_assert_eq!(bitmap.count(), 0);
-            let taken: u64 = runs(&words, pages).map(|r| r.len).sum();
+            let taken: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
             prop_assert_eq!(taken, model.iter().filter(|&&d| d).count() as u64);
         }
     }
 
     #[test]
     fn edges() {
-        assert_eq!(runs(&[], 0).count(), 0);
-        assert_eq!(
-            runs(&[u64::MAX; 3], 192).collect::<Vec<_>>(),
-            [PageRun { start: 0, len: 192 }]
-        );
-        assert_eq!(
-            runs(&[u64::MAX; 3], 130).collect::<Vec<_>>(),
-            [PageRun { start: 0, len: 130 }]
-        );
-        assert_eq!(
-            runs(&[1 << 63, 1, 0, 1 << 5], 256).collect::<Vec<_>>(),
-            [
-                PageRun { start: 63, len: 2 },
-                PageRun { start: 197, len: 1 }
-            ]
-        );
         let all = DirtyBitmap::all(100);
         assert_eq!(all.count(), 100);
         all.set(1000);

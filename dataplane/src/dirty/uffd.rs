@@ -341,8 +341,9 @@ mod tests {
     }
 
     fn pages(set: &DirtySet, region: usize) -> BTreeSet<u64> {
-        set.runs(region)
-            .flat_map(|run| run.start..run.end())
+        let words = set.words(region);
+        (0..words.len() as u64 * 64)
+            .filter(|&page| words[(page / 64) as usize] >> (page % 64) & 1 == 1)
             .collect()
     }
 
