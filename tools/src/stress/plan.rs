@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use ramjet_dataplane::Compression;
+use ramjet_dataplane::internals::wire::{Hello, PageEntry};
 use ramjet_dataplane::memory::PAGE_SIZE;
 use ramjet_dataplane::testkit::image::{ImageKind, Rng};
 
@@ -236,13 +237,14 @@ impl Plan {
 
     /// About how many bytes one channel carries in a round of every page.
     fn channel_bytes(&self) -> u64 {
+        let entry = PageEntry::LEN as u64;
         let per_page = match (self.image, self.compression) {
-            (ImageKind::Zero, _) => 8,
-            (ImageKind::Random, _) => PAGE_SIZE as u64 + 8,
+            (ImageKind::Zero, _) => entry,
+            (ImageKind::Random, _) => PAGE_SIZE as u64 + entry,
             (ImageKind::Mixed, Compression::Off) => PAGE_SIZE as u64 / 2,
             (ImageKind::Mixed, _) => PAGE_SIZE as u64 / 3,
         };
-        72 + self.pages * per_page / u64::from(self.channels)
+        Hello::encoded_len(1) as u64 + self.pages * per_page / u64::from(self.channels)
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use ramjet_dataplane::internals::wire::FrameHeader;
 use ramjet_dataplane::testkit::image::Rng;
 use ramjet_dataplane::transport::{Endpoint, Listener, Stream};
 
@@ -348,8 +349,8 @@ fn waits(e: &io::Error) -> bool {
     )
 }
 
-/// Follows the sender's stream on one channel: the hello, then frame headers (32 bytes, the
-/// payload length at offset 24) and payloads, as the wire module documents them.
+/// Follows the sender's stream on one channel: the hello, then frame headers and their
+/// payloads, whose lengths the wire module reads out of each header.
 struct Framing {
     part: Part,
     /// Which one of its kind the current part is.
@@ -359,7 +360,7 @@ struct Framing {
     len: u64,
     headers: u64,
     payloads: u64,
-    header: [u8; 32],
+    header: [u8; FrameHeader::LEN],
 }
 
 impl Framing {
@@ -371,7 +372,7 @@ impl Framing {
             len: hello_len,
             headers: 0,
             payloads: 0,
-            header: [0; 32],
+            header: [0; FrameHeader::LEN],
         }
     }
 
@@ -379,7 +380,7 @@ impl Framing {
     fn advance(&mut self, byte: u8, part: Part, nth: u64, offset: u64) -> bool {
         let hit = self.part == part && self.index == nth && self.at == offset % self.len;
         if self.part == Part::Header {
-            self.header[usize::try_from(self.at).unwrap_or(0) % 32] = byte;
+            self.header[usize::try_from(self.at).unwrap_or(0) % FrameHeader::LEN] = byte;
         }
         self.at += 1;
         if self.at == self.len {
@@ -392,18 +393,13 @@ impl Framing {
         let header = |f: &mut Framing| {
             f.part = Part::Header;
             f.index = f.headers;
-            f.len = 32;
+            f.len = FrameHeader::LEN as u64;
         };
         match self.part {
             Part::Hello => header(self),
             Part::Header => {
                 self.headers += 1;
-                let payload = u32::from_le_bytes([
-                    self.header[24],
-                    self.header[25],
-                    self.header[26],
-                    self.header[27],
-                ]);
+                let payload = FrameHeader::payload_len(&self.header);
                 if payload > 0 {
                     self.part = Part::Payload;
                     self.index = self.payloads;
@@ -424,12 +420,12 @@ impl Framing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ramjet_dataplane::internals::wire::FrameHeader;
 
     /// The framing finds the parts of a real stream: a hello, a frame with a payload, one
     /// without.
     #[test]
     fn framing_follows_hello_headers_and_payloads() {
+        // A hello of one region is 72 bytes, a header 32.
         let mut stream = vec![0xAA; 72];
         stream.extend(FrameHeader::device_state(0, b"state"));
         stream.extend(FrameHeader::end_of_stream(1, 9));

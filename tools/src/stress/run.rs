@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use ramjet_dataplane::internals::wire::Hello;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use ramjet_dataplane::testkit::Workload;
 use ramjet_dataplane::testkit::image::{self, ImageKind};
@@ -66,7 +67,7 @@ pub(super) struct Ran {
 pub(super) fn run_one(plan: &Plan) -> anyhow::Result<Ran> {
     let (src, dst) = memories(plan)?;
     let receiver_listener = Listener::bind(&endpoint(plan.net, "r", plan.run))?;
-    let hello_len = 48 + 24 * src.regions().len() as u64;
+    let hello_len = Hello::encoded_len(src.regions().len()) as u64;
     let proxy = Proxy::start(
         Listener::bind(&endpoint(plan.net, "p", plan.run))?,
         receiver_listener.endpoint().clone(),
