@@ -1,7 +1,8 @@
 //! A minimal VMM embedding ramjet: its "guest" is a memory region and a vCPU thread that keeps
 //! writing to it (ramjet's toy `Workload`, which implements the `Guest` hooks). It migrates
-//! itself live over loopback TCP to a destination VMM in the same process, drives one `ramjet-control` machine per side and prints their QMP-shaped events,
-//! then the figures a management tool would ask for.
+//! itself live over loopback TCP to a destination VMM in the same process, drives one
+//! `ramjet-control` machine per side and prints their QMP-shaped events, then the figures a
+//! management tool would ask for.
 //!
 //! ```text
 //! cargo run --release -p ramjet-dataplane --example embed -- [GUEST_MIB] [PAGES_PER_SECOND]

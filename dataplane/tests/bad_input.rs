@@ -168,12 +168,13 @@ fn the_valid_stream_is_accepted() {
         assert_eq!(src.first_difference(&dst).expect("layout"), None);
         // The reply accepted, and the confirmation followed.
         let mut fixed = [0u8; HelloReply::FIXED_LEN];
-        fixed.copy_from_slice(&back[..24]);
+        fixed.copy_from_slice(&back[..HelloReply::FIXED_LEN]);
         assert_eq!(
             HelloReply::decode(&fixed, &[]).expect("reply").verdict,
             Verdict::Accept
         );
-        assert_eq!(back.len(), 24 + 32 + 8);
+        // The reply, then the confirmation: a header and its 8-byte payload.
+        assert_eq!(back.len(), HelloReply::FIXED_LEN + FrameHeader::LEN + 8);
     }
 }
 
@@ -250,7 +251,8 @@ fn a_truncated_stream_fails_at_every_cut() {
         let mut cuts = vec![0, 10, hello.len()];
         let mut at = hello.len();
         for frame in &frames {
-            cuts.extend([at + 1, at + 31, at + 32, at + frame.len() / 2]);
+            let header = FrameHeader::LEN;
+            cuts.extend([at + 1, at + header - 1, at + header, at + frame.len() / 2]);
             at += frame.len();
             cuts.push(at);
         }
@@ -286,14 +288,14 @@ fn a_flipped_byte_anywhere_is_caught() {
         let mut at = hello.len();
         for frame in &frames {
             let mut fixed = [0u8; FrameHeader::LEN];
-            fixed.copy_from_slice(&frame[..32]);
+            fixed.copy_from_slice(&frame[..FrameHeader::LEN]);
             let header = FrameHeader::decode(&fixed).expect("valid frame");
             for (i, checksum) in [(0, false), (9, true), (17, true), (27, false), (30, true)] {
                 offsets.push((at + i, checksum));
             }
-            let data = 32 + header.count as usize * PageEntry::LEN;
+            let data = FrameHeader::LEN + header.count as usize * PageEntry::LEN;
             if header.count > 0 {
-                offsets.extend([(at + 33, true), (at + data - 3, true)]);
+                offsets.extend([(at + FrameHeader::LEN + 1, true), (at + data - 3, true)]);
             }
             if frame.len() > data {
                 offsets.extend([(at + data, true), (at + (data + frame.len()) / 2, true)]);

@@ -32,7 +32,7 @@ pub enum TransportKind {
 /// it, else blocking sockets.
 pub fn transport_of(kind: Option<TransportKind>) -> anyhow::Result<Arc<dyn Transport>> {
     Ok(match kind {
-        None => transport::best().0,
+        None => Arc::new(transport::Auto),
         Some(TransportKind::Blocking) => Arc::new(Blocking),
         Some(TransportKind::Uring) => {
             Uring::probe().context("--transport uring")?;

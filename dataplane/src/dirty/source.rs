@@ -3,9 +3,11 @@
 use std::io;
 use std::sync::Arc;
 
-use super::{DirtyBitmap, DirtySet, words_for};
-use crate::error::BoxError;
+use super::bitmap::{DirtyBitmap, DirtySet, words_for};
 use crate::memory::GuestMemory;
+
+/// An error from the embedder's code, kept with its causes (the crate's `BoxError`).
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why dirty pages could not be tracked or harvested.
 #[derive(Debug, thiserror::Error)]

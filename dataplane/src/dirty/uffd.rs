@@ -5,7 +5,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use super::{DirtyError, DirtySet, DirtySource};
+use super::bitmap::DirtySet;
+use super::source::{DirtyError, DirtySource};
 use crate::memory::{Backing, GuestMemory, PAGE_SIZE};
 
 // From linux/userfaultfd.h.
@@ -97,8 +98,8 @@ const SCAN_BATCH: usize = 512;
 ///
 /// [`start`](DirtySource::start) opens a userfaultfd with `UFFD_FEATURE_WP_ASYNC` (the kernel
 /// resolves a write fault on a protected page by itself and marks the page written, so no
-/// thread has to serve faults) and `UFFD_FEATURE_WP_UNPOPULATED` (pages never touched count as protected too),
-/// registers every region in write-protect mode and protects it. Each harvest is one
+/// thread has to serve faults) and `UFFD_FEATURE_WP_UNPOPULATED` (pages never touched count as
+/// protected too), registers every region in write-protect mode and protects it. Each harvest is one
 /// `PAGEMAP_SCAN` ioctl per region on `/proc/self/pagemap` with `PM_SCAN_WP_MATCHING |
 /// PM_SCAN_CHECK_WPASYNC` and category `PAGE_IS_WRITTEN`: the kernel returns the ranges written
 /// since the last scan and protects them again, page by page under the page-table lock, so a

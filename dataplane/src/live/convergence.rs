@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use super::{LiveOptions, StallPolicy};
+use super::options::{LiveOptions, StallPolicy};
 use crate::error::Error;
 use crate::handle::Progress;
 use crate::memory::PAGE_SIZE;

@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use memmap2::Advice;
 use memmap2::{MmapOptions, MmapRaw};
 
-use super::{MemoryError, PAGE_SIZE, PAGE_SIZE_U64, atomic};
+use super::atomic;
+use super::error::MemoryError;
+use super::page::{PAGE_SIZE, PAGE_SIZE_U64};
 
 /// A guest physical address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -29,7 +31,8 @@ pub struct RegionLayout {
 }
 
 impl RegionLayout {
-    /// A layout; `len` must be a whole number of pages (checked by [`GuestMemory::new`](super::GuestMemory::new)).
+    /// A layout; `len` must be a whole number of pages (checked by
+    /// [`GuestMemory::new`](super::GuestMemory::new)).
     pub const fn new(id: u32, guest_base: GuestAddr, len: u64) -> Self {
         RegionLayout {
             id,

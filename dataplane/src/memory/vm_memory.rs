@@ -6,7 +6,9 @@ use std::sync::Arc;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion as _};
 
-use crate::memory::{GuestAddr, GuestMemory, MemoryError, Region};
+use super::error::MemoryError;
+use super::guest::GuestMemory;
+use super::region::{GuestAddr, Region};
 
 impl GuestMemory {
     /// The regions of a `vm-memory` guest memory, in its order, with ids 0, 1, 2, ...; the

@@ -6,7 +6,7 @@ use crate::memory::{GuestMemory, RegionLayout};
 use crate::session::{self, Stop};
 use crate::transport::{Listener, Stream};
 
-use super::ReceiveOptions;
+use super::options::ReceiveOptions;
 
 /// Accepts every channel of one migration and answers its hello.
 pub(super) fn accept_channels(

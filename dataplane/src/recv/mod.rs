@@ -15,8 +15,8 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::{self as channels, Receiver};
 use ramjet_control::Fact;
@@ -24,7 +24,10 @@ use ramjet_control::Fact;
 mod accept;
 mod channel;
 mod decode;
+mod options;
 mod shared;
+
+pub use options::{ReceiveOptions, Received};
 
 use accept::accept_channels;
 use channel::{ChannelDone, ChannelReader};
@@ -34,52 +37,9 @@ use shared::{LINGER, Shared};
 use crate::error::Error;
 use crate::memory::GuestMemory;
 use crate::pool::Pool;
-use crate::session::{self, CancelHandle, Counters, FactSink, Stats, Stop};
-use crate::transport::{LinkWriter, Listener, Stream, Transport};
+use crate::session::{self, Counters, FactSink, Stop};
+use crate::transport::{LinkWriter, Listener, Stream};
 use crate::wire::FrameHeader;
-
-/// How to receive.
-#[derive(Debug, Clone)]
-pub struct ReceiveOptions {
-    /// lz4 decode worker threads (at least 1).
-    pub workers: usize,
-    /// Limit for each read and write once connected: a sender that says nothing for this long
-    /// fails the migration.
-    pub timeout: Duration,
-    /// How long to wait for the sender's first connection (`None`: forever, like
-    /// `-incoming`).
-    pub accept_timeout: Option<Duration>,
-    /// How bytes move. The default, [`Auto`](crate::transport::Auto), is io_uring where the
-    /// kernel allows it, else blocking sockets, chosen when the first channel is set up.
-    pub transport: Arc<dyn Transport>,
-    /// Cancels the session from another thread.
-    pub cancel: CancelHandle,
-}
-
-impl Default for ReceiveOptions {
-    fn default() -> Self {
-        ReceiveOptions {
-            workers: thread::available_parallelism().map_or(2, usize::from),
-            timeout: Duration::from_secs(30),
-            accept_timeout: None,
-            transport: Arc::new(crate::transport::Auto),
-            cancel: CancelHandle::new(),
-        }
-    }
-}
-
-/// What a completed receive produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Received {
-    /// The sender's device-state blob.
-    pub device_state: Vec<u8>,
-    /// Rounds received.
-    pub rounds: u32,
-    /// Final counters.
-    pub stats: Stats,
-    /// From the first connection to the confirmation.
-    pub elapsed: Duration,
-}
 
 /// Receives one migration on `listener` into `memory`: accepts the sender's channels, checks
 /// its hello against `memory`'s layout, applies every page, and confirms once everything has

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use ramjet_control::Fact;
 
-use super::{FactSink, lock};
+use super::sink::{FactSink, lock};
 use crate::error::Error;
 use crate::transport::{Queue, Stream, queued};
 

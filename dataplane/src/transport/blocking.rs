@@ -3,7 +3,8 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 
-use super::{LinkReader, LinkWriter, Stream, Transport};
+use super::endpoint::Stream;
+use super::link::{LinkReader, LinkWriter, Transport};
 
 /// Plain blocking sockets; see the [module docs](super).
 #[derive(Debug, Clone, Copy, Default)]

@@ -1,11 +1,10 @@
 //! Frames: [`FrameHeader`], the control frames, and the crc that seals every frame. The
 //! payload of a pages frame is laid out in [`pages`](super::pages).
 
+use super::error::{DecodeError, invalid, too_large, truncate, verify_crc};
 use super::le::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
-use super::pages::PageEntry;
-use super::{
-    DecodeError, MAX_MESSAGE, MAX_PAGES_PER_FRAME, MAX_PAYLOAD, WIRE_PAGE_SIZE, invalid, too_large,
-    truncate, verify_crc,
+use super::limits::{
+    MAX_MESSAGE, MAX_PAGES_PER_FRAME, MAX_PAYLOAD, PAGE_ENTRY_LEN, WIRE_PAGE_SIZE,
 };
 
 /// What a frame carries.
@@ -142,7 +141,7 @@ impl FrameHeader {
                 if h.count > MAX_PAGES_PER_FRAME {
                     return Err(too_large("page count", h.count, MAX_PAGES_PER_FRAME));
                 }
-                let table = h.count * PageEntry::LEN_U32;
+                let table = h.count * PAGE_ENTRY_LEN;
                 let most = table + h.count * WIRE_PAGE_SIZE;
                 if h.len < table || h.len > most {
                     return Err(invalid("pages frame payload length", h.len));

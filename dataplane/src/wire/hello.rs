@@ -2,11 +2,9 @@
 
 use crate::memory::{GuestAddr, RegionLayout};
 
+use super::error::{DecodeError, invalid, too_large, truncate, verify_crc};
 use super::le::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
-use super::{
-    DecodeError, MAGIC, MAX_CHANNELS, MAX_MESSAGE, MAX_REGIONS, VERSION, WIRE_PAGE_SIZE, invalid,
-    too_large, truncate, verify_crc,
-};
+use super::limits::{MAGIC, MAX_CHANNELS, MAX_MESSAGE, MAX_REGIONS, VERSION, WIRE_PAGE_SIZE};
 
 /// A sender's greeting on one channel.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -87,180 +87,18 @@
 //! page re-sent in round N+1 always arrives after its round-N copy: a stale copy can never
 //! overwrite a newer one, however many channels there are.
 
+mod error;
 mod frame;
 mod hello;
+mod le;
+mod limits;
 mod pages;
 
-use thiserror::Error;
-
+pub use error::DecodeError;
 pub use frame::{FrameHeader, FrameKind, seal, seal_split};
 pub use hello::{Hello, HelloReply, Verdict};
+pub use limits::{
+    CHUNK_PAGES, MAGIC, MAX_CHANNELS, MAX_DEVICE_STATE, MAX_MESSAGE, MAX_PAGES_PER_FRAME,
+    MAX_PAYLOAD, MAX_REGIONS, VERSION, WIRE_PAGE_SIZE, channel_of,
+};
 pub use pages::{Encoding, PageEntry, PageTable, PagesFrameWriter, Piece, frame_capacity};
-
-/// The first eight bytes of every hello and hello reply.
-pub const MAGIC: [u8; 8] = *b"RAMJET\r\n";
-/// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
-/// The only page size version 1 supports.
-pub const WIRE_PAGE_SIZE: u32 = 4096;
-/// Most regions a hello may describe.
-pub const MAX_REGIONS: u32 = 256;
-/// Most channels a migration may use.
-pub const MAX_CHANNELS: u16 = 64;
-/// Most pages in one pages frame.
-pub const MAX_PAGES_PER_FRAME: u32 = 1024;
-/// Largest payload of any frame.
-pub const MAX_PAYLOAD: u32 = 8 << 20;
-/// Longest refusal reason or error message, in bytes.
-pub const MAX_MESSAGE: u32 = 1024;
-/// Largest device-state blob.
-pub const MAX_DEVICE_STATE: u64 = 1 << 30;
-/// Pages per channel-assignment chunk.
-pub const CHUNK_PAGES: u64 = 64;
-
-/// The channel that carries page `page` when there are `channels` channels (at least 1).
-pub fn channel_of(page: u64, channels: u16) -> u16 {
-    let channels = u64::from(channels.max(1));
-    // The remainder is below `channels`, a u16.
-    u16::try_from((page / CHUNK_PAGES) % channels).unwrap_or(0)
-}
-
-/// Why bytes from a peer are not a valid hello, reply or frame.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[non_exhaustive]
-pub enum DecodeError {
-    /// The stream does not start with ramjet's magic.
-    #[error("not a ramjet peer: bad magic {found:02x?}")]
-    BadMagic {
-        /// The eight bytes found.
-        found: [u8; 8],
-    },
-    /// The peer speaks another protocol version.
-    #[error("unsupported protocol version {found} (this build speaks {VERSION})")]
-    UnsupportedVersion {
-        /// The version the peer sent.
-        found: u16,
-    },
-    /// A checksum does not match the bytes received.
-    #[error("{what} checksum mismatch: header says {expected:#010x}, bytes give {actual:#010x}")]
-    Checksum {
-        /// What was checksummed.
-        what: &'static str,
-        /// The crc the peer sent.
-        expected: u32,
-        /// The crc of the bytes received.
-        actual: u32,
-    },
-    /// A field holds a value the format does not allow.
-    #[error("invalid {what}: {value}")]
-    Invalid {
-        /// Which field.
-        what: &'static str,
-        /// Its value.
-        value: u64,
-    },
-    /// A length over its limit.
-    #[error("{what} of {value} exceeds the limit of {limit}")]
-    TooLarge {
-        /// Which length.
-        what: &'static str,
-        /// Its value.
-        value: u64,
-        /// The limit.
-        limit: u64,
-    },
-}
-
-impl DecodeError {
-    /// Whether the error is a checksum mismatch (corruption in transit).
-    pub fn is_checksum(&self) -> bool {
-        matches!(self, DecodeError::Checksum { .. })
-    }
-}
-
-fn invalid(what: &'static str, value: impl Into<u64>) -> DecodeError {
-    DecodeError::Invalid {
-        what,
-        value: value.into(),
-    }
-}
-
-fn too_large(what: &'static str, value: impl Into<u64>, limit: impl Into<u64>) -> DecodeError {
-    DecodeError::TooLarge {
-        what,
-        value: value.into(),
-        limit: limit.into(),
-    }
-}
-
-/// A crc check: `expected` is what the peer sent, `actual` what its bytes give.
-fn verify_crc(what: &'static str, expected: u32, actual: u32) -> Result<(), DecodeError> {
-    if expected == actual {
-        Ok(())
-    } else {
-        Err(DecodeError::Checksum {
-            what,
-            expected,
-            actual,
-        })
-    }
-}
-
-/// `s` cut to at most `max` bytes at a character boundary.
-pub(crate) fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-/// Little-endian field access on fixed-size byte arrays.
-mod le {
-    pub fn u16_at(b: &[u8], at: usize) -> u16 {
-        u16::from_le_bytes([b[at], b[at + 1]])
-    }
-
-    pub fn u32_at(b: &[u8], at: usize) -> u32 {
-        let mut a = [0; 4];
-        a.copy_from_slice(&b[at..at + 4]);
-        u32::from_le_bytes(a)
-    }
-
-    pub fn u64_at(b: &[u8], at: usize) -> u64 {
-        let mut a = [0; 8];
-        a.copy_from_slice(&b[at..at + 8]);
-        u64::from_le_bytes(a)
-    }
-
-    pub fn put_u16(b: &mut [u8], at: usize, v: u16) {
-        b[at..at + 2].copy_from_slice(&v.to_le_bytes());
-    }
-
-    pub fn put_u32(b: &mut [u8], at: usize, v: u32) {
-        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-    }
-
-    pub fn put_u64(b: &mut [u8], at: usize, v: u64) {
-        b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn channel_assignment_is_by_chunk() {
-        assert_eq!(channel_of(0, 4), 0);
-        assert_eq!(channel_of(63, 4), 0);
-        assert_eq!(channel_of(64, 4), 1);
-        assert_eq!(channel_of(64 * 5, 4), 1);
-        assert_eq!(channel_of(u64::MAX, 64), ((u64::MAX / 64) % 64) as u16);
-        assert_eq!(channel_of(1000, 1), 0);
-        assert_eq!(channel_of(1000, 0), 0);
-    }
-}

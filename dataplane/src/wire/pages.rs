@@ -3,9 +3,10 @@
 //! receiver learns from it where each page's data is). See the [format](super) for the bytes:
 //! the 32-byte header, a table of 8-byte [`PageEntry`]s, then each page's data in table order.
 
-use super::frame::{FrameHeader, FrameKind};
+use super::error::{DecodeError, invalid};
+use super::frame::{FrameHeader, FrameKind, seal_split};
 use super::le::{put_u32, u32_at};
-use super::{DecodeError, MAX_PAGES_PER_FRAME, WIRE_PAGE_SIZE, invalid, seal_split};
+use super::limits::{MAX_PAGES_PER_FRAME, PAGE_ENTRY_LEN, WIRE_PAGE_SIZE};
 
 /// Bytes of one page's data at most.
 const PAGE: usize = WIRE_PAGE_SIZE as usize;
@@ -189,8 +190,7 @@ pub struct PageEntry {
 
 impl PageEntry {
     /// Encoded size.
-    pub const LEN: usize = 8;
-    pub(super) const LEN_U32: u32 = 8;
+    pub const LEN: usize = PAGE_ENTRY_LEN as usize;
 
     /// Writes the entry into `out[..8]`.
     pub fn write(&self, out: &mut [u8]) {

@@ -12,7 +12,8 @@ use io_uring::{opcode, squeue, types};
 
 use super::op::Runner;
 use crate::arena::Arena;
-use crate::transport::{LinkReader, LinkWriter, Queue, Stream, queued};
+use crate::transport::endpoint::{Queue, Stream, queued};
+use crate::transport::link::{LinkReader, LinkWriter};
 
 /// `IORING_RECVSEND_POLL_FIRST` (linux/io_uring.h): wait for readiness before the first try.
 const POLL_FIRST: u16 = 1;

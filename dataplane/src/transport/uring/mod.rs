@@ -31,7 +31,8 @@ use std::sync::OnceLock;
 use io_uring::{IoUring, opcode};
 
 use self::link::Link;
-use super::{LinkReader, LinkWriter, Stream, Transport};
+use super::endpoint::Stream;
+use super::link::{LinkReader, LinkWriter, Transport};
 
 /// Whether sends use `SENDMSG_ZC`, which lets the NIC read the pages without a copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

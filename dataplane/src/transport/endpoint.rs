@@ -1,0 +1,323 @@
+//! Where channels connect ([`Endpoint`]), the connected sockets ([`Stream`]) and the listening
+//! one ([`Listener`]), and what a socket still has queued ([`queued`]).
+
+use std::fmt;
+use std::io::{self, IoSliceMut, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// Where a receiver listens and a sender connects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix stream socket path.
+    Unix(PathBuf),
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+
+    /// `tcp:HOST:PORT` (`tcp:127.0.0.1:4444`, `tcp:[::1]:4444`, `tcp:localhost:4444`) or
+    /// `unix:PATH`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = s.strip_prefix("tcp:") {
+            let resolved = addr
+                .to_socket_addrs()
+                .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{addr:?} resolves to no address"))?;
+            return Ok(Endpoint::Tcp(resolved));
+        }
+        Err(format!("endpoint {s:?} must start with tcp: or unix:"))
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => write!(f, "tcp:{addr}"),
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// A connected stream socket.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Connects to `endpoint`, giving up after `timeout` (TCP).
+    pub fn connect(endpoint: &Endpoint, timeout: Duration) -> io::Result<Stream> {
+        match endpoint {
+            Endpoint::Tcp(addr) => {
+                let stream = TcpStream::connect_timeout(addr, timeout)?;
+                stream.set_nodelay(true)?;
+                Ok(Stream::Tcp(stream))
+            }
+            Endpoint::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path)?)),
+        }
+    }
+
+    /// Whether the peer is on this machine (a Unix socket, or TCP over loopback): then the
+    /// "link" is the same CPUs that would compress.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.peer_addr().is_ok_and(|a| a.ip().is_loopback()),
+            Stream::Unix(_) => true,
+        }
+    }
+
+    /// Another handle to the same socket.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shuts both directions down: blocked reads and writes on any handle return at once.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Ends the writing direction only: the peer reads end of file, and can still answer.
+    pub fn shutdown_write(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(Shutdown::Write),
+        };
+    }
+
+    /// Bounds every read (`None`: wait forever).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(timeout),
+            Stream::Unix(s) => s.set_read_timeout(timeout),
+        }
+    }
+
+    /// Bounds every write (`None`: wait forever).
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(timeout),
+            Stream::Unix(s) => s.set_write_timeout(timeout),
+        }
+    }
+}
+
+/// Which of a socket's queues [`queued`] measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Queue {
+    /// Bytes received and not yet read (`FIONREAD`).
+    In,
+    /// Bytes written and not yet taken by the peer: unacknowledged on TCP, unread on a Unix
+    /// socket (`TIOCOUTQ`, alias `SIOCOUTQ`).
+    Out,
+}
+
+/// How many bytes wait in one of the queues of socket `fd` (see `tcp(7)`, `unix(7)`); how a
+/// timeout tells a slow peer from a stopped one.
+pub(crate) fn queued(fd: RawFd, queue: Queue) -> io::Result<u64> {
+    let request = match queue {
+        Queue::In => libc::FIONREAD,
+        Queue::Out => libc::TIOCOUTQ,
+    };
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: both requests write one c_int, which lives across the call.
+    if unsafe { libc::ioctl(fd, request, &raw mut bytes) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(bytes).unwrap_or(0))
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read_vectored(bufs),
+            Stream::Unix(s) => s.read_vectored(bufs),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub struct Listener {
+    inner: ListenerInner,
+    endpoint: Endpoint,
+}
+
+#[derive(Debug)]
+enum ListenerInner {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Binds `endpoint`. A TCP port 0 picks a free port: see [`Listener::endpoint`].
+    pub fn bind(endpoint: &Endpoint) -> io::Result<Listener> {
+        let (inner, endpoint) = match endpoint {
+            Endpoint::Tcp(addr) => {
+                let listener = TcpListener::bind(addr)?;
+                let local = listener.local_addr()?;
+                (ListenerInner::Tcp(listener), Endpoint::Tcp(local))
+            }
+            Endpoint::Unix(path) => (
+                ListenerInner::Unix(UnixListener::bind(path)?),
+                endpoint.clone(),
+            ),
+        };
+        Ok(Listener { inner, endpoint })
+    }
+
+    /// Where it listens (with the port the kernel chose).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Accepts one connection, waiting at most `timeout` (`None`: forever) and giving up early
+    /// when `stop` returns true (checked every 50 ms).
+    pub fn accept(&self, timeout: Option<Duration>, stop: &dyn Fn() -> bool) -> io::Result<Stream> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let fd = match &self.inner {
+            ListenerInner::Tcp(l) => l.as_raw_fd(),
+            ListenerInner::Unix(l) => l.as_raw_fd(),
+        };
+        loop {
+            if stop() {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            }
+            let mut wait = Duration::from_millis(50);
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "no connection"));
+                }
+                wait = wait.min(left);
+            }
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(50).max(1);
+            // SAFETY: `pfd` is a valid pollfd for the duration of the call and the count is 1.
+            let ready = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+            if ready < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if ready == 0 {
+                continue;
+            }
+            return match &self.inner {
+                ListenerInner::Tcp(l) => {
+                    let (stream, _) = l.accept()?;
+                    stream.set_nodelay(true)?;
+                    Ok(Stream::Tcp(stream))
+                }
+                ListenerInner::Unix(l) => Ok(Stream::Unix(l.accept()?.0)),
+            };
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Endpoint::Unix(path) = &self.endpoint {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_and_print() {
+        let tcp: Endpoint = "tcp:127.0.0.1:4444".parse().unwrap();
+        assert_eq!(tcp.to_string(), "tcp:127.0.0.1:4444");
+        let v6: Endpoint = "tcp:[::1]:9".parse().unwrap();
+        assert_eq!(v6.to_string(), "tcp:[::1]:9");
+        let unix: Endpoint = "unix:/tmp/ramjet.sock".parse().unwrap();
+        assert_eq!(unix, Endpoint::Unix("/tmp/ramjet.sock".into()));
+        for bad in [
+            "127.0.0.1:4444",
+            "tcp:",
+            "tcp:127.0.0.1",
+            "unix:",
+            "udp:1.2.3.4:5",
+        ] {
+            assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn accept_times_out_and_stops() {
+        let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+        let err = listener
+            .accept(Some(Duration::from_millis(60)), &|| false)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let err = listener.accept(None, &|| true).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
+    }
+}
