@@ -61,6 +61,8 @@ impl ChannelReader {
         shared: Arc<Shared>,
         decode: channels::Sender<DecodeJob>,
     ) -> Self {
+        // Unbounded, but it holds at most one result per decode job this reader has sent and
+        // not yet waited for: it waits for all of them at every end of round.
         let (done_tx, done_rx) = channels::unbounded();
         ChannelReader {
             channel,
