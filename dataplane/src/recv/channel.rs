@@ -200,7 +200,9 @@ impl ChannelReader {
         };
         let shared = Arc::clone(&self.shared);
         let received = self.receive_data(&shared.lease, region, lz.as_mut());
-        if let Err(e) = received.and_then(|()| self.verify_and_apply(header, region, lz.as_mut())) {
+        let applied =
+            received.and_then(|()| self.verify_and_apply(header, &shared, region, lz.as_mut()));
+        if let Err(e) = applied {
             if let Some(buf) = lz {
                 shared.pool.give(buf);
             }
@@ -290,10 +292,10 @@ impl ChannelReader {
     fn verify_and_apply(
         &mut self,
         header: &FrameHeader,
+        shared: &Shared,
         region: usize,
         mut lz: Option<&mut LzBuf>,
     ) -> Result<(), Error> {
-        let shared = Arc::clone(&self.shared);
         let mut hasher = header.hasher();
         hasher.update(&self.table_bytes);
         let mut lz_at = 0usize;
@@ -342,7 +344,7 @@ impl ChannelReader {
             }
             stamp.store(header.round, Ordering::Relaxed);
         }
-        self.shared.counters.add_pages(counts);
+        shared.counters.add_pages(counts);
         self.round_pages += counts.pages();
         Ok(())
     }

@@ -101,8 +101,11 @@ impl<'a> PagesFrameWriter<'a> {
             (Encoding::Zero, 0) | (Encoding::Raw, PAGE) | (Encoding::Lz4, 1..PAGE)
         ));
         let len = len.min(PAGE);
-        let data = &self.buf[self.stored..self.stored + len];
-        self.data_crc.update(data);
+        // A zero page has no data to hash.
+        if len > 0 {
+            self.data_crc
+                .update(&self.buf[self.stored..self.stored + len]);
+        }
         if let Some(pieces) = &mut self.pieces {
             match pieces.last_mut() {
                 Some(Piece::Buffer { start, len: n }) if *start + *n == self.stored => *n += len,
