@@ -181,6 +181,9 @@ pub enum Fact {
     Reconnected,
     /// Postcopy recovery: the sides are in step again and postcopy continues.
     Resumed,
+    /// Destination: it holds the complete, verified state and told the source so, but the
+    /// link broke before the source's decision arrived; it waits for that decision.
+    InDoubt,
     /// Every worker and socket of this migration has stopped.
     Drained,
 }
@@ -199,6 +202,7 @@ impl Fact {
             Fact::ChannelLost => "channel-lost",
             Fact::Reconnected => "reconnected",
             Fact::Resumed => "resumed",
+            Fact::InDoubt => "in-doubt",
             Fact::Drained => "drained",
         }
     }
@@ -240,6 +244,7 @@ impl Fact {
             "channel-lost" => bare(Fact::ChannelLost),
             "reconnected" => bare(Fact::Reconnected),
             "resumed" => bare(Fact::Resumed),
+            "in-doubt" => bare(Fact::InDoubt),
             "drained" => bare(Fact::Drained),
             _ => Err(ParseInputError::new("fact", s)),
         }

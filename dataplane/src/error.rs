@@ -103,6 +103,14 @@ pub enum Error {
         /// Its message.
         message: String,
     },
+    /// The source kept the guest after this receiver said *ready*: it decided to resume it
+    /// (its decision was *abort*, or it failed before deciding). The received copy must not
+    /// run.
+    #[error("the source kept the guest ({reason}); the received copy is discarded")]
+    SourceKept {
+        /// What the source said.
+        reason: String,
+    },
     /// Guest memory access failed (a page outside guest memory, say).
     #[error("channel {channel}: guest memory")]
     Memory {

@@ -20,12 +20,12 @@ use ramjet_control::Fact;
 use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::internals::codec::{Batch, Encoder, PageCompression};
 use ramjet_dataplane::internals::wire::{
-    Encoding, FrameHeader, Hello, HelloReply, MAX_PAYLOAD, PageEntry, Verdict, channel_of,
-    frame_capacity, seal,
+    Encoding, FrameHeader, FrameKind, Hello, HelloReply, MAX_PAYLOAD, PageEntry, Verdict,
+    channel_of, frame_capacity, seal,
 };
 use ramjet_dataplane::memory::{GuestAddr, GuestMemory, RegionLayout};
 use ramjet_dataplane::transport::{Endpoint, Listener, Transport};
-use ramjet_dataplane::{Error, ReceiveOptions, Received, SendOptions, Sender, receive};
+use ramjet_dataplane::{Error, Handover, ReceiveOptions, Received, SendOptions, Sender, receive};
 
 const PAGES: u64 = 256;
 const SHORT: Duration = Duration::from_millis(400);
@@ -44,6 +44,7 @@ fn receiver(memory: Arc<GuestMemory>, transport: &Arc<dyn Transport>) -> (Endpoi
             workers: 2,
             timeout: SHORT,
             accept_timeout: Some(Duration::from_secs(10)),
+            in_doubt_wait: SHORT,
             ..ReceiveOptions::default()
         };
         let result = receive(&listener, memory, &options, facts.sink());
@@ -151,30 +152,58 @@ fn one_channel(t: &Arc<dyn Transport>, hello: &[u8], frames: &[Vec<u8>]) -> Erro
     failure(run)
 }
 
+/// A hand-written sender's valid stream is received; the guest may run only once it said go.
+/// Without its decision (it closes after ready), the receiver keeps the copy in doubt.
 #[test]
 fn the_valid_stream_is_accepted() {
     for t in &common::transports() {
-        let src = source();
-        let dst = destination();
-        let (at, run) = receiver(Arc::clone(&dst), t);
-        let stream = valid_stream(&src, 1);
-        let (hello, frames) = &stream[0];
-        let mut s = tcp(&at);
-        let back = feed(&mut s, &[hello.clone(), frames.concat()].concat());
-        let (result, facts) = run.join().expect("receiver");
-        let received = result.expect("valid stream");
-        assert_eq!(received.device_state, b"device");
-        assert_eq!(facts.last(), Some(&Fact::Drained));
-        assert_eq!(src.first_difference(&dst).expect("layout"), None);
-        // The reply accepted, and the confirmation followed.
-        let mut fixed = [0u8; HelloReply::FIXED_LEN];
-        fixed.copy_from_slice(&back[..HelloReply::FIXED_LEN]);
-        assert_eq!(
-            HelloReply::decode(&fixed, &[]).expect("reply").verdict,
-            Verdict::Accept
-        );
-        // The reply, then the confirmation: a header and its 8-byte payload.
-        assert_eq!(back.len(), HelloReply::FIXED_LEN + FrameHeader::LEN + 8);
+        for decides in [true, false] {
+            let src = source();
+            let dst = destination();
+            let (at, run) = receiver(Arc::clone(&dst), t);
+            let stream = valid_stream(&src, 1);
+            let (hello, frames) = &stream[0];
+            let mut s = tcp(&at);
+            s.write_all(&[hello.clone(), frames.concat()].concat())
+                .expect("send");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            // The reply accepts; then comes ready: a header and its 8-byte payload.
+            let mut fixed = [0u8; HelloReply::FIXED_LEN];
+            s.read_exact(&mut fixed).expect("hello reply");
+            assert_eq!(
+                HelloReply::decode(&fixed, &[]).expect("reply").verdict,
+                Verdict::Accept
+            );
+            let mut ready = [0u8; FrameHeader::LEN + 8];
+            s.read_exact(&mut ready).expect("ready");
+            let mut header = [0u8; FrameHeader::LEN];
+            header.copy_from_slice(&ready[..FrameHeader::LEN]);
+            let header = FrameHeader::decode(&header).expect("ready header");
+            assert_eq!(header.kind, FrameKind::Ready);
+            assert_eq!(header.value, PAGES);
+            if decides {
+                s.write_all(&FrameHeader::decision(true)).expect("go");
+                let mut decided = [0u8; FrameHeader::LEN];
+                s.read_exact(&mut decided).expect("decided");
+                let decided = FrameHeader::decode(&decided).expect("decided header");
+                assert_eq!((decided.kind, decided.is_go()), (FrameKind::Decided, true));
+            }
+            drop(s);
+            let (result, facts) = run.join().expect("receiver");
+            let received = result.expect("a complete copy");
+            assert_eq!(received.device_state, b"device");
+            assert_eq!(src.first_difference(&dst).expect("layout"), None);
+            if decides {
+                assert_eq!(received.handover, Handover::Go);
+                assert_eq!(facts[facts.len() - 2..], [Fact::Completed, Fact::Drained]);
+            } else {
+                assert_eq!(received.handover, Handover::InDoubt);
+                assert!(!received.handover.may_run());
+                assert!(!facts.contains(&Fact::Completed), "{facts:?}");
+                assert_eq!(facts.last(), Some(&Fact::Drained));
+            }
+        }
     }
 }
 
@@ -185,7 +214,7 @@ fn wrong_magic_version_or_layout_is_refused_with_the_reason() {
         let (hello, _) = valid_stream(&src, 1).remove(0);
         let cases: [(usize, &[u8], &str); 2] = [
             (0, b"QEMU", "bad magic"),
-            (8, &2u16.to_le_bytes(), "unsupported protocol version 2"),
+            (8, &3u16.to_le_bytes(), "unsupported protocol version 3"),
         ];
         for (at_byte, patch, needle) in cases {
             let mut bad = hello.clone();
@@ -561,7 +590,7 @@ fn a_silent_receiver_times_out() {
             s.set_read_timeout(Some(SHORT * 4)).expect("timeout");
             swallow(&mut s);
         });
-        assert_names(&err, "waiting for the receiver's confirmation");
+        assert_names(&err, "waiting for the receiver's ready");
     }
 }
 

@@ -12,9 +12,9 @@ use std::str::FromStr;
 
 use ramjet_control::{Fact, Input, Machine, Options, Profile, Side, Timestamp, Trigger};
 use ramjet_dataplane::internals::codec::{Batch, Encoder, PageCompression};
-use ramjet_dataplane::testkit::image::Rng;
-use ramjet_dataplane::memory::{GuestAddr, GuestMemory, RegionLayout};
 use ramjet_dataplane::internals::wire::{FrameHeader, Hello, HelloReply, Verdict, frame_capacity};
+use ramjet_dataplane::memory::{GuestAddr, GuestMemory, RegionLayout};
+use ramjet_dataplane::testkit::image::Rng;
 use ramjet_fuzz::control_input::{self, Config, Step};
 use ramjet_fuzz::program::{
     self, FLAG_PREFILL, FLAG_URING, LAYOUT, Op, PAGE, PageSpec, program_input,
@@ -240,7 +240,7 @@ fn wire_decode() -> Seeds {
         &FrameHeader::device_state(4096, b"piece"),
     );
     frame("error", 0, &FrameHeader::error("disk full"));
-    frame("confirm", 0, &FrameHeader::confirm(2, 100, 5));
+    frame("confirm", 0, &FrameHeader::ready(2, 100, 5));
     frame("pages-lz4", 0, &encoder_frame(PageCompression::Lz4));
     frame("pages-raw", 0, &encoder_frame(PageCompression::Off));
     frame("pages-program", 0, &program::build_ops(&valid_ops()[..1]));
@@ -268,7 +268,7 @@ fn wire_decode() -> Seeds {
     frame("reply-refuse", 2, &refuse.encode());
     frame("reply-fix-crc", 6, &refuse.encode());
     frame("all-hello", 3, &hello);
-    frame("all-frame", 7, &FrameHeader::confirm(1, 1, 1));
+    frame("all-frame", 7, &FrameHeader::ready(1, 1, 1));
     let _ = LAYOUT;
     seeds
 }

@@ -83,7 +83,11 @@ fn frame(bytes: &[u8], fix: bool) -> bool {
         FrameKind::EndOfRound | FrameKind::EndOfStream => assert_eq!(h.len, 0),
         FrameKind::DeviceState => assert!(h.len > 0),
         FrameKind::Error => assert!(h.len <= MAX_MESSAGE),
-        FrameKind::Confirm => assert_eq!(h.len, 8),
+        FrameKind::Ready => assert_eq!(h.len, 8),
+        FrameKind::Decision | FrameKind::Decided => {
+            assert_eq!((h.len, h.round), (0, 0));
+            assert!(h.value <= 1);
+        }
     }
     if h.kind != FrameKind::Pages {
         assert_eq!((h.count, h.region), (0, 0));

@@ -127,11 +127,13 @@ impl<'a> Model<'a> {
                         return Err("bad end of stream".into());
                     }
                     self.accepted.rounds = self.round;
-                    // The confirmation the receiver sends back.
+                    // The ready the receiver sends back.
                     self.accepted.wire_bytes += FrameHeader::LEN as u64 + 8;
                     return Ok(std::mem::take(&mut self.accepted));
                 }
-                FrameKind::Error | FrameKind::Confirm => return Err("error or confirm".into()),
+                FrameKind::Error | FrameKind::Ready | FrameKind::Decision | FrameKind::Decided => {
+                    return Err("error or handover frame".into());
+                }
             }
         }
     }

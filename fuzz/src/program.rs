@@ -23,13 +23,13 @@
 //! | 4 | error | message `bytes` |
 //! | 5 | (raw bytes) | `bytes`, appended as they are |
 //! | 6 | (corruption) | position `u16` (modulo the stream so far), xor mask `b` (0 acts as 1) |
-//! | 7 | confirm | none (a receiver must refuse it from a sender) |
+//! | 7 | ready | none (a receiver must refuse it from a sender) |
 //! | 8 | any header | kind `b` (% 8), round `u32`, value `u64`, payload `bytes`; sealed |
 //!
 //! The guest memory is always [`LAYOUT`]; the hello is built for it ([`hello`]).
 
-use ramjet_dataplane::memory::{GuestAddr, RegionLayout};
 use ramjet_dataplane::internals::wire::{Encoding, FrameHeader, Hello, PageEntry, seal};
+use ramjet_dataplane::memory::{GuestAddr, RegionLayout};
 
 use crate::cursor::Cursor;
 
@@ -191,7 +191,7 @@ pub enum Op {
     Raw(Vec<u8>),
     /// Flip bits at a position of the stream so far.
     Corrupt(u16, u8),
-    /// A confirm frame.
+    /// A ready frame (the receiver's, never a sender's).
     Confirm,
     /// Any header kind with any round and value, sealed.
     Any {
@@ -408,7 +408,7 @@ fn emit(op: &Op, tally: &mut Tally, out: &mut Vec<u8>) {
                 out[at] ^= (*mask).max(1);
             }
         }
-        Op::Confirm => out.extend(FrameHeader::confirm(tally.round, tally.total_pages, 0)),
+        Op::Confirm => out.extend(FrameHeader::ready(tally.round, tally.total_pages, 0)),
         Op::Any {
             kind,
             round,

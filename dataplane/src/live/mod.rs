@@ -9,8 +9,9 @@
 //! stall policy says so. The switchover pauses the guest ([`Guest::pause`]),
 //! optionally waits for [`LiveHandle::proceed`] (`pause-before-switchover`), syncs once more,
 //! sends the final round straight from the frozen memory, then the device state, and
-//! completes once the receiver confirms every page. Downtime is measured from the pause to
-//! that confirmation.
+//! hands the guest over ([`Sender::finish`]): the receiver says it holds every page, the source
+//! commits and says *go*. Downtime is measured from the pause to the receiver's
+//! acknowledgement of that go (the destination may run the guest from then at the latest).
 //!
 //! A stall is the bytes still dirty not shrinking over [`LiveOptions::stall_rounds`] rounds;
 //! it is reported in [`Progress`], and [`StallPolicy`] says whether to go on, switch over
@@ -39,6 +40,11 @@ pub use options::{LiveOptions, StallPolicy};
 
 /// The embedder's side of the switchover. An error from a hook fails the migration with
 /// [`Error::Guest`], which keeps it as its source.
+///
+/// The hooks say which side may run the guest: after [`resume`](Guest::resume) the source
+/// runs it (the migration failed before the handover, and the destination discards its copy);
+/// after [`handed_over`](Guest::handed_over) the destination does, and the source must never
+/// run it again. Exactly one of the two is called once the guest was paused.
 pub trait Guest {
     /// Stops the guest (its vCPUs): once this returns, nothing writes guest memory.
     fn pause(&mut self) -> Result<(), BoxError>;
@@ -46,10 +52,15 @@ pub trait Guest {
     /// The device-state blob, taken while paused.
     fn device_state(&mut self) -> Result<Vec<u8>, BoxError>;
 
-    /// Resumes the guest on the source after a failed or cancelled migration (the guest
-    /// must never stay paused, nor run in two places: it resumes only if the migration did
-    /// not complete).
+    /// Resumes the guest on the source after a failed or cancelled migration: the source
+    /// kept the guest, since the handover was never decided (the guest must never stay paused,
+    /// nor run in two places).
     fn resume(&mut self);
+
+    /// The source handed the guest over: the destination runs it from now on (or, if the
+    /// receiver did not acknowledge, holds it in doubt until an operator says so). The guest
+    /// must never run here again; a VMM tears it down. The default does nothing.
+    fn handed_over(&mut self) {}
 }
 
 /// What a completed live migration did.
@@ -61,7 +72,8 @@ pub struct LiveReport {
     pub reason: SwitchoverReason,
     /// The downtime expected at the switchover decision.
     pub expected_downtime: Duration,
-    /// From pausing the guest to the receiver's confirmation.
+    /// From pausing the guest to the receiver's acknowledgement of the go (or, unacknowledged,
+    /// to sending it).
     pub downtime: Duration,
     /// Bytes sent while the guest was paused (what earlier rounds still had queued included).
     pub downtime_bytes: u64,
@@ -77,7 +89,8 @@ pub struct LiveReport {
 /// the guest's writes, `guest` pauses it and hands over its device state. Other threads steer
 /// and watch it through the sender's [`LiveHandle`] ([`Sender::live_handle`], taken before this
 /// call). On failure or cancel the session reports `failed`/`drained`, a paused guest is
-/// resumed, and the error is returned.
+/// resumed, and the error is returned; once the guest is handed over,
+/// [`Guest::handed_over`] is called and the migration returns `Ok`.
 pub fn migrate_live(
     sender: Sender,
     source: &mut dyn DirtySource,
@@ -224,6 +237,9 @@ impl Run<'_> {
         };
         let sender = self.sender.take().ok_or(Error::Ended)?;
         let summary = sender.finish(&device_state)?;
+        // From here the guest belongs to the destination.
+        self.paused = false;
+        guest.handed_over();
         // Everything is across now.
         self.handle.update(|p| p.remaining_bytes = 0);
         let progress = self.convergence.progress();

@@ -8,13 +8,14 @@ use crate::transport::{Listener, Stream};
 
 use super::options::ReceiveOptions;
 
-/// Accepts every channel of one migration and answers its hello.
+/// Accepts every channel of one migration and answers its hello; returns the channels in
+/// order and the migration's session id.
 pub(super) fn accept_channels(
     listener: &Listener,
     memory: &GuestMemory,
     options: &ReceiveOptions,
     stop: &Stop,
-) -> Result<Vec<Stream>, Error> {
+) -> Result<(Vec<Stream>, [u8; 16]), Error> {
     let mut slots: Vec<Option<Stream>> = Vec::new();
     let mut migration = None;
     let mut accepted = 0usize;
@@ -78,7 +79,7 @@ pub(super) fn accept_channels(
         slots[usize::from(channel)] = Some(stream);
         accepted += 1;
         if accepted == slots.len() {
-            return Ok(slots.into_iter().flatten().collect());
+            return Ok((slots.into_iter().flatten().collect(), hello.session));
         }
     }
 }

@@ -27,6 +27,8 @@ pub(super) struct ChannelDone {
     pub(super) pages: u64,
     pub(super) rounds: u32,
     pub(super) device_state: Vec<u8>,
+    /// Channel 0's link, which carries the handover next.
+    pub(super) link: Option<Box<dyn LinkReader>>,
 }
 
 /// Reads and applies one channel's frames.
@@ -88,8 +90,11 @@ impl ChannelReader {
         let result = self.read_frames();
         // No decode job of this channel may outlive the reader.
         let waited = self.wait_decodes();
-        let done = result?;
+        let mut done = result?;
         waited?;
+        if self.channel == 0 {
+            done.link = Some(self.link);
+        }
         Ok(done)
     }
 
@@ -132,8 +137,10 @@ impl ChannelReader {
                 FrameKind::DeviceState => self.device_state_piece(&header)?,
                 FrameKind::EndOfStream => return self.end_of_stream(&header),
                 FrameKind::Error => return Err(self.peer_error(&header)),
-                FrameKind::Confirm => {
-                    let problem = self.protocol("unexpected confirm frame from the sender".into());
+                kind @ (FrameKind::Ready | FrameKind::Decision | FrameKind::Decided) => {
+                    let problem = self.protocol(format!(
+                        "unexpected {kind:?} frame before the end of stream"
+                    ));
                     return Err(self.unverified(&header, false, problem));
                 }
             }
@@ -519,6 +526,7 @@ impl ChannelReader {
             pages: self.total_pages,
             rounds: self.round,
             device_state: std::mem::take(&mut self.device_state),
+            link: None,
         })
     }
 

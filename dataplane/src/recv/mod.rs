@@ -24,27 +24,40 @@ use ramjet_control::Fact;
 mod accept;
 mod channel;
 mod decode;
+mod handover;
 mod options;
 mod shared;
 
-pub use options::{ReceiveOptions, Received};
+pub use handover::{Handover, Operator};
+pub use options::{Log, ReceiveOptions, Received};
 
 use accept::accept_channels;
 use channel::{ChannelDone, ChannelReader};
 use decode::{DecodeJob, LzBuf};
+use handover::Outcome;
 use shared::{LINGER, Shared};
 
 use crate::error::Error;
 use crate::memory::GuestMemory;
 use crate::pool::Pool;
 use crate::session::{self, Counters, FactSink, Stop};
-use crate::transport::{LinkWriter, Listener, Stream};
+use crate::transport::{LinkReader, LinkWriter, Listener, Stream};
 use crate::wire::FrameHeader;
 
 /// Receives one migration on `listener` into `memory`: accepts the sender's channels, checks
-/// its hello against `memory`'s layout, applies every page, and confirms once everything has
-/// arrived. Reports `setup-done`, `pass N` at the end of each round, `completed`, `failed` with
-/// the first error, and `drained` last.
+/// its hello against `memory`'s layout, applies every page, then hands over (see
+/// [`Handover`]): says *ready* once everything arrived and was verified, and lets the guest run
+/// only once the source said *go*.
+///
+/// Returns [`Received`] whenever it holds the complete, verified state; its
+/// [`handover`](Received::handover) says whether the guest may run here (never run it in
+/// doubt). Returns an error when the copy must not run: the migration failed before the
+/// handover, the source kept the guest ([`Error::SourceKept`]), or it was cancelled or
+/// discarded ([`Error::Cancelled`]).
+///
+/// Reports `setup-done`, `pass N` at the end of each round, `completed` once the guest may run
+/// here, `in-doubt` when the link broke after *ready*, `failed` with the first error, and
+/// `drained` last.
 pub fn receive(
     listener: &Listener,
     memory: Arc<GuestMemory>,
@@ -66,8 +79,8 @@ pub fn receive(
         }
     };
     let memory = Arc::clone(lease.memory());
-    let streams = match accept_channels(listener, &memory, options, &stop) {
-        Ok(streams) => streams,
+    let (streams, session) = match accept_channels(listener, &memory, options, &stop) {
+        Ok(accepted) => accepted,
         Err(err) => {
             stop.fail(err);
             stop.close_all();
@@ -106,18 +119,38 @@ pub fn receive(
     match outcome {
         Ok(mut done) => {
             let device_state = std::mem::take(&mut done.device_state);
-            let confirm = FrameHeader::confirm(done.rounds, done.pages, device_state.len() as u64);
-            let sent = running.writers.first_mut().map(|w| w.send(&[&confirm]));
-            if let Some(Err(e)) = sent {
-                stop.fail(Error::io(0, "sending the confirmation", options.timeout, e));
-                running.stop(&stop);
-                return Err(stop.end(shared.sink.as_ref()));
+            let ready = FrameHeader::ready(done.rounds, done.pages, device_state.len() as u64);
+            let context = handover::Context {
+                listener,
+                session,
+                layout: memory.layout(),
+                options,
+                stop: &stop,
+                sink: shared.sink.as_ref(),
+                counters: &shared.counters,
+            };
+            let outcome = match running.writers.first_mut() {
+                Some(writer) => context.hand_over(writer.as_mut(), done.link.take(), &ready),
+                None => Outcome::Discard(Error::Internal {
+                    channel: 0,
+                    what: "channel 0 has no writer",
+                }),
+            };
+            let handover = match outcome {
+                Outcome::Keep(handover) => handover,
+                Outcome::Discard(err) => {
+                    stop.fail(err);
+                    running.stop(&stop);
+                    return Err(stop.end(shared.sink.as_ref()));
+                }
+            };
+            if handover.may_run() {
+                shared.sink.fact(Fact::Completed);
             }
-            shared.counters.add_wire_bytes(confirm.len() as u64);
-            shared.sink.fact(Fact::Completed);
             running.stop(&stop);
             shared.sink.fact(Fact::Drained);
             Ok(Received {
+                handover,
                 device_state,
                 rounds: done.rounds,
                 stats: shared.counters.snapshot(),
@@ -141,11 +174,13 @@ pub fn receive(
 }
 
 /// What every channel reported at its end of stream.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Done {
     pages: u64,
     rounds: u32,
     device_state: Vec<u8>,
+    /// Channel 0's link, for the handover.
+    link: Option<Box<dyn LinkReader>>,
 }
 
 /// The running threads of a receive session.
@@ -214,7 +249,10 @@ impl Running {
                 });
             };
             self.pending -= 1;
-            let channel = result?;
+            let mut channel = result?;
+            if let Some(link) = channel.link.take() {
+                done.link = Some(link);
+            }
             done.pages += channel.pages;
             done.rounds = done.rounds.max(channel.rounds);
             if !channel.device_state.is_empty() {

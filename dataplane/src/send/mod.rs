@@ -3,7 +3,7 @@
 //! ```text
 //!  caller ── round(dirty) ──> jobs ──> codec workers ──> per-channel queue ──> writer ──> socket
 //!                              (≤ 64 pages of one channel)      (FIFO)                      │
-//!  confirm <─────────────────────────────────────────────── return-path reader <───────────┘
+//!  handover <────────────────────────────────────────────── return-path reader <───────────┘
 //! ```
 //!
 //! A round cuts the dirty set into jobs (`job.rs`): a dense 64-page chunk is a job of its own,
@@ -15,9 +15,14 @@
 //! pool. When every job of a round is encoded (a
 //! barrier), an end-of-round frame is queued on each channel; since queues and sockets are FIFO,
 //! every frame of round N reaches the receiver before any frame of round N+1 on that channel.
-//! The return-path readers (`return_path.rs`) listen for the receiver's confirmation or error;
+//! The return-path readers (`return_path.rs`) listen for the receiver's handover replies or error;
 //! `rate.rs` holds the rate policy (`max-bandwidth`, and the link rate `auto` compression
 //! watches).
+//!
+//! [`Sender::finish`] ends with the handover (see [`wire`](crate::wire)): the receiver says
+//! *ready*, the sender commits (from then on it never fails, and the guest must never resume
+//! here) and says *go*, on channel 0 or, if that broke, on new connections for at most
+//! [`SendOptions::decision_timeout`].
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -39,7 +44,7 @@ pub use options::{PreSwitchover, RoundStats, SendOptions, Summary};
 use job::{CHUNK_LEN, Job};
 use outgoing::{FrameBuf, Outgoing, QUEUE_FRAMES};
 use rate::{RateLimit, RateMeter};
-use return_path::Confirmation;
+use return_path::Reply;
 use worker::{AUTO_LZ4_BYTES_PER_WORKER, WorkerContext};
 use writer::WriterContext;
 
@@ -58,6 +63,9 @@ use crate::wire::{
 
 /// How long the clean-up after a failure waits for the peer's own error message.
 const GRACE: Duration = Duration::from_millis(500);
+/// The longest a failed sender spends telling a receiver that may be in doubt that it keeps
+/// the guest, on a new connection (the guest waits for it to resume).
+const ABORT_BOUND: Duration = Duration::from_secs(2);
 
 /// Where a round's jobs go: the codec workers, counted per channel and overall.
 struct Dispatch<'a> {
@@ -88,9 +96,10 @@ impl Dispatch<'_> {
 /// A running send session: connected channels and the threads that feed them.
 ///
 /// Facts: `setup-done` once every channel is connected, `pass N` as each round starts,
-/// `switchover` from [`Sender::switchover`], `completed` once the receiver confirmed every page,
-/// `failed` with the first error, and `drained` last, when every thread and socket of the
-/// session has stopped. Dropping an unfinished sender cancels it.
+/// `switchover` from [`Sender::switchover`], `completed` once the receiver said it holds every
+/// page and the source committed to the handover (see [`Sender::finish`]), `failed` with the
+/// first error, and `drained` last, when every thread and socket of the session has stopped.
+/// Dropping an unfinished sender cancels it.
 pub struct Sender {
     memory: Arc<GuestMemory>,
     timeout: Duration,
@@ -102,7 +111,15 @@ pub struct Sender {
     jobs: Option<channel::Sender<Job>>,
     acks: Receiver<()>,
     queues: Vec<channel::Sender<Outgoing>>,
-    confirm: Receiver<Result<Confirmation, Error>>,
+    confirm: Receiver<Result<Reply, Error>>,
+    /// Where the receiver listens and this session's hello, for delivering the decision on a
+    /// new connection.
+    endpoint: Endpoint,
+    hello: Hello,
+    decision_timeout: Duration,
+    /// The end of stream is queued: the receiver may say *ready* (or may have said it) from
+    /// now on, so a failure must tell it that the source keeps the guest.
+    finishing: bool,
     reader_exits: Receiver<()>,
     workers: Vec<JoinHandle<()>>,
     writers: Vec<JoinHandle<()>>,
@@ -148,12 +165,12 @@ impl Sender {
     ) -> Result<Sender, Error> {
         let stop = options.cancel.stop();
         let connected = Self::connect_streams(&memory, endpoint, options, &stop).and_then(|s| {
-            let channels = s.len();
+            let channels = s.0.len();
             let slots = channels * (QUEUE_FRAMES + 4) + options.workers * 2;
             let arena = Arena::new(slots, frame_capacity(CHUNK_LEN)).map_err(Error::Buffers)?;
             Ok((s, arena))
         });
-        let (streams, (arena, slots)) = match connected {
+        let ((streams, hello), (arena, slots)) = match connected {
             Ok(connected) => connected,
             Err(err) => {
                 stop.fail(err);
@@ -181,7 +198,7 @@ impl Sender {
                 .map(|rate| Arc::new(RateLimit::new(rate))),
             timeout: options.timeout,
         };
-        let sender = Self::start(&wiring, &streams, options, sink);
+        let sender = Self::start(&wiring, &streams, (endpoint, hello), options, sink);
         sender.sink.fact(Fact::SetupDone);
         Ok(sender)
     }
@@ -191,7 +208,7 @@ impl Sender {
         endpoint: &Endpoint,
         options: &SendOptions,
         stop: &Stop,
-    ) -> Result<Vec<Stream>, Error> {
+    ) -> Result<(Vec<Stream>, Hello), Error> {
         if options.channels == 0 || options.channels > MAX_CHANNELS {
             return Err(Error::Config(format!(
                 "channels must be 1 to {MAX_CHANNELS}, not {}",
@@ -209,7 +226,12 @@ impl Sender {
                 "at most {MAX_REGIONS} memory regions can be migrated"
             )));
         }
-        let session = session::session_id();
+        let mut hello = Hello {
+            session: session::session_id(),
+            channel: 0,
+            channels: options.channels,
+            regions: memory.layout(),
+        };
         let mut streams = Vec::with_capacity(usize::from(options.channels));
         for channel in 0..options.channels {
             if stop.is_stopped() {
@@ -223,22 +245,20 @@ impl Sender {
                 })?;
             stop.register(&stream)
                 .map_err(|e| Error::io(channel, "duplicating the socket", options.timeout, e))?;
-            let hello = Hello {
-                session,
-                channel,
-                channels: options.channels,
-                regions: memory.layout(),
-            };
+            hello.channel = channel;
             session::greet(&mut stream, &hello, options.timeout)?;
             streams.push(stream);
         }
-        Ok(streams)
+        hello.channel = 0;
+        Ok((streams, hello))
     }
 
-    /// Starts the writers, return-path readers and codec workers over connected streams.
+    /// Starts the writers, return-path readers and codec workers over streams connected to
+    /// `at.0` with hello `at.1` (channel 0's).
     fn start(
         wiring: &Wiring,
         streams: &[Stream],
+        at: (&Endpoint, Hello),
         options: &SendOptions,
         sink: Arc<dyn FactSink>,
     ) -> Sender {
@@ -247,7 +267,8 @@ impl Sender {
         // Unbounded, but at most one ack per job of the round in flight: `round` hands out every
         // job before it collects the acks, so a bounded channel could stall the workers.
         let (acks_tx, acks_rx) = channel::unbounded::<()>();
-        let (confirm_tx, confirm_rx) = channel::bounded(2);
+        // Ready, decided, and a closed connection's error: each sent at most once.
+        let (confirm_tx, confirm_rx) = channel::bounded(4);
         let (exit_tx, exit_rx) = channel::bounded(channels);
         let mut sender = Sender {
             memory: Arc::clone(&wiring.memory),
@@ -260,6 +281,10 @@ impl Sender {
             acks: acks_rx,
             queues: Vec::with_capacity(channels),
             confirm: confirm_rx,
+            endpoint: at.0.clone(),
+            hello: at.1,
+            decision_timeout: options.decision_timeout,
+            finishing: false,
             reader_exits: exit_rx,
             workers: Vec::new(),
             writers: Vec::new(),
@@ -309,7 +334,7 @@ impl Sender {
         options: &SendOptions,
         channel: u16,
         stream: &Stream,
-        confirm: Option<channel::Sender<Result<Confirmation, Error>>>,
+        confirm: Option<channel::Sender<Result<Reply, Error>>>,
         exit: channel::Sender<()>,
     ) {
         let (queue_tx, queue_rx) = channel::bounded(QUEUE_FRAMES);
@@ -475,8 +500,17 @@ impl Sender {
         Ok(())
     }
 
-    /// Sends the device state and the end of the stream, then waits for the receiver to
-    /// confirm every page. Reports `completed` and then `drained`.
+    /// Sends the device state and the end of the stream, then hands the guest over: waits for
+    /// the receiver's *ready* (it holds every page and the device state, verified), commits,
+    /// and says *go*. Reports `completed` and then `drained`.
+    ///
+    /// An error means the source keeps the guest: the caller resumes it (the receiver is told
+    /// to discard its copy). Once the receiver said ready this returns `Ok`, whatever happens
+    /// next: the guest belongs to the destination and must never resume here. If channel 0
+    /// breaks before the receiver acknowledged *go*, the go is delivered on new connections
+    /// for up to [`SendOptions::decision_timeout`];
+    /// [`Summary::acknowledged`] says whether it arrived (if not, the destination is in doubt
+    /// until an operator tells it that this source handed over).
     pub fn finish(mut self, device_state: &[u8]) -> Result<Summary, Error> {
         self.check()?;
         if device_state.len() as u64 > MAX_DEVICE_STATE {
@@ -495,18 +529,57 @@ impl Sender {
                 offset += piece.len() as u64;
             }
         }
+        self.finishing = true;
         for (channel, queue) in self.queues.iter().enumerate() {
             let frame = FrameHeader::end_of_stream(self.round, self.total_pages[channel]);
             self.counters.add_queued(frame.len() as u64);
             let _ = queue.send(Outgoing::Control(frame));
         }
         self.jobs = None;
-        // The timeout runs from the last progress: on a slow link the frames still queued
-        // here and in the sockets take a while to reach the receiver. Bytes leaving our queues
-        // or the sockets' change these figures; a link that stopped leaves them still.
+        let (pages, device_state_len) = self.wait_for_ready()?;
+        let sent: u64 = self.total_pages.iter().sum();
+        if pages != sent || device_state_len != device_state.len() as u64 {
+            let err = Error::protocol(
+                0,
+                format!(
+                    "the receiver holds {pages} pages and {device_state_len} bytes of device \
+                     state, {sent} and {} were sent",
+                    device_state.len()
+                ),
+            );
+            return Err(self.fail(err));
+        }
+        // The handover is decided: from here the source never resumes the guest, so nothing
+        // below fails (a cancel no longer takes it back).
+        self.counters
+            .add_device_state_bytes(device_state.len() as u64);
+        self.counters.set_remaining_pages(0);
+        let go = Instant::now();
+        let acknowledged = self.deliver_go();
+        let confirmed = acknowledged.unwrap_or(go);
+        self.sink.fact(Fact::Completed);
+        self.stop.close_all();
+        self.stop_threads();
+        self.ended = true;
+        self.sink.fact(Fact::Drained);
+        Ok(Summary {
+            rounds: self.round,
+            stats: self.counters.snapshot(),
+            elapsed: confirmed.duration_since(self.started),
+            confirmed,
+            acknowledged: acknowledged.is_some(),
+        })
+    }
+
+    /// Waits for the receiver's *ready*: the pages and device-state bytes it holds. The timeout
+    /// runs from the last progress: on a slow link the frames still queued here and in the
+    /// sockets take a while to reach the receiver. Bytes leaving our queues or the sockets'
+    /// change these figures; a link that stopped leaves them still.
+    fn wait_for_ready(&mut self) -> Result<(u64, u64), Error> {
+        let op = "waiting for the receiver's ready";
         let mut deadline = Instant::now() + self.timeout;
         let mut last = None;
-        let confirmation = loop {
+        loop {
             if self.stop.is_stopped() {
                 return Err(self.fail_stopped());
             }
@@ -519,7 +592,7 @@ impl Sender {
             if left.is_zero() {
                 let err = Error::Timeout {
                     channel: 0,
-                    op: "waiting for the receiver's confirmation",
+                    op,
                     timeout: self.timeout,
                 };
                 return Err(self.fail(err));
@@ -528,50 +601,61 @@ impl Sender {
                 .confirm
                 .recv_timeout(left.min(Duration::from_millis(50)))
             {
-                Ok(Ok(confirmation)) => break confirmation,
+                Ok(Ok(Reply::Ready {
+                    pages,
+                    device_state_len,
+                })) => return Ok((pages, device_state_len)),
+                Ok(Ok(Reply::Decided(_))) => {
+                    let err = Error::protocol(0, "the receiver said decided before ready");
+                    return Err(self.fail(err));
+                }
                 Ok(Err(err)) => return Err(self.fail(err)),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    let err = Error::Closed {
-                        channel: 0,
-                        op: "waiting for the receiver's confirmation",
-                    };
-                    return Err(self.fail(err));
+                    return Err(self.fail(Error::Closed { channel: 0, op }));
                 }
             }
-        };
-        let sent: u64 = self.total_pages.iter().sum();
-        if confirmation.pages != sent || confirmation.device_state_len != device_state.len() as u64
-        {
-            let err = Error::protocol(
-                0,
-                format!(
-                    "the receiver confirmed {} pages and {} bytes of device state, {} and {} \
-                     were sent",
-                    confirmation.pages,
-                    confirmation.device_state_len,
-                    sent,
-                    device_state.len()
-                ),
-            );
-            return Err(self.fail(err));
         }
-        self.counters
-            .add_device_state_bytes(device_state.len() as u64);
-        self.counters.set_remaining_pages(0);
-        let confirmed = Instant::now();
-        let elapsed = confirmed.duration_since(self.started);
-        self.sink.fact(Fact::Completed);
-        self.stop.close_all();
-        self.stop_threads();
-        self.ended = true;
-        self.sink.fact(Fact::Drained);
-        Ok(Summary {
-            rounds: self.round,
-            stats: self.counters.snapshot(),
-            elapsed,
-            confirmed,
-        })
+    }
+
+    /// Says *go* on channel 0 and waits for the receiver's acknowledgement; if channel 0 broke
+    /// (or stays silent for the timeout), says it on new connections until one is acknowledged
+    /// or the decision timeout passes. Returns when the go was acknowledged.
+    fn deliver_go(&mut self) -> Option<Instant> {
+        if let Some(first) = self.queues.first() {
+            let frame = FrameHeader::decision(true);
+            self.counters.add_queued(frame.len() as u64);
+            if first.send(Outgoing::Control(frame)).is_ok() {
+                let deadline = Instant::now() + self.timeout;
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match self.confirm.recv_timeout(left) {
+                        Ok(Ok(Reply::Decided(true))) => return Some(Instant::now()),
+                        // A stray ready or decided means a confused peer: deliver anew.
+                        Ok(Ok(_)) => {}
+                        Ok(Err(_)) | Err(_) => break,
+                    }
+                }
+            }
+        }
+        // Shutting the old channels down ends a receiver's wait on them at once: it is in
+        // doubt now, and accepts the decision on a new connection.
+        self.stop.shutdown_all();
+        let deadline = Instant::now() + self.decision_timeout;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let timeout = self.timeout.min(left).max(Duration::from_millis(1));
+            if session::deliver(&self.endpoint, &self.hello, true, timeout).is_ok() {
+                return Some(Instant::now());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            std::thread::sleep(pause.min(left));
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 
     /// Fails with the stop reason if the session has stopped or ended.
@@ -599,7 +683,9 @@ impl Sender {
         self.ended = true;
         let cancelled = self.stop.is_cancelled();
         let err = self.stop.take_error();
-        if !cancelled && !matches!(err, Error::PeerFailed { .. }) {
+        // Once the end of stream is queued the receiver may be waiting for our decision: even
+        // a cancel is said, so that it discards its copy.
+        if (!cancelled || self.finishing) && !matches!(err, Error::PeerFailed { .. }) {
             let farewell = FrameHeader::error(&err.chain());
             for queue in &self.queues {
                 let _ = queue.try_send(Outgoing::Farewell(farewell.clone()));
@@ -623,6 +709,18 @@ impl Sender {
             peer @ Error::PeerFailed { .. } if peer.explains(&err) => peer,
             _ => err,
         };
+        // A receiver that said ready over a link that then broke is in doubt; the error frame
+        // may not have reached it, so the abort goes on a new connection too (best effort:
+        // the receiver may be gone, and it would ask an operator otherwise).
+        if self.finishing
+            && matches!(
+                err,
+                Error::Io { .. } | Error::Closed { .. } | Error::Timeout { .. }
+            )
+        {
+            let bound = self.timeout.min(ABORT_BOUND);
+            let _ = session::deliver(&self.endpoint, &self.hello, false, bound);
+        }
         if !cancelled {
             self.sink.fact(Fact::Failed(err.chain()));
         }

@@ -26,6 +26,10 @@ pub struct SendOptions {
     pub cancel: CancelHandle,
     /// The most bytes per second to send, every channel together (QEMU's `max-bandwidth`).
     pub max_bandwidth: Option<u64>,
+    /// How long a sender that handed the guest over keeps trying to tell a receiver whose
+    /// channel 0 broke, on new connections (the receiver waits in doubt meanwhile; keep this
+    /// below its [`ReceiveOptions::in_doubt_wait`](crate::ReceiveOptions::in_doubt_wait)).
+    pub decision_timeout: Duration,
 }
 
 impl Default for SendOptions {
@@ -38,6 +42,7 @@ impl Default for SendOptions {
             transport: Arc::new(crate::transport::Auto),
             cancel: CancelHandle::new(),
             max_bandwidth: None,
+            decision_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -71,10 +76,15 @@ pub struct Summary {
     pub rounds: u32,
     /// Final counters.
     pub stats: Stats,
-    /// From connecting to the receiver's confirmation.
+    /// From connecting to `confirmed`.
     pub elapsed: Duration,
-    /// When the receiver's confirmation arrived.
+    /// When the receiver acknowledged the *go* (the guest may run there from then at the
+    /// latest), or, unacknowledged, when the go was first sent.
     pub confirmed: Instant,
+    /// Whether the receiver acknowledged the go. If not, it may be in doubt: holding the
+    /// complete state without running it until an operator tells it this source handed over.
+    /// Either way the guest belongs to the destination now and must not resume here.
+    pub acknowledged: bool,
 }
 
 #[cfg(test)]

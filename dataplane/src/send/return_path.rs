@@ -1,5 +1,5 @@
-//! The return path: what the receiver sends back on each channel (its confirmation on channel
-//! 0, or its error on any channel).
+//! The return path: what the receiver sends back on each channel (the handover's *ready* and
+//! *decided* on channel 0, or its error on any channel).
 
 use std::time::Duration;
 
@@ -10,23 +10,25 @@ use crate::session::{Counters, Stop};
 use crate::transport::LinkReader;
 use crate::wire::{FrameHeader, FrameKind};
 
-/// What the receiver confirmed.
+/// What the receiver said on channel 0.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Confirmation {
-    pub(super) pages: u64,
-    pub(super) device_state_len: u64,
+pub(super) enum Reply {
+    /// *Ready*: it holds this many pages and bytes of device state, verified.
+    Ready { pages: u64, device_state_len: u64 },
+    /// *Decided*: the decision (go or abort) arrived.
+    Decided(bool),
 }
 
 /// Reads the receiver's frames on one channel: an error message on any channel, the
-/// confirmation on channel 0. Ends at end of stream or on a socket error; only channel 0 reports
-/// a closed connection (as a missing confirmation), since the receiver closes every channel once
-/// it has confirmed.
+/// handover's replies on channel 0. Ends at end of stream or on a socket error; only channel 0
+/// reports a closed connection (as a missing reply), since the receiver closes every channel
+/// once the handover is over.
 pub(super) fn run(
     channel: u16,
     mut link: Box<dyn LinkReader>,
     stop: &Stop,
     counters: &Counters,
-    confirm: Option<&channel::Sender<Result<Confirmation, Error>>>,
+    confirm: Option<&channel::Sender<Result<Reply, Error>>>,
     timeout: Duration,
 ) {
     let mut payload = Vec::with_capacity(crate::wire::MAX_MESSAGE as usize);
@@ -34,7 +36,7 @@ pub(super) fn run(
         let mut fixed = [0u8; FrameHeader::LEN];
         if let Err(e) = link.recv(&mut fixed) {
             if let Some(confirm) = confirm {
-                let op = "waiting for the receiver's confirmation";
+                let op = "waiting for the receiver's reply";
                 let _ = confirm.send(Err(Error::io(channel, op, timeout, e)));
             }
             return;
@@ -71,13 +73,16 @@ pub(super) fn run(
                 });
                 return;
             }
-            (FrameKind::Confirm, Some(confirm)) => {
+            (FrameKind::Ready, Some(confirm)) => {
                 let mut len = [0u8; 8];
                 len.copy_from_slice(&payload[..8]);
-                let _ = confirm.try_send(Ok(Confirmation {
+                let _ = confirm.try_send(Ok(Reply::Ready {
                     pages: header.value,
                     device_state_len: u64::from_le_bytes(len),
                 }));
+            }
+            (FrameKind::Decided, Some(confirm)) => {
+                let _ = confirm.try_send(Ok(Reply::Decided(header.is_go())));
             }
             (kind, _) => {
                 let problem = format!("unexpected {kind:?} frame from the receiver");

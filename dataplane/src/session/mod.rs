@@ -1,7 +1,8 @@
 //! What both sides of a migration share: the fact sink (`sink.rs`), the stop switch and cancel
 //! handle (`stop.rs`), the counters that fill `RamStats` (`stats.rs`), the handshake
-//! (`handshake.rs`), and how a session starts its threads.
+//! (`handshake.rs`), the handover's decision frames (`decision.rs`), and how a session starts its threads.
 
+mod decision;
 mod handshake;
 mod sink;
 mod stats;
@@ -11,6 +12,7 @@ use std::thread::{self, JoinHandle};
 
 use crate::error::Error;
 
+pub(crate) use decision::{Taken, deliver, read_control, take};
 pub(crate) use handshake::{accept_hello, greet, read_hello, refuse, session_id};
 pub use sink::FactSink;
 pub(crate) use sink::lock;

@@ -83,6 +83,16 @@ impl Stream {
         }
     }
 
+    /// Who is at the other end, for log lines: `tcp:ip:port`, or `a unix socket peer`.
+    pub fn peer(&self) -> String {
+        match self {
+            Stream::Tcp(s) => s
+                .peer_addr()
+                .map_or_else(|_| "an unknown tcp peer".to_owned(), |a| format!("tcp:{a}")),
+            Stream::Unix(_) => "a unix socket peer".to_owned(),
+        }
+    }
+
     /// Another handle to the same socket.
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {

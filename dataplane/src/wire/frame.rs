@@ -21,8 +21,14 @@ pub enum FrameKind {
     EndOfStream = 4,
     /// The peer failed; the payload says why.
     Error = 5,
-    /// The receiver applied every page and the device state.
-    Confirm = 6,
+    /// Receiver to sender: every page and the device state arrived and were verified; the
+    /// receiver waits for the sender's [`Decision`](FrameKind::Decision).
+    Ready = 6,
+    /// Sender to receiver: who runs the guest. `value` 1 is *go* (the source handed the guest
+    /// over and will never resume it), 0 is *abort* (the source resumes it; discard).
+    Decision = 7,
+    /// Receiver to sender: the decision arrived (`value` repeats it).
+    Decided = 8,
 }
 
 impl FrameKind {
@@ -33,7 +39,9 @@ impl FrameKind {
             3 => FrameKind::DeviceState,
             4 => FrameKind::EndOfStream,
             5 => FrameKind::Error,
-            6 => FrameKind::Confirm,
+            6 => FrameKind::Ready,
+            7 => FrameKind::Decision,
+            8 => FrameKind::Decided,
             _ => return None,
         })
     }
@@ -165,9 +173,14 @@ impl FrameHeader {
                     return Err(too_large("error message", h.len, MAX_MESSAGE));
                 }
             }
-            FrameKind::Confirm => {
+            FrameKind::Ready => {
                 if h.len != 8 {
-                    return Err(invalid("confirm payload length", h.len));
+                    return Err(invalid("ready payload length", h.len));
+                }
+            }
+            FrameKind::Decision | FrameKind::Decided => {
+                if h.len != 0 || h.value > 1 || h.round != 0 {
+                    return Err(invalid("decision frame", h.value));
                 }
             }
         }
@@ -219,14 +232,33 @@ impl FrameHeader {
         Self::control(FrameKind::Error, 0, 0, message.as_bytes())
     }
 
-    /// A confirmation: `pages` pages applied and `device_state_len` bytes of device state.
-    pub fn confirm(round: u32, pages: u64, device_state_len: u64) -> Vec<u8> {
+    /// The receiver's *ready*: `pages` pages and `device_state_len` bytes of device state
+    /// arrived and were verified, the last in round `round`.
+    pub fn ready(round: u32, pages: u64, device_state_len: u64) -> Vec<u8> {
         Self::control(
-            FrameKind::Confirm,
+            FrameKind::Ready,
             pages,
             round,
             &device_state_len.to_le_bytes(),
         )
+    }
+}
+
+impl FrameHeader {
+    /// The sender's decision: `go` (handed over) or abort (the source resumes).
+    pub fn decision(go: bool) -> Vec<u8> {
+        Self::control(FrameKind::Decision, u64::from(go), 0, &[])
+    }
+
+    /// The receiver's acknowledgement of decision `go`.
+    pub fn decided(go: bool) -> Vec<u8> {
+        Self::control(FrameKind::Decided, u64::from(go), 0, &[])
+    }
+
+    /// For [`Decision`](FrameKind::Decision) and [`Decided`](FrameKind::Decided) frames: whether
+    /// the decision is *go*.
+    pub fn is_go(&self) -> bool {
+        self.value == 1
     }
 }
 
@@ -265,7 +297,10 @@ mod tests {
             FrameHeader::end_of_stream(4, 5000),
             FrameHeader::device_state(8, b"cpu state"),
             FrameHeader::error("disk full"),
-            FrameHeader::confirm(4, 5000, 9),
+            FrameHeader::ready(4, 5000, 9),
+            FrameHeader::decision(true),
+            FrameHeader::decision(false),
+            FrameHeader::decided(true),
         ] {
             let mut fixed = [0u8; FrameHeader::LEN];
             fixed.copy_from_slice(&frame[..32]);
@@ -306,7 +341,9 @@ mod tests {
             FrameHeader::pages(0, 0, 0, 1, 8),
             FrameHeader::pages(0, 0, 1, 1, MAX_PAYLOAD + 1),
             FrameHeader::new(FrameKind::Error, 0, 0, 0, 0, MAX_MESSAGE + 1),
-            FrameHeader::new(FrameKind::Confirm, 0, 0, 0, 0, 7),
+            FrameHeader::new(FrameKind::Ready, 0, 0, 0, 0, 7),
+            FrameHeader::new(FrameKind::Decision, 0, 2, 0, 0, 0),
+            FrameHeader::new(FrameKind::Decided, 0, 1, 0, 0, 1),
             FrameHeader::new(FrameKind::EndOfRound, 0, 0, 1, 0, 1),
             FrameHeader::new(FrameKind::DeviceState, 0, 0, 0, 0, 0),
             FrameHeader::new(FrameKind::DeviceState, 0, 0, 0, 3, 10),

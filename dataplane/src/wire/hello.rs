@@ -285,12 +285,12 @@ mod tests {
         };
         assert!(matches!(with(0, b"QEMU"), DecodeError::BadMagic { .. }));
         assert_eq!(
-            with(8, &2u16.to_le_bytes()),
-            DecodeError::UnsupportedVersion { found: 2 }
+            with(8, &1u16.to_le_bytes()),
+            DecodeError::UnsupportedVersion { found: 1 }
         );
         assert_eq!(
-            with(8, &2u16.to_le_bytes()).to_string(),
-            "unsupported protocol version 2 (this build speaks 1)"
+            with(8, &1u16.to_le_bytes()).to_string(),
+            "unsupported protocol version 1 (this build speaks 2)"
         );
         assert!(matches!(
             with(12, &65536u32.to_le_bytes()),

@@ -1,4 +1,4 @@
-//! Wire format, version 1. This module alone knows the byte layout (the sender builds pages
+//! Wire format, version 2. This module alone knows the byte layout (the sender builds pages
 //! frames with [`PagesFrameWriter`], the receiver reads them through [`PageTable`]); everything is
 //! little-endian, every length is checked against a fixed limit before anything is allocated,
 //! and crc32 (IEEE, as `crc32fast` computes it) covers every header and payload as sent.
@@ -8,15 +8,34 @@
 //! A migration uses one or more channels, each a stream socket (TCP or Unix). Each channel
 //! opens with a [`Hello`] from the sender, answered by a [`HelloReply`] from the receiver. Then
 //! the sender sends frames; the receiver sends frames back on the same socket (the return path):
-//! its [`FrameKind::Confirm`] on channel 0 once it has applied everything, or a
-//! [`FrameKind::Error`] on any channel when it fails.
+//! a [`FrameKind::Error`] on any channel when it fails, and the handover on channel 0.
+//!
+//! ## Handover
+//!
+//! The source decides who runs the guest, and the destination never runs it before it knows:
+//!
+//! ```text
+//!  sender                                   receiver
+//!  ... device state, end of stream ──────>  verifies everything
+//!                                  <──────  ready (pages, device-state length)
+//!  checks the counts; commits: from
+//!  here it never resumes the guest
+//!  decision go ──────────────────────────>  may run the guest
+//!                                  <──────  decided go
+//! ```
+//!
+//! A sender that fails before it commits sends an error (or decision abort) instead; a receiver
+//! that sent *ready* and then loses channel 0 is *in doubt*: it keeps the complete state, does
+//! not run it, and accepts new connections that greet with the same session's hello and send
+//! one decision frame, which it answers with *decided*. Version 1 had no handover (its receiver
+//! ran the guest on its own word), so version 2 does not talk to it.
 //!
 //! ## Hello (sender → receiver), 48 bytes + 24 per region
 //!
 //! ```text
 //! offset size field
 //!      0    8 magic "RAMJET\r\n"
-//!      8    2 version (1); magic and version stay at these offsets in every version
+//!      8    2 version (2); magic and version stay at these offsets in every version
 //!     10    2 flags, 0
 //!     12    4 page size (4096)
 //!     16   16 session id, the same on every channel of a migration
@@ -36,7 +55,7 @@
 //!
 //! ```text
 //!      0    8 magic "RAMJET\r\n"
-//!      8    2 version (1)
+//!      8    2 version (2)
 //!     10    2 verdict: 1 accept, 2 refuse
 //!     12    4 reason length, at most 1024 (0 when accepted)
 //!     16    4 crc32 of bytes 0..24 (this field zero) and the reason
@@ -51,7 +70,7 @@
 //!      2    2 flags, 0
 //!      4    4 region index (pages), else 0
 //!      8    8 value: first page (pages), page count (end-of-round, end-of-stream,
-//!             confirm), byte offset (device state), else 0
+//!             ready), the decision (decision, decided: 1 go, 0 abort), byte offset (device state), else 0
 //!     16    4 round, from 1
 //!     20    4 page count (pages, 1..=1024), else 0
 //!     24    4 payload length (limits per kind below)
@@ -65,7 +84,9 @@
 //! | 3 | device state | → | a piece of the device-state blob (≤ 8 MiB); value = its offset |
 //! | 4 | end of stream | → | none; value = pages this channel sent in all rounds |
 //! | 5 | error | ↔ | UTF-8 message, ≤ 1024 bytes |
-//! | 6 | confirm | ← | 8 bytes: device-state length; value = pages applied on all channels |
+//! | 6 | ready | ← | 8 bytes: device-state length; value = pages received on all channels |
+//! | 7 | decision | → | none; value 1 go (handed over), 0 abort (the source resumes) |
+//! | 8 | decided | ← | none; value = the decision received |
 //!
 //! A pages frame's payload is a table of `page count` entries of 8 bytes, then the data of each
 //! page in table order:
