@@ -11,17 +11,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use common::{Facts, Image, Net, guest};
 use ramjet_control::{Fact, Side};
-use ramjet_dataplane::internals::wire::{FrameHeader, FrameKind, Hello, HelloReply};
+use ramjet_dataplane::internals::wire::FrameKind;
 use ramjet_dataplane::memory::GuestMemory;
-use ramjet_dataplane::transport::{Endpoint, Listener, Stream, Transport};
+use ramjet_dataplane::testkit::relay::{Fault, How, relay};
+use ramjet_dataplane::transport::{Endpoint, Listener, Transport};
 use ramjet_dataplane::{
     Error, Handover, Operator, PreSwitchover, ReceiveOptions, Received, SendOptions, Sender,
     Summary, receive,
@@ -31,153 +30,6 @@ const BYTES: u64 = 1 << 20;
 const TIMEOUT: Duration = Duration::from_millis(400);
 const DECISION_TIMEOUT: Duration = Duration::from_secs(1);
 const IN_DOUBT_WAIT: Duration = Duration::from_secs(2);
-
-/// Which way a message travels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dir {
-    /// Sender to receiver.
-    Up,
-    /// Receiver to sender.
-    Down,
-}
-
-/// What happens to the message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum How {
-    /// It and everything after it in its direction are swallowed; the connection stays open.
-    Stall,
-    /// Channel 0 is closed, both ways, just before it.
-    Cut,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Fault {
-    kind: FrameKind,
-    how: How,
-    /// Whether connections made after the fault are relayed (else closed at once).
-    reconnect: bool,
-}
-
-impl Fault {
-    fn dir(self) -> Dir {
-        match self.kind {
-            FrameKind::Decision => Dir::Up,
-            _ => Dir::Down,
-        }
-    }
-}
-
-/// A relay in front of the receiver: relays every connection, and on the first (channel 0)
-/// applies `fault`. Returns where it listens.
-fn relay(to: &Endpoint, fault: Fault) -> Endpoint {
-    let listener = Listener::bind(&common::endpoint(Net::Tcp)).expect("bind the relay");
-    let at = listener.endpoint().clone();
-    let to = to.clone();
-    let struck = Arc::new(AtomicBool::new(false));
-    thread::spawn(move || {
-        let mut first = true;
-        while let Ok(from) = listener.accept(Some(Duration::from_secs(20)), &|| false) {
-            if struck.load(Ordering::Acquire) && !fault.reconnect {
-                drop(from);
-                continue;
-            }
-            let Ok(peer) = Stream::connect(&to, Duration::from_secs(5)) else {
-                drop(from);
-                continue;
-            };
-            let watched = std::mem::take(&mut first).then_some(fault);
-            let pair = Arc::new(Mutex::new(Vec::new()));
-            for (dir, src, dst) in [
-                (Dir::Up, from.try_clone(), peer.try_clone()),
-                (Dir::Down, peer.try_clone(), from.try_clone()),
-            ] {
-                let (Ok(src), Ok(dst)) = (src, dst) else {
-                    continue;
-                };
-                let fault = watched.filter(|f| f.dir() == dir);
-                let (pair, struck) = (Arc::clone(&pair), Arc::clone(&struck));
-                lock(&pair).push(src.try_clone().expect("clone"));
-                thread::spawn(move || pump(dir, src, dst, fault, &pair, &struck));
-            }
-        }
-    });
-    at
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Forwards `src` to `dst` message by message (the hello or hello reply, then frames), until
-/// `fault` strikes.
-fn pump(
-    dir: Dir,
-    mut src: Stream,
-    mut dst: Stream,
-    fault: Option<Fault>,
-    pair: &Mutex<Vec<Stream>>,
-    struck: &AtomicBool,
-) {
-    let mut first = true;
-    loop {
-        let message = if std::mem::take(&mut first) {
-            opening(dir, &mut src)
-        } else {
-            frame(&mut src)
-        };
-        let Some((kind, bytes)) = message else {
-            break;
-        };
-        if let Some(fault) = fault.filter(|f| Some(f.kind) == kind) {
-            struck.store(true, Ordering::Release);
-            match fault.how {
-                How::Stall => {
-                    let mut sink = [0u8; 4096];
-                    while matches!(src.read(&mut sink), Ok(1..)) {}
-                }
-                How::Cut => {
-                    for stream in lock(pair).iter() {
-                        stream.shutdown();
-                    }
-                    dst.shutdown();
-                }
-            }
-            return;
-        }
-        if dst.write_all(&bytes).is_err() {
-            break;
-        }
-    }
-    dst.shutdown_write();
-}
-
-/// The hello (up) or the hello reply (down).
-fn opening(dir: Dir, src: &mut Stream) -> Option<(Option<FrameKind>, Vec<u8>)> {
-    let fixed = match dir {
-        Dir::Up => Hello::FIXED_LEN,
-        Dir::Down => HelloReply::FIXED_LEN,
-    };
-    let mut bytes = vec![0u8; fixed];
-    src.read_exact(&mut bytes).ok()?;
-    let rest = match dir {
-        Dir::Up => Hello::table_len(bytes.as_slice().try_into().ok()?).ok()?,
-        Dir::Down => HelloReply::reason_len(bytes.as_slice().try_into().ok()?).ok()?,
-    };
-    let mut tail = vec![0u8; rest];
-    src.read_exact(&mut tail).ok()?;
-    bytes.extend_from_slice(&tail);
-    Some((None, bytes))
-}
-
-fn frame(src: &mut Stream) -> Option<(Option<FrameKind>, Vec<u8>)> {
-    let mut fixed = [0u8; FrameHeader::LEN];
-    src.read_exact(&mut fixed).ok()?;
-    let header = FrameHeader::decode(&fixed).ok()?;
-    let mut bytes = fixed.to_vec();
-    bytes.resize(FrameHeader::LEN + header.len as usize, 0);
-    src.read_exact(&mut bytes[FrameHeader::LEN..]).ok()?;
-    Some((Some(header.kind), bytes))
-}
 
 type ReceiverRun = JoinHandle<(Result<Received, Error>, Vec<Fact>)>;
 
@@ -270,7 +122,7 @@ fn run(case: &Case, transport: &Arc<dyn Transport>) {
     let dst = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
     let operator = Operator::new();
     let (at, receiving) = receiver(Arc::clone(&dst), transport, &operator);
-    let through = relay(&at, case.fault);
+    let through = relay(&at, case.fault).expect("relay");
     let (sent, sent_facts) = send(&src, &through, transport);
     let (received, received_facts) = receiving.join().expect("receiver thread");
     let owner = owner(&sent, &received);
@@ -396,7 +248,7 @@ fn an_operator_resolves_the_doubt() {
             how: How::Cut,
             reconnect: false,
         };
-        let through = relay(&at, fault);
+        let through = relay(&at, fault).expect("relay");
         let deciding = {
             let operator = operator.clone();
             thread::spawn(move || {

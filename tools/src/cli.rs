@@ -161,6 +161,14 @@ pub struct MigrationArgs {
     /// How events are printed.
     #[arg(long, value_enum, default_value = "text")]
     pub events: Format,
+    /// Limit for connecting and for each wait on the receiver: 30s, 500ms; a bare number is
+    /// seconds.
+    #[arg(long, value_parser = seconds)]
+    pub timeout: Option<Duration>,
+    /// How long to keep trying to deliver the handover to a receiver whose connection broke
+    /// after it said it holds everything.
+    #[arg(long, value_parser = seconds)]
+    pub decision_timeout: Option<Duration>,
 }
 
 impl TryFrom<&MigrationArgs> for (SendOptions, LiveOptions) {
@@ -169,12 +177,15 @@ impl TryFrom<&MigrationArgs> for (SendOptions, LiveOptions) {
     /// The library's options for these flags: the transport probed, a fresh cancel handle,
     /// everything else at the library's defaults.
     fn try_from(args: &MigrationArgs) -> anyhow::Result<Self> {
+        let defaults = SendOptions::default();
         let send = SendOptions {
             channels: args.channels,
             compression: args.compress,
             transport: transport_of(args.transport)?,
             max_bandwidth: args.max_bandwidth.map(|Rate(r)| r),
-            ..SendOptions::default()
+            timeout: args.timeout.unwrap_or(defaults.timeout),
+            decision_timeout: args.decision_timeout.unwrap_or(defaults.decision_timeout),
+            ..defaults
         };
         let live = LiveOptions {
             downtime_limit: args.downtime_limit,
@@ -197,7 +208,7 @@ mod tests {
         #[arg(long)]
         memory: Option<GuestSize>,
         #[arg(long, value_parser = seconds)]
-        timeout: Option<Duration>,
+        accept_timeout: Option<Duration>,
     }
 
     fn parse(argv: &[&str]) -> Result<Cli, String> {
@@ -330,9 +341,9 @@ mod tests {
         let cli = parse(&["--downtime-limit", "50", "--channels", "64"]).unwrap();
         assert_eq!(cli.migration.downtime_limit, Duration::from_millis(50));
         assert_eq!(cli.migration.channels, 64);
-        let cli = parse(&["--downtime-limit", "1.5s", "--timeout", "2"]).unwrap();
+        let cli = parse(&["--downtime-limit", "1.5s", "--accept-timeout", "2"]).unwrap();
         assert_eq!(cli.migration.downtime_limit, Duration::from_millis(1500));
-        assert_eq!(cli.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(cli.accept_timeout, Some(Duration::from_secs(2)));
     }
 
     #[test]

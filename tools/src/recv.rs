@@ -1,4 +1,9 @@
 //! `ramjet recv`: the destination, like QEMU's `-incoming`.
+//!
+//! Its exit status says who may run the guest: 0 completed (the source handed the guest over:
+//! run it here), 1 failed (discard: the source keeps the guest), 3 in doubt (a complete,
+//! verified copy is kept in `--out`, but the source's decision never arrived: run it only if
+//! the source reports that its migration completed). 2 is a usage error.
 
 use std::fs::File;
 use std::io::Write;
@@ -11,7 +16,7 @@ use anyhow::Context;
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::transport::{Endpoint, Listener};
-use ramjet_dataplane::{ReceiveOptions, receive};
+use ramjet_dataplane::{Handover, Log, ReceiveOptions, receive};
 
 use crate::cli::{GuestSize, TransportKind, parse_endpoint, seconds, transport_of};
 use crate::events::{Events, Format};
@@ -42,17 +47,31 @@ pub struct Args {
     /// seconds.
     #[arg(long, value_parser = seconds)]
     accept_timeout: Option<Duration>,
+    /// How long to wait for the source's decision when the link breaks after this side said
+    /// it holds everything (in doubt), before exiting with status 3 and the copy kept.
+    #[arg(long, value_parser = seconds)]
+    in_doubt_wait: Option<Duration>,
+    /// Limit for each read and write once connected: 30s, 500ms; a bare number is seconds.
+    #[arg(long, value_parser = seconds)]
+    timeout: Option<Duration>,
 }
+
+/// Exit status: in doubt, the complete copy kept.
+const IN_DOUBT: u8 = 3;
 
 impl TryFrom<&Args> for ReceiveOptions {
     type Error = anyhow::Error;
 
     /// The library's options for the flags: the transport probed, a fresh cancel handle.
     fn try_from(args: &Args) -> anyhow::Result<Self> {
+        let defaults = ReceiveOptions::default();
         Ok(ReceiveOptions {
             transport: transport_of(args.transport)?,
             accept_timeout: args.accept_timeout,
-            ..ReceiveOptions::default()
+            in_doubt_wait: args.in_doubt_wait.unwrap_or(defaults.in_doubt_wait),
+            timeout: args.timeout.unwrap_or(defaults.timeout),
+            log: Log::new(|line| eprintln!("ramjet: {line}")),
+            ..defaults
         })
     }
 }
@@ -83,13 +102,18 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         Ok(received) => received,
         Err(e) => {
             if e.is_cancelled() {
-                eprintln!("ramjet: the migration was cancelled");
+                eprintln!("ramjet: the migration was cancelled; nothing is kept");
             } else {
-                eprintln!("ramjet: the migration failed: {}", e.chain());
+                eprintln!(
+                    "ramjet: the migration failed: {}; nothing is kept (the source keeps the \
+                     guest)",
+                    e.chain()
+                );
             }
             return Ok(ExitCode::FAILURE);
         }
     };
+    // Whether the guest may run here or not, the copy is complete and verified: keep it.
     if let Some(path) = &args.out {
         write_memory(&memory, path).with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -99,6 +123,23 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         received.rounds,
         received.device_state.len()
     );
+    let kept = args
+        .out
+        .as_ref()
+        .map_or_else(String::new, |p| format!(" in {}", p.display()));
+    match received.handover {
+        Handover::Go => eprintln!("ramjet: completed: the source handed the guest over"),
+        Handover::Operator => {
+            eprintln!("ramjet: completed: the operator said the source handed over");
+        }
+        Handover::InDoubt => {
+            eprintln!(
+                "ramjet: in doubt: complete copy kept{kept}; the source's decision is unknown: \
+                 run the guest here only if the source reports that its migration completed"
+            );
+            return Ok(ExitCode::from(IN_DOUBT));
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -122,13 +122,25 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string(&events.query())?);
     }
     match outcome {
-        Ok((rounds, wire, downtime)) => {
+        Ok(Sent {
+            rounds,
+            wire,
+            downtime,
+            acknowledged,
+        }) => {
             eprintln!(
                 "ramjet: migrated {} in {:.2?} ({rounds} rounds, {} on the wire, downtime {downtime:.1?})",
                 Bytes(memory.total_bytes()),
                 started.elapsed(),
                 Bytes(wire)
             );
+            if !acknowledged {
+                eprintln!(
+                    "ramjet: handed over, but the destination never acknowledged it: it may be \
+                     in doubt; tell it that the source handed over. The guest must not resume \
+                     here"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -140,6 +152,15 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// What a handed-over migration did.
+struct Sent {
+    rounds: u32,
+    wire: u64,
+    downtime: Duration,
+    /// Whether the destination acknowledged the go.
+    acknowledged: bool,
 }
 
 /// The user's `continue` for pause-before-switchover: a line on stdin.
@@ -156,7 +177,7 @@ fn paused(
     memory: &Arc<GuestMemory>,
     args: &Args,
     events: &Events,
-) -> Result<(u32, u64, Duration), Error> {
+) -> Result<Sent, Error> {
     let started = Instant::now();
     let pre_switchover = if args.pause_before_switchover {
         continue_when_told(&sender.live_handle(), events);
@@ -169,7 +190,12 @@ fn paused(
         .stats
         .ram_stats(memory.total_bytes(), summary.elapsed);
     events.with(|m| m.set_ram_stats(stats));
-    Ok((summary.rounds, summary.stats.wire_bytes, started.elapsed()))
+    Ok(Sent {
+        rounds: summary.rounds,
+        wire: summary.stats.wire_bytes,
+        downtime: started.elapsed(),
+        acknowledged: summary.acknowledged,
+    })
 }
 
 /// Once the migration waits in `pre-switchover` (its guest paused), asks the user to
@@ -194,7 +220,7 @@ fn live(
     options: &LiveOptions,
     events: &Events,
     handle: &LiveHandle,
-) -> Result<(u32, u64, Duration), Error> {
+) -> Result<Sent, Error> {
     let (mut guest, mut source, _) =
         Workload::start_tracked(memory, Some(rate), ImageKind::Mixed, 1);
     if options.pause_before_switchover {
@@ -208,9 +234,10 @@ fn live(
         });
     }
     let report = report?;
-    Ok((
-        report.rounds,
-        report.summary.stats.wire_bytes,
-        report.downtime,
-    ))
+    Ok(Sent {
+        rounds: report.rounds,
+        wire: report.summary.stats.wire_bytes,
+        downtime: report.downtime,
+        acknowledged: report.summary.acknowledged,
+    })
 }

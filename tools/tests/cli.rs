@@ -130,6 +130,16 @@ mod processes {
 
     /// Starts `ramjet recv` and returns it with the endpoint it listens on.
     fn recv(listen: &str, memory: &str, extra: &[&str]) -> (Child, String) {
+        let (child, endpoint, _) = recv_logged(listen, memory, extra);
+        (child, endpoint)
+    }
+
+    /// [`recv`], and the rest of its stderr once it exits.
+    fn recv_logged(
+        listen: &str,
+        memory: &str,
+        extra: &[&str],
+    ) -> (Child, String, std::thread::JoinHandle<String>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ramjet"))
             .args([
                 "recv",
@@ -157,8 +167,12 @@ mod processes {
             }
         };
         // Keep draining its stderr so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        (child, endpoint)
+        let rest = std::thread::spawn(move || {
+            lines
+                .map_while(Result::ok)
+                .fold(String::new(), |all, line| all + &line + "\n")
+        });
+        (child, endpoint, rest)
     }
 
     fn send(to: &str, image: &Path, extra: &[&str]) -> Command {
@@ -328,6 +342,87 @@ mod processes {
         assert!(source.contains(&"cancelling".to_string()), "{source:?}");
         let stderr = String::from_utf8_lossy(&sent.stderr);
         assert!(stderr.contains("cancelled"), "{stderr}");
+        let _ = std::fs::remove_file(&img);
+    }
+
+    /// A relay loses a handover message; the two processes never both claim the guest, and
+    /// neither drops it. `ramjet send` exits 0 once it handed the guest over (it must not
+    /// resume it) and 1 when it keeps it; `ramjet recv` exits 0 when the guest may run there,
+    /// 1 when it discards its copy, and 3 when it keeps a complete copy in doubt.
+    #[test]
+    fn a_lost_handover_message_never_runs_the_guest_twice() {
+        use ramjet_dataplane::internals::wire::FrameKind;
+        use ramjet_dataplane::testkit::relay::{Fault, How, relay};
+        let img = image("handover", "4M");
+        let cases = [
+            // The last message back (decided) dropped: the destination runs; the source
+            // handed over and says it was never acknowledged.
+            (FrameKind::Decided, How::Stall, true, 0, 0),
+            // Ready dropped: the source keeps the guest; the receiver hears its error and
+            // discards.
+            (FrameKind::Ready, How::Stall, true, 1, 1),
+            // Ready cut with no way back: the source keeps the guest; the receiver keeps its
+            // copy in doubt.
+            (FrameKind::Ready, How::Cut, false, 1, 3),
+            // Go cut with no way back: the source handed over; the receiver keeps its copy in
+            // doubt, the only one.
+            (FrameKind::Decision, How::Cut, false, 0, 3),
+        ];
+        for (kind, how, reconnect, send_code, recv_code) in cases {
+            let what = format!("{kind:?} {how:?} reconnect {reconnect}");
+            let out_file = temp("handover-out");
+            let _ = std::fs::remove_file(&out_file);
+            let out_arg = out_file.to_str().expect("utf-8 path");
+            let (receiver, at, log) = recv_logged(
+                "tcp:127.0.0.1:0",
+                "4M",
+                &["--out", out_arg, "--timeout", "1", "--in-doubt-wait", "3"],
+            );
+            let at = at.parse().expect("endpoint");
+            let fault = Fault {
+                kind,
+                how,
+                reconnect,
+            };
+            let through = relay(&at, fault).expect("relay").to_string();
+            let sent = send(
+                &through,
+                &img,
+                &["--timeout", "1", "--decision-timeout", "2"],
+            )
+            .output()
+            .expect("send");
+            let received = receiver.wait_with_output().expect("recv");
+            let sent_stderr = String::from_utf8_lossy(&sent.stderr);
+            let received_stderr = log.join().expect("recv's stderr");
+            let codes = (sent.status.code(), received.status.code());
+            assert_eq!(
+                codes,
+                (Some(send_code), Some(recv_code)),
+                "{what}: send said {sent_stderr}; recv said {received_stderr}"
+            );
+            // Never both: a source that keeps the guest and a destination that runs it.
+            assert_ne!(codes, (Some(1), Some(0)), "{what}");
+            if recv_code != 1 {
+                assert!(
+                    std::fs::read(&img).expect("image") == std::fs::read(&out_file).expect("out"),
+                    "{what}: the kept copy differs from the image"
+                );
+            }
+            if recv_code == 3 {
+                assert!(
+                    received_stderr.contains("in doubt: complete copy kept"),
+                    "{what}: {received_stderr}"
+                );
+            }
+            if (send_code, recv_code) == (0, 0) {
+                assert!(
+                    sent_stderr.contains("never acknowledged"),
+                    "{what}: {sent_stderr}"
+                );
+            }
+            let _ = std::fs::remove_file(&out_file);
+        }
         let _ = std::fs::remove_file(&img);
     }
 }
