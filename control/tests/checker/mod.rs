@@ -5,9 +5,11 @@
 //! - every `MIGRATION` event is a change (never a self-transition) along an edge of the graph
 //!   for the machine's side and profile, so nothing outside the profile is ever emitted;
 //! - after a terminal status the only event is `setup`, caused by `migrate`;
-//! - at most one terminal status per `migrate`, and it is caused by `drained`;
+//! - at most one terminal status per `migrate`, and it is caused by `drained`, or, on a
+//!   destination kept in doubt (drained while `pre-switchover`, no event), by the operator's
+//!   `continue` or `cancel`;
 //! - `cancelled` only after a cancel, `failed` only after an error, `completed` only after the
-//!   receiver's confirmation;
+//!   receiver's confirmation (or the operator's `continue` when kept in doubt);
 //! - `MIGRATION_PASS` comes only from the source, numbered 1, 2, 3, ... within a migration;
 //! - the query shows the status last emitted, and events carry the step's time.
 
@@ -25,6 +27,8 @@ pub struct Checker {
     errored: bool,
     confirmed: bool,
     last_pass_event: u64,
+    /// `drained` in doubt without an event: the destination is kept in doubt.
+    kept: bool,
 }
 
 impl Checker {
@@ -37,6 +41,7 @@ impl Checker {
             errored: false,
             confirmed: false,
             last_pass_event: 0,
+            kept: false,
         }
     }
 
@@ -56,6 +61,8 @@ impl Checker {
             }
             Ok(event) => event,
         };
+        let was_kept = self.kept;
+        let operator_decides = matches!(input, Input::Trigger(Trigger::Continue | Trigger::Cancel));
         match input {
             Input::Trigger(Trigger::Migrate) => {
                 self.terminals = 0;
@@ -63,8 +70,10 @@ impl Checker {
                 self.errored = false;
                 self.confirmed = false;
                 self.last_pass_event = 0;
+                self.kept = false;
             }
             Input::Trigger(Trigger::Cancel) => self.cancelled = true,
+            Input::Trigger(Trigger::Continue) if was_kept => self.confirmed = true,
             Input::Fact(Fact::Failed(_) | Fact::ChannelLost) => self.errored = true,
             Input::Fact(Fact::Completed) => self.confirmed = true,
             _ => {}
@@ -78,6 +87,12 @@ impl Checker {
             }
             if matches!(input, Input::Trigger(Trigger::Migrate)) {
                 return Err("migrate accepted without a setup event".into());
+            }
+            if matches!(input, Input::Fact(Fact::Drained))
+                && graph.side() == Side::Destination
+                && status == Status::PreSwitchover
+            {
+                self.kept = true;
             }
             return Ok(true);
         };
@@ -111,9 +126,11 @@ impl Checker {
                     if self.terminals > 1 {
                         return Err(format!("{input}: a second terminal status ({to})"));
                     }
-                    if !matches!(input, Input::Fact(Fact::Drained)) {
+                    let by_operator = was_kept && operator_decides;
+                    if !(by_operator || matches!(input, Input::Fact(Fact::Drained))) {
                         return Err(format!("{input}: terminal {to} before drained"));
                     }
+                    self.kept = false;
                 }
                 let justified = match to {
                     Status::Cancelled => self.cancelled,
