@@ -96,7 +96,8 @@ const SOURCE_QEMU11: &[Edge] = &[
     ),
 ];
 
-/// Destination-only edges under both profiles.
+/// Destination-only edges under both profiles. `pre-switchover` is the destination in doubt:
+/// the complete state is here, the source's decision is not.
 const DESTINATION: &[Edge] = &[
     edge(S::Active, S::Completed, "completed, then drained"),
     edge(S::Active, S::PostcopyActive, "postcopy-started"),
@@ -105,18 +106,28 @@ const DESTINATION: &[Edge] = &[
         S::PostcopyRecover,
         "recover, then reconnected",
     ),
+    edge(S::Active, S::PreSwitchover, "in-doubt"),
+    edge(
+        S::PreSwitchover,
+        S::Completed,
+        "completed, then drained (or drained, then continue)",
+    ),
+    edge(S::PreSwitchover, S::Cancelling, "cancel"),
+    edge(S::PreSwitchover, S::Cancelled, "drained, then cancel"),
 ];
 
 /// Destination, QEMU 10.
 const DESTINATION_QEMU10: &[Edge] = &[
     edge(S::Setup, S::Failed, "failed, then drained"),
     edge(S::Active, S::Failed, "failed, then drained"),
+    edge(S::PreSwitchover, S::Failed, "failed, then drained"),
 ];
 
 /// Destination, QEMU 11.
 const DESTINATION_QEMU11: &[Edge] = &[
     edge(S::Setup, S::Failing, "failed"),
     edge(S::Active, S::Failing, "failed"),
+    edge(S::PreSwitchover, S::Failing, "failed"),
     edge(S::Failing, S::Failed, "drained"),
 ];
 
@@ -256,13 +267,47 @@ mod tests {
             assert!(!graph.shows(Status::Colo) && !graph.shows(Status::WaitUnplug));
         }
         let destination = Graph::new(Side::Destination, Profile::Qemu11);
+        // In doubt, the destination shows `pre-switchover`; never the source's other phases.
+        assert!(destination.shows(Status::PreSwitchover));
         for status in [
-            Status::PreSwitchover,
             Status::Device,
             Status::PostcopyDevice,
             Status::PostcopyRecoverSetup,
         ] {
             assert!(!destination.shows(status), "{status}");
+        }
+    }
+
+    #[test]
+    fn in_doubt_never_leads_to_running_elsewhere() {
+        // From `pre-switchover` a destination only ends (or starts to end): it never goes back
+        // to copying, and never to postcopy, where the guest would run before the decision.
+        for profile in [Profile::Qemu10, Profile::Qemu11] {
+            let graph = Graph::new(Side::Destination, profile);
+            let mut next: Vec<Status> = graph
+                .edges()
+                .filter(|e| e.from == Status::PreSwitchover)
+                .map(|e| e.to)
+                .collect();
+            next.sort();
+            let failure = match profile {
+                Profile::Qemu10 => Status::Failed,
+                Profile::Qemu11 => Status::Failing,
+            };
+            let mut expected = vec![
+                Status::Cancelling,
+                Status::Cancelled,
+                Status::Completed,
+                failure,
+            ];
+            expected.sort();
+            assert_eq!(next, expected, "{profile:?}");
+            let into: Vec<_> = graph
+                .edges()
+                .filter(|e| e.to == Status::PreSwitchover)
+                .collect();
+            assert_eq!(into.len(), 1);
+            assert_eq!((into[0].from, into[0].cause), (Status::Active, "in-doubt"));
         }
     }
 

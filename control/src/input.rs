@@ -5,7 +5,8 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Which end of a migration a [`Machine`](crate::Machine) describes. The two have different
-/// graphs: the destination never shows `pre-switchover`, `device` or the postcopy recovery setup.
+/// graphs: the destination never shows `device` or the postcopy recovery setup, and shows
+/// `pre-switchover` only while it is in doubt (see [`Fact::InDoubt`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Side {
     /// The machine the guest leaves (QEMU's `migrate`).
@@ -105,7 +106,9 @@ pub enum Trigger {
     Migrate,
     /// `migrate_cancel`.
     Cancel,
-    /// `migrate-continue`: leave `pre-switchover`.
+    /// `migrate-continue`: leave `pre-switchover`. On the source: go on to `device`. On a
+    /// destination in doubt: the operator's word that the source handed over, so the guest may
+    /// run here.
     Continue,
     /// `migrate-start-postcopy`: switch to postcopy at the next switchover.
     StartPostcopy,
@@ -171,7 +174,11 @@ pub enum Fact {
     DeviceLoaded,
     /// Postcopy: the destination took over the guest; remaining pages are pulled on demand.
     PostcopyStarted,
-    /// The receiver confirmed it has every page and the device state.
+    /// On the source: the receiver confirmed it has every page and the device state, and the
+    /// source committed to the handover: from here on it never resumes the guest (even if its
+    /// *go* was never acknowledged, and the destination is left in doubt). On the destination:
+    /// the source's *go* arrived (or, in doubt, the operator said run here), so the guest may
+    /// run here.
     Completed,
     /// Something went wrong; the message says what, for `error-desc`.
     Failed(String),
@@ -186,6 +193,11 @@ pub enum Fact {
     InDoubt,
     /// Every worker and socket of this migration has stopped.
     Drained,
+    /// Destination only: the destination holds the complete verified state and told the source
+    /// *ready*, but the link or the source failed before the source's *go* (or *abort*)
+    /// arrived. It must not start the guest and waits for the source's decision or an
+    /// operator's; shown as `pre-switchover`.
+    InDoubt,
 }
 
 impl Fact {
@@ -204,6 +216,7 @@ impl Fact {
             Fact::Resumed => "resumed",
             Fact::InDoubt => "in-doubt",
             Fact::Drained => "drained",
+            Fact::InDoubt => "in-doubt",
         }
     }
 
@@ -246,6 +259,7 @@ impl Fact {
             "resumed" => bare(Fact::Resumed),
             "in-doubt" => bare(Fact::InDoubt),
             "drained" => bare(Fact::Drained),
+            "in-doubt" => bare(Fact::InDoubt),
             _ => Err(ParseInputError::new("fact", s)),
         }
     }
@@ -351,6 +365,7 @@ mod tests {
             Fact::Reconnected,
             Fact::Resumed,
             Fact::Drained,
+            Fact::InDoubt,
         ];
         for fact in facts {
             assert_eq!(Fact::parse(&fact.to_string()), Ok(fact));
@@ -365,6 +380,8 @@ mod tests {
             ("pass 99999999999999999999999", "pass needs a number"),
             ("failed", "failed needs a message"),
             ("drained now", "takes no argument"),
+            ("in-doubt forever", "takes no argument"),
+            ("in_doubt", "not a valid fact"),
             ("exploded", "not a valid fact"),
             ("", "not a valid fact"),
         ];

@@ -70,20 +70,42 @@
 //! 1. **Precopy, source.** `migrate` → `setup`; `setup-done` → `active`; `switchover` (the
 //!    data plane converged and paused the guest) → `device`, or with the
 //!    `pause-before-switchover` option → `pre-switchover` until `continue` → `device`;
-//!    `completed` (the receiver confirmed every page) and then `drained` → `completed`.
+//!    `completed` (the receiver confirmed every page, and the source committed to the
+//!    handover: from then on it never resumes the guest, even if its *go* was never
+//!    acknowledged and the destination is left in doubt) and then `drained` → `completed`.
 //!    `pass N` (a dirty sync) is accepted in `setup`, `active`, `pre-switchover` and `device`,
 //!    because QEMU syncs once during setup and once more after switchover: `pass 1` comes before
 //!    `active` and the last pass after `device`. Passes count 1, 2, 3, ... without gaps.
 //!    **Destination:** `migrate` (start listening) → `setup`; `setup-done` → `active`;
-//!    `completed` and `drained` → `completed`. The destination accepts `pass N` but, like QEMU,
-//!    emits no `MIGRATION_PASS`.
+//!    `completed` (the source's *go* arrived) and `drained` → `completed`. The destination
+//!    accepts `pass N` in `setup` and `active` but, like QEMU, emits no `MIGRATION_PASS`.
+//!    **Destination in doubt** (see [Handover](#handover-who-runs-the-guest)): `in-doubt` in
+//!    `active` → `pre-switchover`, which on the destination means "the complete copy is here,
+//!    waiting for the source's decision". From there `completed` (the source's late *go*), then
+//!    `drained` → `completed`; `failed <message>` (the source's *abort*: it resumed the guest,
+//!    so the copy may be discarded), then `drained` → `failed` (under `qemu-11` through
+//!    `failing`); `cancel` (the operator discards) → `cancelling`, then `drained` →
+//!    `cancelled`; `continue` (the operator: the source handed over, run here) is accepted and
+//!    shows nothing: the data plane answers it with `completed` and `drained`, and until then
+//!    an abort or a cancel may still come first. In doubt, `channel-lost` is not an error and
+//!    changes nothing (it is why the destination waits; the source may retry on a new
+//!    connection), while `pass N`, `setup-done`, another `in-doubt` and the postcopy facts are
+//!    refused: every page is already verified. `drained` with no outcome decided (the data
+//!    plane gave up waiting; the caller keeps the state, in a file say) is accepted and shows
+//!    nothing: the destination is **kept in doubt**. Its status stays `pre-switchover`, never
+//!    `failed`; the migration still runs, so `migrate` is refused; every fact is refused (the
+//!    data plane has stopped); and the operator's `continue` → `completed` or `cancel` →
+//!    `cancelled` ends it at once, since it has drained already.
 //! 2. **Terminal statuses wait for `drained`.** `completed`, `failed` and `cancelled` are
 //!    emitted only once the data plane reported that every worker and socket has stopped, so a
 //!    consumer that reacts to them can start the next migration at once without racing the
-//!    clean-up. A terminal status stays until the next `migrate`. Facts that straggle in after
+//!    clean-up (a destination kept in doubt has drained before the operator's `continue` or
+//!    `cancel`, so those show the terminal status at once). A terminal status stays until the
+//!    next `migrate`. Facts that straggle in after
 //!    it (a late pass, a late error) are ignored: no event, no error.
 //! 3. **Cancel and failure.** The first of an error, a cancel and the receiver's confirmation
-//!    decides how the migration ends; nothing that arrives later changes that.
+//!    (on a destination kept in doubt: the operator's `continue`) decides how the migration
+//!    ends; nothing that arrives later changes that, `in-doubt` included.
 //!    `cancel` while running → `cancelling`, and after `drained` → `cancelled`. If an error was
 //!    recorded *before* the cancel, the cancel does nothing visible and the end is `failed` with
 //!    that first error. Errors after a cancel are kept in the error history but are not the
@@ -107,13 +129,43 @@
 //!    `postcopy-active`. The destination starts postcopy with `postcopy-started` from `active`.
 //! 5. **Nonsense is refused.** A trigger or fact that makes no sense now (`migrate` while
 //!    running, `continue` outside `pre-switchover`, `start-postcopy` without the option,
-//!    `reconnected` while `active`, `drained` before any outcome, a source-only input on the
-//!    destination, a pass out of order) returns a typed [`StepError`] and changes nothing.
+//!    `reconnected` while `active`, `drained` before any outcome, an input of the other side
+//!    such as `switchover` on the destination or `in-doubt` on the source, `in-doubt` outside
+//!    `active`, a pass out of order) returns a typed [`StepError`] and changes nothing.
 //!    In pre-copy a `channel-lost` is an error like `failed`.
+//!
+//! # Handover: who runs the guest
+//!
+//! A guest must never run in two places, so one side owns the decision: the source. The
+//! destination verifies everything and tells the source *ready*; the source commits (from then
+//! on it never resumes the guest), shows `completed` and sends *go*; only when *go* arrives does
+//! the destination show `completed` and may run the guest. If the link or the source fails
+//! after *ready* but before *go*, the destination is **in doubt** (`in-doubt`): it holds the
+//! complete verified state, must not start the guest, and waits for the source, which retries
+//! delivering its decision on a new connection for a bounded time, or for an operator.
+//!
+//! | what happened | source shows | destination shows |
+//! |---|---|---|
+//! | the source resumes, the destination discards | `failed` or `cancelled` | `failed` or `cancelled` |
+//! | handed over, the destination runs the guest | `completed` | `completed` |
+//! | handed over, the destination in doubt | `completed` | `pre-switchover` until the source's late *go* (`completed`), the source's *abort* (`failed`), or the operator's `continue` (`completed`) or `cancel` (`cancelled`) |
+//!
+//! The destination in doubt cannot tell whether the source committed (its *go* was lost) or
+//! resumed (its *abort* may still come), so only the source's word, or an operator who asked
+//! the source, may end it: `continue` when the source shows `completed`, `cancel` when it shows
+//! `failed` or `cancelled`.
+//!
+//! While in doubt the destination shows **`pre-switchover`**. In QEMU that is the non-terminal
+//! status of a migration waiting for management's word before the point of no return (the
+//! `pause-before-switchover` capability and `migrate-continue`). libvirt treats it as a
+//! migration still running, so it never kills the destination's copy, which may be the only
+//! live copy of the guest. `failed` would tell it to destroy that copy, so a destination in
+//! doubt shows `failed` only after the source's *abort*: a lost channel changes nothing, and
+//! `drained` keeps `pre-switchover`.
 //!
 //! # What a consumer sees
 //!
-//! | migration | source events (`qemu-10`) | `qemu-11` differs |
+//! | migration | events (`qemu-10`) | `qemu-11` differs |
 //! |---|---|---|
 //! | precopy | `setup, active, device, completed` | |
 //! | with `pause-before-switchover` | `setup, active, pre-switchover, device, completed` | |
@@ -122,6 +174,10 @@
 //! | postcopy | `setup, active, device, postcopy-active, completed` | `device, postcopy-device, postcopy-active` |
 //! | postcopy, channel lost and recovered | `... postcopy-active, postcopy-paused, postcopy-recover-setup, postcopy-recover, postcopy-active, ...` | |
 //! | destination | `setup, active, completed` (error: `setup, active, failed`) | error: `setup, active, failing, failed` |
+//! | destination in doubt, then a late *go* or `continue` | `setup, active, pre-switchover, completed` | |
+//! | destination in doubt, then the source's *abort* | `setup, active, pre-switchover, failed` | `... pre-switchover, failing, failed` |
+//! | destination in doubt, then `cancel` | `setup, active, pre-switchover, cancelling, cancelled` | |
+//! | destination kept in doubt (drained, no decision) | `setup, active, pre-switchover`, then nothing until the operator's `continue` (`completed`) or `cancel` (`cancelled`) | |
 //!
 //! The source adds a `MIGRATION_PASS` for each dirty sync: pass 1 during `setup`, one per
 //! round while `active`, the last after `device`. When `completed`, `failed` or `cancelled`
@@ -224,6 +280,7 @@
 //!     state "postcopy-active" as postcopy_active
 //!     state "postcopy-paused" as postcopy_paused
 //!     state "postcopy-recover" as postcopy_recover
+//!     state "pre-switchover" as pre_switchover
 //!     [*] --> none
 //!     none --> setup: migrate
 //!     completed --> setup: migrate
@@ -240,8 +297,13 @@
 //!     active --> completed: completed, then drained
 //!     active --> postcopy_active: postcopy-started
 //!     postcopy_paused --> postcopy_recover: recover, then reconnected
+//!     active --> pre_switchover: in-doubt
+//!     pre_switchover --> completed: completed, then drained (or drained, then continue)
+//!     pre_switchover --> cancelling: cancel
+//!     pre_switchover --> cancelled: drained, then cancel
 //!     setup --> failed: failed, then drained
 //!     active --> failed: failed, then drained
+//!     pre_switchover --> failed: failed, then drained
 //! ```
 //!
 //! ## Destination, `qemu-11`
@@ -251,6 +313,7 @@
 //!     state "postcopy-active" as postcopy_active
 //!     state "postcopy-paused" as postcopy_paused
 //!     state "postcopy-recover" as postcopy_recover
+//!     state "pre-switchover" as pre_switchover
 //!     [*] --> none
 //!     none --> setup: migrate
 //!     completed --> setup: migrate
@@ -267,8 +330,13 @@
 //!     active --> completed: completed, then drained
 //!     active --> postcopy_active: postcopy-started
 //!     postcopy_paused --> postcopy_recover: recover, then reconnected
+//!     active --> pre_switchover: in-doubt
+//!     pre_switchover --> completed: completed, then drained (or drained, then continue)
+//!     pre_switchover --> cancelling: cancel
+//!     pre_switchover --> cancelled: drained, then cancel
 //!     setup --> failing: failed
 //!     active --> failing: failed
+//!     pre_switchover --> failing: failed
 //!     failing --> failed: drained
 //! ```
 //!

@@ -22,6 +22,9 @@ enum Phase {
     PostcopyPaused,
     PostcopyRecoverSetup,
     PostcopyRecover,
+    /// Destination only: the complete verified state is here and the source was told *ready*,
+    /// but its decision (*go* or *abort*) has not arrived. Shown as `pre-switchover`.
+    InDoubt,
 }
 
 impl Phase {
@@ -50,6 +53,7 @@ impl Phase {
             Phase::PostcopyPaused => Status::PostcopyPaused,
             Phase::PostcopyRecoverSetup => Status::PostcopyRecoverSetup,
             Phase::PostcopyRecover => Status::PostcopyRecover,
+            Phase::InDoubt => Status::PreSwitchover,
         }
     }
 }
@@ -89,6 +93,10 @@ struct Run {
     running_again_at: Option<Timestamp>,
     /// `drained` after the outcome was decided: the migration is over.
     ended_at: Option<Timestamp>,
+    /// `drained` while in doubt, before any outcome: the data plane stopped waiting for the
+    /// source and the caller keeps the state; only the operator's `continue` or `cancel` ends
+    /// the migration now.
+    kept_since: Option<Timestamp>,
     errors: Vec<ErrorRecord>,
     ram: Option<RamStats>,
     expected_downtime: Option<Duration>,
@@ -107,6 +115,7 @@ impl Run {
             paused_at: None,
             running_again_at: None,
             ended_at: None,
+            kept_since: None,
             errors: Vec::new(),
             ram: None,
             expected_downtime: None,
@@ -322,9 +331,29 @@ impl Machine {
         self.run.as_ref().map_or(0, |run| run.passes)
     }
 
-    /// Whether a migration has started and not yet reached a terminal status.
+    /// Whether a migration has started and not yet reached a terminal status. A destination
+    /// kept in doubt (drained, waiting for the operator) still runs.
     pub const fn is_running(&self) -> bool {
         matches!(&self.run, Some(run) if run.ended_at.is_none())
+    }
+
+    /// Whether this is a destination in doubt: it holds the complete verified state, must not
+    /// start the guest, and waits for the source's decision or the operator's (`continue` to
+    /// run here, `cancel` to discard). It shows `pre-switchover` meanwhile. Stays true until the
+    /// outcome is decided.
+    pub fn is_in_doubt(&self) -> bool {
+        matches!(&self.run, Some(run) if run.phase == Phase::InDoubt && run.outcome.is_none())
+    }
+
+    /// Whether a destination in doubt was drained without an outcome: the data plane stopped
+    /// waiting, the caller keeps the state (in a file, say), and only the operator's `continue`
+    /// or `cancel` ends the migration.
+    pub fn is_kept_in_doubt(&self) -> bool {
+        self.is_in_doubt()
+            && self
+                .run
+                .as_ref()
+                .is_some_and(|run| run.kept_since.is_some())
     }
 
     /// Changes the options, like `migrate-set-capabilities`; refused while a migration runs.
@@ -453,9 +482,8 @@ impl Machine {
         let input = trigger.as_str();
         let status = self.shown;
         let wrong = StepError::WrongStatus { input, status };
-        match trigger {
-            Trigger::Continue | Trigger::StartPostcopy => self.on_side(Side::Source, input)?,
-            _ => {}
+        if trigger == Trigger::StartPostcopy {
+            self.on_side(Side::Source, input)?;
         }
         if trigger == Trigger::Migrate {
             if self.is_running() {
@@ -493,8 +521,22 @@ impl Machine {
             Trigger::Cancel if run.phase.is_postcopy() => {
                 return Err(StepError::CancelInPostcopy { status });
             }
+            // Kept in doubt, the data plane has already stopped: the operator's word ends the
+            // migration at once.
+            Trigger::Cancel if run.kept_since.is_some() => {
+                run.outcome = Some(Outcome::Cancelled);
+                run.ended_at = Some(now);
+            }
             Trigger::Cancel => run.outcome = Some(Outcome::Cancelled),
             Trigger::Continue if run.phase == Phase::PreSwitchover => run.phase = Phase::Device,
+            Trigger::Continue if run.phase == Phase::InDoubt && run.kept_since.is_some() => {
+                run.outcome = Some(Outcome::Completed);
+                run.running_again_at.get_or_insert(now);
+                run.ended_at = Some(now);
+            }
+            // Accepted: the data plane hears that the source handed over and answers with
+            // `completed` and `drained`. Until then an abort or a cancel may still decide.
+            Trigger::Continue if run.phase == Phase::InDoubt => {}
             Trigger::StartPostcopy if matches!(run.phase, Phase::Setup | Phase::Active) => {
                 run.postcopy_requested = true;
             }
@@ -524,6 +566,7 @@ impl Machine {
         let wrong = StepError::WrongStatus { input, status };
         match fact {
             Fact::Switchover | Fact::DeviceLoaded => self.on_side(Side::Source, input)?,
+            Fact::InDoubt => self.on_side(Side::Destination, input)?,
             Fact::PostcopyStarted if !options.is_postcopy_ram() => {
                 return Err(StepError::OptionOff {
                     input,
@@ -547,6 +590,10 @@ impl Machine {
                 _ => {}
             }
             return Ok(None);
+        }
+        if run.kept_since.is_some() {
+            // Kept in doubt: the data plane has stopped, only the operator decides now.
+            return Err(wrong);
         }
         match (fact, side, run.phase) {
             (Fact::SetupDone, _, Phase::Setup) => {
@@ -580,15 +627,23 @@ impl Machine {
             (Fact::PostcopyStarted, Side::Destination, Phase::Active) => {
                 run.phase = Phase::PostcopyActive;
             }
+            (Fact::InDoubt, Side::Destination, Phase::Active) => run.phase = Phase::InDoubt,
             (
                 Fact::Completed,
                 Side::Source,
                 Phase::Device | Phase::PostcopyDevice | Phase::PostcopyActive,
             )
-            | (Fact::Completed, Side::Destination, Phase::Active | Phase::PostcopyActive) => {
+            | (
+                Fact::Completed,
+                Side::Destination,
+                Phase::Active | Phase::PostcopyActive | Phase::InDoubt,
+            ) => {
                 run.outcome = Some(Outcome::Completed);
                 run.running_again_at.get_or_insert(now);
             }
+            // In doubt, a lost channel is why the destination waits, not an error: the source
+            // may retry on a new connection. Only its abort (`failed`) ends it as a failure.
+            (Fact::ChannelLost, Side::Destination, Phase::InDoubt) => {}
             (Fact::Failed(message), _, _) => run.break_down(now, Some(message)),
             (Fact::ChannelLost, _, _) => run.break_down(now, None),
             (Fact::Reconnected, Side::Source, Phase::PostcopyRecoverSetup) => {
@@ -601,6 +656,7 @@ impl Machine {
                 run.phase = Phase::PostcopyRecover;
             }
             (Fact::Resumed, _, Phase::PostcopyRecover) => run.phase = Phase::PostcopyActive,
+            (Fact::Drained, Side::Destination, Phase::InDoubt) => run.kept_since = Some(now),
             (Fact::Drained, _, _) => return Err(StepError::DrainedEarly { status }),
             _ => return Err(wrong),
         }
@@ -716,6 +772,221 @@ mod tests {
         m.step(Fact::Drained, T0).unwrap();
         assert!(!m.is_running());
         m.set_options(Options::new()).unwrap();
+    }
+
+    /// A destination under `profile` that verified everything and is now in doubt.
+    fn in_doubt(profile: Profile) -> Machine {
+        let mut d = Machine::new(Side::Destination, profile, Options::new());
+        d.step(Trigger::Migrate, at_ms(0)).unwrap();
+        d.step(Fact::SetupDone, at_ms(1)).unwrap();
+        d.step(Fact::Pass(1), at_ms(2)).unwrap();
+        assert!(!d.is_in_doubt());
+        let event = d.step(Fact::InDoubt, at_ms(3)).unwrap();
+        assert_eq!(event.and_then(|e| e.status()), Some(Status::PreSwitchover));
+        assert!(d.is_in_doubt() && !d.is_kept_in_doubt());
+        d
+    }
+
+    fn shown(event: Option<Event>) -> Option<Status> {
+        event.and_then(|e| e.status())
+    }
+
+    #[test]
+    fn in_doubt_then_a_late_go_completes() {
+        for profile in [Profile::Qemu10, Profile::Qemu11] {
+            let mut d = in_doubt(profile);
+            assert_eq!(d.step(Fact::Completed, at_ms(10)).unwrap(), None);
+            assert!(!d.is_in_doubt(), "the outcome is decided");
+            assert_eq!(d.status(), Status::PreSwitchover);
+            let event = d.step(Fact::Drained, at_ms(11)).unwrap();
+            assert_eq!(shown(event), Some(Status::Completed));
+            assert_eq!(d.query(at_ms(12)).error_desc, None);
+        }
+    }
+
+    #[test]
+    fn in_doubt_then_the_sources_abort_fails() {
+        for profile in [Profile::Qemu10, Profile::Qemu11] {
+            let mut d = in_doubt(profile);
+            let event = d.step(Fact::Failed("source resumed".into()), at_ms(10));
+            let expected = (profile == Profile::Qemu11).then_some(Status::Failing);
+            assert_eq!(shown(event.unwrap()), expected);
+            let event = d.step(Fact::Drained, at_ms(11)).unwrap();
+            assert_eq!(shown(event), Some(Status::Failed));
+            let q = d.query(at_ms(12));
+            assert_eq!(q.error_desc.as_deref(), Some("source resumed"));
+        }
+    }
+
+    #[test]
+    fn a_lost_channel_in_doubt_is_not_an_error() {
+        for profile in [Profile::Qemu10, Profile::Qemu11] {
+            let mut d = in_doubt(profile);
+            assert_eq!(d.step(Fact::ChannelLost, at_ms(10)).unwrap(), None);
+            assert_eq!(d.step(Fact::ChannelLost, at_ms(11)).unwrap(), None);
+            assert!(d.is_in_doubt());
+            assert_eq!(d.status(), Status::PreSwitchover);
+            assert!(d.query(at_ms(12)).errors.is_empty());
+            // The data plane gives up: kept, still not failed.
+            assert_eq!(d.step(Fact::Drained, at_ms(13)).unwrap(), None);
+            assert_eq!(d.status(), Status::PreSwitchover);
+        }
+    }
+
+    #[test]
+    fn continue_in_doubt_waits_for_the_data_planes_answer() {
+        let mut d = in_doubt(Profile::Qemu10);
+        assert_eq!(d.step(Trigger::Continue, at_ms(10)).unwrap(), None);
+        assert_eq!(d.step(Trigger::Continue, at_ms(11)).unwrap(), None);
+        assert!(d.is_in_doubt(), "continue alone decides nothing");
+        // The source's abort still wins if it comes first.
+        d.step(Fact::Failed("source resumed".into()), at_ms(12))
+            .unwrap();
+        d.step(Fact::Completed, at_ms(13)).unwrap();
+        let event = d.step(Fact::Drained, at_ms(14)).unwrap();
+        assert_eq!(shown(event), Some(Status::Failed));
+
+        let mut d = in_doubt(Profile::Qemu10);
+        d.step(Trigger::Continue, at_ms(10)).unwrap();
+        d.step(Fact::Completed, at_ms(11)).unwrap();
+        let event = d.step(Fact::Drained, at_ms(12)).unwrap();
+        assert_eq!(shown(event), Some(Status::Completed));
+    }
+
+    #[test]
+    fn cancel_in_doubt_discards() {
+        for profile in [Profile::Qemu10, Profile::Qemu11] {
+            let mut d = in_doubt(profile);
+            let event = d.step(Trigger::Cancel, at_ms(10)).unwrap();
+            assert_eq!(shown(event), Some(Status::Cancelling));
+            // A go that crosses the cancel changes nothing: the first decision stands.
+            assert_eq!(d.step(Fact::Completed, at_ms(11)).unwrap(), None);
+            let event = d.step(Fact::Drained, at_ms(12)).unwrap();
+            assert_eq!(shown(event), Some(Status::Cancelled));
+        }
+    }
+
+    #[test]
+    fn kept_in_doubt_waits_for_the_operator() {
+        for profile in [Profile::Qemu10, Profile::Qemu11] {
+            let mut d = in_doubt(profile);
+            assert_eq!(d.step(Fact::Drained, at_ms(10)).unwrap(), None);
+            assert!(d.is_kept_in_doubt() && d.is_running());
+            assert_eq!(d.status(), Status::PreSwitchover);
+            let status = Status::PreSwitchover;
+            assert_eq!(
+                d.step(Trigger::Migrate, at_ms(11)),
+                Err(StepError::AlreadyRunning { status })
+            );
+            assert_eq!(
+                d.set_options(Options::new()),
+                Err(StepError::OptionsWhileRunning { status })
+            );
+            let refused: [Input; 7] = [
+                Fact::Completed.into(),
+                Fact::Failed("late".into()).into(),
+                Fact::ChannelLost.into(),
+                Fact::Drained.into(),
+                Fact::InDoubt.into(),
+                Trigger::Pause.into(),
+                Trigger::Recover.into(),
+            ];
+            for input in refused {
+                let input_name = input.name();
+                let before = d.clone();
+                assert_eq!(
+                    d.step(input, at_ms(12)),
+                    Err(StepError::WrongStatus {
+                        input: input_name,
+                        status
+                    })
+                );
+                assert_eq!(d, before, "{input_name}: a refusal changes nothing");
+            }
+            let mut cancelled = d.clone();
+            let event = d.step(Trigger::Continue, at_ms(20)).unwrap();
+            assert_eq!(shown(event), Some(Status::Completed));
+            assert!(!d.is_running() && !d.is_in_doubt());
+            let q = d.query(at_ms(99));
+            assert_eq!(q.total_time, Some(Duration::from_millis(20)));
+            assert_eq!(q.error_desc, None);
+            let event = cancelled.step(Trigger::Cancel, at_ms(20)).unwrap();
+            assert_eq!(shown(event), Some(Status::Cancelled));
+            assert!(!cancelled.is_running());
+            // Over: the next migration may start.
+            assert_eq!(
+                shown(cancelled.step(Trigger::Migrate, at_ms(21)).unwrap()),
+                Some(Status::Setup)
+            );
+        }
+    }
+
+    #[test]
+    fn in_doubt_is_refused_where_it_makes_no_sense() {
+        let mut s = source();
+        assert_eq!(
+            s.step(Fact::InDoubt, T0),
+            Err(StepError::WrongSide {
+                input: "in-doubt",
+                side: Side::Source
+            })
+        );
+        s.step(Trigger::Migrate, T0).unwrap();
+        s.step(Fact::SetupDone, T0).unwrap();
+        let e = s.step(Fact::InDoubt, T0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "in-doubt refused: not accepted on the source side"
+        );
+
+        let mut d = Machine::new(Side::Destination, Profile::Qemu10, Options::new());
+        let e = d.step(Fact::InDoubt, T0).unwrap_err();
+        assert_eq!(e, StepError::NotStarted { input: "in-doubt" });
+        d.step(Trigger::Migrate, T0).unwrap();
+        let e = d.step(Fact::InDoubt, T0).unwrap_err();
+        assert_eq!(e.to_string(), "in-doubt refused in status setup");
+
+        // In postcopy the guest already runs here: nothing to be in doubt about.
+        let options = Options::new().postcopy_ram(true);
+        let mut d = Machine::new(Side::Destination, Profile::Qemu10, options);
+        d.step(Trigger::Migrate, T0).unwrap();
+        d.step(Fact::SetupDone, T0).unwrap();
+        d.step(Fact::PostcopyStarted, T0).unwrap();
+        let e = d.step(Fact::InDoubt, T0).unwrap_err();
+        assert_eq!(e.to_string(), "in-doubt refused in status postcopy-active");
+
+        // Once in doubt, no more pages, syncs or postcopy.
+        let mut d = in_doubt(Profile::Qemu11);
+        for fact in [
+            Fact::Pass(2),
+            Fact::SetupDone,
+            Fact::InDoubt,
+            Fact::Reconnected,
+            Fact::Resumed,
+        ] {
+            let input = fact.name();
+            let status = Status::PreSwitchover;
+            assert_eq!(
+                d.step(fact, T0),
+                Err(StepError::WrongStatus { input, status })
+            );
+        }
+        // After the end is decided, a straggling in-doubt is ignored like any other fact.
+        let mut d = Machine::new(Side::Destination, Profile::Qemu10, Options::new());
+        d.step(Trigger::Migrate, T0).unwrap();
+        d.step(Fact::SetupDone, T0).unwrap();
+        d.step(Trigger::Cancel, T0).unwrap();
+        assert_eq!(d.step(Fact::InDoubt, T0), Ok(None));
+        assert_eq!(d.status(), Status::Cancelling);
+    }
+
+    #[test]
+    fn continue_on_the_destination_outside_doubt_is_refused_by_status() {
+        let mut d = Machine::new(Side::Destination, Profile::Qemu10, Options::new());
+        d.step(Trigger::Migrate, T0).unwrap();
+        d.step(Fact::SetupDone, T0).unwrap();
+        let e = d.step(Trigger::Continue, T0).unwrap_err();
+        assert_eq!(e.to_string(), "continue refused in status active");
     }
 
     #[test]

@@ -34,6 +34,7 @@ fn alphabet(machine: &Machine) -> Vec<Input> {
             Fact::Reconnected,
             Fact::Resumed,
             Fact::Drained,
+            Fact::InDoubt,
         ]
         .map(Input::from),
     );
@@ -147,6 +148,7 @@ fn any_input() -> impl Strategy<Value = Input> {
         Just(Fact::Reconnected),
         Just(Fact::Resumed),
         Just(Fact::Drained),
+        Just(Fact::InDoubt),
     ]
     .prop_map(Input::from);
     prop_oneof![1 => triggers, 2 => facts]

@@ -5,9 +5,17 @@
 //! - every `MIGRATION` event is a change (never a self-transition) along an edge of the graph
 //!   for the machine's side and profile, so nothing outside the profile is ever emitted;
 //! - after a terminal status the only event is `setup`, caused by `migrate`;
-//! - at most one terminal status per `migrate`, and it is caused by `drained`;
+//! - `migrate` is accepted only before the first migration or after a terminal status;
+//! - at most one terminal status per `migrate`, and it is caused by `drained`, or, on a
+//!   destination kept in doubt (drained while `pre-switchover`, no event), by the operator's
+//!   `continue` or `cancel`;
 //! - `cancelled` only after a cancel, `failed` only after an error, `completed` only after the
-//!   receiver's confirmation;
+//!   receiver's confirmation (or the operator's `continue` when kept in doubt);
+//! - a destination that showed `pre-switchover` (in doubt) shows `failing` or `failed` only
+//!   after a `failed` fact that came while it was in doubt (the source's abort): a lost channel
+//!   never fails it;
+//! - kept in doubt, only `continue` and `cancel` are accepted, and the machine says it is kept
+//!   ([`Machine::is_kept_in_doubt`]) exactly when the checker saw it drain in doubt;
 //! - `MIGRATION_PASS` comes only from the source, numbered 1, 2, 3, ... within a migration;
 //! - the query shows the status last emitted, and events carry the step's time.
 
@@ -25,6 +33,12 @@ pub struct Checker {
     errored: bool,
     confirmed: bool,
     last_pass_event: u64,
+    /// The destination showed `pre-switchover`: it is (or was) in doubt.
+    in_doubt: bool,
+    /// A `failed` fact came while in doubt: the source's abort.
+    aborted_in_doubt: bool,
+    /// `drained` in doubt without an event: the destination is kept in doubt.
+    kept: bool,
 }
 
 impl Checker {
@@ -37,6 +51,9 @@ impl Checker {
             errored: false,
             confirmed: false,
             last_pass_event: 0,
+            in_doubt: false,
+            aborted_in_doubt: false,
+            kept: false,
         }
     }
 
@@ -56,16 +73,32 @@ impl Checker {
             }
             Ok(event) => event,
         };
+        let was_kept = self.kept;
+        let operator_decides = matches!(input, Input::Trigger(Trigger::Continue | Trigger::Cancel));
+        if was_kept && !operator_decides {
+            return Err(format!("{input} accepted on a destination kept in doubt"));
+        }
         match input {
             Input::Trigger(Trigger::Migrate) => {
+                if !(prev.is_terminal() || prev == Status::None) {
+                    return Err(format!("migrate accepted in {prev}"));
+                }
                 self.terminals = 0;
                 self.cancelled = false;
                 self.errored = false;
                 self.confirmed = false;
                 self.last_pass_event = 0;
+                self.in_doubt = false;
+                self.aborted_in_doubt = false;
+                self.kept = false;
             }
             Input::Trigger(Trigger::Cancel) => self.cancelled = true,
-            Input::Fact(Fact::Failed(_) | Fact::ChannelLost) => self.errored = true,
+            Input::Trigger(Trigger::Continue) if was_kept => self.confirmed = true,
+            Input::Fact(Fact::Failed(_)) => {
+                self.errored = true;
+                self.aborted_in_doubt |= self.in_doubt;
+            }
+            Input::Fact(Fact::ChannelLost) => self.errored = true,
             Input::Fact(Fact::Completed) => self.confirmed = true,
             _ => {}
         }
@@ -79,7 +112,13 @@ impl Checker {
             if matches!(input, Input::Trigger(Trigger::Migrate)) {
                 return Err("migrate accepted without a setup event".into());
             }
-            return Ok(true);
+            if matches!(input, Input::Fact(Fact::Drained))
+                && graph.side() == Side::Destination
+                && status == Status::PreSwitchover
+            {
+                self.kept = true;
+            }
+            return self.kept_matches();
         };
         if event.timestamp() != now {
             return Err(format!("{input}: event stamped {:?}", event.timestamp()));
@@ -111,9 +150,22 @@ impl Checker {
                     if self.terminals > 1 {
                         return Err(format!("{input}: a second terminal status ({to})"));
                     }
-                    if !matches!(input, Input::Fact(Fact::Drained)) {
+                    let by_operator = was_kept && operator_decides;
+                    if !(by_operator || matches!(input, Input::Fact(Fact::Drained))) {
                         return Err(format!("{input}: terminal {to} before drained"));
                     }
+                    self.kept = false;
+                }
+                if matches!(to, Status::Failing | Status::Failed)
+                    && self.in_doubt
+                    && !self.aborted_in_doubt
+                {
+                    return Err(format!(
+                        "{input}: {to} for a destination in doubt without the source's abort"
+                    ));
+                }
+                if to == Status::PreSwitchover && graph.side() == Side::Destination {
+                    self.in_doubt = true;
                 }
                 let justified = match to {
                     Status::Cancelled => self.cancelled,
@@ -144,6 +196,18 @@ impl Checker {
         let shown = self.machine.query(now).status;
         if shown != status {
             return Err(format!("query shows {shown}, last event {status}"));
+        }
+        self.kept_matches()
+    }
+
+    /// The machine says it is kept in doubt exactly when the checker saw it drain in doubt.
+    fn kept_matches(&self) -> Result<bool, String> {
+        let says = self.machine.is_kept_in_doubt();
+        if says != self.kept {
+            return Err(format!(
+                "is_kept_in_doubt() is {says}, the checker says {}",
+                self.kept
+            ));
         }
         Ok(true)
     }
