@@ -188,9 +188,6 @@ pub enum Fact {
     Reconnected,
     /// Postcopy recovery: the sides are in step again and postcopy continues.
     Resumed,
-    /// Destination: it holds the complete, verified state and told the source so, but the
-    /// link broke before the source's decision arrived; it waits for that decision.
-    InDoubt,
     /// Every worker and socket of this migration has stopped.
     Drained,
     /// Destination only: the destination holds the complete verified state and told the source
@@ -214,7 +211,6 @@ impl Fact {
             Fact::ChannelLost => "channel-lost",
             Fact::Reconnected => "reconnected",
             Fact::Resumed => "resumed",
-            Fact::InDoubt => "in-doubt",
             Fact::Drained => "drained",
             Fact::InDoubt => "in-doubt",
         }
@@ -257,7 +253,6 @@ impl Fact {
             "channel-lost" => bare(Fact::ChannelLost),
             "reconnected" => bare(Fact::Reconnected),
             "resumed" => bare(Fact::Resumed),
-            "in-doubt" => bare(Fact::InDoubt),
             "drained" => bare(Fact::Drained),
             "in-doubt" => bare(Fact::InDoubt),
             _ => Err(ParseInputError::new("fact", s)),

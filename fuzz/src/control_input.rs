@@ -24,6 +24,7 @@
 //! | 19 | set options | as bits 2 and 3 of byte 0 |
 //! | 20 | set RAM stats and expected downtime | `u32` |
 //! | 21 | query | |
+//! | 22 | fact in-doubt | |
 
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ use ramjet_control::{Fact, Input, Options, Profile, Side, Timestamp, Trigger};
 use crate::cursor::Cursor;
 
 /// Number of step kinds.
-pub const KINDS: u8 = 22;
+pub const KINDS: u8 = 23;
 
 /// The machine's configuration and start time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +133,8 @@ pub fn read_step(c: &mut Cursor<'_>) -> Option<(Duration, Step)> {
         18 => fact(Fact::Drained),
         19 => Step::SetOptions(options_from(c.u8())),
         20 => Step::Stats(c.u32()),
-        _ => Step::Query,
+        21 => Step::Query,
+        _ => fact(Fact::InDoubt),
     };
     Some((Duration::from_millis(gap), step))
 }
@@ -169,6 +171,7 @@ pub fn encode(config_byte: u8, steps: &[Step]) -> Vec<u8> {
                 Fact::Reconnected => out.push(kind(16)),
                 Fact::Resumed => out.push(kind(17)),
                 Fact::Drained => out.push(kind(18)),
+                Fact::InDoubt => out.push(kind(22)),
                 other => panic!("no encoding for fact {other}"),
             },
             Step::PassDue => out.push(kind(7)),
