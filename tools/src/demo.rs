@@ -154,7 +154,7 @@ fn print_summary(
     println!("rounds:      {} ({:?})", report.rounds, report.reason);
     println!("total time:  {total:.2?}");
     println!(
-        "downtime:    {:.1?} measured (pause to confirmation), {:.1?} expected",
+        "downtime:    {:.1?} measured (pause to the go acknowledged), {:.1?} expected",
         report.downtime, report.expected_downtime
     );
     println!(

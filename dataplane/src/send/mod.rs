@@ -327,7 +327,7 @@ impl Sender {
     }
 
     /// Sets up channel `channel` on `stream`: its queue, its writer and its return-path reader
-    /// (which reports its exit on `exit`, and the confirmation on `confirm` for channel 0).
+    /// (which reports its exit on `exit`, and the handover replies on `confirm` for channel 0).
     fn start_channel(
         &mut self,
         wiring: &Wiring,
@@ -382,10 +382,11 @@ impl Sender {
 
     /// Migrates a paused ("cold") guest in one call: the switchover (the memory is frozen, so
     /// every page is sent in place), optionally a wait in `pre-switchover` until
-    /// [`LiveHandle::proceed`], one round of every page, then `device_state` and the receiver's
-    /// confirmation. The caller has stopped the guest (its vCPUs) before; on an error it
-    /// resumes it, since the migration did not complete. Reports `switchover`, `pass 1`,
-    /// `completed` and `drained`, or `failed` (unless cancelled) and `drained`.
+    /// [`LiveHandle::proceed`], one round of every page, then `device_state` and the handover
+    /// ([`Sender::finish`]). The caller has stopped the guest (its vCPUs) before; on an error
+    /// it resumes it, since the source kept it; on `Ok` it must never run it again. Reports
+    /// `switchover`, `pass 1`, `completed` and `drained`, or `failed` (unless cancelled) and
+    /// `drained`.
     pub fn migrate_paused(
         mut self,
         device_state: &[u8],

@@ -17,7 +17,8 @@ pub struct SendOptions {
     pub compression: Compression,
     /// Codec worker threads (at least 1).
     pub workers: usize,
-    /// Limit for connecting, the handshake, each socket write and the final confirmation.
+    /// Limit for connecting, the handshake, each socket write and each wait on the receiver
+    /// (its ready, its acknowledgement of the go).
     pub timeout: Duration,
     /// How bytes move. The default, [`Auto`](crate::transport::Auto), is io_uring where the
     /// kernel allows it, else blocking sockets, chosen when the first channel is set up.
