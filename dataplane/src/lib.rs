@@ -102,7 +102,7 @@ pub use live::{
     migrate_live,
 };
 pub use memory::{Backing, GuestAddr, GuestMemory, MemoryError, PAGE_SIZE, Region, RegionLayout};
-pub use recv::{ReceiveOptions, Received, receive};
+pub use recv::{Log, ReceiveOptions, Received, receive};
 pub use send::{PreSwitchover, RoundStats, SendOptions, Sender, Summary};
 pub use session::{CancelHandle, Counters, FactSink, Stats};
 pub use transport::{Blocking, Endpoint, Listener, Transport, Uring, ZeroCopy};

@@ -122,6 +122,7 @@ fn run(flags: u8, stream: &[u8]) {
         accept_timeout: Some(TIMEOUT),
         transport,
         cancel: CancelHandle::new(),
+        ..ReceiveOptions::default()
     };
     let started = Instant::now();
     let result = receive(&h.listener, Arc::clone(&memory), &options, sink);

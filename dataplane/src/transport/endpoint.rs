@@ -83,6 +83,17 @@ impl Stream {
         }
     }
 
+    /// Who is at the other end, for a log line: a TCP peer's `ip:port`, or "a unix socket
+    /// peer" (a connecting Unix socket is almost never bound to a path).
+    pub fn peer(&self) -> String {
+        match self {
+            Stream::Tcp(s) => s
+                .peer_addr()
+                .map_or_else(|_| "a TCP peer that already left".into(), |a| a.to_string()),
+            Stream::Unix(_) => "a unix socket peer".into(),
+        }
+    }
+
     /// Another handle to the same socket.
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
