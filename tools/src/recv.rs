@@ -11,7 +11,7 @@ use anyhow::Context;
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::transport::{Endpoint, Listener};
-use ramjet_dataplane::{ReceiveOptions, receive};
+use ramjet_dataplane::{Log, ReceiveOptions, receive};
 
 use crate::cli::{GuestSize, TransportKind, parse_endpoint, seconds, transport_of};
 use crate::events::{Events, Format};
@@ -47,11 +47,13 @@ pub struct Args {
 impl TryFrom<&Args> for ReceiveOptions {
     type Error = anyhow::Error;
 
-    /// The library's options for the flags: the transport probed, a fresh cancel handle.
+    /// The library's options for the flags: the transport probed, a fresh cancel handle, and
+    /// the receiver's log lines (connections it refused) on stderr.
     fn try_from(args: &Args) -> anyhow::Result<Self> {
         Ok(ReceiveOptions {
             transport: transport_of(args.transport)?,
             accept_timeout: args.accept_timeout,
+            log: Log::new(|line| eprintln!("ramjet: {line}")),
             ..ReceiveOptions::default()
         })
     }
