@@ -1,5 +1,9 @@
 //! The receiving side of a migration.
 //!
+//! First the sender's channels are told from strangers on the listener (`accept.rs`: strays
+//! are dropped and logged, a broken sender fails the migration); while the session runs, a
+//! door thread refuses newcomers (`door.rs`).
+//!
 //! One reader thread per channel reads frame headers and page tables, checks every page
 //! reference against guest memory and the protocol, then receives raw page payloads straight
 //! into their destination pages with one vectored read, and lz4 payloads into a pooled buffer
