@@ -95,6 +95,20 @@ pub enum Error {
         /// The receiver's reason.
         reason: String,
     },
+    /// More connections than [`max_refused`](crate::ReceiveOptions::max_refused) were not
+    /// this migration's sender (strangers, or channels of another migration).
+    #[error(
+        "refused {count} connections that were not this migration's sender (at most {limit} \
+         are tolerated); the last: {last}"
+    )]
+    TooManyRefused {
+        /// Connections refused, this one included.
+        count: usize,
+        /// The limit.
+        limit: usize,
+        /// Who the last one was and why it was refused.
+        last: String,
+    },
     /// The peer reported that it failed.
     #[error("the {peer} failed: {message}")]
     PeerFailed {

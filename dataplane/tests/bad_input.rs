@@ -1,6 +1,10 @@
 //! Bad input on either side: every case ends in a failed migration whose error names the
 //! problem, with `failed` and `drained` reported, and never a panic, a hang or a write outside
-//! guest memory.
+//! guest memory — except where the receiver can tell a stranger from its sender: a connection
+//! that fails its hello in a way only a stranger would (closes, stalls, bad magic, a corrupt
+//! hello, another session's hello) is dropped and logged and the receiver waits on, so these
+//! tests' receivers tolerate no such stray (`max_refused` 0) unless a test says otherwise, and
+//! then fail with the stray's reason (`tests/strays.rs` has the receiver that waits on).
 //!
 //! Against the real receiver a hand-written sender sends a valid stream with one defect; against
 //! the real sender a hand-written receiver misbehaves.
@@ -15,7 +19,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use common::{Facts, Image, Net, guest};
+use common::{Facts, Image, Lines, Net, guest};
 use ramjet_control::Fact;
 use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::internals::codec::{Batch, Encoder, PageCompression};
@@ -32,25 +36,54 @@ const SHORT: Duration = Duration::from_millis(400);
 
 type ReceiverRun = JoinHandle<(Result<Received, Error>, Vec<Fact>)>;
 
-/// A real receiver for `memory` with a short timeout.
+/// A real receiver for `memory` with a short timeout that tolerates no stray connection.
 fn receiver(memory: Arc<GuestMemory>, transport: &Arc<dyn Transport>) -> (Endpoint, ReceiverRun) {
+    let (at, run, _) = receiver_with(memory, transport, |_| {});
+    (at, run)
+}
+
+/// A real receiver for `memory` with short timeouts (no stray tolerated), the options changed
+/// by `tweak`; returns its log lines too.
+fn receiver_with(
+    memory: Arc<GuestMemory>,
+    transport: &Arc<dyn Transport>,
+    tweak: impl FnOnce(&mut ReceiveOptions),
+) -> (Endpoint, ReceiverRun, Arc<Lines>) {
     let listener = Listener::bind(&common::endpoint(Net::Tcp)).expect("bind");
     let at = listener.endpoint().clone();
-    let transport = Arc::clone(transport);
+    let lines = Arc::new(Lines::default());
+    let mut options = ReceiveOptions {
+        transport: Arc::clone(transport),
+        workers: 2,
+        timeout: SHORT,
+        accept_timeout: Some(Duration::from_secs(10)),
+        max_refused: 0,
+        log: lines.log(),
+        in_doubt_wait: SHORT,
+        ..ReceiveOptions::default()
+    };
+    tweak(&mut options);
     let handle = thread::spawn(move || {
         let facts = Arc::new(Facts::default());
-        let options = ReceiveOptions {
-            transport,
-            workers: 2,
-            timeout: SHORT,
-            accept_timeout: Some(Duration::from_secs(10)),
-            in_doubt_wait: SHORT,
-            ..ReceiveOptions::default()
-        };
         let result = receive(&listener, memory, &options, facts.sink());
         (result, facts.all())
     });
-    (at, handle)
+    (at, handle, lines)
+}
+
+/// The log lines about strays, without the receiver's lines about a doubt.
+fn strays_only(lines: Vec<String>) -> Vec<String> {
+    lines
+        .into_iter()
+        .filter(|line| !line.starts_with("in doubt"))
+        .collect()
+}
+
+/// The hello `bytes` with the crc of their fixed part made right again after a change, as a
+/// sender with a bug would send it.
+fn reseal_head(bytes: &mut [u8]) {
+    let head = crc32fast::hash(&bytes[..40]);
+    bytes[40..44].copy_from_slice(&head.to_le_bytes());
 }
 
 fn tcp(at: &Endpoint) -> TcpStream {
@@ -207,18 +240,48 @@ fn the_valid_stream_is_accepted() {
     }
 }
 
+/// Bad magic is a stranger: the connection is refused with the reason (which reaches the
+/// peer), dropped and logged, and the receiver keeps waiting, here for a valid stream that then
+/// completes. Another protocol version, a hello that is well-formed (its fixed part's crc is
+/// right) but has an invalid field, and another memory layout are a broken sender: each fails
+/// the migration with the reason, and the refusal reaches the peer. A corrupted region table
+/// (its checksum fails) is a stranger again: with no stray tolerated, the migration fails with
+/// the bound's error naming the checksum.
 #[test]
 fn wrong_magic_version_or_layout_is_refused_with_the_reason() {
     for t in &common::transports() {
         let src = source();
-        let (hello, _) = valid_stream(&src, 1).remove(0);
-        let cases: [(usize, &[u8], &str); 2] = [
-            (0, b"QEMU", "bad magic"),
-            (8, &3u16.to_le_bytes(), "unsupported protocol version 3"),
+        let (hello, frames) = valid_stream(&src, 1).remove(0);
+
+        let mut bad = hello.clone();
+        bad[..4].copy_from_slice(b"QEMU");
+        let dst = destination();
+        let (at, run, lines) = receiver_with(Arc::clone(&dst), t, |o| o.max_refused = 64);
+        let mut stray = tcp(&at);
+        let stray_at = stray.local_addr().expect("addr").to_string();
+        let back = feed(&mut stray, &bad);
+        assert!(String::from_utf8_lossy(&back).contains("bad magic"));
+        feed(&mut tcp(&at), &[hello.clone(), frames.concat()].concat());
+        let (result, _) = run.join().expect("receiver");
+        let received = result.expect("the receiver waited on for its sender");
+        assert_eq!(received.device_state, b"device");
+        assert_eq!(src.first_difference(&dst).expect("layout"), None);
+        // The hand-written sender says no decision: the receiver ends in doubt, and says so.
+        let lines = strays_only(lines.all());
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains(&stray_at) && lines[0].contains("bad magic"));
+
+        let mut page_size = hello.clone();
+        page_size[12..16].copy_from_slice(&8192u32.to_le_bytes());
+        reseal_head(&mut page_size);
+        let cases: [(Vec<u8>, &str); 2] = [
+            (
+                [&hello[..8], &3u16.to_le_bytes(), &hello[10..]].concat(),
+                "unsupported protocol version 3",
+            ),
+            (page_size, "invalid page size: 8192"),
         ];
-        for (at_byte, patch, needle) in cases {
-            let mut bad = hello.clone();
-            bad[at_byte..at_byte + patch.len()].copy_from_slice(patch);
+        for (bad, needle) in cases {
             let (at, run) = receiver(destination(), t);
             let back = feed(&mut tcp(&at), &bad);
             assert_names(&failure(run), needle);
@@ -232,40 +295,78 @@ fn wrong_magic_version_or_layout_is_refused_with_the_reason() {
             channels: 1,
             regions: vec![RegionLayout::new(0, GuestAddr(0), 2 * PAGES * 4096)],
         };
-        let err = one_channel(t, &other.encode(), &[]);
-        assert_names(&err, "the memory layouts differ");
-        // A corrupted region table fails its checksum.
+        let (at, run) = receiver(destination(), t);
+        let back = feed(&mut tcp(&at), &other.encode());
+        assert_names(&failure(run), "the memory layouts differ");
+        assert!(String::from_utf8_lossy(&back).contains("the memory layouts differ"));
+        // A corrupted region table fails its checksum: a stray, one too many.
         let mut bad = hello.clone();
         let last = bad.len() - 1;
         bad[last] ^= 0x40;
-        assert!(one_channel(t, &bad, &[]).is_checksum());
+        let err = one_channel(t, &bad, &[]);
+        assert!(matches!(err, Error::TooManyRefused { count: 1, .. }));
+        assert_names(&err, "hello checksum mismatch");
     }
 }
 
+/// While the other channels of a migration are awaited, a valid hello of another session is a
+/// stranger's (a second sender aimed at the same port): it is refused with the reason, logged,
+/// and the receiver waits on for its own channel, and the migration completes. A hello of the
+/// same session that gives another channel count, or a channel that is already connected, is
+/// the sender's own and broken: the migration fails with the reason.
 #[test]
-fn a_channel_of_another_session_is_refused() {
+fn a_channel_of_another_session_is_a_stray() {
     for t in &common::transports() {
         let src = source();
         let stream = valid_stream(&src, 2);
-        let (at, run) = receiver(destination(), t);
-        let mut first = tcp(&at);
-        first.write_all(&stream[0].0).expect("hello 0");
-        let mut stranger = Hello {
+        let dst = destination();
+        let (at, run, lines) = receiver_with(Arc::clone(&dst), t, |o| o.max_refused = 64);
+        let mut zero = tcp(&at);
+        zero.write_all(&stream[0].0).expect("hello 0");
+        let stranger = Hello {
             session: [9; 16],
             channel: 1,
             channels: 2,
             regions: src.layout(),
         }
         .encode();
-        let back = feed(&mut tcp(&at), &stranger);
-        assert_names(&failure(run), "belongs to another migration");
+        let mut other = tcp(&at);
+        let other_at = other.local_addr().expect("addr").to_string();
+        let back = feed(&mut other, &stranger);
         assert!(String::from_utf8_lossy(&back).contains("another migration"));
+        zero.write_all(&stream[0].1.concat()).expect("channel 0");
+        let mut one = tcp(&at);
+        feed(
+            &mut one,
+            &[stream[1].0.clone(), stream[1].1.concat()].concat(),
+        );
+        feed(&mut zero, &[]);
+        let (result, _) = run.join().expect("receiver");
+        result.expect("the migration completes");
+        assert_eq!(src.first_difference(&dst).expect("layout"), None);
+        // The hand-written sender says no decision: the receiver ends in doubt, and says so.
+        let lines = strays_only(lines.all());
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains(&other_at) && lines[0].contains("belongs to another migration"));
+
+        // The same session with another channel count.
+        let (at, run) = receiver(destination(), t);
+        let mut first = tcp(&at);
+        first.write_all(&stream[0].0).expect("hello 0");
+        let three = Hello {
+            session: [7; 16],
+            channel: 1,
+            channels: 3,
+            regions: src.layout(),
+        };
+        let back = feed(&mut tcp(&at), &three.encode());
+        assert_names(&failure(run), "says the migration has 3 channels");
+        assert!(String::from_utf8_lossy(&back).contains("3 channels"));
         // The same channel twice.
         let (at, run) = receiver(destination(), t);
         let mut first = tcp(&at);
         first.write_all(&stream[0].0).expect("hello 0");
-        stranger = stream[0].0.clone();
-        feed(&mut tcp(&at), &stranger);
+        feed(&mut tcp(&at), &stream[0].0);
         assert_names(&failure(run), "channel 0 is already connected");
     }
 }
@@ -289,15 +390,25 @@ fn a_truncated_stream_fails_at_every_cut() {
         cuts.retain(|&cut| cut < whole.len());
         cuts.sort_unstable();
         cuts.dedup();
+        // A cut inside the hello is a stranger's truncated hello (a stray, and these receivers
+        // tolerate none); after it, the sender's stream closed early.
         for cut in cuts {
             let (at, run) = receiver(destination(), t);
             feed(&mut tcp(&at), &whole[..cut]);
             let err = failure(run);
-            assert!(
-                matches!(err, Error::Closed { .. } | Error::Decode { .. }),
-                "cut at {cut}: {}",
-                err.chain()
-            );
+            if cut < hello.len() {
+                assert!(
+                    matches!(err, Error::TooManyRefused { .. }),
+                    "cut at {cut}: {}",
+                    err.chain()
+                );
+            } else {
+                assert!(
+                    matches!(err, Error::Closed { .. } | Error::Decode { .. }),
+                    "cut at {cut}: {}",
+                    err.chain()
+                );
+            }
             assert_names(&err, "closed the connection");
         }
     }
@@ -452,15 +563,25 @@ fn lengths_over_their_limits_are_refused_before_allocating() {
     }
 }
 
+/// A connection that says nothing is dropped as a stray after the hello timeout (and logged);
+/// the accept timeout still holds, so the receiver then fails waiting for its sender. One that
+/// says hello and then nothing is the sender, stopped: the migration fails.
 #[test]
 fn a_silent_sender_times_out() {
     for t in &common::transports() {
         // Says nothing at all.
-        let (at, run) = receiver(destination(), t);
+        let (at, run, lines) = receiver_with(destination(), t, |o| {
+            o.max_refused = 64;
+            o.accept_timeout = Some(Duration::from_secs(2));
+        });
         let quiet = tcp(&at);
         let err = failure(run);
         assert!(err.is_timeout(), "{}", err.chain());
-        assert_names(&err, "waiting for the hello");
+        assert_names(&err, "waiting for the sender to connect");
+        // The hand-written sender says no decision: the receiver ends in doubt, and says so.
+        let lines = strays_only(lines.all());
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("it sent nothing within"), "{lines:?}");
         drop(quiet);
         // Says hello, then nothing.
         let src = source();

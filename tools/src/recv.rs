@@ -62,7 +62,8 @@ const IN_DOUBT: u8 = 3;
 impl TryFrom<&Args> for ReceiveOptions {
     type Error = anyhow::Error;
 
-    /// The library's options for the flags: the transport probed, a fresh cancel handle.
+    /// The library's options for the flags: the transport probed, a fresh cancel handle, and
+    /// the receiver's log lines (connections it refused) on stderr.
     fn try_from(args: &Args) -> anyhow::Result<Self> {
         let defaults = ReceiveOptions::default();
         Ok(ReceiveOptions {

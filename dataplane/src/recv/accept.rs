@@ -1,86 +1,336 @@
-//! Accepting a migration's channels: every connection must greet with a hello for this
-//! memory's layout, and all of them must belong to one migration.
+//! Accepting a migration's channels, and telling them from strangers.
+//!
+//! A receiver listens on a port that anything may connect to: a port scanner, a load balancer's
+//! health check, a browser, a sender of some other migration. Such a *stray* must not cost the
+//! real sender its migration, so [`screen`] accepts connections until one greets with a
+//! well-formed hello, and drops every stray on the way: it is refused (with a [`HelloReply`]
+//! giving the reason, where the peer could read one), logged in one line naming the peer
+//! (`ip:port`, or "a unix socket peer") and the reason, and counted. The receiver then goes on
+//! waiting, within bounds: more than [`max_refused`] strays fail the migration with
+//! [`Error::TooManyRefused`], and strays never extend the waits (the first channel must arrive
+//! within [`accept_timeout`], each further one within [`timeout`] of the one before, however
+//! many strays come in between). A hello must arrive whole within [`hello_timeout`], so a
+//! stranger that connects and says nothing holds the real sender up for that long only.
+//!
+//! What is a stray (dropped, logged, counted; the receiver waits on) and what fails the
+//! migration:
+//!
+//! | The connection                                                    | Outcome                     |
+//! |-------------------------------------------------------------------|-----------------------------|
+//! | closes before or during its hello (a truncated hello)             | stray, closed               |
+//! | sends no complete hello within `hello_timeout`                    | stray, closed               |
+//! | fails (a reset) before its hello is complete                      | stray, closed               |
+//! | does not start with ramjet's magic (garbage, HTTP, TLS, ...)      | stray, refused with reason  |
+//! | sends a hello whose checksum fails (corrupt)                      | stray, refused with reason  |
+//! | sends a hello for another session while this one's channels are awaited | stray, refused with reason |
+//! | sends a hello of another protocol version                         | **fails**, refused with reason |
+//! | sends a well-formed hello (its checksum holds) with invalid fields (page size, counts, regions) | **fails**, refused with reason |
+//! | sends a hello for another memory layout                           | **fails**, refused with reason |
+//! | sends a hello of this session with another channel count          | **fails**, refused with reason |
+//! | sends a hello of this session for a channel already connected     | **fails**, refused with reason |
+//! | is stray number `max_refused + 1`                                 | **fails** ([`Error::TooManyRefused`]) |
+//!
+//! The line between them: a peer that gets ramjet's magic and checksum right is a ramjet
+//! sender, and one that is wrong about the version, the layout or its own session is the real
+//! sender, broken; failing says so at once instead of waiting for a sender that will not come.
+//! A hello of another session is the exception: a second sender aimed at the same port is not
+//! ours, and the sender that is keeps its channels. Once every channel is connected, the
+//! [door](super::door) refuses every newcomer while the session runs.
+//!
+//! [`HelloReply`]: crate::wire::HelloReply
+//! [`max_refused`]: ReceiveOptions::max_refused
+//! [`accept_timeout`]: ReceiveOptions::accept_timeout
+//! [`timeout`]: ReceiveOptions::timeout
+//! [`hello_timeout`]: ReceiveOptions::hello_timeout
+
+use std::io;
+use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::memory::{GuestMemory, RegionLayout};
-use crate::session::{self, Stop};
+use crate::session::{self, HelloError, Stop};
 use crate::transport::{Listener, Stream};
+use crate::wire::{DecodeError, Hello};
 
-use super::options::ReceiveOptions;
+use super::options::{Log, ReceiveOptions};
 
-/// Accepts every channel of one migration and answers its hello; returns the channels in
-/// order and the migration's session id.
+/// A connection that greeted with a well-formed hello.
+#[derive(Debug)]
+pub(super) struct Screened {
+    /// The connection, with the session's read and write timeouts set.
+    pub(super) stream: Stream,
+    /// Its hello, not yet answered.
+    pub(super) hello: Hello,
+    /// Who it is, for log lines.
+    pub(super) peer: String,
+}
+
+/// How long [`screen`] may wait for a sender, and what its timeout error says.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Wait {
+    /// When to give up (`None`: never).
+    pub(super) deadline: Option<Instant>,
+    /// The timeout the deadline stands for, for the error.
+    pub(super) limit: Duration,
+    /// What was being waited for, for the error.
+    pub(super) op: &'static str,
+    /// The channel expected next, for the errors.
+    pub(super) channel: u16,
+}
+
+impl Wait {
+    fn timed_out(&self) -> Error {
+        Error::Timeout {
+            channel: self.channel,
+            op: self.op,
+            timeout: self.limit,
+        }
+    }
+}
+
+/// Whether a stray gets a refusal before it is closed: only a peer that sent bytes of its own
+/// may be reading, and a stalled or vanished one is not worth the write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reply {
+    /// A hello reply with the reason.
+    Refusal,
+    /// Just close.
+    Close,
+}
+
+/// The strays a receiver has dropped, and its bound on them.
+#[derive(Debug)]
+pub(super) struct Strays<'a> {
+    count: usize,
+    limit: usize,
+    hello_limit: Duration,
+    log: &'a Log,
+}
+
+impl<'a> Strays<'a> {
+    pub(super) fn new(options: &'a ReceiveOptions) -> Self {
+        Strays {
+            count: 0,
+            limit: options.max_refused,
+            hello_limit: options.hello_limit(),
+            log: &options.log,
+        }
+    }
+
+    /// Drops the stray `stream` from `peer` for `reason` (refusing it first if `reply` says
+    /// so), logs one line and counts it; fails once more than the limit were dropped.
+    pub(super) fn drop_stray(
+        &mut self,
+        mut stream: Stream,
+        peer: &str,
+        reason: &str,
+        reply: Reply,
+    ) -> Result<(), Error> {
+        if reply == Reply::Refusal {
+            // Best effort, and bounded: the refusal is small, but the peer need not read.
+            let _ = stream.set_write_timeout(Some(self.hello_limit));
+            session::refuse(&mut stream, reason);
+            stream.shutdown_write();
+        }
+        drop(stream);
+        self.count(peer, reason)
+    }
+
+    fn count(&mut self, peer: &str, reason: &str) -> Result<(), Error> {
+        self.count += 1;
+        self.log.line(&format!(
+            "refused a connection from {peer}: {reason} (stray {} of at most {} tolerated)",
+            self.count, self.limit
+        ));
+        if self.count > self.limit {
+            return Err(Error::TooManyRefused {
+                count: self.count,
+                limit: self.limit,
+                last: format!("from {peer}: {reason}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Accepts connections on `listener` until one greets with a well-formed hello of this
+/// protocol version, and returns it unanswered; strays on the way are dropped, logged and
+/// counted in `strays` (see the module docs for which are which). Fails when `wait` runs out,
+/// when `stopped` says to stop ([`Error::Cancelled`]), when a peer speaks another version or
+/// sends an invalid hello that its checksum vouches for (refused with the reason), or when
+/// there are too many strays.
+pub(super) fn screen(
+    listener: &Listener,
+    wait: Wait,
+    options: &ReceiveOptions,
+    stopped: &dyn Fn() -> bool,
+    strays: &mut Strays<'_>,
+) -> Result<Screened, Error> {
+    loop {
+        let left = match wait.deadline {
+            None => None,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(wait.timed_out());
+                }
+                Some(left)
+            }
+        };
+        let mut stream = match listener.accept(left, stopped) {
+            Ok(stream) => stream,
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted => return Err(Error::Cancelled),
+                io::ErrorKind::TimedOut => return Err(wait.timed_out()),
+                // Gone before it was accepted: the kernel knows no more about it.
+                io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset => {
+                    strays.count("a peer", "it reset the connection before it was accepted")?;
+                    continue;
+                }
+                _ => {
+                    return Err(Error::Listen {
+                        endpoint: listener.endpoint().to_string(),
+                        source: e,
+                    });
+                }
+            },
+        };
+        let peer = stream.peer();
+        let accepted = Instant::now();
+        let mut deadline = accepted + options.hello_limit();
+        if let Some(overall) = wait.deadline {
+            deadline = deadline.min(overall);
+        }
+        let (reason, reply) = match session::read_hello(&mut stream, deadline, stopped) {
+            Ok(hello) => {
+                stream
+                    .set_read_timeout(Some(options.timeout))
+                    .and_then(|()| stream.set_write_timeout(Some(options.timeout)))
+                    .map_err(|e| {
+                        Error::io(wait.channel, "setting socket timeouts", options.timeout, e)
+                    })?;
+                return Ok(Screened {
+                    stream,
+                    hello,
+                    peer,
+                });
+            }
+            Err(HelloError::Stopped) => return Err(Error::Cancelled),
+            Err(HelloError::Invalid(source)) if !is_stray(&source) => {
+                let _ = stream.set_write_timeout(Some(options.hello_limit()));
+                session::refuse(&mut stream, &source.to_string());
+                stream.shutdown_write();
+                return Err(Error::Decode {
+                    channel: wait.channel,
+                    source,
+                });
+            }
+            Err(HelloError::Invalid(source)) => (source.to_string(), Reply::Refusal),
+            Err(other) => (why_no_hello(&other, deadline - accepted), Reply::Close),
+        };
+        strays.drop_stray(stream, &peer, &reason, reply)?;
+    }
+}
+
+/// Whether a hello that does not decode comes from a stranger rather than a broken sender: it
+/// is not ramjet at all, or corrupted (its checksum fails, so no field of it can be trusted).
+fn is_stray(source: &DecodeError) -> bool {
+    matches!(source, DecodeError::BadMagic { .. }) || source.is_checksum()
+}
+
+/// Why a connection sent no hello that could be decoded, for a log line.
+pub(super) fn why_no_hello(err: &HelloError, limit: Duration) -> String {
+    // Whole milliseconds: a deadline that the overall wait cut short is no round number.
+    let limit = Duration::from_millis(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX));
+    match err {
+        HelloError::Closed { bytes: 0 } => "it closed the connection without a word".into(),
+        HelloError::Closed { bytes } => {
+            format!("it closed the connection after {bytes} bytes of a hello (truncated)")
+        }
+        HelloError::Stalled { bytes: 0 } => format!("it sent nothing within {limit:?}"),
+        HelloError::Stalled { bytes } => {
+            format!("it sent only {bytes} bytes of a hello within {limit:?}")
+        }
+        HelloError::Stopped => "the receiver stopped waiting for its hello".into(),
+        HelloError::Io(e) => format!("its connection failed: {e}"),
+        HelloError::Invalid(e) => e.to_string(),
+    }
+}
+
+/// Accepts every channel of one migration and answers its hello; see the module docs for what
+/// is dropped as a stray and what fails.
 pub(super) fn accept_channels(
     listener: &Listener,
     memory: &GuestMemory,
     options: &ReceiveOptions,
     stop: &Stop,
 ) -> Result<(Vec<Stream>, [u8; 16]), Error> {
+    let mut strays = Strays::new(options);
     let mut slots: Vec<Option<Stream>> = Vec::new();
     let mut migration = None;
     let mut accepted = 0usize;
+    let mut wait = Wait {
+        deadline: options.accept_timeout.map(|t| Instant::now() + t),
+        limit: options.accept_timeout.unwrap_or_default(),
+        op: "waiting for the sender to connect",
+        channel: 0,
+    };
     loop {
-        let first = migration.is_none();
-        let (timeout, op) = if first {
-            (options.accept_timeout, "waiting for the sender to connect")
-        } else {
-            (
-                Some(options.timeout),
-                "waiting for the other channels to connect",
-            )
-        };
-        let channel = u16::try_from(accepted).unwrap_or(u16::MAX);
-        let mut stream = listener
-            .accept(timeout, &|| stop.is_stopped())
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::Interrupted => Error::Cancelled,
-                std::io::ErrorKind::TimedOut => Error::Timeout {
-                    channel,
-                    op,
-                    timeout: timeout.unwrap_or_default(),
-                },
-                _ => Error::Listen {
-                    endpoint: listener.endpoint().to_string(),
-                    source: e,
-                },
-            })?;
-        stop.register(&stream)
-            .map_err(|e| Error::io(channel, "duplicating the socket", options.timeout, e))?;
-        stream
-            .set_read_timeout(Some(options.timeout))
-            .and_then(|()| stream.set_write_timeout(Some(options.timeout)))
-            .map_err(|e| Error::io(channel, "setting socket timeouts", options.timeout, e))?;
-        let hello = session::read_hello(&mut stream, channel, options.timeout)?;
+        let Screened {
+            mut stream,
+            hello,
+            peer,
+        } = screen(listener, wait, options, &|| stop.is_stopped(), &mut strays)?;
         let channel = hello.channel;
         let problem = match migration {
             _ if hello.regions != memory.layout() => {
                 Some(layout_mismatch(&hello.regions, &memory.layout()))
             }
-            Some((id, count)) if hello.session != id || hello.channels != count => Some(format!(
-                "channel {channel} belongs to another migration (session or channel count differs)"
+            Some((id, _)) if hello.session != id => {
+                // Another sender's channel: not ours, and no reason to fail ours.
+                let reason = format!(
+                    "channel {channel} belongs to another migration (its session id differs)"
+                );
+                strays.drop_stray(stream, &peer, &reason, Reply::Refusal)?;
+                continue;
+            }
+            Some((_, count)) if hello.channels != count => Some(format!(
+                "channel {channel} says the migration has {} channels, the first said {count}",
+                hello.channels
             )),
-            Some(_) if slots[usize::from(channel)].is_some() => {
+            Some(_) if slots.get(usize::from(channel)).is_none_or(Option::is_some) => {
                 Some(format!("channel {channel} is already connected"))
             }
             _ => None,
         };
         if let Some(problem) = problem {
             session::refuse(&mut stream, &problem);
+            stream.shutdown_write();
             return Err(Error::Refused {
                 channel,
                 reason: problem,
             });
         }
+        stop.register(&stream)
+            .map_err(|e| Error::io(channel, "duplicating the socket", options.timeout, e))?;
         session::accept_hello(&mut stream, channel, options.timeout)?;
-        if first {
+        if migration.is_none() {
             migration = Some((hello.session, hello.channels));
             slots.resize_with(usize::from(hello.channels), || None);
         }
-        slots[usize::from(channel)] = Some(stream);
+        if let Some(slot) = slots.get_mut(usize::from(channel)) {
+            *slot = Some(stream);
+        }
         accepted += 1;
         if accepted == slots.len() {
             return Ok((slots.into_iter().flatten().collect(), hello.session));
         }
+        wait = Wait {
+            deadline: Some(Instant::now() + options.timeout),
+            limit: options.timeout,
+            op: "waiting for the other channels to connect",
+            channel: u16::try_from(accepted).unwrap_or(u16::MAX),
+        };
     }
 }
 

@@ -6,18 +6,18 @@
 //! from a new connection of the same session, or from an operator ([`Operator`]), for at most
 //! [`ReceiveOptions::in_doubt_wait`].
 
-use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use ramjet_control::Fact;
 
+use super::accept::{Reply, Screened, Strays, Wait, screen};
 use super::options::ReceiveOptions;
 use crate::error::Error;
 use crate::memory::RegionLayout;
 use crate::session::{self, Counters, FactSink, Stop, Taken};
-use crate::transport::{LinkReader, LinkWriter, Listener, Stream};
+use crate::transport::{LinkReader, LinkWriter, Listener};
 use crate::wire::{FrameHeader, FrameKind};
 
 /// Who may run the guest after a receive that holds the complete, verified state.
@@ -217,19 +217,7 @@ impl Context<'_> {
                 ));
                 return Outcome::Keep(Handover::InDoubt);
             }
-            let accepted = self.listener.accept(Some(left), &|| {
-                operator.ruling().is_some() || self.stop.is_cancelled()
-            });
-            let mut stream = match accepted {
-                Ok(stream) => stream,
-                Err(e) if is_retry(&e) => continue,
-                Err(e) => {
-                    self.log(&format!("in doubt: cannot accept connections: {e}"));
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
-                }
-            };
-            let Some(taken) = self.screen(&mut stream) else {
+            let Some(taken) = self.next_decision(left) else {
                 continue;
             };
             if let Some(ruling) = operator.settle() {
@@ -249,34 +237,45 @@ impl Context<'_> {
         }
     }
 
-    /// Takes a decision from a new connection, or drops it (with a log line) if it is not
-    /// this session's sender.
-    fn screen(&self, stream: &mut Stream) -> Option<Taken> {
-        let timeout = self.options.timeout.min(HELLO_TIMEOUT);
-        let peer = stream.peer();
-        let result = stream
-            .set_read_timeout(Some(timeout))
-            .and_then(|()| stream.set_write_timeout(Some(timeout)))
-            .map_err(|e| Error::io(0, "setting socket timeouts", timeout, e))
-            .and_then(|()| session::read_hello(stream, 0, timeout))
-            .and_then(|hello| {
-                let problem = if hello.session != self.session {
-                    Some("it belongs to another migration than the one in doubt")
-                } else if hello.regions != self.layout {
-                    Some("its memory layout differs")
-                } else {
-                    None
-                };
-                if let Some(problem) = problem {
-                    session::refuse(stream, problem);
-                    return Err(Error::Refused {
-                        channel: 0,
-                        reason: problem.to_owned(),
-                    });
-                }
-                session::take(stream, timeout)
-            });
-        match result {
+    /// Waits up to `wait` for a connection of this session's sender and takes its decision.
+    /// Strangers, and ramjet peers of another session or layout, are dropped with a log line;
+    /// none of them ends the doubt, however many come.
+    fn next_decision(&self, wait: Duration) -> Option<Taken> {
+        let wait = Wait {
+            deadline: Some(Instant::now() + wait),
+            limit: wait,
+            op: "waiting in doubt for the sender's decision",
+            channel: 0,
+        };
+        // Counted per connection, so that no number of strays fails a receiver in doubt.
+        let mut strays = Strays::new(self.options);
+        let operator = &self.options.operator;
+        let stopped = || self.stop.is_cancelled() || operator.ruling().is_some();
+        let screened = match screen(self.listener, wait, self.options, &stopped, &mut strays) {
+            Ok(screened) => screened,
+            Err(Error::Timeout { .. } | Error::Cancelled) => return None,
+            Err(err) => {
+                self.log(&format!("in doubt: dropped a connection: {}", err.chain()));
+                return None;
+            }
+        };
+        let Screened {
+            mut stream,
+            hello,
+            peer,
+        } = screened;
+        let problem = if hello.session != self.session {
+            Some("it belongs to another migration than the one in doubt")
+        } else if hello.regions != self.layout {
+            Some("its memory layout differs")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            let _ = strays.drop_stray(stream, &peer, problem, Reply::Refusal);
+            return None;
+        }
+        match session::take(&mut stream, self.options.timeout.min(HELLO_TIMEOUT)) {
             Ok(taken) => Some(taken),
             Err(err) => {
                 self.log(&format!(
@@ -291,13 +290,6 @@ impl Context<'_> {
 
 /// How long a connection in doubt may take to greet and decide.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn is_retry(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::Interrupted | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-    )
-}
 
 fn decided(go: bool) -> Outcome {
     if go {

@@ -1,5 +1,9 @@
 //! The receiving side of a migration.
 //!
+//! First the sender's channels are told from strangers on the listener (`accept.rs`: strays
+//! are dropped and logged, a broken sender fails the migration); while the session runs, a
+//! door thread refuses newcomers (`door.rs`).
+//!
 //! One reader thread per channel reads frame headers and page tables, checks every page
 //! reference against guest memory and the protocol, then receives raw page payloads straight
 //! into their destination pages with one vectored read, and lz4 payloads into a pooled buffer
@@ -15,7 +19,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
-use std::thread::JoinHandle;
+use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
 use crossbeam_channel::{self as channels, Receiver};
@@ -24,6 +28,7 @@ use ramjet_control::Fact;
 mod accept;
 mod channel;
 mod decode;
+mod door;
 mod handover;
 mod options;
 mod shared;
@@ -34,11 +39,12 @@ pub use options::{Log, ReceiveOptions, Received};
 use accept::accept_channels;
 use channel::{ChannelDone, ChannelReader};
 use decode::{DecodeJob, LzBuf};
+use door::Door;
 use handover::Outcome;
 use shared::{LINGER, Shared};
 
 use crate::error::Error;
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, ReceiveLease};
 use crate::pool::Pool;
 use crate::session::{self, Counters, FactSink, Stop};
 use crate::transport::{LinkReader, LinkWriter, Listener, Stream};
@@ -58,6 +64,20 @@ use crate::wire::FrameHeader;
 /// Reports `setup-done`, `pass N` at the end of each round, `completed` once the guest may run
 /// here, `in-doubt` when the link broke after *ready*, `failed` with the first error, and
 /// `drained` last.
+///
+/// Connections that are not the sender's are dropped on the way, each logged to
+/// [`ReceiveOptions::log`] in one line, and the receiver waits on: one that closes, stalls past
+/// [`hello_timeout`](ReceiveOptions::hello_timeout), sends something that is not ramjet (bad
+/// magic: garbage, HTTP, TLS) or a corrupt or truncated hello, or greets for another session
+/// while this one's channels are awaited. More than
+/// [`max_refused`](ReceiveOptions::max_refused) of them fail the migration
+/// ([`Error::TooManyRefused`]), and they never extend the accept timeouts. A peer that is a
+/// ramjet sender but cannot be this migration's fails it, refused with the reason: another
+/// protocol version, an invalid hello whose checksum holds, another memory layout, another
+/// channel count for this session, or a channel that is already connected. Once every channel
+/// is connected, further connections are refused without disturbing the session ("a migration
+/// is already being received") until the data phase ends. The full list is in the docs of
+/// `recv/accept.rs`.
 pub fn receive(
     listener: &Listener,
     memory: Arc<GuestMemory>,
@@ -65,8 +85,15 @@ pub fn receive(
     sink: Arc<dyn FactSink>,
 ) -> Result<Received, Error> {
     let stop = options.cancel.stop();
-    if options.workers == 0 {
-        stop.fail(Error::Config("at least one decode worker is needed".into()));
+    let invalid = if options.workers == 0 {
+        Some("at least one decode worker is needed")
+    } else if options.hello_timeout.is_zero() {
+        Some("the hello timeout must be above zero")
+    } else {
+        None
+    };
+    if let Some(problem) = invalid {
+        stop.fail(Error::Config(problem.into()));
         return Err(stop.end(sink.as_ref()));
     }
     // Held until the session ends: nothing else in this process reads, writes or freezes the
@@ -87,6 +114,28 @@ pub fn receive(
             return Err(stop.end(sink.as_ref()));
         }
     };
+    // The door refuses newcomers from now until the data phase ends; the scope makes sure its
+    // thread is gone before this returns, whatever happens.
+    thread::scope(|scope| {
+        let door = Door::open(scope, listener, options);
+        let at = (listener, session);
+        run(lease, &streams, at, options, &stop, sink, door)
+    })
+}
+
+/// The session once every channel of session `at.1` is connected: runs it, closes `door`
+/// when the data phase ends, hands over (on `at.0` too, in doubt) or tells the sender why
+/// not, and ends with `drained`.
+fn run(
+    lease: ReceiveLease,
+    streams: &[Stream],
+    at: (&Listener, [u8; 16]),
+    options: &ReceiveOptions,
+    stop: &Arc<Stop>,
+    sink: Arc<dyn FactSink>,
+    door: Door<'_>,
+) -> Result<Received, Error> {
+    let memory = Arc::clone(lease.memory());
     let started = Instant::now();
     // Whether each region is still all zero: then arriving zero pages need no write. Taken now,
     // since this session is about to write the memory.
@@ -103,7 +152,7 @@ pub fn receive(
             .collect(),
         lease,
         known_zero,
-        stop: Arc::clone(&stop),
+        stop: Arc::clone(stop),
         counters: Arc::new(Counters::default()),
         sink,
         channels,
@@ -114,18 +163,20 @@ pub fn receive(
                 .collect(),
         ),
     });
-    let mut running = Running::start(&shared, &streams, options);
+    let mut running = Running::start(&shared, streams, options);
     let outcome = running.collect();
+    // The data phase is over, however it ended: the listener is free again.
+    door.close();
     match outcome {
         Ok(mut done) => {
             let device_state = std::mem::take(&mut done.device_state);
             let ready = FrameHeader::ready(done.rounds, done.pages, device_state.len() as u64);
             let context = handover::Context {
-                listener,
-                session,
+                listener: at.0,
+                session: at.1,
                 layout: memory.layout(),
                 options,
-                stop: &stop,
+                stop,
                 sink: shared.sink.as_ref(),
                 counters: &shared.counters,
             };
@@ -140,14 +191,14 @@ pub fn receive(
                 Outcome::Keep(handover) => handover,
                 Outcome::Discard(err) => {
                     stop.fail(err);
-                    running.stop(&stop);
+                    running.stop(stop);
                     return Err(stop.end(shared.sink.as_ref()));
                 }
             };
             if handover.may_run() {
                 shared.sink.fact(Fact::Completed);
             }
-            running.stop(&stop);
+            running.stop(stop);
             shared.sink.fact(Fact::Drained);
             Ok(Received {
                 handover,
@@ -167,7 +218,7 @@ pub fn receive(
                 }
             }
             running.linger();
-            running.stop(&stop);
+            running.stop(stop);
             Err(stop.end(shared.sink.as_ref()))
         }
     }

@@ -1,5 +1,6 @@
 //! What a receiver is told ([`ReceiveOptions`]) and what it reports ([`Received`]).
 
+use std::fmt;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -16,9 +17,23 @@ pub struct ReceiveOptions {
     /// Limit for each read and write once connected: a sender that says nothing for this long
     /// fails the migration.
     pub timeout: Duration,
-    /// How long to wait for the sender's first connection (`None`: forever, like
-    /// `-incoming`).
+    /// How long to wait for the sender's first channel (`None`: forever, like `-incoming`).
+    /// Each further channel must then connect within [`timeout`](Self::timeout) of the one
+    /// before. Connections that are not the sender's never extend either wait.
     pub accept_timeout: Option<Duration>,
+    /// How long a new connection may take to send its whole hello before it is dropped as a
+    /// stranger, so that a stalled connection holds the real sender up for this long only.
+    /// Never more than [`timeout`](Self::timeout) (a larger value counts as `timeout`); must be
+    /// above zero.
+    pub hello_timeout: Duration,
+    /// How many connections that are not this migration's sender (port scanners, health
+    /// checks, other programs, a sender of another migration) are dropped before the
+    /// migration fails with [`Error::TooManyRefused`](crate::Error::TooManyRefused). 0: the
+    /// first one fails it.
+    pub max_refused: usize,
+    /// Where the receiver tells about connections it dropped or refused and about a doubt,
+    /// one line each; the library itself never prints. Default: nowhere.
+    pub log: Log,
     /// How bytes move. The default, [`Auto`](crate::transport::Auto), is io_uring where the
     /// kernel allows it, else blocking sockets, chosen when the first channel is set up.
     pub transport: Arc<dyn Transport>,
@@ -32,39 +47,6 @@ pub struct ReceiveOptions {
     pub in_doubt_wait: Duration,
     /// The operator's word while in doubt.
     pub operator: Operator,
-    /// Where the receiver's log lines go (connections it dropped, the doubt): nowhere by
-    /// default, since the library never prints.
-    pub log: Log,
-}
-
-/// A receiver's log: one line per event worth an operator's attention.
-#[derive(Clone, Default)]
-pub struct Log(Option<Arc<LogFn>>);
-
-type LogFn = dyn Fn(&str) + Send + Sync;
-
-impl Log {
-    /// A log that hands each line to `f`.
-    pub fn new(f: impl Fn(&str) + Send + Sync + 'static) -> Self {
-        Log(Some(Arc::new(f)))
-    }
-
-    /// Logs `line`.
-    pub fn line(&self, line: &str) {
-        if let Some(f) = &self.0 {
-            f(line);
-        }
-    }
-}
-
-impl std::fmt::Debug for Log {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "Log(..)"
-        } else {
-            "Log(none)"
-        })
-    }
 }
 
 impl Default for ReceiveOptions {
@@ -73,12 +55,56 @@ impl Default for ReceiveOptions {
             workers: thread::available_parallelism().map_or(2, usize::from),
             timeout: Duration::from_secs(30),
             accept_timeout: None,
+            hello_timeout: Duration::from_secs(5),
+            max_refused: 64,
+            log: Log::default(),
             transport: Arc::new(crate::transport::Auto),
             cancel: CancelHandle::new(),
             in_doubt_wait: Duration::from_secs(120),
             operator: Operator::new(),
-            log: Log::default(),
         }
+    }
+}
+
+impl ReceiveOptions {
+    /// The hello timeout in force: [`hello_timeout`](Self::hello_timeout), at most `timeout`.
+    pub(super) fn hello_limit(&self) -> Duration {
+        self.hello_timeout.min(self.timeout)
+    }
+}
+
+/// Where a receiver's log lines go: a function of one line (no newline), called from the
+/// receiving threads. Cheap to clone; the default drops every line.
+///
+/// ```
+/// let log = ramjet_dataplane::Log::new(|line| eprintln!("ramjet: {line}"));
+/// log.line("refused a connection from 192.0.2.7:51234: not a ramjet peer");
+/// ```
+#[derive(Clone)]
+pub struct Log(Arc<dyn Fn(&str) + Send + Sync>);
+
+impl Log {
+    /// Sends every line to `f`.
+    pub fn new(f: impl Fn(&str) + Send + Sync + 'static) -> Log {
+        Log(Arc::new(f))
+    }
+
+    /// Logs one line.
+    pub fn line(&self, line: &str) {
+        (self.0)(line);
+    }
+}
+
+impl Default for Log {
+    /// Drops every line.
+    fn default() -> Self {
+        Log::new(|_| {})
+    }
+}
+
+impl fmt::Debug for Log {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Log(..)")
     }
 }
 

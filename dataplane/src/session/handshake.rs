@@ -1,16 +1,17 @@
 //! The per-channel handshake, both halves: the sender [greets](greet) with a [`Hello`] and
-//! reads the receiver's verdict; the receiver [reads the hello](read_hello) and [accepts] or
-//! [refuses] it with a [`HelloReply`]. The bytes are [`wire`](crate::wire)'s.
+//! reads the receiver's verdict; the receiver [reads the hello](read_hello), bounded by a
+//! deadline, and [accepts] or [refuses] it with a [`HelloReply`]. The bytes are
+//! [`wire`](crate::wire)'s.
 //!
 //! [accepts]: accept_hello
 //! [refuses]: refuse
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::transport::Stream;
-use crate::wire::{Hello, HelloReply, Verdict};
+use crate::wire::{DecodeError, Hello, HelloReply, MAGIC, Verdict};
 
 /// A new migration's session id, the same on each of its channels, so a receiver can tell its
 /// channels from another migration's. Not a secret: only distinct. All of its entropy comes
@@ -60,29 +61,90 @@ pub(crate) fn greet(stream: &mut Stream, hello: &Hello, timeout: Duration) -> Re
         .map_err(|e| io("setting socket timeouts", e))
 }
 
-/// The receiver's half, first step: reads a hello; a malformed one is refused with the reason
-/// before the error is returned.
+/// How long one read of a hello may block before the deadline and the stop are checked again.
+const STEP: Duration = Duration::from_millis(50);
+
+/// Why no hello could be read from a connection.
+#[derive(Debug)]
+pub(crate) enum HelloError {
+    /// The peer closed the connection after `bytes` bytes of its hello (0: before a word).
+    Closed {
+        /// How much of the hello arrived.
+        bytes: usize,
+    },
+    /// No complete hello arrived before the deadline; `bytes` bytes of it did.
+    Stalled {
+        /// How much of the hello arrived.
+        bytes: usize,
+    },
+    /// The caller's stop said to give up.
+    Stopped,
+    /// The socket failed (a reset, say).
+    Io(io::Error),
+    /// The bytes are not a valid hello: another program (bad magic, known as soon as the first
+    /// bytes differ from it), another version, a corrupted or malformed hello.
+    Invalid(DecodeError),
+}
+
+/// The receiver's half, first step: reads a hello, giving up at `deadline` or as soon as
+/// `stopped` says so (checked every 50 ms), and as soon as the first bytes are not ramjet's
+/// magic. Replies nothing: whether and how to refuse is the caller's decision. Leaves a short
+/// read timeout on the socket, which the caller resets.
 pub(crate) fn read_hello(
     stream: &mut Stream,
-    channel: u16,
-    timeout: Duration,
-) -> Result<Hello, Error> {
+    deadline: Instant,
+    stopped: &dyn Fn() -> bool,
+) -> Result<Hello, HelloError> {
     let mut fixed = [0u8; Hello::FIXED_LEN];
-    stream
-        .read_exact(&mut fixed)
-        .map_err(|e| Error::io(channel, "waiting for the hello", timeout, e))?;
-    let len = Hello::table_len(&fixed).map_err(|source| {
-        refuse(stream, &source.to_string());
-        Error::Decode { channel, source }
-    })?;
+    fill(stream, &mut fixed, 0, deadline, stopped)?;
+    let len = Hello::table_len(&fixed).map_err(HelloError::Invalid)?;
     let mut table = vec![0u8; len];
-    stream
-        .read_exact(&mut table)
-        .map_err(|e| Error::io(channel, "receiving the hello's region table", timeout, e))?;
-    Hello::decode(&fixed, &table).map_err(|source| {
-        refuse(stream, &source.to_string());
-        Error::Decode { channel, source }
-    })
+    fill(stream, &mut table, Hello::FIXED_LEN, deadline, stopped)?;
+    Hello::decode(&fixed, &table).map_err(HelloError::Invalid)
+}
+
+/// Fills `buf` from `stream`, the bytes at offset `at` of the hello; see [`read_hello`].
+fn fill(
+    stream: &mut Stream,
+    buf: &mut [u8],
+    at: usize,
+    deadline: Instant,
+    stopped: &dyn Fn() -> bool,
+) -> Result<(), HelloError> {
+    let mut got = 0;
+    while got < buf.len() {
+        if stopped() {
+            return Err(HelloError::Stopped);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HelloError::Stalled { bytes: at + got });
+        }
+        stream
+            .set_read_timeout(Some(left.min(STEP)))
+            .map_err(HelloError::Io)?;
+        match stream.read(&mut buf[got..]) {
+            Ok(0) => return Err(HelloError::Closed { bytes: at + got }),
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(HelloError::Io(e)),
+        }
+        // The magic comes first: a peer that is not ramjet is known by its first bytes, without
+        // waiting for 48 of them (an HTTP client may send fewer and wait for an answer).
+        let magic = MAGIC.len().saturating_sub(at).min(got);
+        if magic > 0 && buf[..magic] != MAGIC[at..at + magic] {
+            let mut found = [0u8; 8];
+            found[..magic].copy_from_slice(&buf[..magic]);
+            return Err(HelloError::Invalid(DecodeError::BadMagic { found }));
+        }
+    }
+    Ok(())
 }
 
 /// The receiver's half, second step: accepts the hello just read.
@@ -131,19 +193,22 @@ mod tests {
         }
     }
 
+    fn pair() -> (Stream, Stream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Stream::Unix(a), Stream::Unix(b))
+    }
+
     /// Both halves against each other over a socket pair: an accepted hello arrives as sent;
-    /// a refused one fails the sender with the receiver's reason; a malformed one is refused
-    /// with what was wrong.
+    /// a refused one fails the sender with the receiver's reason.
     #[test]
     fn the_halves_agree() {
         let timeout = Duration::from_secs(5);
         for accept in [true, false] {
-            let (a, b) = UnixStream::pair().unwrap();
-            let (mut sender, mut receiver) = (Stream::Unix(a), Stream::Unix(b));
+            let (mut sender, mut receiver) = pair();
             let sent = hello(1);
             let expected = sent.clone();
             let peer = std::thread::spawn(move || {
-                let got = read_hello(&mut receiver, 0, timeout).unwrap();
+                let got = read_hello(&mut receiver, Instant::now() + timeout, &|| false).unwrap();
                 assert_eq!(got, expected);
                 if accept {
                     accept_hello(&mut receiver, got.channel, timeout).unwrap();
@@ -161,19 +226,48 @@ mod tests {
                 (accept, other) => panic!("accept {accept}: {other:?}"),
             }
         }
-        let (a, b) = UnixStream::pair().unwrap();
-        let (mut sender, mut receiver) = (Stream::Unix(a), Stream::Unix(b));
-        let mut bad = hello(0).encode();
-        bad[..4].copy_from_slice(b"QEMU");
-        sender.write_all(&bad).unwrap();
-        let err = read_hello(&mut receiver, 0, timeout).unwrap_err();
-        assert!(err.chain().contains("bad magic"), "{}", err.chain());
-        let mut fixed = [0u8; HelloReply::FIXED_LEN];
-        sender.read_exact(&mut fixed).unwrap();
-        let mut reason = vec![0u8; HelloReply::reason_len(&fixed).unwrap()];
-        sender.read_exact(&mut reason).unwrap();
-        let verdict = HelloReply::decode(&fixed, &reason).unwrap().verdict;
-        assert!(matches!(verdict, Verdict::Refuse(r) if r.contains("bad magic")));
         assert_ne!(session_id(), session_id(), "ids differ");
+    }
+
+    /// What a hello read ends in when the peer is not a sender: bad magic is known from the
+    /// first bytes that differ (no wait for the rest); a close, a stall past the deadline and
+    /// the caller's stop each say so, with how much of the hello arrived.
+    #[test]
+    fn a_hello_read_ends_early_for_strangers() {
+        let later = || Instant::now() + Duration::from_secs(30);
+        let (mut sender, mut receiver) = pair();
+        sender.write_all(b"GET ").unwrap();
+        let err = read_hello(&mut receiver, later(), &|| false).unwrap_err();
+        assert!(
+            matches!(&err, HelloError::Invalid(DecodeError::BadMagic { found }) if found[..4] == *b"GET "),
+            "{err:?}"
+        );
+
+        let (mut sender, mut receiver) = pair();
+        sender.write_all(&hello(0).encode()[..20]).unwrap();
+        drop(sender);
+        let err = read_hello(&mut receiver, later(), &|| false).unwrap_err();
+        assert!(matches!(err, HelloError::Closed { bytes: 20 }), "{err:?}");
+
+        let (mut sender, mut receiver) = pair();
+        sender.write_all(&MAGIC).unwrap();
+        let soon = Instant::now() + Duration::from_millis(120);
+        let err = read_hello(&mut receiver, soon, &|| false).unwrap_err();
+        assert!(matches!(err, HelloError::Stalled { bytes: 8 }), "{err:?}");
+        let err = read_hello(&mut receiver, later(), &|| true).unwrap_err();
+        assert!(matches!(err, HelloError::Stopped), "{err:?}");
+
+        let (mut sender, mut receiver) = pair();
+        let mut bad = hello(0).encode();
+        bad[8] = 9;
+        sender.write_all(&bad).unwrap();
+        let err = read_hello(&mut receiver, later(), &|| false).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                HelloError::Invalid(DecodeError::UnsupportedVersion { found: 9 })
+            ),
+            "{err:?}"
+        );
     }
 }

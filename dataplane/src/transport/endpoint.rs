@@ -83,13 +83,14 @@ impl Stream {
         }
     }
 
-    /// Who is at the other end, for log lines: `tcp:ip:port`, or `a unix socket peer`.
+    /// Who is at the other end, for a log line: a TCP peer's `ip:port`, or "a unix socket
+    /// peer" (a connecting Unix socket is almost never bound to a path).
     pub fn peer(&self) -> String {
         match self {
             Stream::Tcp(s) => s
                 .peer_addr()
-                .map_or_else(|_| "an unknown tcp peer".to_owned(), |a| format!("tcp:{a}")),
-            Stream::Unix(_) => "a unix socket peer".to_owned(),
+                .map_or_else(|_| "a TCP peer that already left".into(), |a| a.to_string()),
+            Stream::Unix(_) => "a unix socket peer".into(),
         }
     }
 

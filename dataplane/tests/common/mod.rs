@@ -108,6 +108,23 @@ impl Facts {
     }
 }
 
+/// A receiver's log lines as they arrive.
+#[derive(Default)]
+pub struct Lines(Mutex<Vec<String>>);
+
+impl Lines {
+    pub fn log(self: &Arc<Self>) -> ramjet_dataplane::Log {
+        let lines = Arc::clone(self);
+        ramjet_dataplane::Log::new(move |line| {
+            lines.0.lock().expect("lines lock").push(line.to_owned());
+        })
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        self.0.lock().expect("lines lock").clone()
+    }
+}
+
 /// Runs `facts` through a control machine for `side` and returns what it emitted, as the
 /// scenario vocabulary (`setup`, `pass 1`, ...). Every fact must be accepted.
 pub fn statuses(side: Side, facts: &[Fact]) -> Vec<String> {
