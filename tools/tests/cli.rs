@@ -425,4 +425,53 @@ mod processes {
         }
         let _ = std::fs::remove_file(&img);
     }
+
+    /// Strangers reach `ramjet recv` before its sender: one connects and closes, one sends
+    /// garbage, one speaks HTTP. Each is dropped with a line naming it and why, and the real
+    /// migration then completes byte-identical.
+    #[test]
+    fn strays_before_the_sender_do_not_end_the_migration() {
+        use std::io::{Read, Write};
+        use std::net::TcpStream;
+        let img = image("strays", "4M");
+        let out_file = temp("strays-out");
+        let out_arg = out_file.to_str().expect("utf-8 path");
+        let (receiver, at, log) = recv_logged("tcp:127.0.0.1:0", "4M", &["--out", out_arg]);
+        let addr = at.strip_prefix("tcp:").expect("a tcp endpoint");
+        let strays: [&[u8]; 3] = [
+            b"",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 random garbage",
+            b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        ];
+        let mut peers = Vec::new();
+        for bytes in strays {
+            let mut stray = TcpStream::connect(addr).expect("connect a stray");
+            peers.push(stray.local_addr().expect("addr").to_string());
+            stray.write_all(bytes).expect("stray bytes");
+            stray.shutdown(std::net::Shutdown::Write).expect("shutdown");
+            let mut answer = Vec::new();
+            let _ = stray.read_to_end(&mut answer);
+        }
+        let sent = send(&at, &img, &[]).output().expect("send");
+        let received = receiver.wait_with_output().expect("recv");
+        let log = log.join().expect("recv's stderr");
+        assert!(
+            sent.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+        assert!(received.status.success(), "{log}");
+        assert!(
+            std::fs::read(&img).expect("image") == std::fs::read(&out_file).expect("out"),
+            "the received memory differs from the image"
+        );
+        for peer in &peers {
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains(peer.as_str())).collect();
+            assert_eq!(lines.len(), 1, "one line for {peer}: {log}");
+            assert!(lines[0].contains("refused a connection"), "{log}");
+        }
+        assert!(log.contains("bad magic"), "{log}");
+        let _ = std::fs::remove_file(&out_file);
+        let _ = std::fs::remove_file(&img);
+    }
 }
