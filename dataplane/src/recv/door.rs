@@ -7,8 +7,8 @@
 //! received"; any other is closed. Each gets one log line. The door never touches the session:
 //! no newcomer can fail, slow or end it.
 //!
-//! [`Door::close`] stops the thread (within about 50 ms, even while it waits for a newcomer's
-//! hello) and joins it, after which the listener is the caller's again, to accept a
+//! [`Door::close`] stops the thread (at once while it waits for a newcomer, within about 50 ms
+//! while it reads a newcomer's hello) and joins it, after which the listener is the caller's again, to accept a
 //! reconnecting sender, say. Dropping a door only tells the thread to stop; the thread scope
 //! joins it.
 
@@ -19,7 +19,7 @@ use std::thread::{self, Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::session::{self, HelloError};
-use crate::transport::{Listener, Stream};
+use crate::transport::{Listener, Stream, Wake};
 use crate::wire::DecodeError;
 
 use super::accept::why_no_hello;
@@ -32,6 +32,8 @@ pub(super) const BUSY: &str = "a migration is already being received";
 #[derive(Debug)]
 pub(super) struct Door<'scope> {
     closed: Arc<AtomicBool>,
+    /// Ends the thread's wait for a newcomer at once (without it, within 50 ms).
+    wake: Option<Arc<Wake>>,
     thread: Option<ScopedJoinHandle<'scope, ()>>,
 }
 
@@ -47,9 +49,13 @@ impl<'scope> Door<'scope> {
         let closed = Arc::new(AtomicBool::new(false));
         let (log, hello_limit) = (options.log.clone(), options.hello_limit());
         let flag = Arc::clone(&closed);
+        let wake = Wake::new().ok().map(Arc::new);
+        let waker = wake.clone();
         let spawned = thread::Builder::new()
             .name("ramjet-door".into())
-            .spawn_scoped(scope, move || run(listener, &log, hello_limit, &flag));
+            .spawn_scoped(scope, move || {
+                run(listener, &log, hello_limit, &flag, waker.as_deref());
+            });
         let thread = match spawned {
             Ok(thread) => Some(thread),
             Err(e) => {
@@ -60,12 +66,19 @@ impl<'scope> Door<'scope> {
                 None
             }
         };
-        Door { closed, thread }
+        Door {
+            closed,
+            wake,
+            thread,
+        }
     }
 
     /// Stops refusing newcomers and joins the thread: the listener is free when this returns.
     pub(super) fn close(mut self) {
         self.closed.store(true, Ordering::Release);
+        if let Some(wake) = &self.wake {
+            wake.wake();
+        }
         if let Some(thread) = self.thread.take() {
             // The thread only accepts, reads and writes sockets; a panic there is no reason to
             // lose the session's outcome.
@@ -77,13 +90,22 @@ impl<'scope> Door<'scope> {
 impl Drop for Door<'_> {
     fn drop(&mut self) {
         self.closed.store(true, Ordering::Release);
+        if let Some(wake) = &self.wake {
+            wake.wake();
+        }
     }
 }
 
-fn run(listener: &Listener, log: &Log, hello_limit: Duration, closed: &AtomicBool) {
+fn run(
+    listener: &Listener,
+    log: &Log,
+    hello_limit: Duration,
+    closed: &AtomicBool,
+    wake: Option<&Wake>,
+) {
     let stopped = || closed.load(Ordering::Acquire);
     loop {
-        match listener.accept(None, &stopped) {
+        match listener.accept_or_wake(None, &stopped, wake) {
             Ok(stream) => turn_away(stream, log, hello_limit, &stopped),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
             Err(e) => {

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::io::{self, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -243,14 +243,25 @@ impl Listener {
     /// Accepts one connection, waiting at most `timeout` (`None`: forever) and giving up early
     /// when `stop` returns true (checked every 50 ms).
     pub fn accept(&self, timeout: Option<Duration>, stop: &dyn Fn() -> bool) -> io::Result<Stream> {
+        self.accept_or_wake(timeout, stop, None)
+    }
+
+    /// [`accept`](Self::accept), also giving up at once (`Interrupted`) when `wake` is woken.
+    pub(crate) fn accept_or_wake(
+        &self,
+        timeout: Option<Duration>,
+        stop: &dyn Fn() -> bool,
+        wake: Option<&Wake>,
+    ) -> io::Result<Stream> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let fd = match &self.inner {
             ListenerInner::Tcp(l) => l.as_raw_fd(),
             ListenerInner::Unix(l) => l.as_raw_fd(),
         };
+        let interrupted = || io::Error::new(io::ErrorKind::Interrupted, "cancelled");
         loop {
-            if stop() {
-                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            if stop() || wake.is_some_and(Wake::is_woken) {
+                return Err(interrupted());
             }
             let mut wait = Duration::from_millis(50);
             if let Some(deadline) = deadline {
@@ -260,14 +271,22 @@ impl Listener {
                 }
                 wait = wait.min(left);
             }
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            let mut pfds = [
+                libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: wake.map_or(-1, |w| w.fd.as_raw_fd()),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
             let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(50).max(1);
-            // SAFETY: `pfd` is a valid pollfd for the duration of the call and the count is 1.
-            let ready = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+            // SAFETY: `pfds` is a valid array of two pollfds for the duration of the call (a
+            // negative fd is ignored by poll), and the count says two.
+            let ready = unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
             if ready < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::Interrupted {
@@ -275,7 +294,7 @@ impl Listener {
                 }
                 return Err(err);
             }
-            if ready == 0 {
+            if ready == 0 || pfds[0].revents == 0 {
                 continue;
             }
             return match &self.inner {
@@ -287,6 +306,42 @@ impl Listener {
                 ListenerInner::Unix(l) => Ok(Stream::Unix(l.accept()?.0)),
             };
         }
+    }
+}
+
+/// Wakes a thread waiting in [`Listener::accept_or_wake`] at once (an eventfd in its poll).
+#[derive(Debug)]
+pub(crate) struct Wake {
+    fd: OwnedFd,
+    woken: std::sync::atomic::AtomicBool,
+}
+
+impl Wake {
+    pub(crate) fn new() -> io::Result<Wake> {
+        // SAFETY: eventfd takes no pointers; the result is checked before it is used.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by eventfd, is valid, and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Wake {
+            fd,
+            woken: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Wakes the waiter, now and for every later wait.
+    pub(crate) fn wake(&self) {
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: `one` is 8 readable bytes, as an eventfd write needs, for the whole call.
+        // A failure (the counter full) still leaves the fd readable, which is all we need.
+        let _ = unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+
+    fn is_woken(&self) -> bool {
+        self.woken.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 
 pub use blocking::Blocking;
 pub use endpoint::{Endpoint, Listener, Stream};
-pub(crate) use endpoint::{Queue, queued};
+pub(crate) use endpoint::{Queue, Wake, queued};
 pub use link::{LinkReader, LinkWriter, Transport};
 pub use uring::{Unavailable, Uring, ZeroCopy};
 
