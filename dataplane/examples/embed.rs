@@ -127,7 +127,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("total time:          {:.2?}", started.elapsed());
     println!("expected downtime:   {:.1?}", report.expected_downtime);
     println!(
-        "measured downtime:   {:.1?} (pause to confirmation)",
+        "measured downtime:   {:.1?} (pause to the go acknowledged)",
         report.downtime
     );
     println!(

@@ -30,7 +30,10 @@
 //! let sender = Sender::connect(Arc::clone(&source), &at, &SendOptions::default(), sink)?;
 //! sender.migrate_paused(b"device state", PreSwitchover::Skip)?;
 //!
+//! // The source handed the guest over (it must never run it again); the destination may run
+//! // it, since the source's go arrived.
 //! let received = receiver.join().map_err(|_| "the receiver thread panicked")??;
+//! assert!(received.handover.may_run());
 //! assert_eq!(received.device_state, b"device state");
 //! assert!(source.content_eq(&destination)?);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -47,12 +50,22 @@
 //!    memory this process maps ([`UffdWp`]), or nothing for a stopped guest ([`Everything`]).
 //! 3. **Connect.** [`Sender::connect`] with [`SendOptions`] (channels, [`Compression`],
 //!    [`Transport`], `max_bandwidth`, timeout, [`CancelHandle`]); the destination runs
-//!    [`receive`] on a [`Listener`] into its own, prefaulted guest memory.
+//!    [`receive`] on a [`Listener`] into its own, prefaulted guest memory. Strangers that
+//!    connect first (port scanners, health checks) are dropped and logged ([`Log`]), and the
+//!    receiver waits on for its sender.
 //! 4. **Run.** [`migrate_live`] with [`LiveOptions`] (downtime limit, bounds, stall policy,
 //!    pause-before-switchover) and the VMM's [`Guest`] hooks (pause the vCPUs, save the device
 //!    state, resume after a failure); or, for a guest that is already stopped,
 //!    [`Sender::migrate_paused`].
-//! 5. **Observe and steer** from other threads: the [`FactSink`] given to `connect` and
+//! 5. **Hand over.** The guest runs in exactly one place. The source decides: once the
+//!    receiver holds everything, verified, the sender commits and says *go*; from then on the
+//!    migration returns `Ok` and the source calls [`Guest::handed_over`], never
+//!    [`Guest::resume`]. The destination runs the guest only if [`Received::handover`] says it
+//!    may ([`Handover::may_run`]); when the link broke after it said it was ready, it is in
+//!    doubt ([`Handover::InDoubt`]): it keeps the state and does not run it until the source's
+//!    decision arrives on a new connection, or an operator decides ([`Operator`]). Receive
+//!    errors mean discard: the source keeps the guest.
+//! 6. **Observe and steer** from other threads: the [`FactSink`] given to `connect` and
 //!    `receive` gets every fact (feed them to a `ramjet_control::Machine` for QEMU's statuses and
 //!    events); the sender's [`LiveHandle`] ([`Sender::live_handle`]) gives [`Progress`],
 //!    `query-migrate` figures ([`LiveHandle::ram_stats`]), `continue`

@@ -97,12 +97,13 @@ fn load(path: &PathBuf) -> anyhow::Result<Arc<GuestMemory>> {
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let config = Config::try_from(args)?;
-    let memory = load(&args.image)?;
     let events = Events::new(Side::Source, config.control, args.migration.events, false);
     events.step(Trigger::Migrate);
     let cancel = config.send.cancel.clone();
     let user = events.clone();
+    // Before the image is loaded, which takes a while: Ctrl-C from the start cancels.
     signals::cancel_on_interrupt(cancel.clone(), move || user.step(Trigger::Cancel))?;
+    let memory = load(&args.image)?;
     let started = Instant::now();
     let outcome = Sender::connect(Arc::clone(&memory), &args.to, &config.send, events.sink())
         .and_then(|sender| {

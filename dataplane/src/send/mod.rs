@@ -626,7 +626,9 @@ impl Sender {
         if let Some(first) = self.queues.first() {
             let frame = FrameHeader::decision(true);
             self.counters.add_queued(frame.len() as u64);
-            if first.send(Outgoing::Control(frame)).is_ok() {
+            // Sent even if the session is stopping (a cancel now, or another channel's
+            // error): the go must get out whatever else is dropped.
+            if first.send(Outgoing::Farewell(frame)).is_ok() {
                 let deadline = Instant::now() + self.timeout;
                 loop {
                     let left = deadline.saturating_duration_since(Instant::now());
