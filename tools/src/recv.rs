@@ -16,7 +16,7 @@ use anyhow::Context;
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::transport::{Endpoint, Listener};
-use ramjet_dataplane::{Handover, Log, ReceiveOptions, receive};
+use ramjet_dataplane::{Handover, Log, Operator, ReceiveOptions, receive};
 
 use crate::cli::{GuestSize, TransportKind, parse_endpoint, seconds, transport_of};
 use crate::events::{Events, Format};
@@ -54,6 +54,10 @@ pub struct Args {
     /// Limit for each read and write once connected: 30s, 500ms; a bare number is seconds.
     #[arg(long, value_parser = seconds)]
     timeout: Option<Duration>,
+    /// While in doubt, take the operator's decision from stdin: a line `continue` (the source
+    /// handed over: run the guest here) or `cancel` (the source kept it: discard the copy).
+    #[arg(long)]
+    operator_stdin: bool,
 }
 
 /// Exit status: in doubt, the complete copy kept.
@@ -86,8 +90,16 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     // Ctrl-C is handled from before anyone can know where to connect.
     let events = Events::new(Side::Destination, Options::new(), args.events, false);
     events.step(Trigger::Migrate);
-    let user = events.clone();
-    signals::cancel_on_interrupt(options.cancel.clone(), move || user.step(Trigger::Cancel))?;
+    let (user, operator) = (events.clone(), options.operator.clone());
+    signals::cancel_on_interrupt(options.cancel.clone(), move || {
+        // In doubt, Ctrl-C only stops the wait: the copy is kept, and the status stays.
+        if !operator.is_in_doubt() {
+            user.step(Trigger::Cancel);
+        }
+    })?;
+    if args.operator_stdin {
+        decide_from_stdin(&events, &options.operator)?;
+    }
     let listener = Listener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     eprintln!("ramjet: listening on {}", listener.endpoint());
@@ -142,6 +154,44 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the operator's `continue` or `cancel` from stdin, acting on it only while in doubt.
+fn decide_from_stdin(events: &Events, operator: &Operator) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let (events, operator) = (events.clone(), operator.clone());
+    std::thread::Builder::new()
+        .name("ramjet-operator".into())
+        .spawn(move || {
+            for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+                let trigger = match line.trim() {
+                    "continue" => Trigger::Continue,
+                    "cancel" => Trigger::Cancel,
+                    "" => continue,
+                    other => {
+                        eprintln!("ramjet: `{other}` is not a decision: continue or cancel");
+                        continue;
+                    }
+                };
+                if !operator.is_in_doubt() {
+                    eprintln!("ramjet: not in doubt; `{}` is ignored", line.trim());
+                    continue;
+                }
+                events.step(trigger);
+                let ruled = match trigger {
+                    Trigger::Continue => operator.run_here(),
+                    _ => operator.discard(),
+                };
+                if !ruled {
+                    eprintln!(
+                        "ramjet: the doubt ended before `{}` took effect",
+                        line.trim()
+                    );
+                }
+            }
+        })
+        .context("cannot start the thread that reads the operator's decision")?;
+    Ok(())
 }
 
 fn write_memory(memory: &GuestMemory, path: &PathBuf) -> anyhow::Result<()> {

@@ -140,6 +140,16 @@ mod processes {
         memory: &str,
         extra: &[&str],
     ) -> (Child, String, std::thread::JoinHandle<String>) {
+        recv_with(listen, memory, extra, Stdio::inherit())
+    }
+
+    /// [`recv_logged`] with `stdin`.
+    fn recv_with(
+        listen: &str,
+        memory: &str,
+        extra: &[&str],
+        stdin: Stdio,
+    ) -> (Child, String, std::thread::JoinHandle<String>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ramjet"))
             .args([
                 "recv",
@@ -151,6 +161,7 @@ mod processes {
                 "30",
             ])
             .args(extra)
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -472,6 +483,65 @@ mod processes {
         }
         assert!(log.contains("bad magic"), "{log}");
         let _ = std::fs::remove_file(&out_file);
+        let _ = std::fs::remove_file(&img);
+    }
+
+    /// The go is lost with no way back: the source handed over, the receiver is in doubt, and
+    /// the operator, seeing that `ramjet send` handed over, tells `ramjet recv` on stdin to run
+    /// the guest (`continue`). Lines before the doubt are ignored. The destination's statuses
+    /// show the doubt as `pre-switchover`, never `failed`, then `completed`.
+    #[test]
+    fn an_operator_resolves_the_doubt_on_stdin() {
+        use ramjet_dataplane::internals::wire::FrameKind;
+        use ramjet_dataplane::testkit::relay::{Fault, How, relay};
+        use std::io::Write;
+        let img = image("operator", "4M");
+        let (mut receiver, at, log) = recv_with(
+            "tcp:127.0.0.1:0",
+            "4M",
+            &[
+                "--timeout",
+                "1",
+                "--in-doubt-wait",
+                "20",
+                "--operator-stdin",
+                "--events",
+                "json",
+            ],
+            Stdio::piped(),
+        );
+        let fault = Fault {
+            kind: FrameKind::Decision,
+            how: How::Cut,
+            reconnect: false,
+        };
+        let through = relay(&at.parse().expect("endpoint"), fault)
+            .expect("relay")
+            .to_string();
+        let sent = send(
+            &through,
+            &img,
+            &["--timeout", "1", "--decision-timeout", "1"],
+        )
+        .output()
+        .expect("send");
+        assert!(sent.status.success(), "the source handed over");
+        let mut stdin = receiver.stdin.take().expect("stdin");
+        let operator = std::thread::spawn(move || {
+            while stdin.write_all(b"continue\n").is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let received = receiver.wait_with_output().expect("recv");
+        let _ = operator.join();
+        let log = log.join().expect("recv's stderr");
+        assert_eq!(received.status.code(), Some(0), "{log}");
+        assert_eq!(
+            statuses(&json_lines(&received)),
+            ["setup", "active", "pre-switchover", "completed"],
+            "{log}"
+        );
+        assert!(log.contains("completed: the operator said"), "{log}");
         let _ = std::fs::remove_file(&img);
     }
 }
