@@ -138,8 +138,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             if !acknowledged {
                 eprintln!(
                     "ramjet: handed over, but the destination never acknowledged it: it may be \
-                     in doubt; tell it that the source handed over. The guest must not resume \
-                     here"
+                     in doubt (then tell it that the source handed over), or its process died \
+                     after it said it holds everything (then the image here is the only copy). \
+                     The guest must not resume here unless the destination is known to be gone"
                 );
             }
             Ok(ExitCode::SUCCESS)

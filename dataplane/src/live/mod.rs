@@ -57,10 +57,16 @@ pub trait Guest {
     /// nor run in two places).
     fn resume(&mut self);
 
-    /// The source handed the guest over: the destination runs it from now on (or, if the
-    /// receiver did not acknowledge, holds it in doubt until an operator says so). The guest
-    /// must never run here again; a VMM tears it down. The default does nothing.
-    fn handed_over(&mut self) {}
+    /// The source handed the guest over: it must never resume here on its own again.
+    ///
+    /// `acknowledged`: the destination said it got the go and runs the guest; a VMM may tear
+    /// the paused guest down. If not, the destination is in doubt (it holds the complete copy
+    /// and waits for an operator, who should tell it to run), or its process died after it
+    /// said it was ready (then the paused guest here is the only copy left): keep the paused
+    /// guest until an operator knows which. The default does nothing.
+    fn handed_over(&mut self, acknowledged: bool) {
+        let _ = acknowledged;
+    }
 }
 
 /// What a completed live migration did.
@@ -239,7 +245,7 @@ impl Run<'_> {
         let summary = sender.finish(&device_state)?;
         // From here the guest belongs to the destination.
         self.paused = false;
-        guest.handed_over();
+        guest.handed_over(summary.acknowledged);
         // Everything is across now.
         self.handle.update(|p| p.remaining_bytes = 0);
         let progress = self.convergence.progress();
