@@ -181,13 +181,21 @@ fn a_running_guest_converges_with_either_dirty_source() {
             &LiveOptions::default(),
             |_, _| {},
         );
-        let report = outcome.report.expect("live migration");
-        outcome.received.expect("receiver");
+        let report = outcome.report.as_ref().expect("live migration");
+        assert!(outcome.received.is_ok(), "receiver");
         assert_eq!(report.reason, SwitchoverReason::Converged);
         assert!(report.rounds >= 2, "{report:?}");
         assert!(
             !workload.is_running() && workload.resumes() == 0,
             "the guest stays paused"
+        );
+        // The hooks say that the destination runs it now.
+        assert_eq!(workload.handed_over(), Some(true));
+        assert!(
+            outcome
+                .received
+                .as_ref()
+                .is_ok_and(|r| r.handover.may_run())
         );
         assert_identical(&memory, &dst);
         // query-migrate's figures add up.
@@ -298,7 +306,7 @@ fn a_guest_that_dirties_too_fast_triggers_the_stall_policy() {
                     received.chain()
                 );
                 assert!(
-                    workload.is_running(),
+                    workload.is_running() && workload.handed_over().is_none(),
                     "the guest keeps running on the source"
                 );
                 assert!(!memory.is_frozen());

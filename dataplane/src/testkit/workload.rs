@@ -25,6 +25,7 @@ pub struct Workload {
     vcpu: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
     writes: Arc<AtomicU64>,
     resumes: u64,
+    handed_over: Option<bool>,
 }
 
 impl Workload {
@@ -45,6 +46,7 @@ impl Workload {
             vcpu: None,
             writes: Arc::default(),
             resumes: 0,
+            handed_over: None,
         };
         workload.run();
         workload
@@ -89,6 +91,11 @@ impl Workload {
     /// How often [`Guest::resume`] restarted it.
     pub fn resumes(&self) -> u64 {
         self.resumes
+    }
+
+    /// Whether [`Guest::handed_over`] was called, and with what acknowledgement.
+    pub fn handed_over(&self) -> Option<bool> {
+        self.handed_over
     }
 
     fn run(&mut self) {
@@ -173,6 +180,10 @@ impl Guest for Workload {
             self.resumes += 1;
             self.run();
         }
+    }
+
+    fn handed_over(&mut self, acknowledged: bool) {
+        self.handed_over = Some(acknowledged);
     }
 }
 
