@@ -138,8 +138,9 @@
 //!
 //! A guest must never run in two places, so one side owns the decision: the source. The
 //! destination verifies everything and tells the source *ready*; the source commits (from then
-//! on it never resumes the guest), shows `completed` and sends *go*; only when *go* arrives does
-//! the destination show `completed` and may run the guest. If the link or the source fails
+//! on it never resumes the guest) and sends *go*; only when *go* arrives does the destination
+//! show `completed` and may run the guest. The source shows `completed` once the destination
+//! acknowledged the *go*, or once it gave up delivering it: either way it handed over. If the link or the source fails
 //! after *ready* but before *go*, the destination is **in doubt** (`in-doubt`): it holds the
 //! complete verified state, must not start the guest, and waits for the source, which retries
 //! delivering its decision on a new connection for a bounded time, or for an operator.
