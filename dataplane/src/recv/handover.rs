@@ -142,6 +142,11 @@ impl Context<'_> {
         ready: &[u8],
     ) -> Outcome {
         let timeout = self.options.timeout;
+        // From ready on the source decides: a cancel no longer cuts the sockets. One that came
+        // first still discards, since the sender has not seen ready.
+        if !self.stop.commit() {
+            return Outcome::Discard(self.stop.take_error());
+        }
         if let Err(e) = writer.send(&[ready]) {
             // The sender acts only on a whole frame with its crc, and a failed send did not
             // put all of it on the wire: it cannot have seen *ready*, so it keeps the guest.

@@ -551,7 +551,10 @@ impl Sender {
             return Err(self.fail(err));
         }
         // The handover is decided: from here the source never resumes the guest, so nothing
-        // below fails (a cancel no longer takes it back).
+        // below fails (a cancel no longer takes it back). A stop that came first wins.
+        if !self.stop.commit() {
+            return Err(self.fail_stopped());
+        }
         self.counters
             .add_device_state_bytes(device_state.len() as u64);
         self.counters.set_remaining_pages(0);

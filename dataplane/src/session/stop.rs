@@ -15,6 +15,9 @@ use crate::transport::{Queue, Stream, queued};
 pub(crate) struct Stop {
     stopped: AtomicBool,
     cancelled: AtomicBool,
+    /// The handover is under way (see [`Stop::commit`]): a cancel no longer shuts sockets.
+    /// Taken with `cancel` under this lock, so that one of the two comes first.
+    committed: Mutex<bool>,
     error: Mutex<Option<Error>>,
     streams: Mutex<Vec<Stream>>,
 }
@@ -42,11 +45,28 @@ impl Stop {
         self.stopped.store(true, Ordering::Release);
     }
 
-    /// Stops at once: every socket is shut down so that blocked reads and writes return.
+    /// Stops at once: every socket is shut down so that blocked reads and writes return. Once
+    /// the handover is under way ([`Stop::commit`]) it only records the cancel: the sockets
+    /// carry the handover, which no cancel can take back.
     pub(crate) fn cancel(&self) {
+        let committed = lock(&self.committed);
         self.cancelled.store(true, Ordering::Release);
         self.stopped.store(true, Ordering::Release);
-        self.shutdown_all();
+        if !*committed {
+            self.shutdown_all();
+        }
+    }
+
+    /// Enters the handover, after which a cancel no longer shuts the sockets down (a sender
+    /// that committed, a receiver about to say ready). Returns false, and changes nothing, if
+    /// the session has already stopped: then it must fail instead.
+    pub(crate) fn commit(&self) -> bool {
+        let mut committed = lock(&self.committed);
+        if self.is_stopped() {
+            return false;
+        }
+        *committed = true;
+        true
     }
 
     /// Whether a cancel stopped the session (before any error).
@@ -132,7 +152,10 @@ impl CancelHandle {
         CancelHandle::default()
     }
 
-    /// Cancels the session.
+    /// Cancels the session. Once the handover is under way (the receiver holds everything)
+    /// it no longer stops the migration, since the source decides and its decision stands: a
+    /// sender goes on handing over; a receiver waits for the decision and, if it is in doubt,
+    /// stops waiting and keeps its copy ([`Handover::InDoubt`](crate::Handover::InDoubt)).
     pub fn cancel(&self) {
         self.stop.cancel();
     }
@@ -185,5 +208,30 @@ mod tests {
         assert!(handle.is_cancelled());
         assert!(!handle.stop().is_cancelled());
         assert_eq!(handle.stop().take_error().to_string(), "channel 0: first");
+    }
+
+    /// A cancel before the handover stops everything; once the handover is under way it is
+    /// recorded but shuts no socket; and a stop that came first refuses the commit.
+    #[test]
+    fn a_cancel_cannot_take_back_a_handover() {
+        use std::io::Read;
+        use std::os::unix::net::UnixStream;
+        let (ours, mut theirs) = UnixStream::pair().expect("pair");
+        let stop = Stop::default();
+        stop.register(&Stream::Unix(ours)).expect("register");
+        assert!(stop.commit());
+        stop.cancel();
+        assert!(stop.is_cancelled());
+        theirs.set_nonblocking(true).expect("nonblocking");
+        let mut byte = [0u8; 1];
+        let still_open = matches!(
+            theirs.read(&mut byte),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        );
+        assert!(still_open, "the cancel shut a socket of the handover");
+
+        let stopped = Stop::default();
+        stopped.cancel();
+        assert!(!stopped.commit(), "a cancel that came first wins");
     }
 }

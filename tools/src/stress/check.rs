@@ -146,7 +146,7 @@ fn error_names_the_fault(e: &Evidence<'_>, violations: &mut Vec<String>) {
         ]),
         Fault::Stall => names(&["timed out"]),
         Fault::Refuse => names(&["memory layouts differ"]),
-        Fault::Version => names(&["unsupported protocol version 2"]),
+        Fault::Version => names(&["unsupported protocol version"]),
         Fault::None | Fault::Slow | Fault::Short | Fault::Cancel => false,
     };
     if !named {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use ramjet_dataplane::internals::wire::FrameHeader;
+use ramjet_dataplane::internals::wire::{FrameHeader, VERSION};
 use ramjet_dataplane::testkit::image::Rng;
 use ramjet_dataplane::transport::{Endpoint, Listener, Stream};
 
@@ -208,8 +208,9 @@ impl Tamper {
                 None
             }
             Strike::Version { reply } if self.ours && self.forward != reply => {
-                // Bytes 8..10 of a hello and of a reply: the version, 2 instead of 1.
-                for (pos, value) in [(8, 2), (9, 0)] {
+                // Bytes 8..10 of a hello and of a reply: the version, one above this build's.
+                let [low, high] = (VERSION + 1).to_le_bytes();
+                for (pos, value) in [(8, low), (9, high)] {
                     if let Some(i) = at(pos) {
                         chunk[i] = value;
                         self.strike();
