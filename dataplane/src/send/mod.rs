@@ -715,14 +715,16 @@ impl Sender {
             peer @ Error::PeerFailed { .. } if peer.explains(&err) => peer,
             _ => err,
         };
-        // A receiver that said ready over a link that then broke is in doubt; the error frame
-        // may not have reached it, so the abort goes on a new connection too (best effort:
-        // the receiver may be gone, and it would ask an operator otherwise).
+        // A receiver that said ready over a link that then broke (or that a cancel shut) is in
+        // doubt; the error frame may not have reached it, so the abort goes on a new
+        // connection too (best effort: the receiver may be gone, and it would ask an operator
+        // otherwise).
         if self.finishing
-            && matches!(
-                err,
-                Error::Io { .. } | Error::Closed { .. } | Error::Timeout { .. }
-            )
+            && (cancelled
+                || matches!(
+                    err,
+                    Error::Io { .. } | Error::Closed { .. } | Error::Timeout { .. }
+                ))
         {
             let bound = self.timeout.min(ABORT_BOUND);
             let _ = session::deliver(&self.endpoint, &self.hello, false, bound);

@@ -2,33 +2,85 @@
 
 use ramjet_control::{Machine, Options, Profile, Side, Status, Timestamp, Trigger};
 use ramjet_dataplane::memory::GuestMemory;
-use ramjet_dataplane::{Error, Fact};
+use ramjet_dataplane::{Error, Fact, Handover};
 
-use super::plan::{Fault, Plan, Strike, When};
+use super::plan::{Fault, Message, Plan, Stray, StrayWhen, Strike, When};
 
 /// How a run ended, as the sender saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Outcome {
-    /// The receiver confirmed.
+    /// The sender handed the guest over (the receiver said ready).
     Completed,
-    /// An error.
+    /// An error: the source keeps the guest.
     Failed,
-    /// A cancel.
+    /// A cancel: the source keeps the guest.
     Cancelled,
+}
+
+/// Who owns the guest at the end of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Owner {
+    /// The source resumed it (the sender failed) and the destination discarded its copy.
+    Source,
+    /// The source handed it over and the destination may run it.
+    Destination,
+    /// The source handed it over; the destination holds the complete copy in doubt (the only
+    /// one: an operator must let it run).
+    DoubtHandedOver,
+    /// The source kept it; the destination holds a complete copy in doubt (an operator must
+    /// discard it).
+    DoubtKept,
+    /// Broken promise: the source resumed it and the destination may run it too.
+    Both,
+    /// Broken promise: the source handed it over and the destination discarded it.
+    Nobody,
+}
+
+impl Owner {
+    /// Who owns the guest, from the sender's result (`Ok`: handed over) and the receiver's
+    /// (`Ok(handover)`: the copy is kept; `Err`: discarded).
+    pub fn of(handed_over: bool, received: Result<Handover, ()>) -> Owner {
+        match (handed_over, received) {
+            (false, Err(())) => Owner::Source,
+            (false, Ok(Handover::InDoubt)) => Owner::DoubtKept,
+            (false, Ok(_)) => Owner::Both,
+            (true, Ok(Handover::InDoubt)) => Owner::DoubtHandedOver,
+            (true, Ok(_)) => Owner::Destination,
+            (true, Err(())) => Owner::Nobody,
+        }
+    }
+}
+
+/// What the sender returned when it handed the guest over.
+pub struct Sent {
+    /// The device state it handed over.
+    pub device_state: Vec<u8>,
+    /// Whether the receiver acknowledged the go.
+    pub acknowledged: bool,
+}
+
+/// What the receiver returned when it kept the copy.
+pub struct Got {
+    /// Who may run it.
+    pub handover: Handover,
+    /// The device state it got.
+    pub device_state: Vec<u8>,
 }
 
 /// Everything a run left to look at.
 pub struct Evidence<'a> {
     /// The plan.
     pub plan: &'a Plan,
-    /// The source's memory, its guest stopped.
+    /// The source's memory as it was when its guest stopped for the switchover.
     pub src: &'a GuestMemory,
     /// The destination's memory.
     pub dst: &'a GuestMemory,
-    /// The sender's result: the device state it handed over.
-    pub sent: &'a Result<Vec<u8>, Error>,
-    /// The receiver's result: the device state it got.
-    pub received: &'a Result<Vec<u8>, Error>,
+    /// The sender's result.
+    pub sent: &'a Result<Sent, Error>,
+    /// The device state the source took at the switchover, if it got that far.
+    pub source_state: Option<&'a [u8]>,
+    /// The receiver's result.
+    pub received: &'a Result<Got, Error>,
     /// Facts each side reported, in order.
     pub source_facts: &'a [Fact],
     /// See `source_facts`.
@@ -37,85 +89,194 @@ pub struct Evidence<'a> {
     pub struck: bool,
 }
 
+/// How a run ended, on both sides.
+#[derive(Debug, Clone, Copy)]
+pub struct Verdict {
+    /// The sender's outcome.
+    pub outcome: Outcome,
+    /// Who owns the guest.
+    pub owner: Owner,
+    /// The sender handed over, and the receiver acknowledged it.
+    pub acknowledged: bool,
+}
+
 /// The promises, each broken one a line:
-/// 1. each side's facts drive its control machine along its graph to exactly one terminal
-///    status;
-/// 2. `completed` means byte-identical memory and the same device state on both sides;
-/// 3. `failed` comes with an error (from either side) that names the fault;
-/// 4. `cancelled` only after a cancel;
-/// 5. runs whose fault leaves the stream intact (none, slow, short) complete, and a fault that
-///    struck the stream (drop, flip, stall, refuse, version) never lets a run complete.
-pub fn check(e: &Evidence<'_>) -> (Outcome, Vec<String>) {
+/// 1. **one owner**: at the end exactly one side owns the guest (the source resumed it, or the
+///    destination may run it), or the destination holds it in doubt; never both, never
+///    nobody;
+/// 2. a destination that may run the guest, or holds it in doubt, has byte-identical memory
+///    and the same device state as the source had when its guest stopped;
+/// 3. each side's facts drive its control machine (`qemu-10`) along its graph: the source to
+///    exactly one terminal status (`completed` when it handed over), the destination to
+///    `completed` when it may run, `failed` or `cancelled` when it discarded, and to
+///    `pre-switchover` (no terminal status, never `failed`) when in doubt;
+/// 4. `failed` comes with an error (from either side) that names the fault;
+/// 5. `cancelled` only after a cancel;
+/// 6. runs whose fault leaves the stream intact (none, slow, short, a stray that is not the
+///    sender) hand over and are acknowledged; a fault that struck the stream (drop, flip,
+///    stall, refuse, version) never lets the sender hand over; a lost or late *go* or
+///    *decided* comes after *ready*, so the sender hands over; a lost *decided* comes after
+///    *go*, so the destination may run; a lost *go* with no way back leaves it in doubt.
+pub fn check(e: &Evidence<'_>) -> (Verdict, Vec<String>) {
     let mut violations = Vec::new();
     let outcome = match e.sent {
         Ok(_) => Outcome::Completed,
         Err(err) if err.is_cancelled() => Outcome::Cancelled,
         Err(_) => Outcome::Failed,
     };
-    path(
-        Side::Source,
-        e.source_facts,
-        outcome == Outcome::Cancelled,
-        &mut violations,
+    let owner = Owner::of(
+        e.sent.is_ok(),
+        e.received.as_ref().map(|got| got.handover).map_err(|_| ()),
     );
-    path(
-        Side::Destination,
-        e.destination_facts,
-        false,
-        &mut violations,
-    );
-    if outcome == Outcome::Completed {
-        same_on_both_sides(e, &mut violations);
-    }
-    fault_decides_the_end(e, outcome, &mut violations);
-    if outcome == Outcome::Failed {
-        error_names_the_fault(e, &mut violations);
-    }
-    (outcome, violations)
-}
-
-/// Promise 2, for a completed run: the same device state and byte-identical memory.
-fn same_on_both_sides(e: &Evidence<'_>, violations: &mut Vec<String>) {
-    match (e.sent, e.received) {
-        (Ok(ours), Ok(theirs)) if ours != theirs => {
-            violations.push("completed, but the device state differs".into());
-        }
-        (_, Err(err)) => violations.push(format!(
-            "the sender completed, the receiver failed: {}",
-            err.chain()
+    let acknowledged = e.sent.as_ref().is_ok_and(|sent| sent.acknowledged);
+    match owner {
+        Owner::Both => violations.push(format!(
+            "the source kept the guest ({}) and the destination may run it too",
+            e.sent.as_ref().err().map_or_else(String::new, Error::chain)
+        )),
+        Owner::Nobody => violations.push(format!(
+            "the source handed the guest over and the destination discarded it: {}",
+            e.received
+                .as_ref()
+                .err()
+                .map_or_else(String::new, Error::chain)
         )),
         _ => {}
     }
-    match e.src.first_difference(e.dst) {
-        Ok(None) => {}
-        Ok(Some((region, page))) => {
+    if let Ok(got) = e.received {
+        same_on_both_sides(e, got, &mut violations);
+    }
+    source_path(e, outcome, &mut violations);
+    destination_path(e, &mut violations);
+    fault_decides_the_end(e, outcome, owner, acknowledged, &mut violations);
+    if outcome == Outcome::Failed {
+        error_names_the_fault(e, &mut violations);
+    }
+    let verdict = Verdict {
+        outcome,
+        owner,
+        acknowledged,
+    };
+    (verdict, violations)
+}
+
+/// Promise 2, for a destination that keeps its copy: the same device state and byte-identical
+/// memory.
+fn same_on_both_sides(e: &Evidence<'_>, got: &Got, violations: &mut Vec<String>) {
+    let kept = if got.handover.may_run() {
+        "may run"
+    } else {
+        "is in doubt"
+    };
+    let ours = match e.sent {
+        Ok(sent) => Some(sent.device_state.as_slice()),
+        Err(_) => e.source_state,
+    };
+    match ours {
+        Some(ours) if ours != got.device_state => {
             violations.push(format!(
-                "completed, but page {page} of region {region} differs"
+                "the destination {kept}, but the device state differs"
             ));
         }
+        Some(_) => {}
+        None => violations.push(format!(
+            "the destination {kept}, but the source never took its device state"
+        )),
+    }
+    match e.src.first_difference(e.dst) {
+        Ok(None) => {}
+        Ok(Some((region, page))) => violations.push(format!(
+            "the destination {kept}, but page {page} of region {region} differs"
+        )),
         Err(err) => violations.push(format!("cannot compare the memories: {err}")),
     }
 }
 
-/// Promises 4 and 5: how the fault lets the run end.
-fn fault_decides_the_end(e: &Evidence<'_>, outcome: Outcome, violations: &mut Vec<String>) {
+/// Promise 3 for the source: one terminal status, the one its result says.
+fn source_path(e: &Evidence<'_>, outcome: Outcome, violations: &mut Vec<String>) {
+    let cancelled = outcome == Outcome::Cancelled;
+    let machine = path(Side::Source, e.source_facts, cancelled, violations);
+    let want = match outcome {
+        Outcome::Completed => Status::Completed,
+        Outcome::Failed => Status::Failed,
+        Outcome::Cancelled => Status::Cancelled,
+    };
+    if machine.status() != want {
+        violations.push(format!(
+            "Source: {outcome:?}, but its control machine shows {}",
+            machine.status()
+        ));
+    }
+}
+
+/// Promise 3 for the destination: `completed` when it may run, `failed` or `cancelled` when
+/// it discarded, `pre-switchover` when in doubt.
+fn destination_path(e: &Evidence<'_>, violations: &mut Vec<String>) {
+    let cancelled = e.received.as_ref().is_err_and(Error::is_cancelled);
+    let machine = path(
+        Side::Destination,
+        e.destination_facts,
+        cancelled,
+        violations,
+    );
+    let status = machine.status();
+    let (ok, what) = match e.received {
+        Ok(got) if got.handover.may_run() => (status == Status::Completed, "may run"),
+        Ok(_) => (
+            status == Status::PreSwitchover && machine.is_in_doubt(),
+            "is in doubt",
+        ),
+        Err(_) => (
+            matches!(status, Status::Failed | Status::Cancelled),
+            "discarded its copy",
+        ),
+    };
+    if !ok {
+        violations.push(format!(
+            "Destination: it {what}, but its control machine shows {status} (facts {:?})",
+            e.destination_facts
+        ));
+    }
+}
+
+/// Promises 5 and 6: how the fault lets the run end.
+fn fault_decides_the_end(
+    e: &Evidence<'_>,
+    outcome: Outcome,
+    owner: Owner,
+    acknowledged: bool,
+    violations: &mut Vec<String>,
+) {
     let fault = e.plan.fault;
     if outcome == Outcome::Cancelled && fault != Fault::Cancel {
         violations.push("cancelled without a cancel".into());
     }
-    let intact = matches!(fault, Fault::None | Fault::Slow | Fault::Short);
-    if intact && outcome != Outcome::Completed {
+    let stray_sender = matches!(
+        e.plan.strike,
+        Strike::Stray {
+            kind: Stray::Layout,
+            when: StrayWhen::Before
+        }
+    );
+    let intact = matches!(
+        fault,
+        Fault::None | Fault::Slow | Fault::Short | Fault::Stray
+    ) && !stray_sender;
+    if intact && (owner != Owner::Destination || !acknowledged) {
         violations.push(format!(
-            "the stream was intact ({fault:?}), but the run did not complete"
+            "the stream was intact ({:?}), but the run did not hand over and acknowledge \
+             ({outcome:?}, {owner:?}): {}",
+            e.plan.strike,
+            errors(e)
         ));
     }
     let breaking = matches!(
         fault,
         Fault::Drop | Fault::Flip | Fault::Stall | Fault::Refuse | Fault::Version
-    );
+    ) || stray_sender;
     if breaking && e.struck && outcome == Outcome::Completed {
         violations.push(format!(
-            "the {fault:?} fault struck, and yet the run completed"
+            "the {fault:?} fault struck, and yet the sender handed over"
         ));
     }
     if let Strike::Cancel(when @ (When::BeforeConnect | When::Switchover)) = e.plan.strike
@@ -123,20 +284,62 @@ fn fault_decides_the_end(e: &Evidence<'_>, outcome: Outcome, violations: &mut Ve
     {
         violations.push(format!("a cancel {when:?} ended {outcome:?}"));
     }
+    let (message, lost, reconnect) = match e.plan.strike {
+        Strike::Handover {
+            message, reconnect, ..
+        } => (message, true, reconnect),
+        Strike::Late { message, .. } => (message, false, true),
+        _ => return,
+    };
+    if !e.struck {
+        return;
+    }
+    match message {
+        Message::Ready if lost && outcome == Outcome::Completed => {
+            violations.push("ready was lost, and yet the sender handed over".into());
+        }
+        Message::Go | Message::Decided if outcome != Outcome::Completed => {
+            violations.push(format!(
+                "{message:?} came after ready, and yet the sender did not hand over: {}",
+                errors(e)
+            ));
+        }
+        _ => {}
+    }
+    if message == Message::Decided && !matches!(owner, Owner::Destination) {
+        violations.push(format!(
+            "decided came after go, and yet the destination may not run ({owner:?}): {}",
+            errors(e)
+        ));
+    }
+    if message == Message::Go && lost && !reconnect && owner != Owner::DoubtHandedOver {
+        violations.push(format!(
+            "go was lost with no way back, and yet the destination is not in doubt \
+             ({owner:?}, acknowledged {acknowledged})"
+        ));
+    }
 }
 
-/// Promise 3, for a failed run: an error from either side names the fault.
-fn error_names_the_fault(e: &Evidence<'_>, violations: &mut Vec<String>) {
-    let fault = e.plan.fault;
-    let errors: String = [e.sent, e.received]
+/// Both sides' errors, lower case, `|` between them.
+fn errors(e: &Evidence<'_>) -> String {
+    let sent = e.sent.as_ref().err();
+    let received = e.received.as_ref().err();
+    [sent, received]
         .iter()
-        .filter_map(|r| r.as_ref().err())
+        .flatten()
         .map(|err| err.chain().to_lowercase())
         .collect::<Vec<_>>()
-        .join(" | ");
+        .join(" | ")
+}
+
+/// Promise 4, for a failed run: an error from either side names the fault.
+fn error_names_the_fault(e: &Evidence<'_>, violations: &mut Vec<String>) {
+    let fault = e.plan.fault;
+    let errors = errors(e);
     let names = |words: &[&str]| words.iter().any(|w| errors.contains(w));
+    let lost = ["closed", "reset", "broken pipe", "timed out"];
     let named = match fault {
-        Fault::Drop => names(&["closed", "reset", "broken pipe", "timed out"]),
+        Fault::Drop => names(&lost),
         Fault::Flip => names(&[
             "checksum",
             "not a ramjet peer",
@@ -146,7 +349,9 @@ fn error_names_the_fault(e: &Evidence<'_>, violations: &mut Vec<String>) {
         ]),
         Fault::Stall => names(&["timed out"]),
         Fault::Refuse => names(&["memory layouts differ"]),
-        Fault::Version => names(&["unsupported protocol version"]),
+        Fault::Version => names(&["unsupported protocol version 3"]),
+        Fault::Handover | Fault::Late => names(&lost),
+        Fault::Stray => names(&["memory layouts differ"]),
         Fault::None | Fault::Slow | Fault::Short | Fault::Cancel => false,
     };
     if !named {
@@ -157,8 +362,9 @@ fn error_names_the_fault(e: &Evidence<'_>, violations: &mut Vec<String>) {
 }
 
 /// Drives a control machine for `side` with `facts` (and a cancel, if the run was cancelled,
-/// before the session's drained fact) and checks promise 1.
-fn path(side: Side, facts: &[Fact], cancelled: bool, violations: &mut Vec<String>) {
+/// before the session's drained fact), checks that it accepts each and reaches at most one
+/// terminal status (exactly one unless in doubt), and returns it.
+fn path(side: Side, facts: &[Fact], cancelled: bool, violations: &mut Vec<String>) -> Machine {
     let mut machine = Machine::new(side, Profile::Qemu10, Options::new());
     let now = Timestamp::from_unix_micros(1);
     let mut ends = 0;
@@ -177,9 +383,11 @@ fn path(side: Side, facts: &[Fact], cancelled: bool, violations: &mut Vec<String
             }
         }
     }
-    if ends != 1 {
+    let want = usize::from(!machine.is_in_doubt());
+    if ends != want {
         violations.push(format!(
             "{side:?}: {ends} terminal statuses (facts {facts:?})"
         ));
     }
+    machine
 }

@@ -8,6 +8,7 @@
 
 mod check;
 mod plan;
+mod processes;
 mod proxy;
 mod run;
 mod tally;
@@ -57,15 +58,22 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "none,drop,flip,stall,slow,short,refuse,version,cancel"
+        default_value = "none,drop,flip,stall,slow,short,refuse,version,cancel,handover,late,stray"
     )]
     faults: Vec<Fault>,
+    /// Run `ramjet send` and `ramjet recv` as child processes, and kill one of them with
+    /// SIGKILL at a point drawn for each run (--faults does not apply).
+    #[arg(long)]
+    processes: bool,
 }
 
 /// A run taking longer than this is a hang.
 const BOUND: Duration = Duration::from_secs(30);
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    if args.processes {
+        return processes::run(args);
+    }
     if args.transports.is_empty() || args.faults.is_empty() || args.modes.is_empty() {
         bail!("--transports, --modes and --faults need at least one value each");
     }

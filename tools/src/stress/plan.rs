@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ramjet_dataplane::Compression;
-use ramjet_dataplane::internals::wire::{Hello, PageEntry};
+use ramjet_dataplane::internals::wire::{FrameKind, Hello, PageEntry};
 use ramjet_dataplane::memory::PAGE_SIZE;
 use ramjet_dataplane::testkit::image::{ImageKind, Rng};
 
@@ -48,6 +48,76 @@ pub enum Fault {
     Version,
     /// The sender is cancelled: before it connects, at a random moment, or at the switchover.
     Cancel,
+    /// A handover message on channel 0 is lost: the return path cut (or silent) just before
+    /// *ready* or *decided*, the forward path just before *go*; later connections (the
+    /// sender's decision on a new connection) are let through or refused.
+    Handover,
+    /// A handover message on channel 0 is held past the timeout, then forwarded late.
+    Late,
+    /// A stray peer connects to the receiver before, during or after the real sender: it
+    /// closes at once, sends garbage, an HTTP GET, or a ramjet hello for another memory layout
+    /// (that one, before the sender, fails the migration).
+    Stray,
+}
+
+/// A handover message on channel 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message {
+    /// The receiver's *ready*.
+    Ready,
+    /// The sender's decision, *go*.
+    Go,
+    /// The receiver's *decided*.
+    Decided,
+}
+
+impl Message {
+    /// The frame that carries it.
+    pub fn kind(self) -> FrameKind {
+        match self {
+            Message::Ready => FrameKind::Ready,
+            Message::Go => FrameKind::Decision,
+            Message::Decided => FrameKind::Decided,
+        }
+    }
+
+    /// Whether it travels from the sender to the receiver.
+    pub fn forward(self) -> bool {
+        self == Message::Go
+    }
+}
+
+/// How a handover message is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lose {
+    /// Channel 0 is closed, both ways, just before it.
+    Cut,
+    /// It and everything after it in its direction are swallowed; the connection stays open.
+    Silence,
+}
+
+/// What a stray peer does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stray {
+    /// Connects and closes at once.
+    Close,
+    /// Sends random bytes (not ramjet's magic), reads what comes back, closes.
+    Garbage,
+    /// Sends an HTTP GET, reads what comes back, closes.
+    Http,
+    /// Sends a well-formed ramjet hello of another session for a memory layout one page larger.
+    Layout,
+}
+
+/// When a stray peer comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrayWhen {
+    /// Before the sender connects (it is done before the sender starts).
+    Before,
+    /// As the first pages frame passes on channel 0: every channel is connected.
+    During,
+    /// As the receiver's *ready* passes: the sender's stream is all there, the handover runs.
+    After,
 }
 
 /// The end of a connection that a drop cuts.
@@ -120,13 +190,37 @@ pub enum Strike {
     },
     /// Give the destination one page more than the source.
     Refuse,
-    /// Rewrite the protocol version to 2.
+    /// Rewrite the protocol version to one this build does not speak.
     Version {
         /// In the receiver's reply instead of the sender's hello.
         reply: bool,
     },
     /// Cancel the sender.
     Cancel(When),
+    /// Lose a handover message on channel 0.
+    Handover {
+        /// Which one.
+        message: Message,
+        /// How.
+        how: Lose,
+        /// Whether connections after the first `channels` are let through (else closed at
+        /// once once the fault struck).
+        reconnect: bool,
+    },
+    /// Hold a handover message on channel 0 this long, then forward it (and what follows).
+    Late {
+        /// Which one.
+        message: Message,
+        /// How long it is held: past the sessions' timeout.
+        by: Duration,
+    },
+    /// A stray peer connects to the receiver.
+    Stray {
+        /// What it does.
+        kind: Stray,
+        /// When.
+        when: StrayWhen,
+    },
 }
 
 /// How many bytes of each channel go in pieces of at most `max_piece`: 256 KiB, or 64 KiB in
@@ -136,6 +230,13 @@ pub enum Strike {
 /// which by ramjet's definition is a stopped link.)
 pub fn short_span(max_piece: u64) -> u64 {
     (max_piece << 16).min(256 << 10)
+}
+
+/// How long a late message is held: the sessions' timeout and `permille` thousandths of half
+/// of it more.
+fn late_by(permille: u64) -> Duration {
+    let timeout = super::run::TIMEOUT;
+    timeout + timeout / 2 * u32::try_from(permille).unwrap_or(0) / 1000 + Duration::from_millis(100)
 }
 
 /// What one run is.
@@ -231,6 +332,26 @@ impl Plan {
                 })),
                 _ => When::Switchover,
             }),
+            Fault::Handover => Strike::Handover {
+                message: *pick(&mut rng, &[Message::Ready, Message::Go, Message::Decided]),
+                how: *pick(&mut rng, &[Lose::Cut, Lose::Silence]),
+                reconnect: rng.below(2) == 1,
+            },
+            Fault::Late => Strike::Late {
+                message: *pick(&mut rng, &[Message::Ready, Message::Go, Message::Decided]),
+                // Past the timeout, by up to half of it.
+                by: late_by(rng.below(1000)),
+            },
+            Fault::Stray => Strike::Stray {
+                kind: *pick(
+                    &mut rng,
+                    &[Stray::Close, Stray::Garbage, Stray::Http, Stray::Layout],
+                ),
+                when: *pick(
+                    &mut rng,
+                    &[StrayWhen::Before, StrayWhen::During, StrayWhen::After],
+                ),
+            },
         };
         plan
     }
@@ -269,6 +390,9 @@ mod tests {
             Fault::Refuse,
             Fault::Version,
             Fault::Cancel,
+            Fault::Handover,
+            Fault::Late,
+            Fault::Stray,
         ];
         let draw = |run| {
             Plan::new(

@@ -2,19 +2,40 @@
 //! channel, applying the run's [`Strike`] to the bytes as they pass.
 
 use std::io::{self, Read, Write};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use ramjet_dataplane::internals::wire::{FrameHeader, VERSION};
+use ramjet_dataplane::internals::wire::{FrameHeader, FrameKind, Hello, HelloReply, VERSION};
 use ramjet_dataplane::testkit::image::Rng;
 use ramjet_dataplane::transport::{Endpoint, Listener, Stream};
 
-use super::plan::{End, Part, Plan, Strike, short_span};
+use super::plan::{End, Lose, Part, Plan, StrayWhen, Strike, short_span};
 
 /// How often a blocked pipe looks at its stop flag.
 const POLL: Duration = Duration::from_millis(50);
+
+/// What the proxy saw and did on channel 0, for the run to look at afterwards.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// A *go* was forwarded to the receiver on channel 0.
+    pub go_delivered: AtomicBool,
+}
+
+/// A message on channel 0 as it passes, before it is forwarded.
+#[derive(Debug, Clone, Copy)]
+pub struct Passing {
+    /// Sender to receiver.
+    pub forward: bool,
+    /// The frame's kind (`None`: the hello or its reply).
+    pub kind: Option<FrameKind>,
+    /// How many frames of this kind passed before it in its direction.
+    pub nth: u64,
+}
+
+/// Called with each message on channel 0 before it is forwarded; false drops the message.
+pub type Watch = Arc<dyn Fn(Passing) -> bool + Send + Sync>;
 
 /// A running proxy.
 pub struct Proxy {
@@ -22,37 +43,65 @@ pub struct Proxy {
     endpoint: Endpoint,
     struck: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
+    seen: Arc<Seen>,
 }
 
 impl Proxy {
-    /// Accepts the plan's channels on `listener`, connects each to `real`, and forwards.
-    /// `hello_len` is the length of the sender's hello on each channel; `timeout` is the
-    /// sessions' own, which a stall outlasts.
+    /// Accepts the plan's channels on `listener`, connects each to `real`, and forwards;
+    /// later connections (a sender delivering its decision anew) are forwarded untouched, or
+    /// closed at once after a handover fault that refuses them struck. `hello_len` is the
+    /// length of the sender's hello on each channel; `timeout` is the sessions' own, which a
+    /// stall outlasts. `watch`, if given, sees every message of channel 0.
     pub fn start(
         listener: Listener,
         real: Endpoint,
         plan: &Plan,
         hello_len: u64,
         timeout: Duration,
+        watch: Option<Watch>,
     ) -> Proxy {
-        let (stop, struck) = (Arc::new(AtomicBool::new(false)), Arc::default());
+        let (stop, struck) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let seen = Arc::new(Seen::default());
         let endpoint = listener.endpoint().clone();
         let thread = {
             let (stop, struck, plan) = (Arc::clone(&stop), Arc::clone(&struck), *plan);
+            let seen = Arc::clone(&seen);
             thread::spawn(move || {
                 let mut channels = Vec::new();
-                for channel in 0..plan.channels {
-                    let Ok(from) =
-                        listener.accept(Some(timeout * 4), &|| stop.load(Ordering::Relaxed))
-                    else {
+                let mut index = 0u16;
+                let refuse_later = matches!(
+                    plan.strike,
+                    Strike::Handover {
+                        reconnect: false,
+                        ..
+                    }
+                );
+                loop {
+                    // The session's channels must come soon; later ones may come any time.
+                    let wait = (index < plan.channels).then_some(timeout * 4);
+                    let Ok(from) = listener.accept(wait, &|| stop.load(Ordering::Relaxed)) else {
                         break;
                     };
+                    let channel = index;
+                    index = index.saturating_add(1);
+                    let later = channel >= plan.channels;
+                    if later && refuse_later && struck.load(Ordering::Relaxed) {
+                        drop(from);
+                        continue;
+                    }
                     let Ok(to) = Stream::connect(&real, timeout) else {
+                        if later {
+                            continue;
+                        }
                         break;
                     };
                     let ours = channel == plan.channel;
+                    let strike = if later { Strike::None } else { plan.strike };
                     let tamper = |forward: bool| Tamper {
-                        strike: plan.strike,
+                        strike,
                         forward,
                         ours,
                         framing: Framing::new(hello_len),
@@ -63,8 +112,19 @@ impl Proxy {
                         timeout,
                     };
                     let (forward, back, stop) = (tamper(true), tamper(false), Arc::clone(&stop));
-                    channels.push(thread::spawn(move || {
-                        connect_pipes(&from, &to, forward, back, &stop);
+                    let messages = (channel == 0
+                        && !later
+                        && (watch.is_some() || by_message(strike)))
+                    .then(|| Messages {
+                        watch: watch.clone(),
+                        seen: Arc::clone(&seen),
+                        pair: Mutex::default(),
+                    });
+                    channels.push(thread::spawn(move || match messages {
+                        Some(messages) => {
+                            connect_messages(&from, &to, forward, back, &stop, &Arc::new(messages));
+                        }
+                        None => connect_pipes(&from, &to, forward, back, &stop),
                     }));
                 }
                 for channel in channels {
@@ -77,6 +137,7 @@ impl Proxy {
             endpoint,
             struck,
             stop,
+            seen,
         }
     }
 
@@ -85,12 +146,31 @@ impl Proxy {
         &self.endpoint
     }
 
+    /// What it saw on channel 0 so far.
+    pub fn seen(&self) -> &Seen {
+        &self.seen
+    }
+
     /// Stops forwarding, waits for every pipe, and says whether the fault struck.
     pub fn stop(self) -> bool {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.thread.join();
         self.struck.load(Ordering::Relaxed)
     }
+}
+
+/// Whether channel 0 is forwarded message by message for this strike (a handover fault, or a
+/// stray that comes at a message).
+fn by_message(strike: Strike) -> bool {
+    matches!(
+        strike,
+        Strike::Handover { .. }
+            | Strike::Late { .. }
+            | Strike::Stray {
+                when: StrayWhen::During | StrayWhen::After,
+                ..
+            }
+    )
 }
 
 /// Forwards one channel both ways until both directions end or `stop`. A direction that ends
@@ -139,6 +219,200 @@ fn connect_pipes(
     if let Some(back) = back {
         let _ = back.join();
     }
+}
+
+/// Channel 0 forwarded message by message: the hello (or its reply), then whole frames.
+struct Messages {
+    watch: Option<Watch>,
+    seen: Arc<Seen>,
+    /// Both of its streams, so that a cut in one direction closes it both ways.
+    pair: Mutex<Vec<Stream>>,
+}
+
+impl Messages {
+    fn cut(&self) {
+        for stream in self
+            .pair
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            stream.shutdown();
+        }
+    }
+}
+
+/// How a message pump ended.
+enum Pumped {
+    /// Its source ended (or its destination is gone): half-close the destination.
+    Eof,
+    /// The fault cut the channel, or silenced this direction: leave everything as it is.
+    Struck,
+}
+
+/// Forwards channel 0 both ways, message by message, applying the handover fault and the
+/// watch; like [`connect_pipes`] otherwise.
+fn connect_messages(
+    from: &Stream,
+    to: &Stream,
+    forward: Tamper,
+    back: Tamper,
+    stop: &Arc<AtomicBool>,
+    messages: &Arc<Messages>,
+) {
+    for s in [from, to] {
+        let _ = s.set_read_timeout(Some(POLL));
+        let _ = s.set_write_timeout(Some(POLL));
+        if let Ok(clone) = s.try_clone() {
+            messages
+                .pair
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(clone);
+        }
+    }
+    let back = match (to.try_clone(), from.try_clone()) {
+        (Ok(to), Ok(from)) => {
+            let (stop, messages) = (Arc::clone(stop), Arc::clone(messages));
+            let mut back = back;
+            Some(thread::spawn(move || {
+                if let Pumped::Eof = pump_messages(&to, &from, &mut back, &stop, &messages) {
+                    from.shutdown_write();
+                }
+            }))
+        }
+        _ => None,
+    };
+    let mut forward = forward;
+    if let Pumped::Eof = pump_messages(from, to, &mut forward, stop, messages) {
+        to.shutdown_write();
+    }
+    if let Some(back) = back {
+        let _ = back.join();
+    }
+}
+
+/// Copies `from` to `to` a message at a time until `from` ends, `to` is gone, the fault
+/// strikes, or `stop`.
+fn pump_messages(
+    from: &Stream,
+    to: &Stream,
+    tamper: &mut Tamper,
+    stop: &AtomicBool,
+    messages: &Messages,
+) -> Pumped {
+    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+        return Pumped::Eof;
+    };
+    let mut counts: Vec<(FrameKind, u64)> = Vec::new();
+    let mut opening = true;
+    while let Some((kind, bytes)) = read_message(&mut from, tamper.forward, opening, stop) {
+        opening = false;
+        let nth = match kind {
+            Some(kind) => match counts.iter_mut().find(|(k, _)| *k == kind) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n - 1
+                }
+                None => {
+                    counts.push((kind, 1));
+                    0
+                }
+            },
+            None => 0,
+        };
+        let first = nth == 0;
+        match tamper.strike {
+            Strike::Handover { message, how, .. }
+                if first && message.forward() == tamper.forward && kind == Some(message.kind()) =>
+            {
+                tamper.strike();
+                match how {
+                    Lose::Cut => messages.cut(),
+                    Lose::Silence => drain(&from, stop),
+                }
+                return Pumped::Struck;
+            }
+            Strike::Late { message, by }
+                if first && message.forward() == tamper.forward && kind == Some(message.kind()) =>
+            {
+                tamper.strike();
+                let until = Instant::now() + by;
+                while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    thread::sleep(POLL.min(until.saturating_duration_since(Instant::now())));
+                }
+            }
+            _ => {}
+        }
+        let passing = Passing {
+            forward: tamper.forward,
+            kind,
+            nth,
+        };
+        if messages.watch.as_ref().is_some_and(|watch| !watch(passing)) {
+            continue;
+        }
+        if !write_all(&mut to, &bytes, stop) {
+            return Pumped::Eof;
+        }
+        if tamper.forward && kind == Some(FrameKind::Decision) {
+            messages.seen.go_delivered.store(true, Ordering::Relaxed);
+        }
+    }
+    Pumped::Eof
+}
+
+/// The next message of `from`: the hello (sender to receiver) or the hello reply, if
+/// `opening`, else a whole frame; `None` at the end of the stream, on an error, on bytes that
+/// are not one, or at `stop`.
+fn read_message(
+    from: &mut Stream,
+    forward: bool,
+    opening: bool,
+    stop: &AtomicBool,
+) -> Option<(Option<FrameKind>, Vec<u8>)> {
+    if opening {
+        let fixed_len = if forward {
+            Hello::FIXED_LEN
+        } else {
+            HelloReply::FIXED_LEN
+        };
+        let mut bytes = vec![0u8; fixed_len];
+        read_full(from, &mut bytes, stop)?;
+        let rest = if forward {
+            Hello::table_len(bytes.as_slice().try_into().ok()?).ok()?
+        } else {
+            HelloReply::reason_len(bytes.as_slice().try_into().ok()?).ok()?
+        };
+        bytes.resize(fixed_len + rest, 0);
+        read_full(from, &mut bytes[fixed_len..], stop)?;
+        return Some((None, bytes));
+    }
+    let mut fixed = [0u8; FrameHeader::LEN];
+    read_full(from, &mut fixed, stop)?;
+    let header = FrameHeader::decode(&fixed).ok()?;
+    let mut bytes = fixed.to_vec();
+    bytes.resize(FrameHeader::LEN + usize::try_from(header.len).ok()?, 0);
+    read_full(from, &mut bytes[FrameHeader::LEN..], stop)?;
+    Some((Some(header.kind), bytes))
+}
+
+/// Fills `buf` from `from`, riding out the read timeouts; `None` at the end of the stream, on
+/// an error, or at `stop`.
+fn read_full(from: &mut Stream, buf: &mut [u8], stop: &AtomicBool) -> Option<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        match from.read(&mut buf[got..]) {
+            Ok(0) => return None,
+            Ok(n) => got += n,
+            Err(e) if waits(&e) => {}
+            Err(_) => return None,
+        }
+    }
+    Some(())
 }
 
 /// How a pipe ended.

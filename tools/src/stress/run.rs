@@ -1,26 +1,36 @@
 //! One stress run: a sender and a receiver in this process, the tampering proxy between them,
 //! the fault struck as the plan says, and what they left checked.
 
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use ramjet_dataplane::internals::wire::Hello;
-use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use ramjet_dataplane::internals::wire::{FrameKind, Hello};
+use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE, RegionLayout};
 use ramjet_dataplane::testkit::Workload;
+use ramjet_dataplane::testkit::image::Rng;
 use ramjet_dataplane::testkit::image::{self, ImageKind};
-use ramjet_dataplane::transport::{Endpoint, Listener};
+use ramjet_dataplane::transport::{Endpoint, Listener, Stream};
 use ramjet_dataplane::{
     BoxError, CancelHandle, Error, Fact, FactSink, Guest, LiveOptions, PreSwitchover,
     ReceiveOptions, SendOptions, Sender, migrate_live, receive,
 };
 
-use super::check::{self, Evidence, Outcome};
-use super::plan::{Fault, Mode, Net, Plan, Strike, When};
-use super::proxy::Proxy;
+use super::check::{self, Evidence, Got, Sent, Verdict};
+use super::plan::{Fault, Mode, Net, Plan, Stray, StrayWhen, Strike, When};
+use super::proxy::{Passing, Proxy, Watch};
 
 /// Each side's timeout for a socket operation.
-const TIMEOUT: Duration = Duration::from_millis(1500);
+pub(super) const TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// How long a sender keeps delivering its go on new connections once channel 0 broke.
+pub(super) const DECISION_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a receiver in doubt waits for the decision: a run in doubt costs the receiver its
+/// timeout (to notice) and this.
+pub(super) const IN_DOUBT_WAIT: Duration = Duration::from_secs(2);
 
 /// Facts as they come.
 #[derive(Default)]
@@ -46,7 +56,7 @@ impl Facts {
     }
 }
 
-fn endpoint(net: Net, tag: &str, run: u64) -> Endpoint {
+pub(super) fn endpoint(net: Net, tag: &str, run: u64) -> Endpoint {
     match net {
         Net::Tcp => Endpoint::Tcp(([127, 0, 0, 1], 0).into()),
         Net::Unix => Endpoint::Unix(std::env::temp_dir().join(format!(
@@ -58,54 +68,192 @@ fn endpoint(net: Net, tag: &str, run: u64) -> Endpoint {
 
 /// What a run did.
 pub(super) struct Ran {
-    pub(super) outcome: Outcome,
+    pub(super) verdict: Verdict,
     pub(super) struck: bool,
     pub(super) violations: Vec<String>,
+}
+
+/// What the sender left: its result, the device state it took, and its memory as it was when
+/// the guest stopped, if the guest ran again after that (a live guest resumed on a failure).
+struct Source {
+    sent: Result<Sent, Error>,
+    state: Option<Vec<u8>>,
+    stopped: Option<GuestMemory>,
 }
 
 /// Runs one migration as `plan` says, and checks it.
 pub(super) fn run_one(plan: &Plan) -> anyhow::Result<Ran> {
     let (src, dst) = memories(plan)?;
     let receiver_listener = Listener::bind(&endpoint(plan.net, "r", plan.run))?;
+    let real = receiver_listener.endpoint().clone();
     let hello_len = Hello::encoded_len(src.regions().len()) as u64;
+    let strays = Strays::new(plan, &real, &dst.layout());
     let proxy = Proxy::start(
         Listener::bind(&endpoint(plan.net, "p", plan.run))?,
-        receiver_listener.endpoint().clone(),
+        real,
         plan,
         hello_len,
         TIMEOUT,
+        strays.watch(),
     );
     let (source_facts, destination_facts) =
         (Arc::new(Facts::default()), Arc::new(Facts::default()));
-    let receiver = start_receiver(receiver_listener, &dst, &destination_facts);
+    let receiver_cancel = CancelHandle::new();
+    let receiver = start_receiver(
+        receiver_listener,
+        &dst,
+        &destination_facts,
+        &receiver_cancel,
+    );
+    if let Strike::Stray {
+        kind,
+        when: StrayWhen::Before,
+    } = plan.strike
+    {
+        strays.fired.store(true, Ordering::Relaxed);
+        stray(kind, &strays.to, &strays.layout, plan.run);
+    }
     let cancel = CancelHandle::new();
     let canceller = arm_cancel(plan.strike, &cancel);
-    let sent = send(&src, plan, proxy.endpoint(), &cancel, source_facts.sink());
+    let source = send(&src, plan, proxy.endpoint(), &cancel, source_facts.sink());
     let cancelled_in_time = cancel.is_cancelled();
+    // A sender cancelled before it connected never comes: the operator cancels the receiver
+    // too, rather than let it wait out its accept timeout.
+    if matches!(plan.strike, Strike::Cancel(When::BeforeConnect)) {
+        receiver_cancel.cancel();
+    }
     let received = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("the receiver panicked"))?;
     let struck = proxy.stop()
         || matches!(plan.strike, Strike::Refuse)
-        || (plan.fault == Fault::Cancel && cancelled_in_time);
+        || (plan.fault == Fault::Cancel && cancelled_in_time)
+        || strays.fired.load(Ordering::Relaxed);
+    strays.join();
     if let Some(canceller) = canceller {
         let _ = canceller.join();
     }
-    let (outcome, violations) = check::check(&Evidence {
+    let (verdict, violations) = check::check(&Evidence {
         plan,
-        src: &src,
+        src: source.stopped.as_ref().unwrap_or(&src),
         dst: &dst,
-        sent: &sent,
+        sent: &source.sent,
+        source_state: source.state.as_deref(),
         received: &received,
         source_facts: &source_facts.all(),
         destination_facts: &destination_facts.all(),
         struck,
     });
     Ok(Ran {
-        outcome,
+        verdict,
         struck,
         violations,
     })
+}
+
+/// A run's stray peer that comes at a message on channel 0: the proxy's watch starts it.
+struct Strays {
+    /// The receiver's own endpoint, where strays connect.
+    to: Endpoint,
+    layout: Vec<RegionLayout>,
+    strike: Strike,
+    run: u64,
+    fired: Arc<AtomicBool>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Strays {
+    fn new(plan: &Plan, to: &Endpoint, layout: &[RegionLayout]) -> Strays {
+        Strays {
+            to: to.clone(),
+            layout: layout.to_vec(),
+            strike: plan.strike,
+            run: plan.run,
+            fired: Arc::default(),
+            thread: Arc::default(),
+        }
+    }
+
+    /// The proxy's watch that starts the stray as its message passes.
+    fn watch(&self) -> Option<Watch> {
+        let Strike::Stray { kind, when } = self.strike else {
+            return None;
+        };
+        let at = match when {
+            StrayWhen::Before => return None,
+            StrayWhen::During => (true, FrameKind::Pages),
+            StrayWhen::After => (false, FrameKind::Ready),
+        };
+        let (to, layout, run) = (self.to.clone(), self.layout.clone(), self.run);
+        let (fired, thread) = (Arc::clone(&self.fired), Arc::clone(&self.thread));
+        Some(Arc::new(move |passing: Passing| {
+            if (passing.forward, passing.kind) == (at.0, Some(at.1))
+                && !fired.swap(true, Ordering::Relaxed)
+            {
+                let (to, layout) = (to.clone(), layout.clone());
+                let stray = thread::spawn(move || stray(kind, &to, &layout, run));
+                *thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(stray);
+            }
+            true
+        }))
+    }
+
+    fn join(&self) {
+        let stray = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(stray) = stray {
+            let _ = stray.join();
+        }
+    }
+}
+
+/// A stray peer: connects to the receiver at `to` and does what `kind` says; a receiver that
+/// is gone is no matter.
+fn stray(kind: Stray, to: &Endpoint, layout: &[RegionLayout], run: u64) {
+    let Ok(mut stream) = Stream::connect(to, TIMEOUT) else {
+        return;
+    };
+    let mut rng = Rng::new(run ^ 0x5354_5241_5900);
+    let said = match kind {
+        Stray::Close => return,
+        Stray::Garbage => {
+            // As long as a hello, and not ramjet's magic.
+            let mut bytes: Vec<u8> = (0..Hello::FIXED_LEN)
+                .map(|_| rng.next_u64().to_le_bytes()[0])
+                .collect();
+            bytes[0] = b'X';
+            bytes
+        }
+        Stray::Http => b"GET / HTTP/1.1\r\nHost: ramjet\r\n\r\n".to_vec(),
+        Stray::Layout => {
+            let mut regions = layout.to_vec();
+            if let Some(last) = regions.last_mut() {
+                *last =
+                    RegionLayout::new(last.id(), last.guest_base(), last.len() + PAGE_SIZE as u64);
+            }
+            let mut session = [0u8; 16];
+            for byte in &mut session {
+                *byte = rng.next_u64().to_le_bytes()[0];
+            }
+            Hello {
+                session,
+                channel: 0,
+                channels: 1,
+                regions,
+            }
+            .encode()
+        }
+    };
+    let _ = stream.set_read_timeout(Some(TIMEOUT));
+    let _ = stream.set_write_timeout(Some(TIMEOUT));
+    if stream.write_all(&said).is_ok() {
+        // Whatever the receiver answers, until it closes.
+        let mut buf = [0u8; 1024];
+        while matches!(stream.read(&mut buf), Ok(1..)) {}
+    }
 }
 
 /// The source's memory, filled with the plan's image, and the destination's: a page larger
@@ -124,20 +272,28 @@ fn memories(plan: &Plan) -> anyhow::Result<(Arc<GuestMemory>, Arc<GuestMemory>)>
     Ok((src, dst))
 }
 
-/// The receiver's thread: it answers with the device state it got.
+/// The receiver's thread: it answers with the handover and the device state it got.
 fn start_receiver(
     listener: Listener,
     dst: &Arc<GuestMemory>,
     facts: &Arc<Facts>,
-) -> JoinHandle<Result<Vec<u8>, Error>> {
+    cancel: &CancelHandle,
+) -> JoinHandle<Result<Got, Error>> {
     let options = ReceiveOptions {
+        cancel: cancel.clone(),
         timeout: TIMEOUT,
         accept_timeout: Some(TIMEOUT * 4),
+        in_doubt_wait: IN_DOUBT_WAIT,
         workers: 2,
         ..ReceiveOptions::default()
     };
     let (dst, sink) = (Arc::clone(dst), facts.sink());
-    thread::spawn(move || receive(&listener, dst, &options, sink).map(|r| r.device_state))
+    thread::spawn(move || {
+        receive(&listener, dst, &options, sink).map(|r| Got {
+            handover: r.handover,
+            device_state: r.device_state,
+        })
+    })
 }
 
 /// A cancel the plan strikes before connecting (at once) or after a while (from a thread,
@@ -166,13 +322,14 @@ fn send(
     to: &Endpoint,
     cancel: &CancelHandle,
     sink: Arc<dyn FactSink>,
-) -> Result<Vec<u8>, Error> {
+) -> Source {
     let at_switchover =
         matches!(plan.strike, Strike::Cancel(When::Switchover)).then(|| cancel.clone());
     let options = SendOptions {
         channels: plan.channels,
         compression: plan.compression,
         timeout: TIMEOUT,
+        decision_timeout: DECISION_TIMEOUT,
         workers: 2,
         cancel: cancel.clone(),
         ..SendOptions::default()
@@ -190,7 +347,7 @@ fn send_paused(
     options: &SendOptions,
     sink: Arc<dyn FactSink>,
     cancel_at_switchover: Option<CancelHandle>,
-) -> Result<Vec<u8>, Error> {
+) -> Source {
     const STATE: &[u8] = b"paused guest device state";
     // A cancel at the switchover strikes as the sender reports it, before the final round.
     let sink: Arc<dyn FactSink> = match cancel_at_switchover {
@@ -202,9 +359,17 @@ fn send_paused(
         }),
         None => sink,
     };
-    let sender = Sender::connect(Arc::clone(src), to, options, sink)?;
-    sender.migrate_paused(STATE, PreSwitchover::Skip)?;
-    Ok(STATE.to_vec())
+    let sent = Sender::connect(Arc::clone(src), to, options, sink)
+        .and_then(|sender| sender.migrate_paused(STATE, PreSwitchover::Skip))
+        .map(|summary| Sent {
+            device_state: STATE.to_vec(),
+            acknowledged: summary.acknowledged,
+        });
+    Source {
+        sent,
+        state: Some(STATE.to_vec()),
+        stopped: None,
+    }
 }
 
 /// A running guest: a vCPU thread writes while live pre-copy rounds go out; it is paused for
@@ -216,32 +381,47 @@ fn send_live(
     options: &SendOptions,
     sink: Arc<dyn FactSink>,
     cancel_at_switchover: Option<CancelHandle>,
-) -> Result<Vec<u8>, Error> {
+) -> Source {
     let (workload, mut source, _) =
         Workload::start_tracked(src, Some(plan.dirty_rate), ImageKind::Mixed, plan.run);
     let mut guest = Hooks {
         workload,
+        memory: Arc::clone(src),
         cancel_at_switchover,
         handed_over: None,
+        stopped: None,
     };
-    let sender = Sender::connect(Arc::clone(src), to, options, sink)?;
     let live = LiveOptions {
         max_rounds: Some(8),
         max_time: Some(Duration::from_secs(5)),
         ..LiveOptions::default()
     };
-    migrate_live(sender, source.as_mut(), &mut guest, &live)?;
-    guest
-        .handed_over
-        .ok_or_else(|| Error::Config("the migration completed without device state".into()))
+    let sent = Sender::connect(Arc::clone(src), to, options, sink)
+        .and_then(|sender| migrate_live(sender, source.as_mut(), &mut guest, &live))
+        .and_then(|report| {
+            let device_state = guest.handed_over.clone().ok_or_else(|| {
+                Error::Config("the migration completed without device state".into())
+            })?;
+            Ok(Sent {
+                device_state,
+                acknowledged: report.summary.acknowledged,
+            })
+        });
+    Source {
+        sent,
+        state: guest.handed_over.take(),
+        stopped: guest.stopped.take(),
+    }
 }
 
-/// The live guest's hooks: the workload's, plus a cancel as it pauses, and a record of the
-/// device state handed over.
+/// The live guest's hooks: the workload's, plus a cancel as it pauses, a record of the device
+/// state handed over, and a copy of its memory as it stopped, taken before it resumes.
 struct Hooks {
     workload: Workload,
+    memory: Arc<GuestMemory>,
     cancel_at_switchover: Option<CancelHandle>,
     handed_over: Option<Vec<u8>>,
+    stopped: Option<GuestMemory>,
 }
 
 impl Guest for Hooks {
@@ -260,6 +440,27 @@ impl Guest for Hooks {
     }
 
     fn resume(&mut self) {
+        // The destination may hold what the guest was as it stopped, in doubt: keep that.
+        if self.handed_over.is_some() {
+            self.stopped = copy(&self.memory).ok();
+        }
         self.workload.resume();
     }
+}
+
+/// A copy of `memory`.
+fn copy(memory: &GuestMemory) -> Result<GuestMemory, BoxError> {
+    let copy = GuestMemory::anonymous_like(&memory.layout())?;
+    let mut buf = vec![0u8; 1 << 20];
+    for (index, region) in memory.regions().iter().enumerate() {
+        let len = region.layout().len();
+        let mut at = 0;
+        while at < len {
+            let n = usize::try_from((len - at).min(buf.len() as u64))?;
+            memory.read(index, at, &mut buf[..n])?;
+            copy.write(index, at, &buf[..n])?;
+            at += n as u64;
+        }
+    }
+    Ok(copy)
 }

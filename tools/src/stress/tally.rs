@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::BOUND;
-use super::check::Outcome;
+use super::check::{Outcome, Owner};
 use super::plan::{Fault, Mode, Plan};
 use super::run::Ran;
 
@@ -22,6 +22,7 @@ pub(super) struct Report {
 pub(super) struct Tally {
     by_fault: BTreeMap<Fault, Row>,
     by_mode: BTreeMap<Mode, Row>,
+    all: Row,
     pub(super) runs: u64,
     pub(super) violations: Vec<String>,
 }
@@ -33,18 +34,39 @@ struct Row {
     completed: u64,
     failed: u64,
     cancelled: u64,
+    /// Who owns the guest, by [`Owner`].
+    owners: [u64; 6],
+    /// Handed over without the receiver's acknowledgement.
+    unacked: u64,
 }
 
 impl Row {
     fn add(&mut self, ran: &Ran) {
         self.runs += 1;
         self.struck += u64::from(ran.struck);
-        match ran.outcome {
+        match ran.verdict.outcome {
             Outcome::Completed => self.completed += 1,
             Outcome::Failed => self.failed += 1,
             Outcome::Cancelled => self.cancelled += 1,
         }
+        self.owners[owner_column(ran.verdict.owner)] += 1;
+        self.unacked +=
+            u64::from(ran.verdict.outcome == Outcome::Completed && !ran.verdict.acknowledged);
     }
+}
+
+/// The ownership columns: heading and owner, in table order.
+const OWNERS: [(&str, Owner); 6] = [
+    ("src-owns", Owner::Source),
+    ("dst-runs", Owner::Destination),
+    ("doubt-ho", Owner::DoubtHandedOver),
+    ("doubt-kept", Owner::DoubtKept),
+    ("both!", Owner::Both),
+    ("nobody!", Owner::Nobody),
+];
+
+fn owner_column(owner: Owner) -> usize {
+    OWNERS.iter().position(|(_, o)| *o == owner).unwrap_or(0)
 }
 
 impl Tally {
@@ -61,6 +83,7 @@ impl Tally {
             Ok(Ok(ran)) => {
                 self.by_fault.entry(plan.fault).or_default().add(&ran);
                 self.by_mode.entry(plan.mode).or_default().add(&ran);
+                self.all.add(&ran);
                 for v in ran.violations {
                     violation(v);
                 }
@@ -74,22 +97,22 @@ impl Tally {
     }
 
     pub(super) fn print(&self, seed: u64, elapsed: Duration) {
-        println!(
-            "{:<8} {:>6} {:>7} {:>10} {:>7} {:>10}",
-            "", "runs", "struck", "completed", "failed", "cancelled"
-        );
-        let line = |name: String, r: &Row| {
-            println!(
-                "{name:<8} {:>6} {:>7} {:>10} {:>7} {:>10}",
-                r.runs, r.struck, r.completed, r.failed, r.cancelled
-            );
-        };
+        print_heading();
         for (fault, row) in &self.by_fault {
-            line(format!("{fault:?}").to_lowercase(), row);
+            print_row(&format!("{fault:?}").to_lowercase(), row);
         }
         for (mode, row) in &self.by_mode {
-            line(format!("{mode:?}").to_lowercase(), row);
+            print_row(&format!("{mode:?}").to_lowercase(), row);
         }
+        print_row("all", &self.all);
+        let in_doubt = self.all.owners[owner_column(Owner::DoubtHandedOver)]
+            + self.all.owners[owner_column(Owner::DoubtKept)];
+        println!(
+            "ownership: src-owns = the source resumed, the destination discarded; dst-runs = \
+             handed over, the destination may run; doubt-ho / doubt-kept = the destination in \
+             doubt, the source handed over / kept it ({in_doubt} in doubt); unacked = handed \
+             over, go never acknowledged; both! and nobody! break the promise"
+        );
         println!(
             "{} runs in {:.1?}, seed {seed}: {} violations",
             self.runs,
@@ -100,4 +123,26 @@ impl Tally {
             println!("violation: {v} (replay: --seed {seed} --first <run> --runs 1)");
         }
     }
+}
+
+fn print_heading() {
+    print!(
+        "{:<9} {:>6} {:>7} {:>10} {:>7} {:>10}",
+        "", "runs", "struck", "completed", "failed", "cancelled"
+    );
+    for (heading, _) in OWNERS {
+        print!(" {heading:>10}");
+    }
+    println!(" {:>8}", "unacked");
+}
+
+fn print_row(name: &str, r: &Row) {
+    print!(
+        "{name:<9} {:>6} {:>7} {:>10} {:>7} {:>10}",
+        r.runs, r.struck, r.completed, r.failed, r.cancelled
+    );
+    for count in r.owners {
+        print!(" {count:>10}");
+    }
+    println!(" {:>8}", r.unacked);
 }
