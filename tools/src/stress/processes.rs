@@ -354,16 +354,19 @@ impl Trigger {
         // The victim's pid is set right after it is spawned; wait for that if need be.
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let pid = *self.victim.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(pid) = pid {
-                // SAFETY: kill(2) only sends a signal; `pid` is our own child, killed before
-                // it is waited for (so its pid cannot have been reused).
+            let victim = self.victim.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(pid) = *victim {
+                // SAFETY: kill(2) only sends a signal. `pid` is our own child and not yet
+                // reaped: `wait_both` reaps the victim only while holding this lock, and clears
+                // the pid when it does, so its pid cannot have been reused.
                 unsafe {
                     libc::kill(pid, libc::SIGKILL);
                 }
+                drop(victim);
                 *self.at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
                 return;
             }
+            drop(victim);
             if Instant::now() >= deadline {
                 return;
             }
@@ -506,7 +509,7 @@ fn run_one(shared: &Shared, plan: ProcPlan) -> anyhow::Result<Ran> {
         _ => None,
     };
     let (mut sender, mut receiver) = (sender, receiver);
-    let (sent, received, hung) = wait_both(&mut sender, &mut receiver, began);
+    let (sent, received, hung) = wait_both(&mut sender, &mut receiver, began, &trigger);
     if let Some(timer) = timer {
         let _ = timer.join();
     }
@@ -565,10 +568,12 @@ fn run_one(shared: &Shared, plan: ProcPlan) -> anyhow::Result<Ran> {
 }
 
 /// Waits for both children, each exit status with when it came; kills both after [`HANG`].
+/// The victim is reaped only under the trigger's lock, which then forgets its pid.
 fn wait_both(
     sender: &mut Kid,
     receiver: &mut Kid,
     began: Instant,
+    trigger: &Trigger,
 ) -> ((ExitStatus, Instant), (ExitStatus, Instant), bool) {
     let mut ends: [Option<(ExitStatus, Instant)>; 2] = [None, None];
     let mut hung = false;
@@ -577,9 +582,17 @@ fn wait_both(
             .into_iter()
             .zip(ends.iter_mut())
         {
-            if end.is_none()
-                && let Ok(Some(status)) = kid.child.try_wait()
-            {
+            if end.is_some() {
+                continue;
+            }
+            let mut victim = trigger
+                .victim
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Ok(Some(status)) = kid.child.try_wait() {
+                if *victim == Some(kid.pid) {
+                    *victim = None;
+                }
                 *end = Some((status, Instant::now()));
             }
         }
