@@ -41,6 +41,15 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A channel's TLS handshake failed: the receiver's certificate, or this sender's,
+    /// was refused, or one end does not use TLS.
+    #[error("channel {channel}: {reason}")]
+    Tls {
+        /// The channel.
+        channel: u16,
+        /// Why, in words.
+        reason: String,
+    },
     /// A read or write failed.
     #[error("channel {channel}: {op} failed")]
     Io {
@@ -202,6 +211,18 @@ impl Error {
     /// Whether the peer stopped answering.
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Timeout { .. })
+    }
+
+    /// Whether TLS ended it: a handshake refused (a certificate, an end without TLS) or a
+    /// record that failed to open (tampered with on the way, say).
+    pub fn is_tls(&self) -> bool {
+        match self {
+            Error::Tls { .. } => true,
+            Error::Io { source, .. } => source
+                .get_ref()
+                .is_some_and(|e| e.is::<crate::tls::RecordError>()),
+            _ => false,
+        }
     }
 
     /// Whether this is a cancellation rather than a failure.

@@ -97,6 +97,7 @@ mod send;
 mod session;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod tls;
 pub mod transport;
 // Reached from outside only as `internals::wire`; without that feature some of its items have
 // no user in the crate.
@@ -118,6 +119,7 @@ pub use memory::{Backing, GuestAddr, GuestMemory, MemoryError, PAGE_SIZE, Region
 pub use recv::{Handover, Log, Operator, ReceiveOptions, Received, receive};
 pub use send::{PreSwitchover, RoundStats, SendOptions, Sender, Summary};
 pub use session::{CancelHandle, Counters, FactSink, Stats};
+pub use tls::{Negotiated, TlsClient, TlsError, TlsServer};
 pub use transport::{Blocking, Endpoint, Listener, Transport, Uring, ZeroCopy};
 
 /// The vocabulary the data plane reports in: facts for the control machine.

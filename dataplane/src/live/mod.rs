@@ -70,7 +70,7 @@ pub trait Guest {
 }
 
 /// What a completed live migration did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LiveReport {
     /// Rounds sent, the final one included.
     pub rounds: u32,

@@ -20,7 +20,8 @@
 //! | closes before or during its hello (a truncated hello)             | stray, closed               |
 //! | sends no complete hello within `hello_timeout`                    | stray, closed               |
 //! | fails (a reset) before its hello is complete                      | stray, closed               |
-//! | does not start with ramjet's magic (garbage, HTTP, TLS, ...)      | stray, refused with reason  |
+//! | does not start with ramjet's magic (garbage, HTTP, ...)           | stray, refused with reason  |
+//! | opens a TLS handshake at a receiver without TLS                   | stray, refused with reason  |
 //! | sends a hello whose checksum fails (corrupt)                      | stray, refused with reason  |
 //! | sends a hello for another session while this one's channels are awaited | stray, refused with reason |
 //! | sends a hello of another protocol version                         | **fails**, refused with reason |
@@ -29,6 +30,20 @@
 //! | sends a hello of this session with another channel count          | **fails**, refused with reason |
 //! | sends a hello of this session for a channel already connected     | **fails**, refused with reason |
 //! | is stray number `max_refused + 1`                                 | **fails** ([`Error::TooManyRefused`]) |
+//!
+//! At a TLS receiver ([`ReceiveOptions::tls`]) every connection first completes a TLS handshake,
+//! and nothing a peer sends before that (and before its certificate is on the allow-list, if
+//! there is one) can fail the migration:
+//!
+//! | The connection, at a TLS receiver                                 | Outcome                     |
+//! |-------------------------------------------------------------------|-----------------------------|
+//! | sends a plaintext ramjet hello (a sender without TLS)             | stray, refused with reason  |
+//! | sends anything else that is not TLS                               | stray, closed               |
+//! | closes, stalls or fails during the TLS handshake                  | stray, closed               |
+//! | presents no certificate, or one the CA did not sign, or one that has expired, is not valid yet or was revoked | stray, closed (rustls sends the TLS alert) |
+//! | refuses this receiver's certificate (a TLS alert)                 | stray, closed               |
+//! | authenticates, but its subject is not on the allow-list (`tls-authz`) | stray, refused with reason (over TLS) |
+//! | authenticates (and is allowed): then as above, hello by hello     | as in the first table       |
 //!
 //! The line between them: a peer that gets ramjet's magic and checksum right is a ramjet
 //! sender, and one that is wrong about the version, the layout or its own session is the real
@@ -49,16 +64,17 @@ use std::time::{Duration, Instant};
 use crate::error::Error;
 use crate::memory::{GuestMemory, RegionLayout};
 use crate::session::{self, HelloError, Stop};
-use crate::transport::{Listener, Stream};
-use crate::wire::{DecodeError, Hello};
+use crate::tls::{self, HandshakeError, TlsServer};
+use crate::transport::{Conn, Listener, Stream};
+use crate::wire::{DecodeError, Hello, MAGIC};
 
 use super::options::{Log, ReceiveOptions};
 
 /// A connection that greeted with a well-formed hello.
 #[derive(Debug)]
 pub(super) struct Screened {
-    /// The connection, with the session's read and write timeouts set.
-    pub(super) stream: Stream,
+    /// The connection (TLS, at a TLS receiver), with the session's read and write timeouts set.
+    pub(super) stream: Conn,
     /// Its hello, not yet answered.
     pub(super) hello: Hello,
     /// Who it is, for log lines.
@@ -121,7 +137,7 @@ impl<'a> Strays<'a> {
     /// so), logs one line and counts it; fails once more than the limit were dropped.
     pub(super) fn drop_stray(
         &mut self,
-        mut stream: Stream,
+        mut stream: Conn,
         peer: &str,
         reason: &str,
         reply: Reply,
@@ -177,7 +193,7 @@ pub(super) fn screen(
                 Some(left)
             }
         };
-        let mut stream = match listener.accept(left, stopped) {
+        let stream = match listener.accept(left, stopped) {
             Ok(stream) => stream,
             Err(e) => match e.kind() {
                 io::ErrorKind::Interrupted => return Err(Error::Cancelled),
@@ -201,6 +217,20 @@ pub(super) fn screen(
         if let Some(overall) = wait.deadline {
             deadline = deadline.min(overall);
         }
+        let limit = deadline - accepted;
+        let mut stream = match open(stream, options.tls.as_ref(), deadline, limit, stopped) {
+            Opened::Ready(conn) => conn,
+            Opened::Stopped => return Err(Error::Cancelled),
+            Opened::Stray {
+                conn,
+                reason,
+                reply,
+            } => {
+                strays.drop_stray(conn, &peer, &reason, reply)?;
+                continue;
+            }
+        };
+        let unauthenticated = stream.tls().is_none();
         let (reason, reply) = match session::read_hello(&mut stream, deadline, stopped) {
             Ok(hello) => {
                 stream
@@ -216,6 +246,11 @@ pub(super) fn screen(
                 });
             }
             Err(HelloError::Stopped) => return Err(Error::Cancelled),
+            Err(HelloError::Invalid(DecodeError::BadMagic { found }))
+                if unauthenticated && found[..2] == [0x16, 0x03] =>
+            {
+                (TLS_AT_PLAINTEXT.to_owned(), Reply::Refusal)
+            }
             Err(HelloError::Invalid(source)) if !is_stray(&source) => {
                 let _ = stream.set_write_timeout(Some(options.hello_limit()));
                 session::refuse(&mut stream, &source.to_string());
@@ -226,9 +261,134 @@ pub(super) fn screen(
                 });
             }
             Err(HelloError::Invalid(source)) => (source.to_string(), Reply::Refusal),
-            Err(other) => (why_no_hello(&other, deadline - accepted), Reply::Close),
+            Err(other) => (why_no_hello(&other, limit), Reply::Close),
         };
         strays.drop_stray(stream, &peer, &reason, reply)?;
+    }
+}
+
+/// Why a peer that opens a TLS handshake at a receiver without TLS is refused (it reads this
+/// in plaintext, and its error says so).
+const TLS_AT_PLAINTEXT: &str =
+    "it opened a TLS handshake, and this receiver does not use TLS: TLS is on at the sender only";
+/// Why a plaintext ramjet sender is refused at a TLS receiver.
+const PLAINTEXT_AT_TLS: &str =
+    "it connected without TLS, and this receiver requires TLS: TLS is on at the receiver only";
+
+/// A connection just accepted, after its first step.
+pub(super) enum Opened {
+    /// Ready for its hello: plaintext at a receiver without TLS, or TLS with the peer
+    /// authenticated and allowed.
+    Ready(Conn),
+    /// A stray: why, and whether to refuse it (over TLS, if it authenticated) before closing.
+    Stray {
+        conn: Conn,
+        reason: String,
+        reply: Reply,
+    },
+    /// The caller's stop said to give up.
+    Stopped,
+}
+
+/// Opens a connection just accepted. Without `tls`, there is nothing to do. With it, the
+/// peer's first byte tells a TLS handshake from a plaintext ramjet sender (whose hello is read
+/// whole, so that it can be told why it is refused) and from anything else; the handshake must
+/// complete by `deadline` (`limit` after the accept, for messages) and the peer's certificate
+/// must be on the allow-list, if there is one.
+pub(super) fn open(
+    stream: Stream,
+    tls: Option<&TlsServer>,
+    deadline: Instant,
+    limit: Duration,
+    stopped: &dyn Fn() -> bool,
+) -> Opened {
+    let Some(tls) = tls else {
+        return Opened::Ready(Conn::plain(stream));
+    };
+    let stray = |conn, reason, reply| Opened::Stray {
+        conn,
+        reason,
+        reply,
+    };
+    match first_byte(&stream, deadline, stopped) {
+        Err(HelloError::Stopped) => Opened::Stopped,
+        Err(e) => stray(Conn::plain(stream), why_no_hello(&e, limit), Reply::Close),
+        Ok(first) if first == MAGIC[0] => {
+            let mut conn = Conn::plain(stream);
+            match session::read_hello(&mut conn, deadline, stopped) {
+                Ok(_) => stray(conn, PLAINTEXT_AT_TLS.to_owned(), Reply::Refusal),
+                Err(HelloError::Stopped) => Opened::Stopped,
+                Err(HelloError::Invalid(e)) => stray(
+                    conn,
+                    format!("{e}; and this receiver requires TLS"),
+                    Reply::Close,
+                ),
+                Err(other) => stray(conn, why_no_hello(&other, limit), Reply::Close),
+            }
+        }
+        // A TLS record of type handshake: a ClientHello, presumably.
+        Ok(0x16) => {
+            let mut stream = stream;
+            match tls::accept(&mut stream, tls, deadline, stopped) {
+                Ok((session, None)) => Opened::Ready(Conn::secured(stream, session)),
+                Ok((session, Some(refused))) => stray(
+                    Conn::secured(stream, session),
+                    format!(
+                        "its certificate's subject {} is not on the allow-list (tls-authz)",
+                        refused.subject
+                    ),
+                    Reply::Refusal,
+                ),
+                Err(HandshakeError::Stopped) => Opened::Stopped,
+                Err(e) => stray(
+                    Conn::plain(stream),
+                    e.reason("the peer", limit),
+                    Reply::Close,
+                ),
+            }
+        }
+        Ok(first) => stray(
+            Conn::plain(stream),
+            format!(
+                "it does not speak TLS (its first byte is {first:#04x}), and this receiver \
+                 requires TLS"
+            ),
+            Reply::Close,
+        ),
+    }
+}
+
+/// The first byte a new connection sent, left unread; see [`session::read_hello`] for the
+/// errors.
+fn first_byte(
+    stream: &Stream,
+    deadline: Instant,
+    stopped: &dyn Fn() -> bool,
+) -> Result<u8, HelloError> {
+    let mut byte = [0u8; 1];
+    loop {
+        if stopped() {
+            return Err(HelloError::Stopped);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HelloError::Stalled { bytes: 0 });
+        }
+        stream
+            .set_read_timeout(Some(left.min(Duration::from_millis(50))))
+            .map_err(HelloError::Io)?;
+        match stream.peek(&mut byte) {
+            Ok(0) => return Err(HelloError::Closed { bytes: 0 }),
+            Ok(_) => return Ok(byte[0]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(HelloError::Io(e)),
+        }
     }
 }
 
@@ -264,9 +424,9 @@ pub(super) fn accept_channels(
     memory: &GuestMemory,
     options: &ReceiveOptions,
     stop: &Stop,
-) -> Result<(Vec<Stream>, [u8; 16]), Error> {
+) -> Result<(Vec<Conn>, [u8; 16]), Error> {
     let mut strays = Strays::new(options);
-    let mut slots: Vec<Option<Stream>> = Vec::new();
+    let mut slots: Vec<Option<Conn>> = Vec::new();
     let mut migration = None;
     let mut accepted = 0usize;
     let mut wait = Wait {

@@ -19,10 +19,11 @@ use std::thread::{self, Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::session::{self, HelloError};
+use crate::tls::TlsServer;
 use crate::transport::{Listener, Stream, Wake};
 use crate::wire::DecodeError;
 
-use super::accept::why_no_hello;
+use super::accept::{Opened, open, why_no_hello};
 use super::options::{Log, ReceiveOptions};
 
 /// What the door says to a newcomer that sent a hello.
@@ -48,13 +49,19 @@ impl<'scope> Door<'scope> {
     ) -> Door<'scope> {
         let closed = Arc::new(AtomicBool::new(false));
         let (log, hello_limit) = (options.log.clone(), options.hello_limit());
+        let tls = options.tls.clone();
         let flag = Arc::clone(&closed);
         let wake = Wake::new().ok().map(Arc::new);
         let waker = wake.clone();
         let spawned = thread::Builder::new()
             .name("ramjet-door".into())
             .spawn_scoped(scope, move || {
-                run(listener, &log, hello_limit, &flag, waker.as_deref());
+                let turn = Turn {
+                    log: &log,
+                    hello_limit,
+                    tls: tls.as_ref(),
+                };
+                run(listener, &turn, &flag, waker.as_deref());
             });
         let thread = match spawned {
             Ok(thread) => Some(thread),
@@ -96,20 +103,22 @@ impl Drop for Door<'_> {
     }
 }
 
-fn run(
-    listener: &Listener,
-    log: &Log,
+/// How the door turns newcomers away.
+struct Turn<'a> {
+    log: &'a Log,
     hello_limit: Duration,
-    closed: &AtomicBool,
-    wake: Option<&Wake>,
-) {
+    /// The receiver's TLS: a newcomer must authenticate before it is told anything.
+    tls: Option<&'a TlsServer>,
+}
+
+fn run(listener: &Listener, turn: &Turn<'_>, closed: &AtomicBool, wake: Option<&Wake>) {
     let stopped = || closed.load(Ordering::Acquire);
     loop {
         match listener.accept_or_wake(None, &stopped, wake) {
-            Ok(stream) => turn_away(stream, log, hello_limit, &stopped),
+            Ok(stream) => turn_away(stream, turn, &stopped),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
             Err(e) => {
-                log.line(&format!(
+                turn.log.line(&format!(
                     "accepting a connection during the migration failed: {e}"
                 ));
                 // Out of descriptors, say: wait a little rather than spin on it.
@@ -119,11 +128,25 @@ fn run(
     }
 }
 
-/// Refuses one newcomer: reads its hello for at most `hello_limit`, answers a ramjet peer with
-/// a refusal, closes, and logs one line.
-fn turn_away(mut stream: Stream, log: &Log, hello_limit: Duration, stopped: &dyn Fn() -> bool) {
+/// Refuses one newcomer: reads its hello for at most `hello_limit` (at a TLS receiver, after
+/// its TLS handshake, within the same limit), answers a ramjet peer with a refusal, closes, and
+/// logs one line.
+fn turn_away(stream: Stream, turn: &Turn<'_>, stopped: &dyn Fn() -> bool) {
+    let (log, hello_limit) = (turn.log, turn.hello_limit);
     let peer = stream.peer();
-    let read = session::read_hello(&mut stream, Instant::now() + hello_limit, stopped);
+    let deadline = Instant::now() + hello_limit;
+    let mut stream = match open(stream, turn.tls, deadline, hello_limit, stopped) {
+        Opened::Ready(conn) => conn,
+        Opened::Stopped => return,
+        Opened::Stray { conn, reason, .. } => {
+            drop(conn);
+            log.line(&format!(
+                "refused a connection from {peer}: {BUSY} ({reason})"
+            ));
+            return;
+        }
+    };
+    let read = session::read_hello(&mut stream, deadline, stopped);
     let (what, refuse) = match &read {
         Ok(_) => ("it sent a hello".to_owned(), true),
         // Another program: it would not understand a refusal.

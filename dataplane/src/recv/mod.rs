@@ -47,7 +47,7 @@ use crate::error::Error;
 use crate::memory::{GuestMemory, ReceiveLease};
 use crate::pool::Pool;
 use crate::session::{self, Counters, FactSink, Stop};
-use crate::transport::{LinkReader, LinkWriter, Listener, Stream};
+use crate::transport::{Conn, LinkReader, LinkWriter, Listener};
 use crate::wire::FrameHeader;
 
 /// Receives one migration on `listener` into `memory`: accepts the sender's channels, checks
@@ -106,7 +106,7 @@ pub fn receive(
         }
     };
     let memory = Arc::clone(lease.memory());
-    let (streams, session) = match accept_channels(listener, &memory, options, &stop) {
+    let (mut streams, session) = match accept_channels(listener, &memory, options, &stop) {
         Ok(accepted) => accepted,
         Err(err) => {
             stop.fail(err);
@@ -119,7 +119,7 @@ pub fn receive(
     thread::scope(|scope| {
         let door = Door::open(scope, listener, options);
         let at = (listener, session);
-        run(lease, &streams, at, options, &stop, sink, door)
+        run(lease, &mut streams, at, options, &stop, sink, door)
     })
 }
 
@@ -128,7 +128,7 @@ pub fn receive(
 /// not, and ends with `drained`.
 fn run(
     lease: ReceiveLease,
-    streams: &[Stream],
+    streams: &mut [Conn],
     at: (&Listener, [u8; 16]),
     options: &ReceiveOptions,
     stop: &Arc<Stop>,
@@ -144,6 +144,7 @@ fn run(
         .collect();
     sink.fact(Fact::SetupDone);
     let channels = u16::try_from(streams.len()).unwrap_or(u16::MAX);
+    let negotiated = streams.first().and_then(|c| c.tls().cloned());
     let shared = Arc::new(Shared {
         stamps: memory
             .regions()
@@ -206,6 +207,7 @@ fn run(
                 rounds: done.rounds,
                 stats: shared.counters.snapshot(),
                 elapsed: started.elapsed(),
+                tls: negotiated,
             })
         }
         Err(err) => {
@@ -244,7 +246,7 @@ struct Running {
 }
 
 impl Running {
-    fn start(shared: &Arc<Shared>, streams: &[Stream], options: &ReceiveOptions) -> Running {
+    fn start(shared: &Arc<Shared>, streams: &mut [Conn], options: &ReceiveOptions) -> Running {
         // Unbounded, but each channel's reader sends exactly one result.
         let (results_tx, results) = channels::unbounded();
         let (decode_tx, decode_rx) = channels::bounded::<DecodeJob>(options.workers * 2);
@@ -263,10 +265,10 @@ impl Running {
             });
             running.workers.extend(spawned);
         }
-        for (index, stream) in streams.iter().enumerate() {
+        for (index, stream) in streams.iter_mut().enumerate() {
             let channel = u16::try_from(index).unwrap_or(u16::MAX);
             running.pending += 1;
-            let (writer, link) = match options.transport.split(stream) {
+            let (writer, link) = match stream.split(options.transport.as_ref()) {
                 Ok(halves) => halves,
                 Err(e) => {
                     let op = "setting up the transport";

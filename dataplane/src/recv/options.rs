@@ -47,6 +47,12 @@ pub struct ReceiveOptions {
     pub in_doubt_wait: Duration,
     /// The operator's word while in doubt.
     pub operator: Operator,
+    /// TLS 1.3 on every connection (see [`tls`](crate::tls)): each must complete a handshake,
+    /// proving itself with a client certificate the CA signed (and on the allow-list, if
+    /// [`TlsServer::allow_subjects`](crate::TlsServer::allow_subjects) made one), before its
+    /// hello is read; this receiver proves itself with its server certificate. `None`:
+    /// plaintext.
+    pub tls: Option<crate::tls::TlsServer>,
 }
 
 impl Default for ReceiveOptions {
@@ -62,6 +68,7 @@ impl Default for ReceiveOptions {
             cancel: CancelHandle::new(),
             in_doubt_wait: Duration::from_secs(120),
             operator: Operator::new(),
+            tls: None,
         }
     }
 }
@@ -121,4 +128,7 @@ pub struct Received {
     pub stats: Stats,
     /// From the first connection to the decision (or to giving up on it, in doubt).
     pub elapsed: Duration,
+    /// What TLS settled on the channels (the same on each, the sender's subject included),
+    /// `None` for plaintext.
+    pub tls: Option<crate::tls::Negotiated>,
 }

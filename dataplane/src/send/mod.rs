@@ -56,7 +56,8 @@ use crate::handle::LiveHandle;
 use crate::memory::{Frozen, GuestMemory};
 use crate::pool::Pool;
 use crate::session::{self, Counters, FactSink, Stop};
-use crate::transport::{Endpoint, Stream};
+use crate::tls::{Negotiated, TlsClient};
+use crate::transport::{Conn, Endpoint, Stream};
 use crate::wire::{
     FrameHeader, Hello, MAX_CHANNELS, MAX_DEVICE_STATE, MAX_PAYLOAD, MAX_REGIONS, frame_capacity,
 };
@@ -117,6 +118,10 @@ pub struct Sender {
     endpoint: Endpoint,
     hello: Hello,
     decision_timeout: Duration,
+    /// The channels' TLS, for decision connections too.
+    tls: Option<TlsClient>,
+    /// What TLS settled on channel 0.
+    negotiated: Option<Negotiated>,
     /// The end of stream is queued: the receiver may say *ready* (or may have said it) from
     /// now on, so a failure must tell it that the source keeps the guest.
     finishing: bool,
@@ -198,7 +203,8 @@ impl Sender {
                 .map(|rate| Arc::new(RateLimit::new(rate))),
             timeout: options.timeout,
         };
-        let sender = Self::start(&wiring, &streams, (endpoint, hello), options, sink);
+        let mut streams = streams;
+        let sender = Self::start(&wiring, &mut streams, (endpoint, hello), options, sink);
         sender.sink.fact(Fact::SetupDone);
         Ok(sender)
     }
@@ -208,7 +214,7 @@ impl Sender {
         endpoint: &Endpoint,
         options: &SendOptions,
         stop: &Stop,
-    ) -> Result<(Vec<Stream>, Hello), Error> {
+    ) -> Result<(Vec<Conn>, Hello), Error> {
         if options.channels == 0 || options.channels > MAX_CHANNELS {
             return Err(Error::Config(format!(
                 "channels must be 1 to {MAX_CHANNELS}, not {}",
@@ -237,7 +243,7 @@ impl Sender {
             if stop.is_stopped() {
                 return Err(Error::Cancelled);
             }
-            let mut stream =
+            let stream =
                 Stream::connect(endpoint, options.timeout).map_err(|source| Error::Connect {
                     channel,
                     endpoint: endpoint.to_string(),
@@ -245,9 +251,17 @@ impl Sender {
                 })?;
             stop.register(&stream)
                 .map_err(|e| Error::io(channel, "duplicating the socket", options.timeout, e))?;
+            let mut conn = session::secure(
+                stream,
+                endpoint,
+                options.tls.as_ref(),
+                channel,
+                options.timeout,
+                &|| stop.is_stopped(),
+            )?;
             hello.channel = channel;
-            session::greet(&mut stream, &hello, options.timeout)?;
-            streams.push(stream);
+            session::greet(&mut conn, &hello, options.timeout)?;
+            streams.push(conn);
         }
         hello.channel = 0;
         Ok((streams, hello))
@@ -257,7 +271,7 @@ impl Sender {
     /// `at.0` with hello `at.1` (channel 0's).
     fn start(
         wiring: &Wiring,
-        streams: &[Stream],
+        streams: &mut [Conn],
         at: (&Endpoint, Hello),
         options: &SendOptions,
         sink: Arc<dyn FactSink>,
@@ -284,6 +298,8 @@ impl Sender {
             endpoint: at.0.clone(),
             hello: at.1,
             decision_timeout: options.decision_timeout,
+            tls: options.tls.clone(),
+            negotiated: streams.first().and_then(|c| c.tls().cloned()),
             finishing: false,
             reader_exits: exit_rx,
             workers: Vec::new(),
@@ -296,15 +312,15 @@ impl Sender {
             started: Instant::now(),
             ended: false,
         };
-        for (index, stream) in streams.iter().enumerate() {
+        let compression = match options.compression {
+            Compression::Auto if streams.iter().any(|c| c.is_local()) => Compression::Off,
+            other => other,
+        };
+        for (index, stream) in streams.iter_mut().enumerate() {
             let channel = u16::try_from(index).unwrap_or(u16::MAX);
             let confirm = (channel == 0).then(|| confirm_tx.clone());
             sender.start_channel(wiring, options, channel, stream, confirm, exit_tx.clone());
         }
-        let compression = match options.compression {
-            Compression::Auto if streams.iter().any(Stream::is_local) => Compression::Off,
-            other => other,
-        };
         let meter = Arc::new(RateMeter::new());
         for worker in 0..options.workers {
             let ctx = WorkerContext {
@@ -333,13 +349,13 @@ impl Sender {
         wiring: &Wiring,
         options: &SendOptions,
         channel: u16,
-        stream: &Stream,
+        stream: &mut Conn,
         confirm: Option<channel::Sender<Result<Reply, Error>>>,
         exit: channel::Sender<()>,
     ) {
         let (queue_tx, queue_rx) = channel::bounded(QUEUE_FRAMES);
         self.queues.push(queue_tx);
-        let (writer, reader) = match options.transport.split(stream) {
+        let (writer, reader) = match stream.split(options.transport.as_ref()) {
             Ok(halves) => halves,
             Err(e) => {
                 let op = "setting up the transport";
@@ -572,6 +588,7 @@ impl Sender {
             elapsed: confirmed.duration_since(self.started),
             confirmed,
             acknowledged: acknowledged.is_some(),
+            tls: self.negotiated.clone(),
         })
     }
 
@@ -652,7 +669,8 @@ impl Sender {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let timeout = self.timeout.min(left).max(Duration::from_millis(1));
-            if session::deliver(&self.endpoint, &self.hello, true, timeout).is_ok() {
+            let tls = self.tls.as_ref();
+            if session::deliver(&self.endpoint, tls, &self.hello, true, timeout).is_ok() {
                 return Some(Instant::now());
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -727,7 +745,8 @@ impl Sender {
                 ))
         {
             let bound = self.timeout.min(ABORT_BOUND);
-            let _ = session::deliver(&self.endpoint, &self.hello, false, bound);
+            let tls = self.tls.as_ref();
+            let _ = session::deliver(&self.endpoint, tls, &self.hello, false, bound);
         }
         if !cancelled {
             self.sink.fact(Fact::Failed(err.chain()));

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::codec::Compression;
 use crate::session::{CancelHandle, Stats};
+use crate::tls::{Negotiated, TlsClient};
 use crate::transport::Transport;
 
 /// How to send.
@@ -31,6 +32,10 @@ pub struct SendOptions {
     /// channel 0 broke, on new connections (the receiver waits in doubt meanwhile; keep this
     /// below its [`ReceiveOptions::in_doubt_wait`](crate::ReceiveOptions::in_doubt_wait)).
     pub decision_timeout: Duration,
+    /// TLS 1.3 on every channel (see [`tls`](crate::tls)): the receiver must prove itself with
+    /// a certificate for the endpoint's address (or [`TlsClient::with_hostname`]), and this
+    /// sender proves itself with its client certificate. `None`: plaintext.
+    pub tls: Option<TlsClient>,
 }
 
 impl Default for SendOptions {
@@ -44,6 +49,7 @@ impl Default for SendOptions {
             cancel: CancelHandle::new(),
             max_bandwidth: None,
             decision_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -71,7 +77,7 @@ pub struct RoundStats {
 }
 
 /// What a completed migration sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
     /// Rounds sent.
     pub rounds: u32,
@@ -86,6 +92,8 @@ pub struct Summary {
     /// complete state without running it until an operator tells it this source handed over.
     /// Either way the guest belongs to the destination now and must not resume here.
     pub acknowledged: bool,
+    /// What TLS settled on the channels (the same on each), `None` for plaintext.
+    pub tls: Option<Negotiated>,
 }
 
 #[cfg(test)]

@@ -69,7 +69,12 @@ impl WriterContext {
                             limit.wait(written, &self.stop);
                         }
                         link.send(&slices)
-                            .map(|()| self.counters.add_sent(self.channel, written as u64))
+                            .map(|()| {
+                                self.counters.add_sent(self.channel, written as u64);
+                                if link.zero_copy() {
+                                    self.counters.add_zero_copy_bytes(written as u64);
+                                }
+                            })
                             .map_err(|e| Error::io(self.channel, "sending frames", self.timeout, e))
                     }
                 };

@@ -7,10 +7,11 @@ use std::io::{self, Read, Write};
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::transport::{Endpoint, Stream};
+use crate::tls::TlsClient;
+use crate::transport::{Conn, Endpoint, Stream};
 use crate::wire::{DecodeError, FrameHeader, FrameKind, Hello, MAX_MESSAGE};
 
-use super::handshake::{accept_hello, greet};
+use super::handshake::{accept_hello, greet, secure};
 
 /// Why a control frame could not be read.
 #[derive(Debug)]
@@ -54,21 +55,23 @@ pub(crate) fn read_control(
     Ok((header, payload))
 }
 
-/// The sender's half: connects to `endpoint`, greets with `hello` (the session's, channel 0),
-/// sends decision `go` and waits for the receiver's acknowledgement. Every step is bounded by
-/// `timeout`.
+/// The sender's half: connects to `endpoint` (with `tls`, as the channels did), greets with
+/// `hello` (the session's, channel 0), sends decision `go` and waits for the receiver's
+/// acknowledgement. Every step is bounded by `timeout`.
 pub(crate) fn deliver(
     endpoint: &Endpoint,
+    tls: Option<&TlsClient>,
     hello: &Hello,
     go: bool,
     timeout: Duration,
 ) -> Result<(), Error> {
     let op = "delivering the decision on a new connection";
-    let mut stream = Stream::connect(endpoint, timeout).map_err(|source| Error::Connect {
+    let stream = Stream::connect(endpoint, timeout).map_err(|source| Error::Connect {
         channel: 0,
         endpoint: endpoint.to_string(),
         source,
     })?;
+    let mut stream = secure(stream, endpoint, tls, 0, timeout, &|| false)?;
     greet(&mut stream, hello, timeout)?;
     stream
         .set_read_timeout(Some(timeout))
@@ -100,7 +103,7 @@ pub(crate) enum Taken {
 
 /// The receiver's half, on a connection whose hello was read and belongs to the session in
 /// doubt: accepts the hello, reads the decision and acknowledges it.
-pub(crate) fn take(stream: &mut Stream, timeout: Duration) -> Result<Taken, Error> {
+pub(crate) fn take(stream: &mut Conn, timeout: Duration) -> Result<Taken, Error> {
     let op = "receiving the decision on a new connection";
     accept_hello(stream, 0, timeout)?;
     let (header, payload) = read_control(&mut |buf| stream.read_exact(buf))

@@ -10,7 +10,8 @@ use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
-use crate::transport::Stream;
+use crate::tls::TlsClient;
+use crate::transport::{Conn, Endpoint, Stream};
 use crate::wire::{DecodeError, Hello, HelloReply, MAGIC, Verdict};
 
 /// A new migration's session id, the same on each of its channels, so a receiver can tell its
@@ -30,8 +31,32 @@ pub(crate) fn session_id() -> [u8; 16] {
     id
 }
 
+/// The sender's first step on a new connection `stream` to `endpoint` for `channel`: with
+/// `tls`, the TLS handshake (giving up early once `stopped` says so); without, nothing.
+pub(crate) fn secure(
+    mut stream: Stream,
+    endpoint: &Endpoint,
+    tls: Option<&TlsClient>,
+    channel: u16,
+    timeout: Duration,
+    stopped: &dyn Fn() -> bool,
+) -> Result<Conn, Error> {
+    let Some(tls) = tls else {
+        return Ok(Conn::plain(stream));
+    };
+    let name = tls.server_name(endpoint)?;
+    match crate::tls::connect(&mut stream, tls, name, timeout) {
+        Ok(session) => Ok(Conn::secured(stream, session)),
+        Err(_) if stopped() => Err(Error::Cancelled),
+        Err(e) => Err(Error::Tls {
+            channel,
+            reason: e.reason("the receiver", timeout),
+        }),
+    }
+}
+
 /// The sender's half: sends the hello on `stream` and reads the receiver's verdict.
-pub(crate) fn greet(stream: &mut Stream, hello: &Hello, timeout: Duration) -> Result<(), Error> {
+pub(crate) fn greet(stream: &mut Conn, hello: &Hello, timeout: Duration) -> Result<(), Error> {
     let channel = hello.channel;
     let io = |op, e| Error::io(channel, op, timeout, e);
     stream
@@ -91,7 +116,7 @@ pub(crate) enum HelloError {
 /// magic. Replies nothing: whether and how to refuse is the caller's decision. Leaves a short
 /// read timeout on the socket, which the caller resets.
 pub(crate) fn read_hello(
-    stream: &mut Stream,
+    stream: &mut Conn,
     deadline: Instant,
     stopped: &dyn Fn() -> bool,
 ) -> Result<Hello, HelloError> {
@@ -105,7 +130,7 @@ pub(crate) fn read_hello(
 
 /// Fills `buf` from `stream`, the bytes at offset `at` of the hello; see [`read_hello`].
 fn fill(
-    stream: &mut Stream,
+    stream: &mut Conn,
     buf: &mut [u8],
     at: usize,
     deadline: Instant,
@@ -149,7 +174,7 @@ fn fill(
 
 /// The receiver's half, second step: accepts the hello just read.
 pub(crate) fn accept_hello(
-    stream: &mut Stream,
+    stream: &mut Conn,
     channel: u16,
     timeout: Duration,
 ) -> Result<(), Error> {
@@ -157,7 +182,7 @@ pub(crate) fn accept_hello(
 }
 
 /// Refuses a hello, best effort: the connection is being dropped anyway.
-pub(crate) fn refuse(stream: &mut Stream, reason: &str) {
+pub(crate) fn refuse(stream: &mut Conn, reason: &str) {
     let _ = reply(
         stream,
         Verdict::Refuse(reason.to_owned()),
@@ -167,7 +192,7 @@ pub(crate) fn refuse(stream: &mut Stream, reason: &str) {
 }
 
 fn reply(
-    stream: &mut Stream,
+    stream: &mut Conn,
     verdict: Verdict,
     channel: u16,
     timeout: Duration,
@@ -193,9 +218,9 @@ mod tests {
         }
     }
 
-    fn pair() -> (Stream, Stream) {
+    fn pair() -> (Conn, Conn) {
         let (a, b) = UnixStream::pair().unwrap();
-        (Stream::Unix(a), Stream::Unix(b))
+        (Conn::plain(Stream::Unix(a)), Conn::plain(Stream::Unix(b)))
     }
 
     /// Both halves against each other over a socket pair: an accepted hello arrives as sent;

@@ -13,7 +13,9 @@ use std::thread::{self, JoinHandle};
 use crate::error::Error;
 
 pub(crate) use decision::{Taken, deliver, read_control, take};
-pub(crate) use handshake::{HelloError, accept_hello, greet, read_hello, refuse, session_id};
+pub(crate) use handshake::{
+    HelloError, accept_hello, greet, read_hello, refuse, secure, session_id,
+};
 pub use sink::FactSink;
 pub(crate) use sink::lock;
 pub use stats::{Counters, Stats};

@@ -26,6 +26,7 @@ pub struct Counters {
     rounds: AtomicU64,
     remaining_pages: AtomicU64,
     device_state_bytes: AtomicU64,
+    zero_copy_bytes: AtomicU64,
 }
 
 /// A counter per possible channel.
@@ -95,6 +96,11 @@ impl Counters {
         self.remaining_pages.store(pages, Ordering::Relaxed);
     }
 
+    /// Bytes a writer sent zero-copy (sender).
+    pub(crate) fn add_zero_copy_bytes(&self, bytes: u64) {
+        self.zero_copy_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     pub(crate) fn add_device_state_bytes(&self, bytes: u64) {
         self.device_state_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -109,6 +115,7 @@ impl Counters {
             rounds: self.rounds.load(Ordering::Relaxed),
             remaining_pages: self.remaining_pages.load(Ordering::Relaxed),
             device_state_bytes: self.device_state_bytes.load(Ordering::Relaxed),
+            zero_copy_bytes: self.zero_copy_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -130,6 +137,10 @@ pub struct Stats {
     pub remaining_pages: u64,
     /// Bytes of device state.
     pub device_state_bytes: u64,
+    /// Bytes sent zero-copy (sender): the kernel read them in place, from the frame buffers
+    /// or from paused guest memory. Always 0 with TLS, and over Unix sockets and loopback
+    /// unless [`ZeroCopy::On`](crate::ZeroCopy::On) asked for it.
+    pub zero_copy_bytes: u64,
 }
 
 impl Stats {
@@ -186,6 +197,7 @@ mod tests {
             rounds: 2,
             remaining_pages: 3,
             device_state_bytes: 0,
+            zero_copy_bytes: 0,
         };
         let ram = stats.ram_stats(1 << 20, Duration::from_secs(2));
         assert_eq!(ram.duplicate, 10);

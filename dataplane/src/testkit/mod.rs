@@ -5,6 +5,7 @@
 
 pub mod image;
 mod leaks;
+pub mod pki;
 pub mod relay;
 mod workload;
 

@@ -47,6 +47,22 @@ impl LinkReader for Stream {
         self.read_exact(buf)
     }
 
+    fn recv_some(&mut self, buf: &mut [u8], at_least: usize) -> io::Result<usize> {
+        let at_least = at_least.clamp(1, buf.len().max(1)).min(buf.len());
+        let mut got = 0;
+        while got < at_least {
+            match self.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // What already arrived is the caller's: the error comes again on its next call.
+                Err(_) if got > 0 => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(got)
+    }
+
     fn recv_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         let mut bufs = &mut bufs[..];
         IoSliceMut::advance_slices(&mut bufs, 0);

@@ -94,6 +94,21 @@ impl Stream {
         }
     }
 
+    /// Copies bytes that have arrived into `buf` without taking them from the socket (blocking
+    /// as a read does, within the read timeout).
+    pub(crate) fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for writes of its length for the whole call.
+        let n = unsafe {
+            libc::recv(
+                self.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK,
+            )
+        };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
     /// Another handle to the same socket.
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {

@@ -19,6 +19,11 @@ pub trait LinkWriter: Send {
         let _ = arena;
         Ok(())
     }
+
+    /// Whether its sends are zero-copy (the kernel reads the caller's buffers in place).
+    fn zero_copy(&self) -> bool {
+        false
+    }
 }
 
 /// The receiving half of a channel.
@@ -29,6 +34,19 @@ pub trait LinkReader: Send {
     /// Fills every buffer of `bufs` completely, in order (page payloads straight into guest
     /// memory).
     fn recv_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()>;
+
+    /// Reads at least `at_least` bytes into the start of `buf` (`at_least` is at least 1 and
+    /// at most `buf.len()`), and as many more as have already arrived, up to `buf.len()`; how
+    /// many. Fewer only if the peer closed first: then 0 if nothing came. For readers that read
+    /// ahead of what they parse (TLS records). The default reads exactly `at_least`.
+    fn recv_some(&mut self, buf: &mut [u8], at_least: usize) -> io::Result<usize> {
+        let at_least = at_least.clamp(1, buf.len().max(1)).min(buf.len());
+        match self.recv(&mut buf[..at_least]) {
+            Ok(()) => Ok(at_least),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// A way to move bytes over connected channels.
@@ -38,4 +56,14 @@ pub trait Transport: Send + Sync + fmt::Debug {
 
     /// Splits a connected stream into the writing and reading halves of one channel.
     fn split(&self, stream: &Stream) -> io::Result<(Box<dyn LinkWriter>, Box<dyn LinkReader>)>;
+
+    /// [`split`](Self::split), for a channel whose writer is only ever given buffers of its
+    /// own (TLS records it sealed): zero-copy sends gain nothing there, so transports that have
+    /// them leave them off. The default splits as usual.
+    fn split_copied(
+        &self,
+        stream: &Stream,
+    ) -> io::Result<(Box<dyn LinkWriter>, Box<dyn LinkReader>)> {
+        self.split(stream)
+    }
 }

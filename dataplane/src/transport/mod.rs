@@ -8,6 +8,7 @@
 //! ([`best`] says why). [`Auto`], the default, picks between them at the first connection.
 
 mod blocking;
+mod conn;
 mod endpoint;
 mod link;
 mod uring;
@@ -16,6 +17,7 @@ use std::io;
 use std::sync::{Arc, OnceLock};
 
 pub use blocking::Blocking;
+pub(crate) use conn::Conn;
 pub use endpoint::{Endpoint, Listener, Stream};
 pub(crate) use endpoint::{Queue, Wake, queued};
 pub use link::{LinkReader, LinkWriter, Transport};
@@ -58,5 +60,12 @@ impl Transport for Auto {
 
     fn split(&self, stream: &Stream) -> io::Result<(Box<dyn LinkWriter>, Box<dyn LinkReader>)> {
         Self::chosen().0.split(stream)
+    }
+
+    fn split_copied(
+        &self,
+        stream: &Stream,
+    ) -> io::Result<(Box<dyn LinkWriter>, Box<dyn LinkReader>)> {
+        Self::chosen().0.split_copied(stream)
     }
 }

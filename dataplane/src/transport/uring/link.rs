@@ -231,6 +231,10 @@ impl LinkWriter for Link {
         }
     }
 
+    fn zero_copy(&self) -> bool {
+        self.zero_copy
+    }
+
     fn register(&mut self, arena: &Arc<Arena>) -> io::Result<()> {
         if !self.zero_copy || self.registered.is_some() {
             return Ok(());
@@ -280,6 +284,54 @@ impl LinkReader for Link {
         };
         // SAFETY: the caller's buffers outlive this call.
         unsafe { self.move_all(make, io::ErrorKind::UnexpectedEof) }
+    }
+
+    fn recv_some(&mut self, buf: &mut [u8], at_least: usize) -> io::Result<usize> {
+        let at_least = at_least.clamp(1, buf.len().max(1)).min(buf.len());
+        let mut got = 0;
+        let mut again = false;
+        while got < at_least {
+            let rest = &mut buf[got..];
+            let mut iov = [libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            }];
+            // On TCP, woken once the missing bytes are there (never waiting for more than
+            // that); a receive takes whatever has arrived by then, up to the buffer's end.
+            if let Some(lowat) = self.lowat {
+                let needed = at_least - got;
+                if again || lowat > needed {
+                    self.set_lowat(needed)?;
+                }
+            }
+            let mut msg = msghdr(&mut iov);
+            let recv = opcode::RecvMsg::new(types::Fixed(0), &raw mut msg);
+            let entry = if again && self.lowat.is_some() {
+                recv.ioprio(POLL_FIRST).build()
+            } else {
+                recv.build()
+            };
+            // SAFETY: the kernel uses `msg`, `iov` and the part of `buf` they describe, which
+            // outlive `run`, and `run` returns only after the operation's last completion.
+            match unsafe { self.runner.run(entry) } {
+                Err(e)
+                    if e.kind() == io::ErrorKind::TimedOut
+                        && self.lowat.is_some()
+                        && queued(self.socket.as_raw_fd(), Queue::In).is_ok_and(|n| n > 0) =>
+                {
+                    again = false;
+                }
+                // What already arrived is the caller's: the error comes again on its next call.
+                Err(_) if got > 0 => break,
+                Err(e) => return Err(e),
+                Ok(0) => break,
+                Ok(n) => {
+                    got += usize::try_from(n).unwrap_or(0);
+                    again = true;
+                }
+            }
+        }
+        Ok(got)
     }
 }
 

@@ -141,14 +141,38 @@ impl Transport for Uring {
             ZeroCopy::On => true,
             ZeroCopy::Auto => !stream.is_local() && zero_copy_supported(),
         };
-        let (read_timeout, write_timeout) = match stream {
-            Stream::Tcp(s) => (s.read_timeout()?, s.write_timeout()?),
-            Stream::Unix(s) => (s.read_timeout()?, s.write_timeout()?),
-        };
-        let writer = Link::writer(stream, write_timeout, zero_copy)?;
-        let reader = Link::reader(stream, read_timeout)?;
-        Ok((Box::new(writer), Box::new(reader)))
+        split(stream, zero_copy)
     }
+
+    /// Refuses [`ZeroCopy::On`], which asked for what such a channel cannot do (QEMU refuses
+    /// `zero-copy-send` with TLS too).
+    fn split_copied(
+        &self,
+        stream: &Stream,
+    ) -> io::Result<(Box<dyn LinkWriter>, Box<dyn LinkReader>)> {
+        if self.zero_copy == ZeroCopy::On {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "zero-copy sends (ZeroCopy::On) are not available with TLS: every record is \
+                 sealed into a buffer of the channel's own",
+            ));
+        }
+        split(stream, false)
+    }
+}
+
+/// The halves of a channel over `stream`, the writer sending zero-copy if `zero_copy`.
+fn split(
+    stream: &Stream,
+    zero_copy: bool,
+) -> io::Result<(Box<dyn LinkWriter>, Box<dyn LinkReader>)> {
+    let (read_timeout, write_timeout) = match stream {
+        Stream::Tcp(s) => (s.read_timeout()?, s.write_timeout()?),
+        Stream::Unix(s) => (s.read_timeout()?, s.write_timeout()?),
+    };
+    let writer = Link::writer(stream, write_timeout, zero_copy)?;
+    let reader = Link::reader(stream, read_timeout)?;
+    Ok((Box::new(writer), Box::new(reader)))
 }
 
 #[cfg(test)]
