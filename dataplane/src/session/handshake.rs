@@ -67,9 +67,10 @@ pub(crate) fn greet(stream: &mut Conn, hello: &Hello, timeout: Duration) -> Resu
         .write_all(&hello.encode())
         .map_err(|e| io("sending the hello", e))?;
     let mut fixed = [0u8; HelloReply::FIXED_LEN];
-    stream
-        .read_exact(&mut fixed)
-        .map_err(|e| io("waiting for the receiver's hello reply", e))?;
+    stream.read_exact(&mut fixed).map_err(|e| {
+        refused_by_alert(channel, &e)
+            .unwrap_or_else(|| io("waiting for the receiver's hello reply", e))
+    })?;
     let decode = |source| Error::Decode { channel, source };
     let len = HelloReply::reason_len(&fixed).map_err(decode)?;
     let mut reason = vec![0u8; len];
@@ -84,6 +85,25 @@ pub(crate) fn greet(stream: &mut Conn, hello: &Hello, timeout: Duration) -> Resu
     stream
         .set_read_timeout(None)
         .map_err(|e| io("setting socket timeouts", e))
+}
+
+/// A TLS receiver that refused this sender's certificate: its alert arrives once the sender's
+/// side of the handshake is over (TLS 1.3 checks the client's certificate last), in place of
+/// the hello reply.
+fn refused_by_alert(channel: u16, e: &io::Error) -> Option<Error> {
+    let record = e.get_ref()?.downcast_ref::<crate::tls::RecordError>()?;
+    let crate::tls::RecordError::Alert(code) = record else {
+        return None;
+    };
+    Some(Error::Tls {
+        channel,
+        reason: format!(
+            "TLS: the receiver refused this sender with alert {}: it does not accept this \
+             sender's certificate (client-cert.pem: from another CA, expired, not valid yet or \
+             revoked)",
+            crate::tls::alert_name(*code)
+        ),
+    })
 }
 
 /// How long one read of a hello may block before the deadline and the stop are checked again.

@@ -158,7 +158,11 @@ fn write_private(path: &Path, pem: &str) -> io::Result<()> {
 /// (`server-cert.pem`, `server-key.pem`) and a sender certificate with subject
 /// [`SENDER_SUBJECT`] (`client-cert.pem`, `client-key.pem`). Returns the CA.
 pub fn credentials(dir: &Path) -> io::Result<Authority> {
-    let ca = Authority::new("ramjet throwaway CA")?;
+    // A name of its own: two throwaway CAs are two CAs, not one with two keys.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let ca = Authority::new(&format!("ramjet throwaway CA {nonce:x}"))?;
     ca.write_ca(dir)?;
     ca.write_leaf(dir, &Leaf::receiver(&[RECEIVER_NAME, "127.0.0.1", "::1"]))?;
     ca.write_leaf(dir, &Leaf::sender("ramjet-sender"))?;

@@ -114,11 +114,17 @@ fn tls_reason(peer: &str, e: &rustls::Error) -> String {
                     if presented.is_empty() {
                         "nothing".to_owned()
                     } else {
-                        presented.join(", ")
+                        presented
+                            .iter()
+                            .map(|name| presented_name(name))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     }
                 ),
                 CertificateError::Revoked => "has been revoked (ca-crl.pem)".into(),
-                CertificateError::BadSignature => "has a bad signature".into(),
+                CertificateError::BadSignature => {
+                    "has a bad signature (is it from another CA of the same name?)".into()
+                }
                 CertificateError::InvalidPurpose
                 | CertificateError::InvalidPurposeContext { .. } => {
                     "is not for this purpose (its extended key usage)".into()
@@ -133,6 +139,24 @@ fn tls_reason(peer: &str, e: &rustls::Error) -> String {
              end's certificate, or TLS 1.3)"
         ),
         other => format!("TLS: the handshake failed: {other}"),
+    }
+}
+
+/// A name a certificate presents, as rustls words it (`DnsName("localhost")`,
+/// `IpAddress(0::1)`), the way an operator writes it (`localhost`, `::1`).
+fn presented_name(name: &str) -> String {
+    let inner = name
+        .strip_prefix("DnsName(\"")
+        .and_then(|n| n.strip_suffix("\")"))
+        .or_else(|| {
+            name.strip_prefix("IpAddress(")
+                .and_then(|n| n.strip_suffix(')'))
+        });
+    match inner {
+        Some(inner) => inner
+            .parse::<std::net::IpAddr>()
+            .map_or_else(|_| inner.to_owned(), |ip| ip.to_string()),
+        None => name.to_owned(),
     }
 }
 
@@ -331,16 +355,26 @@ fn drive<C: Unbuffered>(
 
 /// Sends what the handshake queued (an alert after a failure, say), best effort.
 fn send_alert<C: Unbuffered>(conn: &mut C, stream: &mut Stream, bufs: &mut Buffers) {
+    // rustls must be given the same buffer as before (less what it said to discard): its
+    // deframer remembers where in it a partial message lies.
     for _ in 0..8 {
-        let UnbufferedStatus { state, .. } = conn.process(&mut []);
-        match state {
+        let UnbufferedStatus { state, discard } = conn.process(&mut bufs.incoming[..bufs.used]);
+        let more = match state {
             Ok(ConnectionState::EncodeTlsData(mut encode)) => {
                 if let Ok(n) = encode.encode(&mut bufs.outgoing[bufs.out_used..]) {
                     bufs.out_used += n;
                 }
+                true
             }
-            Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-            _ => break,
+            Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                transmit.done();
+                true
+            }
+            _ => false,
+        };
+        bufs.discard(discard);
+        if !more {
+            break;
         }
     }
     if bufs.out_used > 0 {

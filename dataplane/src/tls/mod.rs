@@ -64,7 +64,7 @@ use rustls::{ClientConfig, ServerConfig};
 pub(crate) use handshake::{HandshakeError, Session, accept, connect};
 pub(crate) use link::{TlsReader, TlsWriter};
 pub use record::RecordError;
-pub(crate) use record::{Cursor, MAX_FRAGMENT};
+pub(crate) use record::{Cursor, MAX_FRAGMENT, alert_name};
 
 use creds::Subject;
 

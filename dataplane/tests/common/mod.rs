@@ -15,7 +15,8 @@ use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use ramjet_dataplane::transport::{Blocking, Endpoint, Listener, Transport, Uring, ZeroCopy};
 use ramjet_dataplane::{
-    Error, FactSink, PreSwitchover, ReceiveOptions, Received, SendOptions, Sender, Summary, receive,
+    Error, FactSink, PreSwitchover, ReceiveOptions, Received, SendOptions, Sender, Summary,
+    TlsClient, TlsServer, receive,
 };
 
 pub use ramjet_dataplane::testkit::image::{ImageKind as Image, Rng};
@@ -160,6 +161,8 @@ pub struct Plan {
     pub paused: bool,
     /// Relay every channel through a proxy that forwards this many bytes per second.
     pub throttle: Option<u64>,
+    /// TLS on both ends.
+    pub tls: Option<(TlsClient, TlsServer)>,
 }
 
 /// What a migration test does after a round.
@@ -180,8 +183,40 @@ impl Plan {
             timeout: Duration::from_secs(20),
             paused: false,
             throttle: None,
+            tls: None,
         }
     }
+
+    /// The same with TLS on both ends (the shared throwaway credentials of [`tls`]).
+    pub fn with_tls(mut self) -> Self {
+        self.tls = Some(tls(self.net));
+        self
+    }
+}
+
+/// Throwaway credentials in QEMU's layout, made once per test process (and removed at exit).
+pub fn credentials() -> &'static std::path::Path {
+    use std::sync::OnceLock;
+    static DIR: OnceLock<ramjet_dataplane::testkit::pki::Scratch> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = ramjet_dataplane::testkit::pki::Scratch::new("ramjet-test-creds").expect("dir");
+        ramjet_dataplane::testkit::pki::credentials(dir.path()).expect("credentials");
+        dir
+    })
+    .path()
+}
+
+/// Both ends' TLS from [`credentials`]; over a Unix socket the sender checks the receiver's
+/// certificate against `localhost` (over TCP, against 127.0.0.1).
+pub fn tls(net: Net) -> (TlsClient, TlsServer) {
+    let mut client = TlsClient::from_dir(credentials()).expect("client credentials");
+    if net == Net::Unix {
+        client = client.with_hostname("localhost").expect("hostname");
+    }
+    (
+        client,
+        TlsServer::from_dir(credentials()).expect("server credentials"),
+    )
 }
 
 /// What a test migration produced on both sides.
@@ -215,6 +250,7 @@ pub fn migrate(
         timeout: plan.timeout,
         accept_timeout: Some(plan.timeout),
         transport: Arc::clone(&plan.transport),
+        tls: plan.tls.as_ref().map(|t| t.1.clone()),
         ..ReceiveOptions::default()
     };
     let (dst, sink) = (Arc::clone(dst), destination_facts.sink());
@@ -226,6 +262,7 @@ pub fn migrate(
         workers: 2,
         timeout: plan.timeout,
         transport: Arc::clone(&plan.transport),
+        tls: plan.tls.as_ref().map(|t| t.0.clone()),
         ..SendOptions::default()
     };
     let sent = (|| {
