@@ -46,6 +46,77 @@ pub fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
     s.parse()
 }
 
+/// Where a sender connects, with the host as written: by default the name a TLS receiver's
+/// certificate must be for (QEMU's `tls-hostname` defaults to the URI's host).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub endpoint: Endpoint,
+    /// `HOST` of `tcp:HOST:PORT` (without an IPv6 address's brackets); none for `unix:`.
+    pub host: Option<String>,
+}
+
+pub fn parse_target(s: &str) -> Result<Target, String> {
+    let endpoint = parse_endpoint(s)?;
+    let host = s
+        .strip_prefix("tcp:")
+        .and_then(|rest| rest.rsplit_once(':'))
+        .map(|(host, _)| {
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned()
+        });
+    Ok(Target { endpoint, host })
+}
+
+/// The sender's TLS for `--tls-creds DIR` and `--tls-hostname NAME` (by default the host of
+/// `target`): `None` without credentials.
+pub fn tls_client(
+    creds: Option<&std::path::Path>,
+    hostname: Option<&str>,
+    target: Option<&Target>,
+) -> anyhow::Result<Option<ramjet_dataplane::TlsClient>> {
+    use anyhow::Context as _;
+    let Some(dir) = creds else {
+        if hostname.is_some() {
+            anyhow::bail!("--tls-hostname needs --tls-creds");
+        }
+        return Ok(None);
+    };
+    let mut tls = ramjet_dataplane::TlsClient::from_dir(dir)
+        .with_context(|| format!("--tls-creds {}", dir.display()))?;
+    let name = hostname.or_else(|| target.and_then(|t| t.host.as_deref()));
+    if let Some(name) = name {
+        tls = tls.with_hostname(name).context("--tls-hostname")?;
+    } else if target.is_some_and(|t| matches!(t.endpoint, Endpoint::Unix(_))) {
+        anyhow::bail!(
+            "TLS over a unix: socket needs --tls-hostname, the name the receiver's certificate \
+             is for"
+        );
+    }
+    Ok(Some(tls))
+}
+
+/// The receiver's TLS for `--tls-creds DIR` and `--tls-authz SUBJECT`s: `None` without
+/// credentials.
+pub fn tls_server(
+    creds: Option<&std::path::Path>,
+    authz: &[String],
+) -> anyhow::Result<Option<ramjet_dataplane::TlsServer>> {
+    use anyhow::Context as _;
+    let Some(dir) = creds else {
+        if !authz.is_empty() {
+            anyhow::bail!("--tls-authz needs --tls-creds");
+        }
+        return Ok(None);
+    };
+    let mut tls = ramjet_dataplane::TlsServer::from_dir(dir)
+        .with_context(|| format!("--tls-creds {}", dir.display()))?;
+    if !authz.is_empty() {
+        tls = tls.allow_subjects(authz).context("--tls-authz")?;
+    }
+    Ok(Some(tls))
+}
+
 /// Guest RAM: a size as [`Size`] reads it (`512M`, `2G`, ...) that is a positive whole number
 /// of pages, which is all guest memory can be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

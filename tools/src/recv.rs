@@ -18,7 +18,7 @@ use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::transport::{Endpoint, Listener};
 use ramjet_dataplane::{Handover, Log, Operator, ReceiveOptions, receive};
 
-use crate::cli::{GuestSize, TransportKind, parse_endpoint, seconds, transport_of};
+use crate::cli::{GuestSize, TransportKind, parse_endpoint, seconds, tls_server, transport_of};
 use crate::events::{Events, Format};
 use crate::signals;
 
@@ -58,6 +58,18 @@ pub struct Args {
     /// handed over: run the guest here) or `cancel` (the source kept it: discard the copy).
     #[arg(long)]
     operator_stdin: bool,
+    /// TLS 1.3 with mutual authentication on every connection, with the credentials in this
+    /// directory, in QEMU's tls-creds-x509 layout: ca-cert.pem (the CA that signs the senders'
+    /// client certificates), server-cert.pem and server-key.pem (this receiver's). Nothing is
+    /// read from a peer before it has proved itself. A directory holding all five files, as
+    /// libvirt keeps them for QEMU, works as it is.
+    #[arg(long, value_name = "DIR")]
+    tls_creds: Option<PathBuf>,
+    /// Admit only senders whose client certificate subject is this distinguished name (QEMU's
+    /// tls-authz), e.g. "CN=source.example.com,O=Example": in certificate order (as GnuTLS
+    /// and QEMU write it) or reversed (RFC 4514); repeat for more.
+    #[arg(long = "tls-authz", value_name = "SUBJECT")]
+    tls_authz: Vec<String>,
 }
 
 /// Exit status: in doubt, the complete copy kept.
@@ -76,6 +88,7 @@ impl TryFrom<&Args> for ReceiveOptions {
             in_doubt_wait: args.in_doubt_wait.unwrap_or(defaults.in_doubt_wait),
             timeout: args.timeout.unwrap_or(defaults.timeout),
             log: Log::new(|line| eprintln!("ramjet: {line}")),
+            tls: tls_server(args.tls_creds.as_deref(), &args.tls_authz)?,
             ..defaults
         })
     }
@@ -136,6 +149,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         received.rounds,
         received.device_state.len()
     );
+    if let Some(tls) = &received.tls {
+        eprintln!("ramjet: every channel was encrypted: {tls}");
+    }
     let kept = args
         .out
         .as_ref()

@@ -13,12 +13,11 @@ use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use ramjet_dataplane::testkit::Workload;
 use ramjet_dataplane::testkit::image::ImageKind;
-use ramjet_dataplane::transport::Endpoint;
 use ramjet_dataplane::{
-    Error, LiveHandle, LiveOptions, PreSwitchover, SendOptions, Sender, migrate_live,
+    Error, LiveHandle, LiveOptions, Negotiated, PreSwitchover, SendOptions, Sender, migrate_live,
 };
 
-use crate::cli::{GuestSize, MigrationArgs, parse_endpoint};
+use crate::cli::{GuestSize, MigrationArgs, Target, parse_target, tls_client};
 use crate::events::Events;
 use crate::progress::Watcher;
 use crate::signals;
@@ -28,8 +27,8 @@ use crate::units::Bytes;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The receiver: tcp:HOST:PORT or unix:PATH.
-    #[arg(long, value_parser = parse_endpoint)]
-    to: Endpoint,
+    #[arg(long, value_parser = parse_target)]
+    to: Target,
     /// The guest image (its size is the guest's RAM).
     #[arg(long)]
     image: PathBuf,
@@ -44,6 +43,16 @@ pub struct Args {
     /// Print a query-migrate JSON object at the end.
     #[arg(long)]
     query: bool,
+    /// TLS 1.3 with mutual authentication on every channel, with the credentials in this
+    /// directory, in QEMU's tls-creds-x509 layout: ca-cert.pem (the CA that signed the
+    /// receiver's certificate), client-cert.pem and client-key.pem (this sender's). A directory
+    /// holding all five files, as libvirt keeps them for QEMU, works as it is.
+    #[arg(long, value_name = "DIR")]
+    tls_creds: Option<PathBuf>,
+    /// The name (DNS name or IP address) the receiver's certificate must be for, QEMU's
+    /// tls-hostname: by default the host of --to; needed with a unix: socket.
+    #[arg(long, value_name = "NAME")]
+    tls_hostname: Option<String>,
 }
 
 /// What the flags ask of the library and of the source's control machine.
@@ -58,7 +67,12 @@ impl TryFrom<&Args> for Config {
     type Error = anyhow::Error;
 
     fn try_from(args: &Args) -> anyhow::Result<Self> {
-        let (send, mut live) = <(SendOptions, LiveOptions)>::try_from(&args.migration)?;
+        let (mut send, mut live) = <(SendOptions, LiveOptions)>::try_from(&args.migration)?;
+        send.tls = tls_client(
+            args.tls_creds.as_deref(),
+            args.tls_hostname.as_deref(),
+            Some(&args.to),
+        )?;
         live.pause_before_switchover = args.pause_before_switchover;
         let control = Options::new().pause_before_switchover(args.pause_before_switchover);
         Ok(Config {
@@ -105,20 +119,25 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     signals::cancel_on_interrupt(cancel.clone(), move || user.step(Trigger::Cancel))?;
     let memory = load(&args.image)?;
     let started = Instant::now();
-    let outcome = Sender::connect(Arc::clone(&memory), &args.to, &config.send, events.sink())
-        .and_then(|sender| {
-            let handle = sender.live_handle();
-            let live_handle = args.live_dirty_rate.map(|_| handle.clone());
-            let counters = sender.counters();
-            let channels = config.send.channels;
-            let watcher = Watcher::start(live_handle, events.clone(), counters, channels);
-            let outcome = match args.live_dirty_rate {
-                Some(rate) => live(sender, &memory, rate, &config.live, &events, &handle),
-                None => paused(sender, &memory, args, &events),
-            };
-            watcher.stop();
-            outcome
-        });
+    let outcome = Sender::connect(
+        Arc::clone(&memory),
+        &args.to.endpoint,
+        &config.send,
+        events.sink(),
+    )
+    .and_then(|sender| {
+        let handle = sender.live_handle();
+        let live_handle = args.live_dirty_rate.map(|_| handle.clone());
+        let counters = sender.counters();
+        let channels = config.send.channels;
+        let watcher = Watcher::start(live_handle, events.clone(), counters, channels);
+        let outcome = match args.live_dirty_rate {
+            Some(rate) => live(sender, &memory, rate, &config.live, &events, &handle),
+            None => paused(sender, &memory, args, &events),
+        };
+        watcher.stop();
+        outcome
+    });
     if args.query {
         println!("{}", serde_json::to_string(&events.query())?);
     }
@@ -128,6 +147,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             wire,
             downtime,
             acknowledged,
+            tls,
         }) => {
             eprintln!(
                 "ramjet: migrated {} in {:.2?} ({rounds} rounds, {} on the wire, downtime {downtime:.1?})",
@@ -135,6 +155,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 started.elapsed(),
                 Bytes(wire)
             );
+            if let Some(tls) = tls {
+                eprintln!("ramjet: every channel was encrypted: {tls}");
+            }
             if !acknowledged {
                 eprintln!(
                     "ramjet: handed over, but the destination never acknowledged it: it may be \
@@ -163,6 +186,8 @@ struct Sent {
     downtime: Duration,
     /// Whether the destination acknowledged the go.
     acknowledged: bool,
+    /// What TLS settled, if it was on.
+    tls: Option<Negotiated>,
 }
 
 /// The user's `continue` for pause-before-switchover: a line on stdin.
@@ -197,6 +222,7 @@ fn paused(
         wire: summary.stats.wire_bytes,
         downtime: started.elapsed(),
         acknowledged: summary.acknowledged,
+        tls: summary.tls,
     })
 }
 
@@ -241,5 +267,6 @@ fn live(
         wire: report.summary.stats.wire_bytes,
         downtime: report.downtime,
         acknowledged: report.summary.acknowledged,
+        tls: report.summary.tls,
     })
 }

@@ -42,6 +42,29 @@ fn the_demo_migrates_a_running_guest_and_verifies_it() {
     );
 }
 
+/// `ramjet demo --tls`: the same migration, every channel encrypted and mutually
+/// authenticated with throwaway certificates, and the summary says so.
+#[test]
+fn the_demo_encrypts_with_tls() {
+    let out = ramjet(&["demo", "--size", "32M", "--dirty-rate", "5000", "--tls"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("verified: destination identical"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("every channel TLS 1.3 (TLS13_")
+            && stdout.contains("mutually authenticated")
+            && stdout.contains("(0 bytes sent zero-copy)"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn images_are_deterministic_and_bad_values_name_their_flag() {
     let dir = std::env::temp_dir();
@@ -325,6 +348,98 @@ mod processes {
             assert_eq!(query["status"], "completed");
             assert_eq!(query["ram"]["total"], 16 << 20);
             let _ = std::fs::remove_file(&out_file);
+        }
+        let _ = std::fs::remove_file(&img);
+    }
+
+    /// `send` and `recv` with TLS, from credentials as libvirt keeps them (one directory with
+    /// all five files) and as QEMU's two tls-creds-x509 objects are given (each end its own
+    /// directory, only its files in it), over TCP (the name checked is the host of `--to`) and
+    /// a Unix socket (`--tls-hostname`); and a sender whose subject is not on `--tls-authz` is
+    /// refused by name while the receiver waits on for the real one.
+    #[test]
+    fn send_and_recv_migrate_with_tls() {
+        use ramjet_dataplane::testkit::pki::{self, Leaf, Scratch};
+        let all = Scratch::new("ramjet-cli-tls").expect("dir");
+        let ca = pki::credentials(all.path()).expect("credentials");
+        let (server, client) = (
+            Scratch::new("ramjet-cli-tls-server").expect("dir"),
+            Scratch::new("ramjet-cli-tls-client").expect("dir"),
+        );
+        for (dir, files) in [
+            (
+                &server,
+                ["ca-cert.pem", "server-cert.pem", "server-key.pem"],
+            ),
+            (
+                &client,
+                ["ca-cert.pem", "client-cert.pem", "client-key.pem"],
+            ),
+        ] {
+            for file in files {
+                std::fs::copy(all.path().join(file), dir.path().join(file)).expect("copy");
+            }
+        }
+        let intruder = Scratch::new("ramjet-cli-tls-intruder").expect("dir");
+        std::fs::copy(
+            all.path().join("ca-cert.pem"),
+            intruder.path().join("ca-cert.pem"),
+        )
+        .expect("copy");
+        ca.write_leaf(intruder.path(), &Leaf::sender("intruder"))
+            .expect("leaf");
+        let img = image("tls", "8M");
+        let path = |s: &Scratch| s.path().to_str().expect("utf-8").to_owned();
+        for (listen, recv_dir, send_dir) in [
+            ("tcp:127.0.0.1:0".to_string(), path(&all), path(&all)),
+            (
+                format!("unix:{}", temp("tls-sock").display()),
+                path(&server),
+                path(&client),
+            ),
+        ] {
+            let (receiver, at, log) = recv_logged(
+                &listen,
+                "8M",
+                &["--tls-creds", &recv_dir, "--tls-authz", pki::SENDER_SUBJECT],
+            );
+            let unix = listen.starts_with("unix:");
+            let named = |dir: String| {
+                let mut args = vec!["--tls-creds".to_owned(), dir];
+                if unix {
+                    args.extend(["--tls-hostname".to_owned(), "localhost".to_owned()]);
+                }
+                args
+            };
+            let refused_args = named(path(&intruder));
+            let refused_args: Vec<&str> = refused_args.iter().map(String::as_str).collect();
+            let refused = send(&at, &img, &refused_args).output().expect("send");
+            let refused_stderr = String::from_utf8_lossy(&refused.stderr);
+            assert!(!refused.status.success(), "{refused_stderr}");
+            assert!(
+                refused_stderr.contains("O=ramjet,CN=intruder is not on the allow-list"),
+                "{refused_stderr}"
+            );
+            let real_args = named(send_dir);
+            let real_args: Vec<&str> = real_args.iter().map(String::as_str).collect();
+            let sent = send(&at, &img, &real_args).output().expect("send");
+            let received = receiver.wait_with_output().expect("recv");
+            let (sent_stderr, received_stderr) = (
+                String::from_utf8_lossy(&sent.stderr),
+                log.join().expect("recv's stderr"),
+            );
+            assert!(sent.status.success(), "{listen}: {sent_stderr}");
+            assert!(received.status.success(), "{listen}: {received_stderr}");
+            assert!(
+                sent_stderr.contains("every channel was encrypted: TLS 1.3, TLS13_"),
+                "{sent_stderr}"
+            );
+            assert!(
+                received_stderr
+                    .contains("mutually authenticated (sender O=ramjet,CN=ramjet-sender)")
+                    && received_stderr.contains("refused a connection from"),
+                "{received_stderr}"
+            );
         }
         let _ = std::fs::remove_file(&img);
     }

@@ -63,9 +63,25 @@ pub(crate) fn greet(stream: &mut Conn, hello: &Hello, timeout: Duration) -> Resu
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(|e| io("setting socket timeouts", e))?;
+    if let Err(e) = stream.write_all(&hello.encode()) {
+        // A receiver that refuses a sender before its hello (a TLS receiver whose allow-list
+        // does not name it) has closed by now; its reason may be waiting to be read.
+        let _ = stream.set_read_timeout(Some(timeout.min(Duration::from_secs(1))));
+        return match read_reply(stream, channel, timeout) {
+            Err(refused @ (Error::Refused { .. } | Error::Tls { .. })) => Err(refused),
+            _ => Err(io("sending the hello", e)),
+        };
+    }
+    read_reply(stream, channel, timeout)?;
+    // The return path idles until the end: only writes keep a timeout.
     stream
-        .write_all(&hello.encode())
-        .map_err(|e| io("sending the hello", e))?;
+        .set_read_timeout(None)
+        .map_err(|e| io("setting socket timeouts", e))
+}
+
+/// Reads the receiver's hello reply: `Ok` if it accepted.
+fn read_reply(stream: &mut Conn, channel: u16, timeout: Duration) -> Result<(), Error> {
+    let io = |op, e| Error::io(channel, op, timeout, e);
     let mut fixed = [0u8; HelloReply::FIXED_LEN];
     stream.read_exact(&mut fixed).map_err(|e| {
         refused_by_alert(channel, &e)
@@ -78,13 +94,9 @@ pub(crate) fn greet(stream: &mut Conn, hello: &Hello, timeout: Duration) -> Resu
         .read_exact(&mut reason)
         .map_err(|e| io("reading the hello reply", e))?;
     match HelloReply::decode(&fixed, &reason).map_err(decode)?.verdict {
-        Verdict::Accept => {}
-        Verdict::Refuse(reason) => return Err(Error::Refused { channel, reason }),
+        Verdict::Accept => Ok(()),
+        Verdict::Refuse(reason) => Err(Error::Refused { channel, reason }),
     }
-    // The return path idles until the end: only writes keep a timeout.
-    stream
-        .set_read_timeout(None)
-        .map_err(|e| io("setting socket timeouts", e))
 }
 
 /// A TLS receiver that refused this sender's certificate: its alert arrives once the sender's
