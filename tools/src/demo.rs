@@ -139,10 +139,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     print_summary(&config.send, tracking, &report, bytes, total);
     if let (Some(sent), Some(got)) = (&report.summary.tls, &received.tls) {
         println!(
-            "encryption:  every channel TLS 1.3 ({}), mutually authenticated: the sender checked \
-             the receiver's certificate for {}, the receiver the sender's ({}); zero-copy off \
-             ({} bytes sent zero-copy)",
+            "encryption:  every channel TLS 1.3 ({}, {} key exchange), mutually authenticated: the \
+             sender checked the receiver's certificate for {}, the receiver the sender's ({}); \
+             zero-copy off ({} bytes sent zero-copy)",
             sent.suite,
+            sent.key_exchange,
             match &at {
                 ramjet_dataplane::Endpoint::Tcp(addr) => addr.ip().to_string(),
                 other => other.to_string(),

@@ -21,9 +21,9 @@ pub(crate) const SERVER_KEY: &str = "server-key.pem";
 pub(crate) const CLIENT_CERT: &str = "client-cert.pem";
 pub(crate) const CLIENT_KEY: &str = "client-key.pem";
 
-/// The crypto provider: ring (see the module docs of [`tls`](super) for why).
+/// The crypto provider: aws-lc-rs (see the module docs of [`tls`](super) for why).
 pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 fn file(dir: &Path, name: &str) -> PathBuf {

@@ -21,8 +21,11 @@ use crate::wire::{HelloReply, MAGIC};
 const STEP: Duration = Duration::from_millis(50);
 /// The most handshake bytes buffered at once: a certificate chain and more.
 const MAX_HANDSHAKE: usize = 256 << 10;
-/// The read-ahead of a connection's record layer.
-pub(crate) const READ_AHEAD: usize = 512 << 10;
+/// The read-ahead of a receiver's record layer, which reads the guest's pages: large reads,
+/// each woken once for many records.
+const READ_AHEAD: usize = 512 << 10;
+/// The read-ahead of a sender's record layer, which reads only the receiver's short replies.
+const REPLY_READ_AHEAD: usize = 64 << 10;
 
 /// Why a handshake failed.
 #[derive(Debug)]
@@ -508,13 +511,13 @@ fn refusal(bufs: &Buffers) -> Option<String> {
 /// Checks what was negotiated and builds the session's record layer.
 fn session(
     secrets: rustls::ExtractedSecrets,
-    kernel: Kernel,
-    version: ProtocolVersion,
-    suite: rustls::SupportedCipherSuite,
+    (kernel, key_exchange): (Kernel, String),
     bufs: &Buffers,
     peer: Option<super::creds::Subject>,
     per_key: Option<u64>,
+    read_ahead: usize,
 ) -> Result<Session, HandshakeError> {
+    let (version, suite) = kernel.negotiated();
     if version != ProtocolVersion::TLSv1_3 {
         return Err(HandshakeError::Unusable(format!(
             "TLS: {version:?} was negotiated; ramjet's channels need TLS 1.3"
@@ -533,7 +536,7 @@ fn session(
     let (rx_seq, rx) = secrets.rx;
     let sealer = Sealer::new(tx, tx_seq, per_key, Arc::clone(&shared)).map_err(unusable)?;
     let leftover = &bufs.incoming[..bufs.used];
-    let mut opener = Opener::new(rx, rx_seq, shared, READ_AHEAD, leftover).map_err(unusable)?;
+    let mut opener = Opener::new(rx, rx_seq, shared, read_ahead, leftover).map_err(unusable)?;
     if !bufs.early.is_empty() {
         opener.preload(&bufs.early);
     }
@@ -543,9 +546,15 @@ fn session(
         out: Vec::with_capacity(2 * record::MAX_SEALED),
         negotiated: Negotiated {
             suite: format!("{:?}", suite.suite()),
+            key_exchange,
             peer_subject: peer.map(|s| s.to_string()),
         },
     })
+}
+
+/// The key exchange group's name, as TLS names it.
+fn key_exchange(group: Option<&'static dyn rustls::crypto::SupportedKxGroup>) -> String {
+    group.map_or_else(|| "no key exchange".into(), |g| format!("{:?}", g.name()))
 }
 
 /// The sender's end: a TLS client handshake on `stream` with `tls`, checking the receiver's
@@ -566,24 +575,17 @@ pub(crate) fn connect(
         &|| false,
         &mut bufs,
     )?;
-    let version = conn.protocol_version();
-    let suite = conn.negotiated_cipher_suite();
-    let (Some(version), Some(suite)) = (version, suite) else {
-        return Err(HandshakeError::Unusable(
-            "TLS: the handshake did not finish".into(),
-        ));
-    };
+    let key_exchange = key_exchange(conn.negotiated_key_exchange_group());
     let (secrets, kernel) = conn
         .dangerous_into_kernel_connection()
         .map_err(HandshakeError::Tls)?;
     session(
         secrets,
-        Kernel::Client(kernel),
-        version,
-        suite,
+        (Kernel::Client(kernel), key_exchange),
         &bufs,
         None,
         tls.per_key,
+        REPLY_READ_AHEAD,
     )
 }
 
@@ -607,17 +609,10 @@ pub(crate) fn accept(
         UnbufferedServerConnection::new(Arc::clone(&tls.config)).map_err(HandshakeError::Tls)?;
     let mut bufs = Buffers::new();
     drive(&mut conn, stream, deadline, stopped, &mut bufs)?;
-    let version = conn.protocol_version();
-    let suite = conn.negotiated_cipher_suite();
     let subject = conn
         .peer_certificates()
         .and_then(|chain| chain.first())
         .map(|cert| super::creds::Subject::of(cert.as_ref()));
-    let (Some(version), Some(suite)) = (version, suite) else {
-        return Err(HandshakeError::Unusable(
-            "TLS: the handshake did not finish".into(),
-        ));
-    };
     let subject = match subject {
         Some(Ok(subject)) => Some(subject),
         Some(Err(why)) => return Err(HandshakeError::Unusable(why)),
@@ -632,17 +627,17 @@ pub(crate) fn accept(
                 .map_or_else(|| "(no certificate)".to_owned(), ToString::to_string),
         }),
     };
+    let key_exchange = key_exchange(conn.negotiated_key_exchange_group());
     let (secrets, kernel) = conn
         .dangerous_into_kernel_connection()
         .map_err(HandshakeError::Tls)?;
     let session = session(
         secrets,
-        Kernel::Server(kernel),
-        version,
-        suite,
+        (Kernel::Server(kernel), key_exchange),
         &bufs,
         subject,
         tls.per_key,
+        READ_AHEAD,
     )?;
     Ok((session, refused))
 }

@@ -22,7 +22,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::ConnectionTrafficSecrets;
 use rustls::client::ClientConnectionData;
 use rustls::kernel::KernelConnection;
@@ -120,6 +120,14 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
+    /// The protocol version and cipher suite the handshake settled.
+    pub(crate) fn negotiated(&self) -> (rustls::ProtocolVersion, rustls::SupportedCipherSuite) {
+        match self {
+            Kernel::Client(k) => (k.protocol_version(), k.negotiated_cipher_suite()),
+            Kernel::Server(k) => (k.protocol_version(), k.negotiated_cipher_suite()),
+        }
+    }
+
     fn update_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
         match self {
             Kernel::Client(k) => k.update_tx_secret(),

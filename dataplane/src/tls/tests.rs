@@ -66,6 +66,7 @@ fn both_ends_talk_through_every_path_and_key_updates() {
     for transport in transports {
         let (mut a, mut b) = handshake(&client, &server);
         assert_eq!(a.tls().unwrap().suite, "TLS13_AES_256_GCM_SHA384");
+        assert_eq!(a.tls().unwrap().key_exchange, "X25519MLKEM768");
         assert_eq!(
             b.tls().unwrap().peer_subject.as_deref(),
             Some(pki::SENDER_SUBJECT)
@@ -208,11 +209,12 @@ fn relayed(
             } else {
                 n
             };
+            // Counted before they are forwarded: once the far end has read them, they count.
+            seen.store(at + n, Ordering::Release);
             if rb.write_all(&buf[..keep]).is_err() || keep < n {
                 break;
             }
             at += n;
-            seen.store(at, Ordering::Release);
         }
         let _ = rb.shutdown(std::net::Shutdown::Write);
     });
@@ -298,5 +300,55 @@ fn tampered_and_truncated_records_are_refused() {
             (None, _) => assert_eq!(record, Some(RecordError::Truncated), "{err}"),
         }
         assert!(b.read(&mut got).is_err(), "the error stays");
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(crate::tests::proptest_config())]
+
+    /// The record layer is a byte stream: whatever sends of whatever sizes go in, with keys
+    /// updated every few records, reads of whatever sizes get back exactly those bytes.
+    #[test]
+    fn the_record_layer_is_a_byte_stream(
+        sends in proptest::collection::vec(
+            proptest::collection::vec(0usize..70_000, 1..4),
+            1..6,
+        ),
+        reads in proptest::collection::vec(1usize..40_000, 1..8),
+        per_key in 1u64..6,
+    ) {
+        let (_dir, client, server) = creds();
+        let (mut a, mut b) = handshake(&client.update_keys_every(per_key), &server);
+        let (mut writer, _) = a.split(&Blocking).unwrap();
+        let (_, mut reader) = b.split(&Blocking).unwrap();
+        let batches: Vec<Vec<Vec<u8>>> = sends
+            .iter()
+            .enumerate()
+            .map(|(i, lens)| {
+                lens.iter()
+                    .enumerate()
+                    .map(|(j, &len)| pattern(len, (i * 7 + j) as u8))
+                    .collect()
+            })
+            .collect();
+        let expected: Vec<u8> = batches.iter().flatten().flatten().copied().collect();
+        let sent = std::thread::spawn(move || {
+            for batch in &batches {
+                let slices: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+                writer.send(&slices).unwrap();
+            }
+        });
+        let mut got = vec![0u8; expected.len()];
+        let mut at = 0;
+        for len in reads.iter().cycle() {
+            if at == got.len() {
+                break;
+            }
+            let n = (*len).min(got.len() - at);
+            reader.recv(&mut got[at..at + n]).unwrap();
+            at += n;
+        }
+        sent.join().unwrap();
+        proptest::prop_assert!(got == expected);
     }
 }
