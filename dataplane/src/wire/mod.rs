@@ -10,6 +10,9 @@
 //! the sender sends frames; the receiver sends frames back on the same socket (the return path):
 //! a [`FrameKind::Error`] on any channel when it fails, and the handover on channel 0.
 //!
+//! With TLS ([`tls`](crate::tls)), each connection is a TLS 1.3 session first, and every byte
+//! described here, the hello included, travels inside its records; the layout is the same.
+//!
 //! ## Handover
 //!
 //! The source decides who runs the guest, and the destination never runs it before it knows:
