@@ -331,16 +331,26 @@ fn drive<C: Unbuffered>(
 
 /// Sends what the handshake queued (an alert after a failure, say), best effort.
 fn send_alert<C: Unbuffered>(conn: &mut C, stream: &mut Stream, bufs: &mut Buffers) {
+    // rustls must be given the same buffer as before (less what it said to discard): its
+    // deframer remembers where in it a partial message lies.
     for _ in 0..8 {
-        let UnbufferedStatus { state, .. } = conn.process(&mut []);
-        match state {
+        let UnbufferedStatus { state, discard } = conn.process(&mut bufs.incoming[..bufs.used]);
+        let more = match state {
             Ok(ConnectionState::EncodeTlsData(mut encode)) => {
                 if let Ok(n) = encode.encode(&mut bufs.outgoing[bufs.out_used..]) {
                     bufs.out_used += n;
                 }
+                true
             }
-            Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-            _ => break,
+            Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                transmit.done();
+                true
+            }
+            _ => false,
+        };
+        bufs.discard(discard);
+        if !more {
+            break;
         }
     }
     if bufs.out_used > 0 {
