@@ -91,6 +91,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         running: Mutex::default(),
     });
     let draw = Arc::new(Draw::from(args));
+    let panics = Panics::watch(&queue);
     let (done, reports) = mpsc::channel();
     let workers: Vec<thread::JoinHandle<()>> = (0..args.jobs)
         .map(|job| {
@@ -110,6 +111,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             ));
         }
         // The hung run's threads cannot be stopped: report and leave.
+        tally.violations.extend(panics.stop());
         tally.print(args.seed, started.elapsed());
         return Ok(ExitCode::FAILURE);
     }
@@ -120,6 +122,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     tally
         .violations
         .extend(before.leaks(Duration::from_secs(10)));
+    tally.violations.extend(panics.stop());
     tally.print(args.seed, started.elapsed());
     Ok(if tally.violations.is_empty() {
         ExitCode::SUCCESS
@@ -226,6 +229,42 @@ fn collect(
                 tally.violations.len()
             );
         }
+    }
+}
+
+/// Every panic in this process during a pass, on any thread: a run's own (also counted as
+/// that run's violation) and those of the library's threads (a receiver's door, a codec
+/// worker), which no run would see but which ramjet promises never to have.
+struct Panics {
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Panics {
+    /// Records each panic, with the runs under way as it struck, and lets the default hook
+    /// print it as before.
+    fn watch(queue: &Arc<Queue>) -> Panics {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (queue, record) = (Arc::downgrade(queue), Arc::clone(&seen));
+        let default = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            default(info);
+            let thread = thread::current();
+            let runs: Vec<u64> = queue
+                .upgrade()
+                .map(|q| lock(&q.running).keys().copied().collect())
+                .unwrap_or_default();
+            lock(&record).push(format!(
+                "thread {:?} panicked while runs {runs:?} were under way: {info}",
+                thread.name().unwrap_or("unnamed")
+            ));
+        }));
+        Panics { seen }
+    }
+
+    /// Restores the default hook; the panics, one violation each.
+    fn stop(self) -> Vec<String> {
+        let _ = panic::take_hook();
+        std::mem::take(&mut *lock(&self.seen))
     }
 }
 
