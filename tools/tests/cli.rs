@@ -143,6 +143,50 @@ fn a_short_stress_pass_finds_no_violation() {
     );
 }
 
+/// The short pass with TLS on every run: no violation; the faults strike ciphertext (a flip
+/// must end in a TLS error), and the summary says the pass was TLS.
+#[test]
+fn a_short_tls_stress_pass_finds_no_violation() {
+    let out = ramjet(&[
+        "stress", "--tls", "--runs", "20", "--seed", "1", "--jobs", "4",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("20 runs in"), "{stdout}");
+    assert!(stdout.contains(", TLS: 0 violations"), "{stdout}");
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for row in ["flip", "all"] {
+        assert!(rows.contains(&row), "no {row} row: {stdout}");
+    }
+    assert!(!rows.contains(&"version"), "{stdout}");
+}
+
+/// What --tls cannot do is refused, and says why.
+#[test]
+fn tls_stress_arguments_are_checked() {
+    let out = ramjet(&["stress", "--tls", "--faults", "none,version"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--faults version") && stderr.contains("--tls"),
+        "{stderr}"
+    );
+    let out = ramjet(&["stress", "--tls", "--processes"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--processes") && stderr.contains("--tls"),
+        "{stderr}"
+    );
+}
+
 /// A short pass of `ramjet send` and `ramjet recv` as processes, one killed in each run: no
 /// violation, and the table has a row per kill point that came up and the ownership columns.
 #[test]

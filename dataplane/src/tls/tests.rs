@@ -111,6 +111,48 @@ fn both_ends_talk_through_every_path_and_key_updates() {
     }
 }
 
+/// A client whose certificate another CA signed is refused with the reason, and the server
+/// survives it: rustls keeps the client's later handshake messages (its CertificateVerify and
+/// Finished, read with the refused Certificate) as ranges of the caller's buffer, so the
+/// alert must be sent with that buffer, not an empty one, or rustls panics.
+#[test]
+fn a_client_certificate_from_another_ca_is_refused_without_a_panic() {
+    let dir = Scratch::new("ramjet-tls-unit-intruder").unwrap();
+    let ca = pki::credentials(dir.path()).unwrap();
+    let intruder = dir.path().join("intruder");
+    ca.write_ca(&intruder).unwrap();
+    pki::Authority::new("another CA")
+        .unwrap()
+        .write_leaf(&intruder, &pki::Leaf::sender("ramjet-sender"))
+        .unwrap();
+    let client = TlsClient::from_dir(&intruder).unwrap();
+    let server = TlsServer::from_dir(dir.path()).unwrap();
+    for _ in 0..10 {
+        let (mut a, mut b) = pair();
+        let server = server.clone();
+        let peer = std::thread::spawn(move || {
+            accept(
+                &mut b,
+                &server,
+                Instant::now() + Duration::from_secs(10),
+                &|| false,
+            )
+            .map(|_| ())
+        });
+        // The client may or may not see the alert before it counts itself done.
+        let _ = connect(&mut a, &client, localhost(), Duration::from_secs(10));
+        drop(a);
+        let refused = peer.join().expect("the server survives the handshake");
+        match refused {
+            Err(e @ HandshakeError::Tls(_)) => {
+                let why = e.reason("the peer", Duration::from_secs(10));
+                assert!(why.contains("not signed by the CA"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
 /// A sender on rustls's own record layer (its buffered connection) and a receiver on this one,
 /// and the reverse: the records are standard TLS 1.3, key updates included.
 #[test]

@@ -116,7 +116,11 @@ pub struct Verdict {
 ///    sender) hand over and are acknowledged; a fault that struck the stream (drop, flip,
 ///    stall, refuse, version) never lets the sender hand over; a lost or late *go* or
 ///    *decided* comes after *ready*, so the sender hands over; a lost *decided* comes after
-///    *go*, so the destination may run; a lost *go* with no way back leaves it in doubt.
+///    *go*, so the destination may run; a lost *go* with no way back leaves it in doubt;
+/// 7. under TLS, a flipped record ends the run with a TLS error on one side at least
+///    ([`Error::is_tls`]), never a checksum error, and the destination discards its copy (a
+///    flip strikes before *ready*). At a TLS receiver every stray is one, a plaintext ramjet
+///    hello for another layout too: the run must complete.
 pub fn check(e: &Evidence<'_>) -> (Verdict, Vec<String>) {
     let mut violations = Vec::new();
     let outcome = match e.sent {
@@ -151,6 +155,9 @@ pub fn check(e: &Evidence<'_>) -> (Verdict, Vec<String>) {
     fault_decides_the_end(e, outcome, owner, acknowledged, &mut violations);
     if outcome == Outcome::Failed {
         error_names_the_fault(e, &mut violations);
+    }
+    if e.plan.tls && e.plan.fault == Fault::Flip && e.struck {
+        a_flipped_record_is_a_tls_error(e, &mut violations);
     }
     let verdict = Verdict {
         outcome,
@@ -251,13 +258,16 @@ fn fault_decides_the_end(
     if outcome == Outcome::Cancelled && fault != Fault::Cancel {
         violations.push("cancelled without a cancel".into());
     }
-    let stray_sender = matches!(
-        e.plan.strike,
-        Strike::Stray {
-            kind: Stray::Layout,
-            when: StrayWhen::Before
-        }
-    );
+    // A hello for another layout before the sender fails a receiver without TLS; at a TLS
+    // receiver it is a plaintext peer, a stray like any other.
+    let stray_sender = !e.plan.tls
+        && matches!(
+            e.plan.strike,
+            Strike::Stray {
+                kind: Stray::Layout,
+                when: StrayWhen::Before
+            }
+        );
     let intact = matches!(
         fault,
         Fault::None | Fault::Slow | Fault::Short | Fault::Stray
@@ -337,9 +347,17 @@ fn error_names_the_fault(e: &Evidence<'_>, violations: &mut Vec<String>) {
     let fault = e.plan.fault;
     let errors = errors(e);
     let names = |words: &[&str]| words.iter().any(|w| errors.contains(w));
-    let lost = ["closed", "reset", "broken pipe", "timed out"];
+    // A handshake that stops on a silent link says so in its own words.
+    let lost = [
+        "closed",
+        "reset",
+        "broken pipe",
+        "timed out",
+        "did not finish the tls handshake",
+    ];
     let named = match fault {
         Fault::Drop => names(&lost),
+        Fault::Flip if e.plan.tls => names(&["tls:"]),
         Fault::Flip => names(&[
             "checksum",
             "not a ramjet peer",
@@ -347,7 +365,7 @@ fn error_names_the_fault(e: &Evidence<'_>, violations: &mut Vec<String>) {
             "invalid",
             "exceeds the limit",
         ]),
-        Fault::Stall => names(&["timed out"]),
+        Fault::Stall => names(&["timed out", "did not finish the tls handshake"]),
         Fault::Refuse => names(&["memory layouts differ"]),
         Fault::Version => names(&["unsupported protocol version 3"]),
         Fault::Handover | Fault::Late => names(&lost),
@@ -358,6 +376,30 @@ fn error_names_the_fault(e: &Evidence<'_>, violations: &mut Vec<String>) {
         violations.push(format!(
             "failed without naming the {fault:?} fault: {errors}"
         ));
+    }
+}
+
+/// Promise 7: a flipped record is a TLS error, not a checksum one, and nothing is kept.
+fn a_flipped_record_is_a_tls_error(e: &Evidence<'_>, violations: &mut Vec<String>) {
+    let errors: Vec<&Error> = [e.sent.as_ref().err(), e.received.as_ref().err()]
+        .into_iter()
+        .flatten()
+        .collect();
+    if errors.iter().any(|err| err.is_checksum()) {
+        violations.push(format!(
+            "a flipped TLS record ended in a checksum error: {}",
+            self::errors(e)
+        ));
+    }
+    if !errors.iter().any(|err| err.is_tls()) {
+        violations.push(format!(
+            "a flipped TLS record struck, and yet neither side failed with a TLS error: {}",
+            self::errors(e)
+        ));
+    }
+    if e.received.is_ok() {
+        violations
+            .push("a flipped TLS record struck, and yet the destination kept its copy".into());
     }
 }
 

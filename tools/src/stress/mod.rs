@@ -5,8 +5,12 @@
 //! Every run is drawn from the seed and its number ([`plan::Plan`]: socket, paused or live
 //! guest, channels, compression, image, fault and where it strikes), so a violation is
 //! replayed by `--seed S --first R --runs 1`.
+//!
+//! With `--tls` every run migrates over TLS 1.3 on both ends, with credentials made once for
+//! the pass ([`creds`]); what each fault means then is in [`plan`]'s docs.
 
 mod check;
+mod creds;
 mod plan;
 mod processes;
 mod proxy;
@@ -22,9 +26,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 use ramjet_dataplane::testkit::Resources;
+use ramjet_dataplane::testkit::pki::Scratch;
 
 use crate::cli::seconds;
 use plan::{Fault, Mode, Net, Plan};
@@ -54,17 +59,43 @@ pub struct Args {
     /// Guests: paused, live (a vCPU thread writing during the migration), or both.
     #[arg(long, value_delimiter = ',', default_value = "paused,live")]
     modes: Vec<Mode>,
-    /// Faults to choose from.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "none,drop,flip,stall,slow,short,refuse,version,cancel,handover,late,stray"
-    )]
-    faults: Vec<Fault>,
-    /// Run `ramjet send` and `ramjet recv` as child processes, and kill one of them with
-    /// SIGKILL at a point drawn for each run (--faults does not apply).
+    /// Faults to choose from [default: all of them; with --tls all but version].
+    #[arg(long, value_delimiter = ',')]
+    faults: Option<Vec<Fault>>,
+    /// Migrate over TLS 1.3 on both ends, with throwaway credentials made for the pass (and
+    /// removed after it). The proxy then sees records, not frames: drop, stall, slow and short
+    /// count ciphertext bytes, the handshake included; flip strikes a record past the sealed
+    /// hello and must end in a TLS error; handover and late find their message's record by
+    /// its place and length; stray adds two TLS peers the receiver must refuse (a certificate
+    /// from another CA, a subject not on its allow-list), and every stray must be dropped;
+    /// version, which rewrites plaintext hello bytes, is not available.
     #[arg(long)]
+    tls: bool,
+    /// Run `ramjet send` and `ramjet recv` as child processes, and kill one of them with
+    /// SIGKILL at a point drawn for each run (--faults does not apply; nor does --tls yet).
+    #[arg(long, conflicts_with = "tls")]
     processes: bool,
+}
+
+/// Every fault, in the order `--faults` lists them by default.
+const FAULTS: [Fault; 12] = [
+    Fault::None,
+    Fault::Drop,
+    Fault::Flip,
+    Fault::Stall,
+    Fault::Slow,
+    Fault::Short,
+    Fault::Refuse,
+    Fault::Version,
+    Fault::Cancel,
+    Fault::Handover,
+    Fault::Late,
+    Fault::Stray,
+];
+
+/// Whether `fault` can strike a TLS channel; see [`plan`]'s docs.
+fn under_tls(fault: Fault) -> bool {
+    fault != Fault::Version
 }
 
 /// A run taking longer than this is a hang.
@@ -72,11 +103,40 @@ const BOUND: Duration = Duration::from_secs(30);
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     if args.processes {
+        // clap refuses --processes with --tls: the children's TLS flags are not there yet.
         return processes::run(args);
     }
-    if args.transports.is_empty() || args.faults.is_empty() || args.modes.is_empty() {
+    let faults: Vec<Fault> = match &args.faults {
+        Some(faults) => faults.clone(),
+        None => FAULTS
+            .into_iter()
+            .filter(|&f| !args.tls || under_tls(f))
+            .collect(),
+    };
+    if args.tls
+        && let Some(fault) = faults.iter().find(|&&f| !under_tls(f))
+    {
+        bail!(
+            "--faults {}: it rewrites plaintext hello bytes, which --tls encrypts (a rewritten \
+             record is a flip); leave it out with --tls",
+            format!("{fault:?}").to_lowercase()
+        );
+    }
+    if args.transports.is_empty() || faults.is_empty() || args.modes.is_empty() {
         bail!("--transports, --modes and --faults need at least one value each");
     }
+    // Made once for the pass; the directory goes when this function returns, whichever way
+    // (hung runs' threads keep the loaded credentials, not the files).
+    let scratch = args
+        .tls
+        .then(|| Scratch::new("ramjet-stress-tls"))
+        .transpose()
+        .context("cannot make a directory for the TLS credentials")?;
+    let creds = scratch
+        .as_ref()
+        .map(|dir| creds::Credentials::new(dir.path()))
+        .transpose()
+        .context("cannot make the TLS credentials")?;
     let runs = args.runs.unwrap_or(if args.duration.is_some() {
         u64::MAX
     } else {
@@ -90,7 +150,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         stop_at: args.duration.map(|d| started + d),
         running: Mutex::default(),
     });
-    let draw = Arc::new(Draw::from(args));
+    let draw = Arc::new(Draw::new(args, faults, creds));
+    let panics = Panics::watch(&queue);
     let (done, reports) = mpsc::channel();
     let workers: Vec<thread::JoinHandle<()>> = (0..args.jobs)
         .map(|job| {
@@ -110,7 +171,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             ));
         }
         // The hung run's threads cannot be stopped: report and leave.
-        tally.print(args.seed, started.elapsed());
+        tally.violations.extend(panics.stop());
+        tally.print(args.seed, args.tls, started.elapsed());
         return Ok(ExitCode::FAILURE);
     }
     for worker in workers {
@@ -120,7 +182,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     tally
         .violations
         .extend(before.leaks(Duration::from_secs(10)));
-    tally.print(args.seed, started.elapsed());
+    tally.violations.extend(panics.stop());
+    tally.print(args.seed, args.tls, started.elapsed());
     Ok(if tally.violations.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -128,28 +191,36 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// What every run is drawn from: the seed and the choices the flags allow.
+/// What every run is drawn from: the seed and the choices the flags allow, and the TLS
+/// credentials under `--tls`.
 struct Draw {
     seed: u64,
     nets: Vec<Net>,
     modes: Vec<Mode>,
     faults: Vec<Fault>,
+    creds: Option<creds::Credentials>,
 }
 
-impl From<&Args> for Draw {
-    fn from(args: &Args) -> Self {
+impl Draw {
+    fn new(args: &Args, faults: Vec<Fault>, creds: Option<creds::Credentials>) -> Draw {
         Draw {
             seed: args.seed,
             nets: args.transports.clone(),
             modes: args.modes.clone(),
-            faults: args.faults.clone(),
+            faults,
+            creds,
         }
     }
-}
 
-impl Draw {
     fn plan(&self, run: u64) -> Plan {
-        Plan::new(self.seed, run, &self.nets, &self.modes, &self.faults)
+        Plan::new(
+            self.seed,
+            run,
+            &self.nets,
+            &self.modes,
+            &self.faults,
+            self.creds.is_some(),
+        )
     }
 }
 
@@ -189,7 +260,10 @@ fn work(queue: &Queue, draw: &Draw, done: &mpsc::Sender<Report>) {
         let plan = draw.plan(run);
         let began = Instant::now();
         lock(&queue.running).insert(run, began);
-        let result = panic::catch_unwind(AssertUnwindSafe(|| run::run_one(&plan))).map_err(|_| ());
+        let result = panic::catch_unwind(AssertUnwindSafe(|| {
+            run::run_one(&plan, draw.creds.as_ref())
+        }))
+        .map_err(|_| ());
         lock(&queue.running).remove(&run);
         let took = began.elapsed();
         if done.send(Report { plan, result, took }).is_err() {
@@ -226,6 +300,42 @@ fn collect(
                 tally.violations.len()
             );
         }
+    }
+}
+
+/// Every panic in this process during a pass, on any thread: a run's own (also counted as
+/// that run's violation) and those of the library's threads (a receiver's door, a codec
+/// worker), which no run would see but which ramjet promises never to have.
+struct Panics {
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Panics {
+    /// Records each panic, with the runs under way as it struck, and lets the default hook
+    /// print it as before.
+    fn watch(queue: &Arc<Queue>) -> Panics {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (queue, record) = (Arc::downgrade(queue), Arc::clone(&seen));
+        let default = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            default(info);
+            let thread = thread::current();
+            let runs: Vec<u64> = queue
+                .upgrade()
+                .map(|q| lock(&q.running).keys().copied().collect())
+                .unwrap_or_default();
+            lock(&record).push(format!(
+                "thread {:?} panicked while runs {runs:?} were under way: {info}",
+                thread.name().unwrap_or("unnamed")
+            ));
+        }));
+        Panics { seen }
+    }
+
+    /// Restores the default hook; the panics, one violation each.
+    fn stop(self) -> Vec<String> {
+        let _ = panic::take_hook();
+        std::mem::take(&mut *lock(&self.seen))
     }
 }
 

@@ -1,5 +1,15 @@
 //! What one stress run is, drawn from the seed and the run's number alone, so that
-//! `--seed S --first R --runs 1` replays run R exactly.
+//! `--seed S --first R --runs 1` replays run R exactly (with `--tls` too, if the pass had it).
+//!
+//! **Under `--tls`** every channel's bytes are TLS 1.3 records: the proxy sees record headers
+//! and sealed lengths, never a frame. So each fault means what an on-path attacker could do:
+//! byte offsets (drop, stall, short, slow) count ciphertext, the handshake included; a flip
+//! strikes a record past the sealed hello ([`Strike::FlipRecord`]), which must end the run with
+//! a TLS error; handover and late faults find their message by its place on channel 0 and its
+//! sealed length (see `proxy.rs`); a stray may also be a TLS peer whose certificate the receiver
+//! must refuse ([`Stray::Untrusted`], [`Stray::Unlisted`]), and a plaintext ramjet hello
+//! ([`Stray::Layout`]) is only a stray there. The version fault rewrites plaintext hello bytes
+//! and has no ciphertext equivalent (a rewritten record is a flip): it is left out.
 
 use std::time::Duration;
 
@@ -32,11 +42,15 @@ pub enum Mode {
 pub enum Fault {
     /// Nothing: the run must complete.
     None,
-    /// One channel's connection is cut at a random byte, on the sender's or the receiver's end.
+    /// One channel's connection is cut at a random byte, on the sender's or the receiver's end
+    /// (with --tls: a byte of ciphertext, the TLS handshake included).
     Drop,
-    /// One byte of one channel is flipped, in the hello, a frame header or a payload.
+    /// One byte of one channel is flipped, in the hello, a frame header or a payload (with
+    /// --tls: in a record past the sealed hello, its body or its header's type, and the run
+    /// must fail with a TLS error, never a checksum one).
     Flip,
-    /// One channel stops forwarding, for longer than the timeout.
+    /// One channel stops forwarding, for longer than the timeout (with --tls: at a byte of
+    /// ciphertext, the handshake included).
     Stall,
     /// Every channel is throttled to a few MB/s: slow, but moving, so the run must complete.
     Slow,
@@ -45,18 +59,24 @@ pub enum Fault {
     /// The receiver's memory differs from the sender's, so it refuses the hello.
     Refuse,
     /// One channel speaks another protocol version (in the hello, or in the receiver's reply).
+    /// Not with --tls: it rewrites plaintext bytes that TLS encrypts.
     Version,
     /// The sender is cancelled: before it connects, at a random moment, or at the switchover.
     Cancel,
     /// A handover message on channel 0 is lost: the return path cut (or silent) just before
     /// *ready* or *decided*, the forward path just before *go*; later connections (the
-    /// sender's decision on a new connection) are let through or refused.
+    /// sender's decision on a new connection) are let through or refused (with --tls: the
+    /// message's record, known by its place on channel 0 and its sealed length).
     Handover,
-    /// A handover message on channel 0 is held past the timeout, then forwarded late.
+    /// A handover message on channel 0 is held past the timeout, then forwarded late (with
+    /// --tls: its record, as for handover).
     Late,
     /// A stray peer connects to the receiver before, during or after the real sender: it
     /// closes at once, sends garbage, an HTTP GET, or a ramjet hello for another memory layout
-    /// (that one, before the sender, fails the migration).
+    /// (that one, before the sender, fails the migration; with --tls it is a plaintext peer,
+    /// dropped, and two more come: a TLS sender whose certificate another CA signed, and one
+    /// whose subject is not on the receiver's allow-list; every stray is dropped and the run
+    /// must complete).
     Stray,
 }
 
@@ -105,9 +125,27 @@ pub enum Stray {
     Garbage,
     /// Sends an HTTP GET, reads what comes back, closes.
     Http,
-    /// Sends a well-formed ramjet hello of another session for a memory layout one page larger.
+    /// Sends a well-formed ramjet hello of another session for a memory layout one page larger
+    /// (in plaintext: under `--tls`, a sender without TLS).
     Layout,
+    /// Under `--tls`: a ramjet sender with TLS whose client certificate another CA signed.
+    Untrusted,
+    /// Under `--tls`: a ramjet sender with TLS whose client certificate the receiver's CA
+    /// signed, for a subject that is not on the receiver's allow-list (`tls-authz`).
+    Unlisted,
 }
+
+/// The strays of a run without TLS.
+const STRAYS: [Stray; 4] = [Stray::Close, Stray::Garbage, Stray::Http, Stray::Layout];
+/// The strays of a run with TLS: those, and two TLS peers the receiver must refuse.
+const STRAYS_TLS: [Stray; 6] = [
+    Stray::Close,
+    Stray::Garbage,
+    Stray::Http,
+    Stray::Layout,
+    Stray::Untrusted,
+    Stray::Unlisted,
+];
 
 /// When a stray peer comes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +209,22 @@ pub enum Strike {
         nth: u64,
         /// The byte in it.
         offset: u64,
+    },
+    /// Under `--tls`: flip a byte of the first record on the channel, past the sealed hello,
+    /// that ends after `at` bytes of what follows the hello and is either the first record
+    /// there or a full one (16 KiB of content). A full record is always stream data (*go*, the
+    /// only record the sender seals after its end of stream, is small), so the flip always
+    /// strikes before the receiver can say *ready*. The sealed hello itself is not flipped: a
+    /// connection whose hello fails to open is dropped as a stray, and the run would fail by
+    /// timeout instead of with a TLS error.
+    FlipRecord {
+        /// Bytes past the sealed hello before which the record must not end.
+        at: u64,
+        /// The byte of its body (modulo the body's length), unless `header`.
+        offset: u64,
+        /// Flip the record header's content type instead (of the first record after the
+        /// hello): the receiver must refuse the header.
+        header: bool,
     },
     /// Stop forwarding after `at` bytes.
     Stall {
@@ -264,11 +318,22 @@ pub struct Plan {
     pub strike: Strike,
     /// The channel it strikes (drop, flip, stall, version).
     pub channel: u16,
+    /// Every channel is TLS 1.3 (`--tls`).
+    pub tls: bool,
 }
 
 impl Plan {
-    /// Run `run` of `seed`, choosing among the given sockets, modes and faults.
-    pub fn new(seed: u64, run: u64, nets: &[Net], modes: &[Mode], faults: &[Fault]) -> Plan {
+    /// Run `run` of `seed`, choosing among the given sockets, modes and faults, with TLS on
+    /// every channel if `tls` (which changes what a flip and a stray are; see the module
+    /// docs). Without `tls`, a run is drawn as it always was.
+    pub fn new(
+        seed: u64,
+        run: u64,
+        nets: &[Net],
+        modes: &[Mode],
+        faults: &[Fault],
+        tls: bool,
+    ) -> Plan {
         let mut rng = Rng::new(seed ^ run.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let channels = u16::try_from(rng.below(4) + 1).unwrap_or(1);
         let mut plan = Plan {
@@ -289,6 +354,7 @@ impl Plan {
             fault: *pick(&mut rng, faults),
             strike: Strike::None,
             channel: u16::try_from(rng.below(u64::from(channels))).unwrap_or(0),
+            tls,
         };
         // Anywhere from the hello to three quarters of what the channel carries in the first
         // round, so that most faults strike.
@@ -299,6 +365,14 @@ impl Plan {
                 end: *pick(&mut rng, &[End::Sender, End::Receiver]),
                 at,
             },
+            Fault::Flip if tls => {
+                let header = rng.below(4) == 0;
+                Strike::FlipRecord {
+                    at: if header { 0 } else { at },
+                    offset: rng.next_u64(),
+                    header,
+                }
+            }
             Fault::Flip => {
                 let part = *pick(&mut rng, &[Part::Hello, Part::Header, Part::Payload]);
                 Strike::Flip {
@@ -343,10 +417,7 @@ impl Plan {
                 by: late_by(rng.below(1000)),
             },
             Fault::Stray => Strike::Stray {
-                kind: *pick(
-                    &mut rng,
-                    &[Stray::Close, Stray::Garbage, Stray::Http, Stray::Layout],
-                ),
+                kind: *pick(&mut rng, if tls { &STRAYS_TLS } else { &STRAYS }),
                 when: *pick(
                     &mut rng,
                     &[StrayWhen::Before, StrayWhen::During, StrayWhen::After],
@@ -401,6 +472,7 @@ mod tests {
                 &[Net::Tcp, Net::Unix],
                 &[Mode::Paused, Mode::Live],
                 &all,
+                false,
             )
         };
         for run in 0..200 {
@@ -416,5 +488,41 @@ mod tests {
         }
         assert!(plans.iter().any(|p| p.mode == Mode::Live));
         assert!(plans.iter().any(|p| p.mode == Mode::Paused));
+    }
+
+    /// Under TLS, a flip is a record flip and the strays include the two TLS peers; a run
+    /// draws its socket, guest and fault as without TLS, so one seed covers the same ground.
+    #[test]
+    fn tls_runs_flip_records_and_bring_tls_strays() {
+        let faults = [Fault::None, Fault::Flip, Fault::Drop, Fault::Stray];
+        let draw = |run, tls| {
+            Plan::new(
+                5,
+                run,
+                &[Net::Tcp, Net::Unix],
+                &[Mode::Paused, Mode::Live],
+                &faults,
+                tls,
+            )
+        };
+        let mut strays = Vec::new();
+        for run in 0..300 {
+            let (plain, tls) = (draw(run, false), draw(run, true));
+            assert!(tls.tls && !plain.tls);
+            assert_eq!(
+                (plain.net, plain.mode, plain.fault, plain.channels),
+                (tls.net, tls.mode, tls.fault, tls.channels)
+            );
+            match tls.strike {
+                Strike::FlipRecord { header, at, .. } => assert!(!header || at == 0),
+                Strike::Flip { .. } => panic!("a plaintext flip under TLS"),
+                Strike::Stray { kind, .. } => strays.push(kind),
+                _ => {}
+            }
+            assert!(!matches!(plain.strike, Strike::FlipRecord { .. }));
+        }
+        for kind in STRAYS_TLS {
+            assert!(strays.contains(&kind), "{kind:?}");
+        }
     }
 }

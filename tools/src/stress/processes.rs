@@ -144,6 +144,7 @@ impl ProcPlan {
             fault: Fault::None,
             strike: Strike::None,
             channel: 0,
+            tls: false,
         }
     }
 }

@@ -1,5 +1,15 @@
 //! The fault-injecting proxy between a stress run's sender and receiver: one pair of pipes per
 //! channel, applying the run's [`Strike`] to the bytes as they pass.
+//!
+//! Without TLS it follows ramjet's framing (the hello, frame headers, payloads) to aim a fault
+//! at a part of the stream or a message. Under TLS it sees what an on-path attacker sees: the
+//! records' plaintext headers (type, version, length) and nothing else. It follows the record
+//! framing ([`Records`]); it knows the sealed hello on each channel as the first
+//! application-data record whose length is the hello's plus what sealing adds ([`SEALING`]),
+//! so that the handshake and the hello pass untouched; and on channel 0 it names the handover
+//! messages by their place and sealed length ([`SealedMessages`]): after the receiver's sealed
+//! hello reply, its next record is *ready* (40 bytes of frame) or its error, the one after
+//! that *decided*; the sender's first record after *ready* passed is *go*.
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +25,24 @@ use super::plan::{End, Lose, Part, Plan, StrayWhen, Strike, short_span};
 
 /// How often a blocked pipe looks at its stop flag.
 const POLL: Duration = Duration::from_millis(50);
+
+/// What ramjet's record layer adds to a record's content: its inner content type and the
+/// 16-byte AEAD tag (it never pads). A frame of `n` bytes sealed alone is a record body of
+/// `n + SEALING` bytes.
+pub const SEALING: u64 = 1 + 16;
+/// A TLS record's header: content type, legacy version, length (big-endian).
+const RECORD_HEADER: usize = 5;
+/// The outer content type of every record sealed with traffic keys.
+const APPLICATION_DATA: u8 = 23;
+/// The body of a full record: 16 KiB of content, sealed.
+const FULL_BODY: u64 = (1 << 14) + SEALING;
+/// The longest record body a TLS 1.3 peer may send (RFC 8446 §5.2).
+const MAX_BODY: usize = (1 << 14) + 256;
+
+/// The body length of `len` bytes of ramjet sealed in one record.
+fn sealed(len: u64) -> u64 {
+    len + SEALING
+}
 
 /// What the proxy saw and did on channel 0, for the run to look at afterwards.
 #[derive(Debug, Default)]
@@ -104,7 +132,11 @@ impl Proxy {
                         strike,
                         forward,
                         ours,
+                        tls: plan.tls,
+                        hello_len,
                         framing: Framing::new(hello_len),
+                        records: Records::new(sealed(hello_len)),
+                        flipped: false,
                         rng: Rng::new(plan.run ^ u64::from(channel) << 32 ^ u64::from(forward)),
                         seen: 0,
                         started: None,
@@ -119,6 +151,7 @@ impl Proxy {
                         watch: watch.clone(),
                         seen: Arc::clone(&seen),
                         pair: Mutex::default(),
+                        ready_passed: AtomicBool::new(false),
                     });
                     channels.push(thread::spawn(move || match messages {
                         Some(messages) => {
@@ -227,6 +260,9 @@ struct Messages {
     seen: Arc<Seen>,
     /// Both of its streams, so that a cut in one direction closes it both ways.
     pair: Mutex<Vec<Stream>>,
+    /// Under TLS: the receiver's *ready* was seen on its way back, so the sender's next record
+    /// is its decision.
+    ready_passed: AtomicBool,
 }
 
 impl Messages {
@@ -305,9 +341,12 @@ fn pump_messages(
         return Pumped::Eof;
     };
     let mut counts: Vec<(FrameKind, u64)> = Vec::new();
-    let mut opening = true;
-    while let Some((kind, bytes)) = read_message(&mut from, tamper.forward, opening, stop) {
-        opening = false;
+    let mut reader = if tamper.tls {
+        Reader::Sealed(SealedMessages::new(tamper.forward, tamper.hello_len))
+    } else {
+        Reader::Plain { opening: true }
+    };
+    while let Some((kind, bytes)) = reader.next(&mut from, tamper.forward, stop, messages) {
         let nth = match kind {
             Some(kind) => match counts.iter_mut().find(|(k, _)| *k == kind) {
                 Some((_, n)) => {
@@ -360,6 +399,139 @@ fn pump_messages(
         }
     }
     Pumped::Eof
+}
+
+/// How channel 0 is cut into messages: ramjet's framing, or TLS records.
+enum Reader {
+    /// The hello (or its reply) while `opening`, then whole frames.
+    Plain { opening: bool },
+    /// Whole records, named by their place and length.
+    Sealed(SealedMessages),
+}
+
+impl Reader {
+    /// The next message and the frame it is (`None`: the hello or its reply, or under TLS a
+    /// record that is not a handover message or stream data: the handshake, an error).
+    fn next(
+        &mut self,
+        from: &mut Stream,
+        forward: bool,
+        stop: &AtomicBool,
+        messages: &Messages,
+    ) -> Option<(Option<FrameKind>, Vec<u8>)> {
+        match self {
+            Reader::Plain { opening } => {
+                let message = read_message(from, forward, *opening, stop);
+                *opening = false;
+                message
+            }
+            Reader::Sealed(sealed) => {
+                let record = read_record(from, stop)?;
+                let kind = sealed.name(&record, messages);
+                Some((kind, record))
+            }
+        }
+    }
+}
+
+/// Where one direction of channel 0 is, under TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The handshake, then the sealed hello (forward) or the sealed reply accepting it (back).
+    Opening,
+    /// Forward: the stream, then *go*. Back: *ready* (or an error) comes next.
+    Stream,
+    /// Back: *decided* comes next.
+    Ready,
+    /// Back: nothing more is a handover message.
+    Done,
+}
+
+/// Names the records of one direction of channel 0 under TLS, by their place and their
+/// length: a frame sealed alone is its length plus [`SEALING`].
+struct SealedMessages {
+    forward: bool,
+    /// The body of the record that ends the opening: the sealed hello, or the sealed reply
+    /// that accepts it.
+    opening: u64,
+    phase: Phase,
+}
+
+impl SealedMessages {
+    fn new(forward: bool, hello_len: u64) -> SealedMessages {
+        let opening = if forward {
+            sealed(hello_len)
+        } else {
+            sealed(HelloReply::FIXED_LEN as u64)
+        };
+        SealedMessages {
+            forward,
+            opening,
+            phase: Phase::Opening,
+        }
+    }
+
+    /// What `record` (header and body) is.
+    fn name(&mut self, record: &[u8], messages: &Messages) -> Option<FrameKind> {
+        let (kind, len) = record_header(record)?;
+        let header_only = sealed(FrameHeader::LEN as u64);
+        match self.phase {
+            Phase::Opening => {
+                if kind == APPLICATION_DATA && len == self.opening {
+                    self.phase = Phase::Stream;
+                }
+                None
+            }
+            // Everything the sender seals before *ready* is stream data; the first record
+            // after it, if a frame header alone, its decision.
+            Phase::Stream if self.forward => {
+                if !messages.ready_passed.load(Ordering::Relaxed) {
+                    Some(FrameKind::Pages)
+                } else if len == header_only {
+                    self.phase = Phase::Done;
+                    Some(FrameKind::Decision)
+                } else {
+                    self.phase = Phase::Done;
+                    None
+                }
+            }
+            Phase::Stream => {
+                if len == sealed(FrameHeader::LEN as u64 + 8) {
+                    messages.ready_passed.store(true, Ordering::Relaxed);
+                    self.phase = Phase::Ready;
+                    Some(FrameKind::Ready)
+                } else {
+                    self.phase = Phase::Done;
+                    None
+                }
+            }
+            Phase::Ready => {
+                self.phase = Phase::Done;
+                (len == header_only).then_some(FrameKind::Decided)
+            }
+            Phase::Done => None,
+        }
+    }
+}
+
+/// A record's content type and body length, from its header.
+fn record_header(record: &[u8]) -> Option<(u8, u64)> {
+    match record {
+        [kind, _, _, high, low, ..] => Some((*kind, u64::from(u16::from_be_bytes([*high, *low])))),
+        _ => None,
+    }
+}
+
+/// The next whole TLS record of `from`, header and body; `None` at the end of the stream, on
+/// an error, on a body longer than TLS allows, or at `stop`.
+fn read_record(from: &mut Stream, stop: &AtomicBool) -> Option<Vec<u8>> {
+    let mut bytes = vec![0u8; RECORD_HEADER];
+    read_full(from, &mut bytes, stop)?;
+    let (_, len) = record_header(&bytes)?;
+    let len = usize::try_from(len).ok().filter(|&len| len <= MAX_BODY)?;
+    bytes.resize(RECORD_HEADER + len, 0);
+    read_full(from, &mut bytes[RECORD_HEADER..], stop)?;
+    Some(bytes)
 }
 
 /// The next message of `from`: the hello (sender to receiver) or the hello reply, if
@@ -437,7 +609,15 @@ struct Tamper {
     forward: bool,
     /// Whether this is the channel the fault strikes (slow and short strike every channel).
     ours: bool,
+    /// The channel is TLS: its bytes are records.
+    tls: bool,
+    /// The length of the sender's hello.
+    hello_len: u64,
     framing: Framing,
+    /// Under TLS, the records of the sender's stream.
+    records: Records,
+    /// A record flip struck.
+    flipped: bool,
     rng: Rng,
     /// Bytes read so far.
     seen: u64,
@@ -476,6 +656,17 @@ impl Tamper {
                 for byte in chunk.iter_mut() {
                     if self.framing.advance(*byte, part, nth, offset) {
                         *byte ^= 0x5A;
+                        self.strike();
+                    }
+                }
+                None
+            }
+            Strike::FlipRecord { at, offset, header } if self.ours && self.forward => {
+                for byte in chunk.iter_mut() {
+                    let place = self.records.advance(*byte);
+                    if !self.flipped && place.is_some_and(|p| p.hit(at, offset, header)) {
+                        *byte ^= 0x5A;
+                        self.flipped = true;
                         self.strike();
                     }
                 }
@@ -692,6 +883,120 @@ impl Framing {
     }
 }
 
+/// Follows the sender's stream on one channel under TLS: record headers and bodies, and from
+/// the sealed hello on, which record after it a byte is in.
+struct Records {
+    /// The body length of the sealed hello: the first application-data record this long ends
+    /// the handshake and the hello.
+    hello: u64,
+    header: [u8; RECORD_HEADER],
+    /// Bytes of the current record's header read so far.
+    in_header: usize,
+    /// The current record's body length, and bytes of it read.
+    body_len: u64,
+    body_at: u64,
+    /// The current record's index among those after the sealed hello, once it passed.
+    index: Option<u64>,
+    /// Bytes after the sealed hello so far, and where the current record began in them.
+    past: u64,
+    start: u64,
+}
+
+/// Where a byte after the sealed hello is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Place {
+    /// Its record's index after the sealed hello.
+    index: u64,
+    /// Where it is in the record.
+    pos: Pos,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pos {
+    /// Byte `.0` of the record's header.
+    Header(usize),
+    /// Byte `at` of a body of `len` bytes, whose record begins `start` bytes after the hello.
+    Body { at: u64, len: u64, start: u64 },
+}
+
+impl Place {
+    /// Whether a [`Strike::FlipRecord`] flips this byte: the `offset`th byte of the body of the
+    /// first record that ends past `at` and is the first record after the hello or a full one;
+    /// with `header`, the content type of the first record after the hello. The caller stops
+    /// at the first hit.
+    fn hit(self, at: u64, offset: u64, header: bool) -> bool {
+        match self.pos {
+            Pos::Header(0) => header && self.index == 0,
+            Pos::Header(_) => false,
+            Pos::Body {
+                at: byte,
+                len,
+                start,
+            } => {
+                !header
+                    && (self.index == 0 || len == FULL_BODY)
+                    && start + RECORD_HEADER as u64 + len > at
+                    && byte == offset % len
+            }
+        }
+    }
+}
+
+impl Records {
+    fn new(hello: u64) -> Records {
+        Records {
+            hello,
+            header: [0; RECORD_HEADER],
+            in_header: 0,
+            body_len: 0,
+            body_at: 0,
+            index: None,
+            past: 0,
+            start: 0,
+        }
+    }
+
+    /// Steps over one byte; where it is, if past the sealed hello.
+    fn advance(&mut self, byte: u8) -> Option<Place> {
+        let pos = if self.in_header < RECORD_HEADER {
+            self.header[self.in_header] = byte;
+            let pos = Pos::Header(self.in_header);
+            self.in_header += 1;
+            if self.in_header == RECORD_HEADER {
+                self.body_len = u64::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                self.body_at = 0;
+            }
+            pos
+        } else {
+            let pos = Pos::Body {
+                at: self.body_at,
+                len: self.body_len,
+                start: self.start,
+            };
+            self.body_at += 1;
+            pos
+        };
+        let place = self.index.map(|index| Place { index, pos });
+        if place.is_some() {
+            self.past += 1;
+        }
+        if self.in_header == RECORD_HEADER && self.body_at == self.body_len {
+            self.end_record();
+        }
+        place
+    }
+
+    fn end_record(&mut self) {
+        self.index = match self.index {
+            Some(index) => Some(index + 1),
+            None if self.header[0] == APPLICATION_DATA && self.body_len == self.hello => Some(0),
+            None => None,
+        };
+        self.in_header = 0;
+        self.start = self.past;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -719,5 +1024,214 @@ mod tests {
         assert_eq!(parts(Part::Payload, 0, 6), vec![72 + 32 + 1]);
         assert_eq!(parts(Part::Header, 1, 33), vec![72 + 32 + 5 + 1]);
         assert!(parts(Part::Payload, 1, 0).is_empty(), "one payload only");
+    }
+
+    /// A TLS record: header and a body of `len` bytes of `fill`.
+    fn record(kind: u8, len: u64, fill: u8) -> Vec<u8> {
+        let mut record = vec![kind, 3, 3];
+        record.extend(u16::try_from(len).unwrap().to_be_bytes());
+        record.extend(vec![fill; usize::try_from(len).unwrap()]);
+        record
+    }
+
+    /// The record follower knows nothing before the sealed hello (the handshake, the hello),
+    /// and after it aims a flip at the first record, or past `at` at a full one.
+    #[test]
+    fn records_are_followed_past_the_sealed_hello() {
+        let hello = sealed(72);
+        let mut stream = record(22, 300, 1); // a ClientHello
+        stream.extend(record(20, 1, 1)); // ChangeCipherSpec
+        stream.extend(record(23, 900, 2)); // the encrypted client flight
+        stream.extend(record(23, 53, 2));
+        stream.extend(record(23, hello, 3));
+        let first = stream.len();
+        stream.extend(record(23, 100, 4));
+        let small = stream.len();
+        stream.extend(record(23, 40, 5));
+        let full = stream.len();
+        stream.extend(record(23, FULL_BODY, 6));
+        let flips = |at, offset, header| {
+            let mut records = Records::new(hello);
+            let mut hits = Vec::new();
+            for (i, &byte) in stream.iter().enumerate() {
+                let place = records.advance(byte);
+                if i < first {
+                    assert_eq!(place, None, "byte {i}");
+                }
+                if hits.is_empty() && place.is_some_and(|p| p.hit(at, offset, header)) {
+                    hits.push(i);
+                }
+            }
+            hits
+        };
+        assert_eq!(flips(0, 7, false), [first + 5 + 7]);
+        assert_eq!(flips(0, 107, false), [first + 5 + 7], "modulo the body");
+        assert_eq!(flips(0, 99, true), [first], "the first record's type");
+        assert_eq!(flips(104, 1, false), [first + 5 + 1], "it ends past 104");
+        // Past the first record: the small one is skipped, the full one struck.
+        assert_eq!(flips(105, 3, false), [full + 5 + 3]);
+        assert_eq!(flips((small - first + 20) as u64, 0, false), [full + 5]);
+        let end = (stream.len() - first) as u64;
+        assert!(flips(end, 0, false).is_empty(), "nothing ends past the end");
+    }
+
+    use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+    use ramjet_dataplane::testkit::image::{self, ImageKind};
+    use ramjet_dataplane::testkit::pki::{self, Scratch};
+    use ramjet_dataplane::{
+        Compression, Error, Fact, PreSwitchover, ReceiveOptions, SendOptions, Sender, TlsClient,
+        TlsServer, receive,
+    };
+
+    use super::super::plan::{Fault, Mode, Net};
+
+    /// What a migration through the proxy left.
+    struct Through {
+        sent: Result<(), Error>,
+        received: Result<(), Error>,
+        /// What the watch saw on channel 0: direction (forward) and frame.
+        seen: Vec<(bool, Option<FrameKind>)>,
+        struck: bool,
+    }
+
+    /// A paused guest of 64 pages migrated over TLS on one channel through a proxy for
+    /// `strike`, watched if `watching` (channel 0 then goes message by message, and takes no
+    /// byte fault).
+    fn through_proxy(strike: Strike, watching: bool) -> Through {
+        let dir = Scratch::new("ramjet-stress-proxy-unit").unwrap();
+        pki::credentials(dir.path()).unwrap();
+        let pages = 64;
+        let src = Arc::new(GuestMemory::anonymous(pages * PAGE_SIZE as u64).unwrap());
+        image::fill(&src, ImageKind::Mixed, 3).unwrap();
+        let dst = Arc::new(GuestMemory::anonymous(pages * PAGE_SIZE as u64).unwrap());
+        let tcp = Endpoint::Tcp(([127, 0, 0, 1], 0).into());
+        let receiver = Listener::bind(&tcp).unwrap();
+        let plan = Plan {
+            run: 0,
+            net: Net::Tcp,
+            mode: Mode::Paused,
+            channels: 1,
+            compression: Compression::Off,
+            image: ImageKind::Mixed,
+            pages,
+            dirty_rate: 0,
+            fault: Fault::None,
+            strike,
+            channel: 0,
+            tls: true,
+        };
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let watch: Watch = {
+            let seen = Arc::clone(&seen);
+            Arc::new(move |p: Passing| {
+                seen.lock().unwrap().push((p.forward, p.kind));
+                true
+            })
+        };
+        let timeout = Duration::from_secs(5);
+        let proxy = Proxy::start(
+            Listener::bind(&tcp).unwrap(),
+            receiver.endpoint().clone(),
+            &plan,
+            Hello::encoded_len(1) as u64,
+            timeout,
+            watching.then_some(watch),
+        );
+        let options = ReceiveOptions {
+            timeout,
+            accept_timeout: Some(timeout),
+            tls: Some(TlsServer::from_dir(dir.path()).unwrap()),
+            ..ReceiveOptions::default()
+        };
+        let received = {
+            let dst = Arc::clone(&dst);
+            thread::spawn(move || receive(&receiver, dst, &options, Arc::new(|_: Fact| {})))
+        };
+        let options = SendOptions {
+            channels: 1,
+            timeout,
+            tls: Some(TlsClient::from_dir(dir.path()).unwrap()),
+            ..SendOptions::default()
+        };
+        let sent = Sender::connect(src, proxy.endpoint(), &options, Arc::new(|_: Fact| {}))
+            .and_then(|sender| sender.migrate_paused(b"state", PreSwitchover::Skip))
+            .map(|_| ());
+        let received = received.join().unwrap().map(|_| ());
+        let struck = proxy.stop();
+        let seen = seen.lock().unwrap().clone();
+        Through {
+            sent,
+            received,
+            seen,
+            struck,
+        }
+    }
+
+    /// Under TLS the proxy names channel 0's handover messages from their records alone:
+    /// the handshake and the hello (and the reply) first, unnamed; then the stream and *go*
+    /// one way, *ready* and *decided* the other.
+    #[test]
+    fn sealed_handover_messages_are_named_by_place_and_length() {
+        let Through {
+            sent,
+            received,
+            seen,
+            struck,
+        } = through_proxy(Strike::None, true);
+        sent.unwrap();
+        received.unwrap();
+        assert!(!struck);
+        let way = |forward: bool| -> Vec<Option<FrameKind>> {
+            seen.iter()
+                .filter(|(f, _)| *f == forward)
+                .map(|(_, kind)| *kind)
+                .collect()
+        };
+        let (forward, back) = (way(true), way(false));
+        // The sender: its ClientHello, its encrypted flight, the sealed hello, unnamed; then
+        // stream records, then go.
+        let opening = forward.iter().take_while(|k| k.is_none()).count();
+        assert!(opening >= 3, "{forward:?}");
+        let rest = &forward[opening..];
+        assert_eq!(rest.last(), Some(&Some(FrameKind::Decision)), "{forward:?}");
+        assert!(
+            rest[..rest.len() - 1]
+                .iter()
+                .all(|k| *k == Some(FrameKind::Pages))
+        );
+        assert!(rest.len() >= 2, "{forward:?}");
+        // The receiver: its ServerHello and encrypted flight, the sealed reply; ready, decided.
+        let opening = back.iter().take_while(|k| k.is_none()).count();
+        assert!(opening >= 3, "{back:?}");
+        assert_eq!(
+            back[opening..],
+            [Some(FrameKind::Ready), Some(FrameKind::Decided)],
+            "{back:?}"
+        );
+    }
+
+    /// A record flipped past the sealed hello, in its body or its header, fails the migration
+    /// with a TLS error at the receiver, never a checksum error.
+    #[test]
+    fn a_flipped_record_is_a_tls_error() {
+        for (offset, header) in [(5, false), (0, true), (u64::MAX, false)] {
+            let Through {
+                sent,
+                received,
+                struck,
+                ..
+            } = through_proxy(
+                Strike::FlipRecord {
+                    at: 0,
+                    offset,
+                    header,
+                },
+                false,
+            );
+            assert!(struck);
+            assert!(sent.is_err());
+            let err = received.unwrap_err();
+            assert!(err.is_tls() && !err.is_checksum(), "{}", err.chain());
+        }
     }
 }

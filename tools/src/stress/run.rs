@@ -1,5 +1,6 @@
 //! One stress run: a sender and a receiver in this process, the tampering proxy between them,
-//! the fault struck as the plan says, and what they left checked.
+//! the fault struck as the plan says, and what they left checked. Under `--tls` both ends use
+//! the pass's [`Credentials`].
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,10 +16,11 @@ use ramjet_dataplane::testkit::image::{self, ImageKind};
 use ramjet_dataplane::transport::{Endpoint, Listener, Stream};
 use ramjet_dataplane::{
     BoxError, CancelHandle, Error, Fact, FactSink, Guest, LiveOptions, PreSwitchover,
-    ReceiveOptions, SendOptions, Sender, migrate_live, receive,
+    ReceiveOptions, SendOptions, Sender, TlsClient, migrate_live, receive,
 };
 
 use super::check::{self, Evidence, Got, Sent, Verdict};
+use super::creds::Credentials;
 use super::plan::{Fault, Mode, Net, Plan, Stray, StrayWhen, Strike, When};
 use super::proxy::{Passing, Proxy, Watch};
 
@@ -81,13 +83,19 @@ struct Source {
     stopped: Option<GuestMemory>,
 }
 
-/// Runs one migration as `plan` says, and checks it.
-pub(super) fn run_one(plan: &Plan) -> anyhow::Result<Ran> {
+/// Runs one migration as `plan` says, with TLS on both ends if `creds` (the plan says so
+/// too), and checks it.
+pub(super) fn run_one(plan: &Plan, creds: Option<&Credentials>) -> anyhow::Result<Ran> {
+    anyhow::ensure!(
+        plan.tls == creds.is_some(),
+        "run {}: a TLS plan needs credentials, and only it",
+        plan.run
+    );
     let (src, dst) = memories(plan)?;
     let receiver_listener = Listener::bind(&endpoint(plan.net, "r", plan.run))?;
     let real = receiver_listener.endpoint().clone();
     let hello_len = Hello::encoded_len(src.regions().len()) as u64;
-    let strays = Strays::new(plan, &real, &dst.layout());
+    let strays = Strays::new(plan, &real, &dst.layout(), creds);
     let proxy = Proxy::start(
         Listener::bind(&endpoint(plan.net, "p", plan.run))?,
         real,
@@ -104,6 +112,7 @@ pub(super) fn run_one(plan: &Plan) -> anyhow::Result<Ran> {
         &dst,
         &destination_facts,
         &receiver_cancel,
+        creds,
     );
     if let Strike::Stray {
         kind,
@@ -111,11 +120,27 @@ pub(super) fn run_one(plan: &Plan) -> anyhow::Result<Ran> {
     } = plan.strike
     {
         strays.fired.store(true, Ordering::Relaxed);
-        stray(kind, &strays.to, &strays.layout, plan.run);
+        if stray(
+            kind,
+            &strays.to,
+            &strays.layout,
+            plan.run,
+            strays.intruder.clone(),
+        ) {
+            strays.admitted.store(true, Ordering::Relaxed);
+        }
     }
     let cancel = CancelHandle::new();
     let canceller = arm_cancel(plan.strike, &cancel);
-    let source = send(&src, plan, proxy.endpoint(), &cancel, source_facts.sink());
+    let tls = creds.map(|c| c.client(plan.net));
+    let source = send(
+        &src,
+        plan,
+        proxy.endpoint(),
+        &cancel,
+        source_facts.sink(),
+        tls,
+    );
     let cancelled_in_time = cancel.is_cancelled();
     // A sender cancelled before it connected never comes: the operator cancels the receiver
     // too, rather than let it wait out its accept timeout.
@@ -133,7 +158,7 @@ pub(super) fn run_one(plan: &Plan) -> anyhow::Result<Ran> {
     if let Some(canceller) = canceller {
         let _ = canceller.join();
     }
-    let (verdict, violations) = check::check(&Evidence {
+    let (verdict, mut violations) = check::check(&Evidence {
         plan,
         src: source.stopped.as_ref().unwrap_or(&src),
         dst: &dst,
@@ -144,6 +169,12 @@ pub(super) fn run_one(plan: &Plan) -> anyhow::Result<Ran> {
         destination_facts: &destination_facts.all(),
         struck,
     });
+    if strays.admitted.load(Ordering::Relaxed) {
+        violations.push(format!(
+            "the receiver admitted a stray it must refuse ({:?})",
+            plan.strike
+        ));
+    }
     Ok(Ran {
         verdict,
         struck,
@@ -158,18 +189,33 @@ struct Strays {
     layout: Vec<RegionLayout>,
     strike: Strike,
     run: u64,
+    /// Under TLS, the intruder's credentials, for a stray that is a TLS peer.
+    intruder: Option<TlsClient>,
     fired: Arc<AtomicBool>,
+    /// A stray that must be refused was admitted.
+    admitted: Arc<AtomicBool>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl Strays {
-    fn new(plan: &Plan, to: &Endpoint, layout: &[RegionLayout]) -> Strays {
+    fn new(
+        plan: &Plan,
+        to: &Endpoint,
+        layout: &[RegionLayout],
+        creds: Option<&Credentials>,
+    ) -> Strays {
+        let intruder = match plan.strike {
+            Strike::Stray { kind, .. } => creds.and_then(|c| c.intruder(kind)),
+            _ => None,
+        };
         Strays {
             to: to.clone(),
             layout: layout.to_vec(),
             strike: plan.strike,
             run: plan.run,
+            intruder,
             fired: Arc::default(),
+            admitted: Arc::default(),
             thread: Arc::default(),
         }
     }
@@ -186,12 +232,18 @@ impl Strays {
         };
         let (to, layout, run) = (self.to.clone(), self.layout.clone(), self.run);
         let (fired, thread) = (Arc::clone(&self.fired), Arc::clone(&self.thread));
+        let (admitted, intruder) = (Arc::clone(&self.admitted), self.intruder.clone());
         Some(Arc::new(move |passing: Passing| {
             if (passing.forward, passing.kind) == (at.0, Some(at.1))
                 && !fired.swap(true, Ordering::Relaxed)
             {
                 let (to, layout) = (to.clone(), layout.clone());
-                let stray = thread::spawn(move || stray(kind, &to, &layout, run));
+                let (admitted, intruder) = (Arc::clone(&admitted), intruder.clone());
+                let stray = thread::spawn(move || {
+                    if stray(kind, &to, &layout, run, intruder) {
+                        admitted.store(true, Ordering::Relaxed);
+                    }
+                });
                 *thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(stray);
             }
             true
@@ -211,14 +263,25 @@ impl Strays {
 }
 
 /// A stray peer: connects to the receiver at `to` and does what `kind` says; a receiver that
-/// is gone is no matter.
-fn stray(kind: Stray, to: &Endpoint, layout: &[RegionLayout], run: u64) {
+/// is gone is no matter. A stray that is a TLS peer comes with `intruder`, its credentials;
+/// true if the receiver admitted it, which it must not.
+fn stray(
+    kind: Stray,
+    to: &Endpoint,
+    layout: &[RegionLayout],
+    run: u64,
+    intruder: Option<TlsClient>,
+) -> bool {
+    if let Some(tls) = intruder {
+        return intrude(tls, to, layout);
+    }
     let Ok(mut stream) = Stream::connect(to, TIMEOUT) else {
-        return;
+        return false;
     };
     let mut rng = Rng::new(run ^ 0x5354_5241_5900);
     let said = match kind {
-        Stray::Close => return,
+        // A TLS peer without its credentials (not a TLS pass): nothing to do.
+        Stray::Close | Stray::Untrusted | Stray::Unlisted => return false,
         Stray::Garbage => {
             // As long as a hello, and not ramjet's magic.
             let mut bytes: Vec<u8> = (0..Hello::FIXED_LEN)
@@ -254,6 +317,26 @@ fn stray(kind: Stray, to: &Endpoint, layout: &[RegionLayout], run: u64) {
         let mut buf = [0u8; 1024];
         while matches!(stream.read(&mut buf), Ok(1..)) {}
     }
+    false
+}
+
+/// A stray that is a ramjet sender with TLS, for the receiver's memory layout, whose
+/// certificate the receiver must refuse: it connects one channel (the TLS handshake, the
+/// hello) and goes. True if the receiver admitted it.
+fn intrude(tls: TlsClient, to: &Endpoint, layout: &[RegionLayout]) -> bool {
+    let Ok(memory) = GuestMemory::anonymous_like(layout) else {
+        return false;
+    };
+    let options = SendOptions {
+        channels: 1,
+        timeout: TIMEOUT,
+        decision_timeout: DECISION_TIMEOUT,
+        workers: 1,
+        tls: Some(tls),
+        ..SendOptions::default()
+    };
+    let admitted = Sender::connect(Arc::new(memory), to, &options, Arc::new(|_: Fact| {}));
+    admitted.is_ok()
 }
 
 /// The source's memory, filled with the plan's image, and the destination's: a page larger
@@ -278,6 +361,7 @@ fn start_receiver(
     dst: &Arc<GuestMemory>,
     facts: &Arc<Facts>,
     cancel: &CancelHandle,
+    creds: Option<&Credentials>,
 ) -> JoinHandle<Result<Got, Error>> {
     let options = ReceiveOptions {
         cancel: cancel.clone(),
@@ -285,6 +369,7 @@ fn start_receiver(
         accept_timeout: Some(TIMEOUT * 4),
         in_doubt_wait: IN_DOUBT_WAIT,
         workers: 2,
+        tls: creds.map(Credentials::server),
         ..ReceiveOptions::default()
     };
     let (dst, sink) = (Arc::clone(dst), facts.sink());
@@ -315,13 +400,14 @@ fn arm_cancel(strike: Strike, cancel: &CancelHandle) -> Option<JoinHandle<()>> {
     }
 }
 
-/// Sends the plan's guest, paused or live, to the proxy at `to`.
+/// Sends the plan's guest, paused or live, to the proxy at `to`, with `tls` if given.
 fn send(
     src: &Arc<GuestMemory>,
     plan: &Plan,
     to: &Endpoint,
     cancel: &CancelHandle,
     sink: Arc<dyn FactSink>,
+    tls: Option<TlsClient>,
 ) -> Source {
     let at_switchover =
         matches!(plan.strike, Strike::Cancel(When::Switchover)).then(|| cancel.clone());
@@ -332,6 +418,7 @@ fn send(
         decision_timeout: DECISION_TIMEOUT,
         workers: 2,
         cancel: cancel.clone(),
+        tls,
         ..SendOptions::default()
     };
     match plan.mode {

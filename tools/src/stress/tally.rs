@@ -96,7 +96,9 @@ impl Tally {
         }
     }
 
-    pub(super) fn print(&self, seed: u64, elapsed: Duration) {
+    /// Prints the table, the summary line and each violation with how to replay it (`tls`:
+    /// the pass had `--tls`).
+    pub(super) fn print(&self, seed: u64, tls: bool, elapsed: Duration) {
         print_heading();
         for (fault, row) in &self.by_fault {
             print_row(&format!("{fault:?}").to_lowercase(), row);
@@ -113,14 +115,16 @@ impl Tally {
              doubt, the source handed over / kept it ({in_doubt} in doubt); unacked = handed \
              over, go never acknowledged; both! and nobody! break the promise"
         );
+        let tls = if tls { " --tls" } else { "" };
         println!(
-            "{} runs in {:.1?}, seed {seed}: {} violations",
+            "{} runs in {:.1?}, seed {seed}{}: {} violations",
             self.runs,
             elapsed,
+            if tls.is_empty() { "" } else { ", TLS" },
             self.violations.len()
         );
         for v in &self.violations {
-            println!("violation: {v} (replay: --seed {seed} --first <run> --runs 1)");
+            println!("violation: {v} (replay: --seed {seed}{tls} --first <run> --runs 1)");
         }
     }
 }
