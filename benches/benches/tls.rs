@@ -179,17 +179,20 @@ fn alternate(rounds: usize, cases: usize, run: &mut dyn FnMut(usize)) -> Vec<Vec
     samples
 }
 
-/// Benchmarks `run` (one iteration moves `bytes`) under criterion as `id`; returns the
-/// totals over every iteration criterion ran, warm-up included, and how many there were.
+/// Benchmarks `run` under criterion as `id`, calling `prepare` untimed before each batch of
+/// iterations (to make what is made on first use); returns the totals over every iteration
+/// criterion ran, warm-up included, and how many there were.
 fn bench(
     group: &mut BenchmarkGroup<'_, WallTime>,
     id: BenchmarkId,
+    prepare: impl Fn(),
     mut run: impl FnMut(),
 ) -> (Sample, u64) {
     let total = Cell::new(Sample::default());
     let count = Cell::new(0u64);
     group.bench_function(id, |b| {
         b.iter_custom(|iterations| {
+            prepare();
             let mut sum = Sample::default();
             for _ in 0..iterations {
                 sum.add(Sample::of(&mut run));
@@ -340,7 +343,11 @@ fn migrations(c: &mut Criterion) -> Option<String> {
         for on in [false, true] {
             let report = RefCell::new(Report::default());
             let id = BenchmarkId::new(format!("{kind}_{}", mode(on)), channels);
-            let (total, count) = bench(&mut group, id, || {
+            let prepare = || {
+                image(i);
+                dst();
+            };
+            let (total, count) = bench(&mut group, id, prepare, || {
                 let tls = on.then_some(&tls);
                 *report.borrow_mut() = migrate(image(i), dst(), &transport, channels, tls);
             });
@@ -743,9 +750,14 @@ fn landing(c: &mut Criterion) -> Option<String> {
     let mut any = false;
     for (i, way) in Landing::ALL.into_iter().enumerate() {
         let id = BenchmarkId::from_parameter(way.name());
-        let (total, count) = bench(&mut group, id, || {
-            reads[i] = land(way, &listener, &stream, &mut pool, &mut dst);
-        });
+        let (total, count) = bench(
+            &mut group,
+            id,
+            || {},
+            || {
+                reads[i] = land(way, &listener, &stream, &mut pool, &mut dst);
+            },
+        );
         if count > 0 {
             any = true;
             let moved = gb(bytes * count);
@@ -800,13 +812,26 @@ fn landing(c: &mut Criterion) -> Option<String> {
     Some(table)
 }
 
-/// Both groups, then their tables of paired medians together at the end.
+/// The machine's load: `/proc/loadavg`'s 1, 5 and 15 minute averages and the CPU count.
+fn load() -> String {
+    let averages = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let averages: Vec<&str> = averages.split_whitespace().take(3).collect();
+    let cpus = thread::available_parallelism().map_or(0, usize::from);
+    format!("load average {} on {cpus} CPUs", averages.join(" "))
+}
+
+/// Both groups, then their tables of paired medians together at the end, with the load before
+/// and after: figures from a busy machine are not figures.
 fn main() {
     let mut criterion = Criterion::default().configure_from_args();
+    let before = load();
+    println!("tls bench: {before}");
     let tables = [migrations(&mut criterion), landing(&mut criterion)];
     criterion.final_summary();
     for table in tables.into_iter().flatten() {
         println!();
         print!("{table}");
     }
+    println!();
+    println!("tls bench: {before} at the start, {} at the end", load());
 }
