@@ -6,20 +6,24 @@
 //!   memory is prefaulted once before anything is measured (warm, as a VMM's guest RAM is when
 //!   a migration arrives). Each case prints GB/s of guest RAM (decimal GB over wall time), the
 //!   CPU seconds per GB that sender and receiver spent together (this process's user + system
-//!   time), the negotiated cipher suite and the bytes sent zero-copy. Then plaintext and TLS
+//!   time), the negotiated cipher suite and key exchange, and the bytes sent zero-copy. Then plaintext and TLS
 //!   migrations alternate, pair by pair, for a table of the medians and of the paired
 //!   TLS/plaintext ratios: on a machine whose speed drifts, ratios of neighbouring runs are
 //!   what can be trusted.
 //! - `tls_landing`: where a received record is opened, over real loopback TCP from a writer
 //!   thread that sends pre-sealed records of the record layer's size (5-byte header as AAD,
-//!   16 KiB + 1 byte of content, 16-byte AES-256-GCM tag): (a) `read_ahead`, large reads into
-//!   a 512 KiB buffer, each record opened in place there and its plaintext copied into the
-//!   destination pages, as `dataplane/src/tls/record.rs` does; (b) `exact`, the header read,
+//!   16 KiB + 1 byte of content, 16-byte tag), AES-256-GCM with aws-lc-rs as the record layer
+//!   uses it: (a) `read_ahead`, large reads into a 512 KiB buffer, each record opened in place
+//!   there and its plaintext copied into the destination pages, as `dataplane/src/tls/record.rs`
+//!   does; (a2) `read_ahead_gather`, the same reads, each record opened out of the buffer
+//!   straight into the destination (the decryption is the copy); (b) `exact`, the header read,
 //!   then the body read straight into the destination range, then the tag, opened in place in
 //!   the destination; (b2) `exact_vectored`, as (b) but the body, the tag and the next header
 //!   in one `readv`. It weighs syscalls per record against one extra copy. Each prints GB/s
 //!   of plaintext, the CPU seconds per GB of the receiving thread and of the whole process,
-//!   and reads per record; then the three rotate, for a table of paired medians.
+//!   and reads per record; then the four rotate, for a table of paired medians. (a2), (b) and
+//!   (b2) write a record's plaintext into the destination before its tag is checked (a failed
+//!   record leaves unauthenticated bytes there), which (a) never does.
 //!
 //! Both tables are printed at the end of the run, together.
 //!
@@ -35,6 +39,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use aws_lc_rs::aead::{self, AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
 use memmap2::{Advice, MmapMut};
@@ -46,7 +51,6 @@ use ramjet_dataplane::{
     Compression, PAGE_SIZE, PreSwitchover, ReceiveOptions, SendOptions, Sender, TlsClient,
     TlsServer, receive,
 };
-use ring::aead::{self, AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 
 /// Guest RAM per migration unless `RAMJET_BENCH_BYTES` says otherwise.
 const DEFAULT_BYTES: u64 = 2 << 30;
@@ -233,7 +237,7 @@ impl Tls {
 /// What one migration reports beyond its time.
 #[derive(Debug, Clone, Default)]
 struct Report {
-    /// The cipher suite the sender negotiated (`None`: plaintext).
+    /// The cipher suite and key exchange the sender negotiated (`None`: plaintext).
     suite: Option<String>,
     zero_copy_bytes: u64,
 }
@@ -273,12 +277,9 @@ fn migrate(
     let received = receiver.join().expect("receiver thread");
     assert!(received.handover.may_run(), "{:?}", received.handover);
     assert_eq!(summary.stats.pages(), src.total_pages(), "every page sent");
-    let suite = summary.tls.map(|n| n.suite);
-    assert_eq!(
-        suite,
-        received.tls.map(|n| n.suite),
-        "both ends name one suite"
-    );
+    let name = |n: ramjet_dataplane::Negotiated| format!("{} with {}", n.suite, n.key_exchange);
+    let suite = summary.tls.map(name);
+    assert_eq!(suite, received.tls.map(name), "both ends name one suite");
     Report {
         suite,
         zero_copy_bytes: summary.stats.zero_copy_bytes,
@@ -556,15 +557,32 @@ impl Stream {
         assert_eq!(header, record_header(), "record {seq}'s header");
         let opened = self
             .key
-            .open_in_place_separate_tag(
-                nonce(&self.iv, seq as u64),
-                Aad::from(header),
-                Tag::from(tag),
-                inner,
-                0..,
-            )
+            .open_in_place_separate_tag(nonce(&self.iv, seq as u64), Aad::from(header), &tag, inner)
             .expect("the record opens");
         assert_eq!(opened[CONTENT], APPLICATION_DATA, "record {seq}'s type");
+    }
+
+    /// Checks a record's header and opens its sealed part `inner` under `tag` into `out`
+    /// (as long as `inner`).
+    fn open_into(
+        &self,
+        seq: usize,
+        header: [u8; HEADER],
+        inner: &[u8],
+        tag: &[u8],
+        out: &mut [u8],
+    ) {
+        assert_eq!(header, record_header(), "record {seq}'s header");
+        self.key
+            .open_separate_gather(
+                nonce(&self.iv, seq as u64),
+                Aad::from(header),
+                inner,
+                tag,
+                out,
+            )
+            .expect("the record opens");
+        assert_eq!(out[CONTENT], APPLICATION_DATA, "record {seq}'s type");
     }
 }
 
@@ -624,6 +642,29 @@ fn land_read_ahead(stream: &Stream, socket: &mut Counted, pool: &mut [u8], dst: 
     }
 }
 
+/// (a2) As (a), but each record opened out of `pool` straight into its pages of `dst`: the
+/// decryption is the copy. Its type byte lands on the first byte after them, as in (b).
+fn land_read_ahead_gather(stream: &Stream, socket: &mut Counted, pool: &mut [u8], dst: &mut [u8]) {
+    let (mut start, mut end) = (0, 0);
+    for seq in 0..stream.records {
+        while end - start < RECORD {
+            if pool.len() - start < RECORD {
+                pool.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+            }
+            end += socket.read_some(&mut pool[end..]);
+        }
+        let record = &pool[start..start + RECORD];
+        let (header, rest) = record.split_at(HEADER);
+        let (inner, tag) = rest.split_at(INNER);
+        let header = <[u8; HEADER]>::try_from(header).expect("5 bytes");
+        let out = &mut dst[seq * CONTENT..seq * CONTENT + INNER];
+        stream.open_into(seq, header, inner, tag, out);
+        start += RECORD;
+    }
+}
+
 /// (b) Exact reads: the header, then the sealed part straight into the record's pages of
 /// `dst` (its type byte onto the first byte after them, which the next record's pages
 /// overwrite: `dst` has one spare byte at the end), then the tag; opened in place in `dst`.
@@ -659,16 +700,23 @@ fn land_exact_vectored(stream: &Stream, socket: &mut Counted, dst: &mut [u8]) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Landing {
     ReadAhead,
+    ReadAheadGather,
     Exact,
     ExactVectored,
 }
 
 impl Landing {
-    const ALL: [Landing; 3] = [Landing::ReadAhead, Landing::Exact, Landing::ExactVectored];
+    const ALL: [Landing; 4] = [
+        Landing::ReadAhead,
+        Landing::ReadAheadGather,
+        Landing::Exact,
+        Landing::ExactVectored,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Landing::ReadAhead => "read_ahead",
+            Landing::ReadAheadGather => "read_ahead_gather",
             Landing::Exact => "exact",
             Landing::ExactVectored => "exact_vectored",
         }
@@ -700,6 +748,7 @@ fn land(
         };
         match landing {
             Landing::ReadAhead => land_read_ahead(stream, &mut socket, pool, dst),
+            Landing::ReadAheadGather => land_read_ahead_gather(stream, &mut socket, pool, dst),
             Landing::Exact => land_exact(stream, &mut socket, dst),
             Landing::ExactVectored => land_exact_vectored(stream, &mut socket, dst),
         }
@@ -707,7 +756,7 @@ fn land(
     })
 }
 
-/// The three landings under criterion, then alternating; returns the table of paired medians
+/// The four landings under criterion, then alternating; returns the table of paired medians
 /// (`None` if a filter left every landing out).
 fn landing(c: &mut Criterion) -> Option<String> {
     let bytes = bench_bytes().min(LANDING_BYTES_MAX);
@@ -722,7 +771,7 @@ fn landing(c: &mut Criterion) -> Option<String> {
     let mut dst = MmapMut::map_anon(stream.records * CONTENT + 1).expect("map");
     dst.advise(Advice::HugePage).expect("madvise");
     println!(
-        "tls_landing: {} records of {CONTENT} + 1 bytes sealed with AES-256-GCM ({} plaintext), \
+        "tls_landing: {} records of {CONTENT} + 1 bytes sealed with AES-256-GCM (aws-lc-rs; {} plaintext), \
          sent over loopback TCP in {} KiB writes",
         stream.records,
         label(bytes),
@@ -730,7 +779,7 @@ fn landing(c: &mut Criterion) -> Option<String> {
     );
     // Each landing once, unmeasured, into a destination of other bytes (which faults every
     // page in: warm from here on): it must end up holding the plaintext.
-    let mut reads = [0u64; 3];
+    let mut reads = [0u64; Landing::ALL.len()];
     for (i, way) in Landing::ALL.into_iter().enumerate() {
         dst.fill(0xee);
         reads[i] = land(way, &listener, &stream, &mut pool, &mut dst);
@@ -777,7 +826,7 @@ fn landing(c: &mut Criterion) -> Option<String> {
         return None;
     }
 
-    println!("tls_landing: {rounds} rounds of the three landings in rotation");
+    println!("tls_landing: {rounds} rounds of the four landings in rotation");
     let mut paired_reads = vec![Vec::with_capacity(rounds); Landing::ALL.len()];
     let samples = alternate(rounds, Landing::ALL.len(), &mut |i| {
         let n = land(Landing::ALL[i], &listener, &stream, &mut pool, &mut dst);
@@ -791,14 +840,14 @@ fn landing(c: &mut Criterion) -> Option<String> {
         label(bytes)
     );
     table += &format!(
-        "{:<15} | {:>7} {:>8} | {:>11} {:>8} | {:>11} | {:>12}\n",
+        "{:<17} | {:>7} {:>8} | {:>11} {:>8} | {:>11} | {:>12}\n",
         "landing", "GB/s", "vs (a)", "recv CPU/GB", "vs (a)", "proc CPU/GB", "reads/record"
     );
     for (i, way) in Landing::ALL.into_iter().enumerate() {
         let mine = &samples[i];
         let pairs = || mine.iter().zip(&samples[0]);
         table += &format!(
-            "{:<15} | {:>7.3} {:>7.3}x | {:>11.3} {:>7.3}x | {:>11.3} | {:>12.2}\n",
+            "{:<17} | {:>7.3} {:>7.3}x | {:>11.3} {:>7.3}x | {:>11.3} | {:>12.2}\n",
             way.name(),
             median(mine.iter().map(|s| gb / s.seconds).collect()),
             median(pairs().map(|(m, a)| a.seconds / m.seconds).collect()),
