@@ -6,8 +6,13 @@
 //!   between two mappings over the same number of TCP streams (blocking `write_all` and io_uring
 //!   `Send` of 1 MiB chunks, received with `read_exact`). Each also prints the CPU seconds per
 //!   GB that sender and receiver spent together.
+//! - `tls`: the same migrations (paused guest, io_uring, compression off) in plaintext and under
+//!   TLS 1.3, alternating in pairs, with GB/s, CPU seconds per GB, the negotiated cipher suite
+//!   and a table of paired TLS/plaintext ratios; and where the receiver should open records,
+//!   over real loopback sockets: large reads into a buffer and a copy out (or an out-of-place
+//!   open), against exact reads straight into the destination. `RAMJET_BENCH_BYTES=256M` makes a quick run.
 //!
-//! Run with `cargo bench -p ramjet-benches`. The destination memory is prefaulted (warm), as a
+//! Run with `cargo bench -p ramjet-benches` (one file: `--bench tls`). The destination memory is prefaulted (warm), as a
 //! VMM's guest RAM is before a migration arrives.
 
 #![warn(missing_docs)]
