@@ -380,13 +380,7 @@ fn first_byte(
         match stream.peek(&mut byte) {
             Ok(0) => return Err(HelloError::Closed { bytes: 0 }),
             Ok(_) => return Ok(byte[0]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if crate::transport::is_wait(&e) => {}
             Err(e) => return Err(HelloError::Io(e)),
         }
     }

@@ -183,13 +183,7 @@ fn fill(
         match stream.read(&mut buf[got..]) {
             Ok(0) => return Err(HelloError::Closed { bytes: at + got }),
             Ok(n) => got += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if crate::transport::is_wait(&e) => {}
             Err(e) => return Err(HelloError::Io(e)),
         }
         // The magic comes first: a peer that is not ramjet is known by its first bytes, without

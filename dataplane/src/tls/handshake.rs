@@ -470,13 +470,7 @@ fn read(
                 }
                 return Ok(());
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if crate::transport::is_wait(&e) => {}
             Err(e) => return Err(HandshakeError::Io(e)),
         }
     }

@@ -150,6 +150,16 @@ impl Stream {
     }
 }
 
+/// Whether a read that failed with `e` only ran out of its step's time (or was interrupted)
+/// and may be tried again: how the stepped reads of hellos and handshakes tell waiting from
+/// failing.
+pub(crate) fn is_wait(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
 /// Which of a socket's queues [`queued`] measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Queue {
