@@ -366,24 +366,12 @@ fn first_byte(
     stopped: &dyn Fn() -> bool,
 ) -> Result<u8, HelloError> {
     let mut byte = [0u8; 1];
-    loop {
-        if stopped() {
-            return Err(HelloError::Stopped);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(HelloError::Stalled { bytes: 0 });
-        }
-        stream
-            .set_read_timeout(Some(left.min(Duration::from_millis(50))))
-            .map_err(HelloError::Io)?;
-        match stream.peek(&mut byte) {
-            Ok(0) => return Err(HelloError::Closed { bytes: 0 }),
-            Ok(_) => return Ok(byte[0]),
-            Err(e) if crate::transport::is_wait(&e) => {}
-            Err(e) => return Err(HelloError::Io(e)),
-        }
-    }
+    crate::transport::read_stepped(deadline, stopped, |step| {
+        stream.set_read_timeout(Some(step))?;
+        stream.peek(&mut byte)
+    })
+    .map_err(|stop| HelloError::from_stop(stop, 0))?;
+    Ok(byte[0])
 }
 
 /// Whether a hello that does not decode comes from a stranger rather than a broken sender: it

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::tls::TlsClient;
-use crate::transport::{Conn, Endpoint, Stream};
+use crate::transport::{Conn, Endpoint, ReadStop, Stream};
 use crate::wire::{DecodeError, Hello, HelloReply, MAGIC, Verdict};
 
 /// A new migration's session id, the same on each of its channels, so a receiver can tell its
@@ -118,9 +118,6 @@ fn refused_by_alert(channel: u16, e: &io::Error) -> Option<Error> {
     })
 }
 
-/// How long one read of a hello may block before the deadline and the stop are checked again.
-const STEP: Duration = Duration::from_millis(50);
-
 /// Why no hello could be read from a connection.
 #[derive(Debug)]
 pub(crate) enum HelloError {
@@ -141,6 +138,18 @@ pub(crate) enum HelloError {
     /// The bytes are not a valid hello: another program (bad magic, known as soon as the first
     /// bytes differ from it), another version, a corrupted or malformed hello.
     Invalid(DecodeError),
+}
+
+impl HelloError {
+    /// Why a stepped read of the hello read nothing, `bytes` bytes into it.
+    pub(crate) fn from_stop(stop: ReadStop, bytes: usize) -> Self {
+        match stop {
+            ReadStop::Closed => Self::Closed { bytes },
+            ReadStop::Stalled => Self::Stalled { bytes },
+            ReadStop::Stopped => Self::Stopped,
+            ReadStop::Io(e) => Self::Io(e),
+        }
+    }
 }
 
 /// The receiver's half, first step: reads a hello, giving up at `deadline` or as soon as
@@ -170,22 +179,11 @@ fn fill(
 ) -> Result<(), HelloError> {
     let mut got = 0;
     while got < buf.len() {
-        if stopped() {
-            return Err(HelloError::Stopped);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(HelloError::Stalled { bytes: at + got });
-        }
-        stream
-            .set_read_timeout(Some(left.min(STEP)))
-            .map_err(HelloError::Io)?;
-        match stream.read(&mut buf[got..]) {
-            Ok(0) => return Err(HelloError::Closed { bytes: at + got }),
-            Ok(n) => got += n,
-            Err(e) if crate::transport::is_wait(&e) => {}
-            Err(e) => return Err(HelloError::Io(e)),
-        }
+        got += crate::transport::read_stepped(deadline, stopped, |step| {
+            stream.set_read_timeout(Some(step))?;
+            stream.read(&mut buf[got..])
+        })
+        .map_err(|stop| HelloError::from_stop(stop, at + got))?;
         // The magic comes first: a peer that is not ramjet is known by its first bytes, without
         // waiting for 48 of them (an HTTP client may send fewer and wait for an answer).
         let magic = MAGIC.len().saturating_sub(at).min(got);

@@ -14,11 +14,9 @@ use rustls::{CertificateError, ProtocolVersion};
 
 use super::record::{self, Kernel, Opener, Sealer, Shared};
 use super::{Negotiated, TlsClient, TlsServer};
-use crate::transport::Stream;
+use crate::transport::{ReadStop, STEP, Stream, read_stepped};
 use crate::wire::{HelloReply, MAGIC};
 
-/// How long one read of the handshake blocks before the deadline and the stop are checked.
-const STEP: Duration = Duration::from_millis(50);
 /// The most handshake bytes buffered at once: a certificate chain and more.
 const MAX_HANDSHAKE: usize = 256 << 10;
 /// The read-ahead of a receiver's record layer, which reads the guest's pages: large reads,
@@ -59,6 +57,16 @@ pub(crate) enum HandshakeError {
 }
 
 impl HandshakeError {
+    /// Why a stepped read of the handshake read nothing, after `bytes` bytes of it.
+    fn from_stop(stop: ReadStop, bytes: usize) -> Self {
+        match stop {
+            ReadStop::Closed => Self::Closed { bytes },
+            ReadStop::Stalled => Self::Stalled { bytes },
+            ReadStop::Stopped => Self::Stopped,
+            ReadStop::Io(e) => Self::Io(e),
+        }
+    }
+
     /// Why, in words, with `peer` naming the other end ("the receiver", "it").
     pub(crate) fn reason(&self, peer: &str, limit: Duration) -> String {
         match self {
@@ -425,55 +433,37 @@ fn read(
         let len = bufs.incoming.len() * 2;
         bufs.incoming.resize(len, 0);
     }
-    loop {
-        if stopped() {
-            return Err(HandshakeError::Stopped);
+    let read = read_stepped(deadline, stopped, |step| {
+        stream.set_read_timeout(Some(step))?;
+        stream.read(&mut bufs.incoming[bufs.used..])
+    });
+    let n = match read {
+        Ok(n) => n,
+        Err(ReadStop::Closed) if bufs.received > 0 && !looks_like_tls(bufs) => {
+            return Err(not_tls(bufs));
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(HandshakeError::Stalled {
-                bytes: bufs.received,
-            });
-        }
-        stream
-            .set_read_timeout(Some(left.min(STEP)))
-            .map_err(HandshakeError::Io)?;
-        match stream.read(&mut bufs.incoming[bufs.used..]) {
-            Ok(0) => {
-                return Err(if bufs.received > 0 && !looks_like_tls(bufs) {
-                    not_tls(bufs)
-                } else {
-                    HandshakeError::Closed {
-                        bytes: bufs.received,
-                    }
-                });
+        Err(stop) => return Err(HandshakeError::from_stop(stop, bufs.received)),
+    };
+    let first = bufs.received == 0;
+    bufs.used += n;
+    bufs.received += n;
+    if first && !looks_like_tls(bufs) {
+        // Give a plaintext ramjet peer a moment to finish its refusal, so its reason can be
+        // shown.
+        let wait = Instant::now() + STEP * 4;
+        while bufs.used < bufs.incoming.len() && Instant::now() < wait {
+            let _ = stream.set_read_timeout(Some(STEP));
+            match stream.read(&mut bufs.incoming[bufs.used..]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => bufs.used += n,
             }
-            Ok(n) => {
-                let first = bufs.received == 0;
-                bufs.used += n;
-                bufs.received += n;
-                if first && !looks_like_tls(bufs) {
-                    // Give a plaintext ramjet peer a moment to finish its refusal, so its
-                    // reason can be shown.
-                    let wait = Instant::now() + STEP * 4;
-                    while bufs.used < bufs.incoming.len() && Instant::now() < wait {
-                        let _ = stream.set_read_timeout(Some(STEP));
-                        match stream.read(&mut bufs.incoming[bufs.used..]) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => bufs.used += n,
-                        }
-                        if refusal(bufs).is_some() {
-                            break;
-                        }
-                    }
-                    return Err(not_tls(bufs));
-                }
-                return Ok(());
+            if refusal(bufs).is_some() {
+                break;
             }
-            Err(e) if crate::transport::is_wait(&e) => {}
-            Err(e) => return Err(HandshakeError::Io(e)),
         }
+        return Err(not_tls(bufs));
     }
+    Ok(())
 }
 
 /// Whether the peer's first byte opens a TLS record: a handshake message or an alert.

@@ -150,14 +150,54 @@ impl Stream {
     }
 }
 
-/// Whether a read that failed with `e` only ran out of its step's time (or was interrupted)
-/// and may be tried again: how the stepped reads of hellos and handshakes tell waiting from
-/// failing.
-pub(crate) fn is_wait(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
-    )
+/// How long one step of a [`read_stepped`] blocks before the deadline and the stop are
+/// checked again.
+pub(crate) const STEP: Duration = Duration::from_millis(50);
+
+/// Why a [`read_stepped`] read nothing.
+#[derive(Debug)]
+pub(crate) enum ReadStop {
+    /// The peer closed the connection.
+    Closed,
+    /// The deadline passed.
+    Stalled,
+    /// The caller's stop said to give up.
+    Stopped,
+    /// The socket failed (a reset, say).
+    Io(io::Error),
+}
+
+/// One read of a peer that may be slow or silent, as the hellos, the first byte and the TLS
+/// handshake are read: `read(timeout)` sets the socket's read timeout and reads (or peeks)
+/// once, and is called again, [`STEP`] at a time, while it only runs out of its step's time
+/// (or is interrupted), until it returns bytes, `deadline` passes or `stopped` says so.
+/// Returns how many bytes it read (never 0).
+pub(crate) fn read_stepped(
+    deadline: Instant,
+    stopped: &dyn Fn() -> bool,
+    mut read: impl FnMut(Duration) -> io::Result<usize>,
+) -> Result<usize, ReadStop> {
+    loop {
+        if stopped() {
+            return Err(ReadStop::Stopped);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ReadStop::Stalled);
+        }
+        match read(left.min(STEP)) {
+            Ok(0) => return Err(ReadStop::Closed),
+            Ok(n) => return Ok(n),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(ReadStop::Io(e)),
+        }
+    }
 }
 
 /// Which of a socket's queues [`queued`] measures.

@@ -19,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 pub use blocking::Blocking;
 pub(crate) use conn::Conn;
 pub use endpoint::{Endpoint, Listener, Stream};
-pub(crate) use endpoint::{Queue, Wake, is_wait, queued};
+pub(crate) use endpoint::{Queue, ReadStop, STEP, Wake, queued, read_stepped};
 pub use link::{LinkReader, LinkWriter, Transport};
 pub use uring::{Unavailable, Uring, ZeroCopy};
 
