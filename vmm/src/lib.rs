@@ -9,7 +9,7 @@
 //! a counter and a running checksum in guest memory and reporting progress through port I/O.
 //!
 //! A migration of it, source side: [`Vm::new`], [`Machine::boot`], [`Vm::dirty_log`], then
-//! ramjet's `migrate_live` with the machine as its [`Guest`](ramjet_dataplane::Guest).
+//! ramjet's `migrate_live` with the machine as its [`Guest`].
 //! Destination: [`Vm::new`] with the same size, ramjet's `receive` into [`Vm::ram`], then, only
 //! if the handover says the guest may run here, [`Machine::restore`] and [`Machine::resume`].
 
