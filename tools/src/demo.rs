@@ -14,12 +14,12 @@ use ramjet_dataplane::testkit::image::{self, ImageKind};
 use ramjet_dataplane::testkit::pki::{self, Scratch};
 use ramjet_dataplane::transport::Listener;
 use ramjet_dataplane::{
-    Error, LiveOptions, LiveReport, ReceiveOptions, Received, SendOptions, Sender, TlsClient,
-    TlsServer, migrate_live, receive,
+    DirtySource, Error, Guest, LiveOptions, LiveReport, ReceiveOptions, Received, SendOptions,
+    Sender, TlsClient, TlsServer, migrate_live, receive,
 };
 
 use crate::cli::{GuestSize, MigrationArgs};
-use crate::events::Events;
+use crate::events::{Events, Format};
 use crate::progress::Watcher;
 use crate::units::Bytes;
 
@@ -34,6 +34,11 @@ pub struct Args {
     /// Pages the guest dirties per second.
     #[arg(long, default_value_t = 20_000)]
     dirty_rate: u64,
+    /// The guest: `thread` (a thread of this process writes the guest's memory), or `kvm` (a
+    /// real KVM virtual machine, run by ramjet's minimal VMM, with KVM's dirty log; it needs
+    /// /dev/kvm).
+    #[arg(long, default_value = "thread")]
+    guest: GuestKind,
     /// Encrypt and authenticate every channel with TLS 1.3, with a throwaway CA and
     /// certificates for both ends (in QEMU's tls-creds-x509 layout, in a temporary directory
     /// removed at the end).
@@ -41,12 +46,23 @@ pub struct Args {
     tls: bool,
 }
 
+/// Which guest the demo migrates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GuestKind {
+    /// A thread of this process writes the guest's memory.
+    Thread,
+    /// A KVM virtual machine.
+    Kvm,
+}
+
 /// What the flags ask of the library, for both ends of the loopback.
 #[derive(Debug)]
-struct Config {
-    send: SendOptions,
-    live: LiveOptions,
-    receive: ReceiveOptions,
+pub(crate) struct Config {
+    pub(crate) send: SendOptions,
+    pub(crate) live: LiveOptions,
+    pub(crate) receive: ReceiveOptions,
+    /// How both sides' events are printed.
+    events: Format,
     /// The throwaway credentials of `--tls`, kept while the demo runs.
     _creds: Option<Scratch>,
 }
@@ -75,6 +91,7 @@ impl TryFrom<&Args> for Config {
             send,
             live,
             receive,
+            events: args.migration.events,
             _creds: creds,
         })
     }
@@ -97,6 +114,9 @@ fn prepare(bytes: u64) -> anyhow::Result<(Arc<GuestMemory>, Arc<GuestMemory>)> {
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let config = Config::try_from(args)?;
+    if args.guest == GuestKind::Kvm {
+        return crate::kvm::run(args.size.bytes(), args.dirty_rate, &config);
+    }
     let bytes = args.size.bytes();
     let (memory, incoming) = prepare(bytes)?;
 
@@ -106,18 +126,44 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(why) = why {
         eprintln!("userfaultfd unavailable ({why}); the guest marks a dirty bitmap instead");
     }
+    let migrated = migrate(&config, &memory, &incoming, source.as_mut(), &mut guest)?;
+    let identical = memory.first_difference(&incoming)?.is_none();
+    migrated.print(&config.send, source.name(), bytes);
+    if !identical {
+        bail!("verification failed: the destination differs from the paused source");
+    }
+    println!("verified: destination identical");
+    Ok(())
+}
 
+/// A demo migration that completed: what both ends said.
+pub(crate) struct Migrated {
+    pub(crate) report: LiveReport,
+    pub(crate) received: Received,
+    total: Duration,
+    at: ramjet_dataplane::Endpoint,
+}
+
+/// Migrates `memory` live over loopback into `incoming`, with `source` tracking the guest's
+/// writes and `guest` pausing it: both sides' events and progress on the terminal.
+pub(crate) fn migrate(
+    config: &Config,
+    memory: &Arc<GuestMemory>,
+    incoming: &Arc<GuestMemory>,
+    source: &mut dyn DirtySource,
+    guest: &mut dyn Guest,
+) -> anyhow::Result<Migrated> {
     let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().map_err(anyhow::Error::msg)?)?;
     let at = listener.endpoint().clone();
-    let format = args.migration.events;
+    let format = config.events;
     let destination = Events::new(Side::Destination, Options::new(), format, true);
     let source_events = Events::new(Side::Source, Options::new(), format, true);
     destination.step(Trigger::Migrate);
-    let receiver = start_receiver(listener, &incoming, config.receive, &destination);
+    let receiver = start_receiver(listener, incoming, config.receive.clone(), &destination);
 
     source_events.step(Trigger::Migrate);
     let started = Instant::now();
-    let sender = Sender::connect(Arc::clone(&memory), &at, &config.send, source_events.sink())?;
+    let sender = Sender::connect(Arc::clone(memory), &at, &config.send, source_events.sink())?;
     let handle = sender.live_handle();
     let channels = config.send.channels;
     let watcher = Watcher::start(
@@ -126,7 +172,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         sender.counters(),
         channels,
     );
-    let report = migrate_live(sender, source.as_mut(), &mut guest, &config.live);
+    let report = migrate_live(sender, source, guest, &config.live);
     let total = started.elapsed();
     watcher.stop();
     let received = receiver
@@ -134,29 +180,34 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?;
     let report = report.context("the migration failed")?;
     let received = received.context("the receiver failed")?;
-    let identical = memory.first_difference(&incoming)?.is_none();
-    let tracking = source.name();
-    print_summary(&config.send, tracking, &report, bytes, total);
-    if let (Some(sent), Some(got)) = (&report.summary.tls, &received.tls) {
-        println!(
-            "encryption:  every channel TLS 1.3 ({}, {} key exchange), mutually authenticated: the \
-             sender checked the receiver's certificate for {}, the receiver the sender's ({}); \
-             zero-copy off ({} bytes sent zero-copy)",
-            sent.suite,
-            sent.key_exchange,
-            match &at {
-                ramjet_dataplane::Endpoint::Tcp(addr) => addr.ip().to_string(),
-                other => other.to_string(),
-            },
-            got.peer_subject.as_deref().unwrap_or("no subject"),
-            report.summary.stats.zero_copy_bytes,
-        );
+    Ok(Migrated {
+        report,
+        received,
+        total,
+        at,
+    })
+}
+
+impl Migrated {
+    /// The closing lines: the summary, and the encryption when TLS was on.
+    pub(crate) fn print(&self, send: &SendOptions, tracking: &str, bytes: u64) {
+        print_summary(send, tracking, &self.report, bytes, self.total);
+        if let (Some(sent), Some(got)) = (&self.report.summary.tls, &self.received.tls) {
+            println!(
+                "encryption:  every channel TLS 1.3 ({}, {} key exchange), mutually authenticated: \
+                 the sender checked the receiver's certificate for {}, the receiver the sender's \
+                 ({}); zero-copy off ({} bytes sent zero-copy)",
+                sent.suite,
+                sent.key_exchange,
+                match &self.at {
+                    ramjet_dataplane::Endpoint::Tcp(addr) => addr.ip().to_string(),
+                    other => other.to_string(),
+                },
+                got.peer_subject.as_deref().unwrap_or("no subject"),
+                self.report.summary.stats.zero_copy_bytes,
+            );
+        }
     }
-    if !identical {
-        bail!("verification failed: the destination differs from the paused source");
-    }
-    println!("verified: destination identical");
-    Ok(())
 }
 
 /// The destination's thread: one receive into `incoming`, its facts stepping `destination`.

@@ -10,6 +10,7 @@ mod demo;
 mod events;
 mod graph;
 mod image;
+mod kvm;
 mod progress;
 mod recv;
 mod send;

@@ -42,6 +42,60 @@ fn the_demo_migrates_a_running_guest_and_verifies_it() {
     );
 }
 
+/// `ramjet demo --guest kvm`: a KVM guest migrates and continues on the destination from the
+/// same counter and checksum (skipped, saying why, where KVM cannot be opened).
+#[test]
+fn the_demo_migrates_a_kvm_guest() {
+    if let Err(why) = ramjet_vmm::kvm_available() {
+        eprintln!("the_demo_migrates_a_kvm_guest: skipped: {why}");
+        return;
+    }
+    let out = ramjet(&[
+        "demo",
+        "--guest",
+        "kvm",
+        "--size",
+        "64M",
+        "--dirty-rate",
+        "5000",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("KVM dirty log"), "{stdout}");
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(
+            "guest:       continued on the destination from the same counter and checksum"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("destination MIGRATION completed"),
+        "{stdout}"
+    );
+}
+
+/// Without KVM the KVM demo says why and fails; the default demo does not need it (above).
+#[test]
+fn the_kvm_demo_without_kvm_says_why() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ramjet"))
+        .args(["demo", "--guest", "kvm", "--size", "64M"])
+        .env("RAMJET_KVM_DEVICE", "/nonexistent/kvm")
+        .output()
+        .expect("run ramjet");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the KVM guest cannot run here: /nonexistent/kvm does not exist"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("without `--guest kvm`"), "{stderr}");
+}
+
 /// `ramjet demo --tls`: the same migration, every channel encrypted and mutually
 /// authenticated with throwaway certificates, and the summary says so.
 #[test]

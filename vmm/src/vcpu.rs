@@ -68,6 +68,10 @@ struct Control {
     sum_wanted: bool,
     /// The sum it reported last, and whether it paused there.
     sum: Option<u32>,
+    /// When the vCPU last stopped running for a pause.
+    paused_at: Option<Instant>,
+    /// When it last started running after a pause (or a restore).
+    resumed_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -285,6 +289,8 @@ impl Machine {
                 rate,
                 sum_wanted: false,
                 sum: None,
+                paused_at: None,
+                resumed_at: None,
             }),
             changed: Condvar::new(),
         });
@@ -322,6 +328,16 @@ impl Machine {
     /// What the guest has reported here.
     pub fn progress(&self) -> Progress {
         self.shared.lock().progress
+    }
+
+    /// When the vCPU last stopped for a pause: the guest ran no instruction after it.
+    pub fn paused_at(&self) -> Option<Instant> {
+        self.shared.lock().paused_at
+    }
+
+    /// When the vCPU last started running after a pause or a restore.
+    pub fn resumed_at(&self) -> Option<Instant> {
+        self.shared.lock().resumed_at
     }
 
     /// Whether the vCPU runs (not paused, not exited).
@@ -496,16 +512,18 @@ impl VcpuThread {
                 (Want::Stop, _) => return Ok(false),
                 (Want::Run, Phase::Paused) => {
                     control.phase = Phase::Running;
+                    control.resumed_at = Some(Instant::now());
                     self.next = Instant::now();
                     self.shared.changed.notify_all();
                 }
                 (Want::Run, _) => return Ok(true),
                 (Want::Pause, Phase::Running) => {
                     drop(control);
-                    let snapshot = self.settle_and_save()?;
+                    let (stopped, snapshot) = self.settle_and_save()?;
                     control = self.shared.lock();
                     control.snapshot = Some(snapshot);
                     control.phase = Phase::Paused;
+                    control.paused_at = Some(stopped);
                     self.shared.changed.notify_all();
                 }
                 (Want::Pause, _) => {
@@ -526,7 +544,9 @@ impl VcpuThread {
     }
 
     /// Completes what the last exit left pending without running the guest, then saves.
-    fn settle_and_save(&mut self) -> Result<Vec<u8>, VmmError> {
+    /// Returns when the guest stopped (out of its last `KVM_RUN`) and the state.
+    fn settle_and_save(&mut self) -> Result<(Instant, Vec<u8>), VmmError> {
+        let stopped = Instant::now();
         self.vcpu.set_kvm_immediate_exit(1);
         let settled = match self.vcpu.run() {
             Err(e) if e.errno() == libc::EINTR => Ok(()),
@@ -537,7 +557,7 @@ impl VcpuThread {
         };
         self.vcpu.set_kvm_immediate_exit(0);
         settled?;
-        self.save()
+        Ok((stopped, self.save()?))
     }
 
     fn save(&self) -> Result<Vec<u8>, VmmError> {

@@ -18,7 +18,9 @@ use ramjet_dataplane::{
     BoxError, CallerFed, DirtyError, DirtySet, DirtySource, GuestMemory as RamjetMemory,
 };
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion as _};
+use vm_memory::{
+    Bytes as _, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion as _,
+};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
@@ -67,20 +69,30 @@ impl std::fmt::Debug for Vm {
     }
 }
 
-/// Opens `/dev/kvm`, saying in words why it cannot be used.
+/// The KVM device: `/dev/kvm`, or the path in `RAMJET_KVM_DEVICE` (where a host keeps it
+/// elsewhere, or to see how the VMM fails without it).
+fn kvm_device() -> String {
+    std::env::var("RAMJET_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into())
+}
+
+/// Opens the KVM device, saying in words why it cannot be used.
 pub(crate) fn open_kvm() -> Result<Kvm, VmmError> {
-    let kvm = Kvm::new().map_err(|e| {
-        VmmError::Unavailable(match e.errno() {
-            libc::ENOENT => "/dev/kvm does not exist (no KVM in this kernel or machine)".into(),
+    let path = kvm_device();
+    let unavailable = |why: String| VmmError::Unavailable(why);
+    let c_path = std::ffi::CString::new(path.clone())
+        .map_err(|_| unavailable(format!("{path:?} is not a path")))?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(|e| {
+        unavailable(match e.errno() {
+            libc::ENOENT => format!("{path} does not exist (no KVM in this kernel or machine)"),
             libc::EACCES | libc::EPERM => {
-                "no permission to open /dev/kvm (run as root or join the kvm group)".into()
+                format!("no permission to open {path} (run as root or join the kvm group)")
             }
-            _ => format!("cannot open /dev/kvm: {e}"),
+            _ => format!("cannot open {path}: {e}"),
         })
     })?;
     if kvm.get_api_version() != 12 {
-        return Err(VmmError::Unavailable(format!(
-            "KVM API version {} (12 expected)",
+        return Err(unavailable(format!(
+            "{path} speaks KVM API version {} (12 expected)",
             kvm.get_api_version()
         )));
     }
@@ -89,7 +101,10 @@ pub(crate) fn open_kvm() -> Result<Kvm, VmmError> {
 
 /// Whether this machine can run the VMM's guests; if not, why (for a skip or a message).
 pub fn kvm_available() -> Result<(), String> {
-    open_kvm().map(drop).map_err(|e| e.to_string())
+    open_kvm().map(drop).map_err(|e| match e {
+        VmmError::Unavailable(why) => why,
+        other => other.to_string(),
+    })
 }
 
 impl Vm {
@@ -159,6 +174,21 @@ impl Vm {
     /// Guest RAM as the VMM reads and writes it (writes through it are tracked).
     pub fn memory(&self) -> &Arc<Memory> {
         &self.memory
+    }
+
+    /// The guest's sum over its data pages (see [`guest`]), computed by the host from its
+    /// memory: what the guest reports on [`guest::PORT_SUM`] for `workload`.
+    pub fn host_sum(&self, workload: &guest::Workload) -> Result<u32, VmmError> {
+        let mut dwords = vec![0u8; workload.words as usize * 4];
+        let mut sum = 0;
+        for page in 0..u64::from(workload.pages) {
+            let address = GuestAddress(guest::DATA + page * 4096);
+            self.memory
+                .read_slice(&mut dwords, address)
+                .map_err(|e| VmmError::Memory(e.to_string()))?;
+            sum = guest::sum(sum, &dwords);
+        }
+        Ok(sum)
     }
 
     /// How this VM tracks dirty pages.
