@@ -39,6 +39,12 @@ pub struct Args {
     /// /dev/kvm).
     #[arg(long, default_value = "thread")]
     guest: GuestKind,
+    /// With `--guest kvm`, how KVM's dirty log is read: `clear` (KVM_GET_DIRTY_LOG without
+    /// write protection, then KVM_CLEAR_DIRTY_LOG of exactly the pages read, as QEMU does;
+    /// `get` where the kernel lacks it) or `get` (KVM_GET_DIRTY_LOG alone, as Cloud Hypervisor
+    /// and Firecracker do).
+    #[arg(long, default_value = "clear")]
+    kvm_log: KvmLog,
     /// Encrypt and authenticate every channel with TLS 1.3, with a throwaway CA and
     /// certificates for both ends (in QEMU's tls-creds-x509 layout, in a temporary directory
     /// removed at the end).
@@ -53,6 +59,15 @@ pub enum GuestKind {
     Thread,
     /// A KVM virtual machine.
     Kvm,
+}
+
+/// How the KVM guest's dirty log is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvmLog {
+    /// Get, then clear what was read.
+    Clear,
+    /// Get (and write-protect) in one call.
+    Get,
 }
 
 /// What the flags ask of the library, for both ends of the loopback.
@@ -115,7 +130,11 @@ fn prepare(bytes: u64) -> anyhow::Result<(Arc<GuestMemory>, Arc<GuestMemory>)> {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let config = Config::try_from(args)?;
     if args.guest == GuestKind::Kvm {
-        return crate::kvm::run(args.size.bytes(), args.dirty_rate, &config);
+        let mode = match args.kvm_log {
+            KvmLog::Clear => ramjet_vmm::LogMode::ManualClear,
+            KvmLog::Get => ramjet_vmm::LogMode::GetOnly,
+        };
+        return crate::kvm::run(args.size.bytes(), args.dirty_rate, mode, &config);
     }
     let bytes = args.size.bytes();
     let (memory, incoming) = prepare(bytes)?;

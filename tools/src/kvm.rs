@@ -18,7 +18,7 @@ use crate::units::Bytes;
 /// How long the guest runs on the destination before the demo checks it.
 const RUN_ON: Duration = Duration::from_millis(300);
 
-pub fn run(bytes: u64, rate: u64, config: &Config) -> anyhow::Result<()> {
+pub fn run(bytes: u64, rate: u64, mode: LogMode, config: &Config) -> anyhow::Result<()> {
     ramjet_vmm::kvm_available().map_err(|why| {
         anyhow::anyhow!(
             "the KVM guest cannot run here: {why} (`ramjet demo` without `--guest kvm` runs a \
@@ -29,7 +29,7 @@ pub fn run(bytes: u64, rate: u64, config: &Config) -> anyhow::Result<()> {
         "preparing a {} KVM guest of mixed content and its destination VM...",
         Bytes(bytes)
     );
-    let vm = Arc::new(Vm::new(bytes, LogMode::ManualClear)?);
+    let vm = Arc::new(Vm::new(bytes, mode)?);
     image::fill(vm.ram(), ImageKind::Mixed, 7)?;
     // The VMM paces the guest once a millisecond: `grant` pages a batch.
     let grant = u32::try_from((rate / 1000).max(1)).unwrap_or(u32::MAX);

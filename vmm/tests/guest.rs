@@ -7,7 +7,10 @@ use std::thread;
 use std::time::Duration;
 
 use common::{booted, check_against_model, kvm_or_skip};
+use ramjet_dataplane::DirtySource as _;
+use ramjet_vmm::guest::Workload;
 use ramjet_vmm::{LogMode, Machine, Vm};
+use vm_memory::Bytes as _;
 
 const BYTES: u64 = 32 << 20;
 
@@ -82,6 +85,55 @@ fn a_guest_restored_from_its_state_goes_on() {
         Some(last + 8),
         "the counter goes on from {last}"
     );
+}
+
+/// A sync finds both kinds of write: the guest's (KVM's dirty log) and the VMM's own (its
+/// vm-memory bitmap), and forgets them once read.
+#[test]
+fn the_dirty_log_holds_the_guests_and_the_vmms_writes() {
+    if !kvm_or_skip("the_dirty_log_holds_the_guests_and_the_vmms_writes") {
+        return;
+    }
+    for mode in [LogMode::ManualClear, LogMode::GetOnly] {
+        let vm = std::sync::Arc::new(Vm::new(BYTES, mode).expect("VM"));
+        let workload = Workload::new(BYTES, 3, 4, 1).expect("workload");
+        let machine =
+            Machine::boot(std::sync::Arc::clone(&vm), workload, Some(20_000)).expect("boot");
+        machine.pause().expect("pause");
+        let mut log = vm.dirty_log().expect("dirty log");
+        log.start(vm.ram()).expect("start");
+        assert_eq!(
+            log.harvest(vm.ram()).expect("harvest").count(),
+            0,
+            "{mode:?}"
+        );
+        // The VMM writes a page no guest instruction touches.
+        let page = 5u64;
+        vm.memory()
+            .write_obj(0xfeed_u32, vm_memory::GuestAddress(page * 4096))
+            .expect("write");
+        let set = log.harvest(vm.ram()).expect("harvest");
+        assert_eq!(set.count(), 1, "the VMM's write, {mode:?}");
+        assert!(set.words(0)[0] & (1 << page) != 0);
+        // The guest writes: its state page, the mailbox (the VMM's tick) and data pages.
+        machine.resume();
+        thread::sleep(Duration::from_millis(20));
+        machine.pause().expect("pause");
+        let set = log.harvest(vm.ram()).expect("harvest");
+        let word = set.words(0)[0];
+        assert!(word & (1 << 3) != 0, "the guest's state page, {mode:?}");
+        assert!(
+            word & (1 << 4) != 0,
+            "the VMM's tick in the mailbox, {mode:?}"
+        );
+        assert!(set.count() > 3, "data pages, {mode:?}");
+        assert_eq!(
+            log.harvest(vm.ram()).expect("harvest").count(),
+            0,
+            "{mode:?}"
+        );
+        assert!(log.stats().syncs >= 4);
+    }
 }
 
 #[test]

@@ -88,19 +88,19 @@ fn a_running_guest_migrates_live_and_continues_where_it_stopped() {
     assert!(after.reports > 1 && counter > stopped + GRANT, "{after:?}");
 }
 
-/// The guest dirties its memory far faster than a 24 MB/s link can carry it: with
+/// The guest dirties its memory far faster than an 8 MB/s link can carry it: with
 /// [`StallPolicy::Fail`] the migration fails as stalled, the guest runs on at the source, and
 /// the destination holds nothing it may run.
 #[test]
 fn a_guest_faster_than_the_link_meets_the_stall_policy() {
-    const BYTES: u64 = 32 << 20;
+    const BYTES: u64 = 8 << 20;
     if !kvm_or_skip("a_guest_faster_than_the_link_meets_the_stall_policy") {
         return;
     }
     let (mut source, _) = booted(BYTES, 64, None);
     let (_vm, at, receiver) = destination(BYTES);
     let options = SendOptions {
-        max_bandwidth: Some(24_000_000),
+        max_bandwidth: Some(8_000_000),
         ..SendOptions::default()
     };
     let sender =
