@@ -29,8 +29,10 @@ pub use vcpu::snapshot_rip;
 use ramjet_dataplane::{BoxError, Guest};
 
 /// The hooks of a live migration: pause kicks the vCPU out and waits, the device state is the
-/// vCPU's and the VM's state taken at the pause, resume lets it run again, and once handed over
-/// the vCPU stops for good (its memory stays, for an operator or a test to read).
+/// vCPU's and the VM's state taken at the pause, resume lets it run again. Handed over and
+/// acknowledged, the vCPU stops for good (its memory stays, for a test to read); handed over in
+/// doubt, it stays paused and does not resume until an operator calls
+/// [`Machine::take_back`].
 impl Guest for Machine {
     fn pause(&mut self) -> Result<(), BoxError> {
         Machine::pause(self).map_err(Into::into)
@@ -44,7 +46,11 @@ impl Guest for Machine {
         Machine::resume(self);
     }
 
-    fn handed_over(&mut self, _acknowledged: bool) {
-        self.stop();
+    fn handed_over(&mut self, acknowledged: bool) {
+        if acknowledged {
+            self.stop();
+        } else {
+            self.hold_in_doubt();
+        }
     }
 }

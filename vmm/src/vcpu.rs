@@ -72,6 +72,9 @@ struct Control {
     paused_at: Option<Instant>,
     /// When it last started running after a pause (or a restore).
     resumed_at: Option<Instant>,
+    /// Handed over without the destination's acknowledgement: paused, and [`Machine::resume`]
+    /// does nothing until [`Machine::take_back`].
+    in_doubt: bool,
 }
 
 #[derive(Debug)]
@@ -291,6 +294,7 @@ impl Machine {
                 sum: None,
                 paused_at: None,
                 resumed_at: None,
+                in_doubt: false,
             }),
             changed: Condvar::new(),
         });
@@ -401,14 +405,30 @@ impl Machine {
         }
     }
 
-    /// Lets a paused guest run again (a stopped one stays stopped).
+    /// Lets a paused guest run again (a stopped one stays stopped, and one handed over in
+    /// doubt stays paused: see [`Machine::take_back`]).
     pub fn resume(&self) {
         let mut control = self.shared.lock();
-        if control.want == Want::Pause {
+        if control.want == Want::Pause && !control.in_doubt {
             control.want = Want::Run;
             control.snapshot = None;
         }
         self.shared.changed.notify_all();
+    }
+
+    /// The guest was handed over but the destination did not acknowledge the go: keeps it
+    /// paused, never to run here on its own ([`Machine::resume`] does nothing), until an
+    /// operator who knows the destination did not run it calls [`Machine::take_back`], or it
+    /// is stopped.
+    pub fn hold_in_doubt(&self) {
+        self.shared.lock().in_doubt = true;
+    }
+
+    /// An operator's decision for a guest held in doubt: the destination does not run it, so
+    /// it runs here again.
+    pub fn take_back(&self) {
+        self.shared.lock().in_doubt = false;
+        self.resume();
     }
 
     /// Stops the vCPU for good (the guest was handed over, or is shut down): it never runs

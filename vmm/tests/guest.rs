@@ -136,6 +136,27 @@ fn the_dirty_log_holds_the_guests_and_the_vmms_writes() {
     }
 }
 
+/// Handed over in doubt, the guest stays paused: a resume does nothing until an operator
+/// takes it back.
+#[test]
+fn a_guest_handed_over_in_doubt_stays_paused() {
+    if !kvm_or_skip("a_guest_handed_over_in_doubt_stays_paused") {
+        return;
+    }
+    let (mut machine, workload) = booted(BYTES, 8, Some(50_000));
+    machine.pause().expect("pause");
+    ramjet_dataplane::Guest::handed_over(&mut machine, false);
+    machine.resume();
+    let reports = machine.progress().reports;
+    thread::sleep(Duration::from_millis(50));
+    assert!(!machine.is_running());
+    assert_eq!(machine.progress().reports, reports, "it did not run");
+    machine.take_back();
+    let sum = machine.sum_and_pause(Duration::from_secs(10)).expect("sum");
+    check_against_model(machine.vm(), workload, sum);
+    assert!(machine.progress().reports > reports);
+}
+
 #[test]
 fn a_bad_device_state_is_refused() {
     if !kvm_or_skip("a_bad_device_state_is_refused") {
