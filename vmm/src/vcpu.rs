@@ -652,7 +652,8 @@ impl VcpuThread {
         let now = Instant::now();
         let interval = Duration::from_secs_f64(f64::from(grant) / rate as f64);
         // A guest held up (by a pause, or a slow host) does not burst to catch up.
-        self.next = (self.next + interval).max(now - interval);
+        let earliest = now.checked_sub(interval).unwrap_or(now);
+        self.next = (self.next + interval).max(earliest);
         let mut control = self.shared.lock();
         while control.want == Want::Run {
             let left = self.next.saturating_duration_since(Instant::now());
