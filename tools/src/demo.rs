@@ -145,7 +145,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(why) = why {
         eprintln!("userfaultfd unavailable ({why}); the guest marks a dirty bitmap instead");
     }
-    let migrated = migrate(&config, &memory, &incoming, source.as_mut(), &mut guest)?;
+    let migrated = migrate(
+        &config,
+        &memory,
+        &incoming,
+        source.as_mut(),
+        &mut guest,
+        None,
+    )?;
     let identical = memory.first_difference(&incoming)?.is_none();
     migrated.print(&config.send, source.name(), bytes);
     if !identical {
@@ -164,13 +171,15 @@ pub(crate) struct Migrated {
 }
 
 /// Migrates `memory` live over loopback into `incoming`, with `source` tracking the guest's
-/// writes and `guest` pausing it: both sides' events and progress on the terminal.
+/// writes and `guest` pausing it: both sides' events and progress on the terminal. `arrived`
+/// runs on the destination's thread once it holds the state.
 pub(crate) fn migrate(
     config: &Config,
     memory: &Arc<GuestMemory>,
     incoming: &Arc<GuestMemory>,
     source: &mut dyn DirtySource,
     guest: &mut dyn Guest,
+    arrived: Option<Arrived>,
 ) -> anyhow::Result<Migrated> {
     let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().map_err(anyhow::Error::msg)?)?;
     let at = listener.endpoint().clone();
@@ -178,7 +187,13 @@ pub(crate) fn migrate(
     let destination = Events::new(Side::Destination, Options::new(), format, true);
     let source_events = Events::new(Side::Source, Options::new(), format, true);
     destination.step(Trigger::Migrate);
-    let receiver = start_receiver(listener, incoming, config.receive.clone(), &destination);
+    let receiver = start_receiver(
+        listener,
+        incoming,
+        config.receive.clone(),
+        &destination,
+        arrived,
+    );
 
     source_events.step(Trigger::Migrate);
     let started = Instant::now();
@@ -230,15 +245,27 @@ impl Migrated {
 }
 
 /// The destination's thread: one receive into `incoming`, its facts stepping `destination`.
+/// `arrived` runs on that thread as soon as the receive returned the state (the destination
+/// VMM starting the guest, say).
 fn start_receiver(
     listener: Listener,
     incoming: &Arc<GuestMemory>,
     options: ReceiveOptions,
     destination: &Events,
+    arrived: Option<Arrived>,
 ) -> JoinHandle<Result<Received, Error>> {
     let (dst, sink) = (Arc::clone(incoming), destination.sink());
-    thread::spawn(move || receive(&listener, dst, &options, sink))
+    thread::spawn(move || {
+        let received = receive(&listener, dst, &options, sink);
+        if let (Ok(received), Some(arrived)) = (&received, arrived) {
+            arrived(received);
+        }
+        received
+    })
 }
+
+/// What the destination does with a completed receive, on the receiver's thread.
+pub(crate) type Arrived = Box<dyn FnOnce(&Received) + Send>;
 
 /// What the migration did, as the closing lines show it.
 fn print_summary(

@@ -2,9 +2,9 @@
 //! minimal VMM (`ramjet-vmm`): KVM's dirty log as the dirty source, the vCPU's state as the
 //! device state, and the guest running on the destination only once the handover says so.
 
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ramjet_dataplane::DirtySource as _;
@@ -34,6 +34,7 @@ pub fn run(bytes: u64, rate: u64, mode: LogMode, config: &Config) -> anyhow::Res
     // The VMM paces the guest once a millisecond: `grant` pages a batch.
     let grant = u32::try_from((rate / 1000).max(1)).unwrap_or(u32::MAX);
     let workload = Workload::new(bytes, 7, grant, Workload::DEFAULT_WORDS)?;
+    let booted = Instant::now();
     let mut source = Machine::boot(Arc::clone(&vm), workload, Some(rate))?;
     let target = Arc::new(Vm::new(bytes, LogMode::GetOnly)?);
     target
@@ -43,11 +44,43 @@ pub fn run(bytes: u64, rate: u64, mode: LogMode, config: &Config) -> anyhow::Res
 
     let mut dirty = vm.dirty_log()?;
     let tracking = dirty.name();
-    let migrated = demo::migrate(config, vm.ram(), target.ram(), &mut dirty, &mut source)?;
+    // The destination VMM runs the guest as soon as the handover says it may.
+    let (started, restored) = mpsc::channel();
+    let vm_there = Arc::clone(&target);
+    let arrived: demo::Arrived = Box::new(move |received| {
+        let restored = if received.handover.may_run() {
+            guest_state(&vm_there).and_then(|arrived| {
+                let machine = Machine::restore(vm_there, &received.device_state, Some(rate))?;
+                machine.resume();
+                Ok(Some((machine, arrived)))
+            })
+        } else {
+            Ok(None)
+        };
+        let _ = started.send(restored);
+    });
+    let migrated = demo::migrate(
+        config,
+        vm.ram(),
+        target.ram(),
+        &mut dirty,
+        &mut source,
+        Some(arrived),
+    )?;
+    let handover = migrated.received.handover;
+    let Some((destination, arrived)) = restored
+        .recv()
+        .context("the destination did not start the guest")??
+    else {
+        bail!("the destination may not run the guest ({handover:?})");
+    };
+    let at_pause = guest_state(&vm)?;
+    if arrived != at_pause {
+        bail!("the destination's guest state {arrived:?} is not the paused source's {at_pause:?}");
+    }
     let syncs = dirty.stats();
     drop(dirty);
     let stopped = source.progress();
-    let at_pause = guest_state(&vm)?;
     migrated.print(&config.send, tracking, bytes);
     println!(
         "dirty syncs: {}, {:.0} µs per GiB of guest RAM each on average (KVM_GET_DIRTY_LOG{} and \
@@ -60,20 +93,14 @@ pub fn run(bytes: u64, rate: u64, mode: LogMode, config: &Config) -> anyhow::Res
         },
         syncs.max
     );
-
-    let handover = migrated.received.handover;
-    if !handover.may_run() {
-        bail!("the destination may not run the guest ({handover:?})");
+    if let Some(paused) = source.paused_at() {
+        let ran = paused.saturating_duration_since(booted).as_secs_f64();
+        println!(
+            "dirty rate:  {:.0} pages a second written by the guest until the pause (asked for \
+             {rate})",
+            f64::from(at_pause.0) / ran.max(1e-9)
+        );
     }
-    if guest_state(&target)? != at_pause {
-        bail!("the destination's guest memory is not the paused source's");
-    }
-    let destination = Machine::restore(
-        Arc::clone(&target),
-        &migrated.received.device_state,
-        Some(rate),
-    )?;
-    destination.resume();
     thread::sleep(RUN_ON);
     let sum = destination.sum_and_pause(Duration::from_secs(300))?;
     let after = destination.progress();
