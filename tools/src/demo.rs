@@ -1,6 +1,7 @@
 //! `ramjet demo`: the main job on built-in defaults. A guest of mixed content whose vCPU keeps
 //! dirtying pages migrates live over loopback to a receiver in the same process, with progress,
-//! both sides' events, and a summary that checks the destination.
+//! both sides' events, and a summary that checks the destination. The guest is a thread of
+//! this process, or with `--guest kvm` a KVM virtual machine (`crate::kvm`).
 
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};

@@ -23,9 +23,6 @@ pub use error::VmmError;
 pub use vcpu::{Machine, Progress, guest_state};
 pub use vm::{DirtyLog, LogMode, Memory, SyncStats, Vm, kvm_available};
 
-#[doc(hidden)]
-pub use vcpu::snapshot_rip;
-
 use ramjet_dataplane::{BoxError, Guest};
 
 /// The hooks of a live migration: pause kicks the vCPU out and waits, the device state is the

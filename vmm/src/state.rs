@@ -168,11 +168,6 @@ impl VcpuState {
         Ok(())
     }
 
-    /// The program counter (for messages and tests).
-    pub(crate) fn rip(&self) -> u64 {
-        self.regs.rip
-    }
-
     /// The blob, as described in the module docs.
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8192 + self.msrs.len() * 16 + self.cpuid.len() * 40);

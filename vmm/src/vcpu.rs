@@ -678,9 +678,3 @@ pub fn guest_state(vm: &Vm) -> Result<(u32, u32, u32), VmmError> {
         read(guest::STATE_CHECKSUM)?,
     ))
 }
-
-/// The rip at the last pause (for tests and messages).
-#[doc(hidden)]
-pub fn snapshot_rip(blob: &[u8]) -> Result<u64, VmmError> {
-    VcpuState::decode(blob).map(|s| s.rip())
-}
