@@ -219,6 +219,18 @@ impl Vm {
     /// Reads slot `slot`'s dirty log into `words` (a bit per page, KVM's format) and, with
     /// [`LogMode::ManualClear`], clears (write-protects again) exactly the pages read.
     fn read_log(&self, slot: u32, words: &mut [u64]) -> Result<(), VmmError> {
+        let region_pages = self
+            .memory
+            .iter()
+            .nth(slot as usize)
+            .map(|r| r.len() / 4096)
+            .ok_or_else(|| VmmError::Memory(format!("no slot {slot}")))?;
+        if (words.len() as u64) < region_pages.div_ceil(64) {
+            return Err(VmmError::Memory(format!(
+                "a dirty log of {} words for slot {slot}'s {region_pages} pages",
+                words.len()
+            )));
+        }
         let log = kvm_dirty_log {
             slot,
             padding1: 0,
@@ -226,8 +238,8 @@ impl Vm {
                 dirty_bitmap: words.as_mut_ptr().cast::<c_void>(),
             },
         };
-        // SAFETY: `log` points at `words`, which has a bit for every page of the slot (the
-        // caller sizes it from the region), and the kernel writes no more than that.
+        // SAFETY: `log` points at `words`, which has a bit for every page of the slot (checked
+        // above), and the kernel writes no more than that.
         let ret = unsafe { ioctl_with_ref(&self.fd, KVM_GET_DIRTY_LOG(), &log) };
         if ret != 0 {
             return Err(VmmError::Kvm {
@@ -236,12 +248,6 @@ impl Vm {
             });
         }
         if self.mode == LogMode::ManualClear && words.iter().any(|&w| w != 0) {
-            let pages = words.len() as u64 * 64;
-            let region_pages = self
-                .memory
-                .iter()
-                .nth(slot as usize)
-                .map_or(pages, |r| r.len() / 4096);
             let clear = kvm_clear_dirty_log {
                 slot,
                 num_pages: u32::try_from(region_pages).unwrap_or(u32::MAX),
@@ -251,7 +257,7 @@ impl Vm {
                 },
             };
             // SAFETY: `clear` points at `words`, a bit for each of the slot's `num_pages`
-            // pages; the kernel only reads it.
+            // pages (checked above); the kernel only reads it.
             let ret = unsafe { ioctl_with_ref(&self.fd, KVM_CLEAR_DIRTY_LOG(), &clear) };
             if ret != 0 {
                 return Err(VmmError::Kvm {
