@@ -92,6 +92,7 @@ mod handle;
 pub mod live;
 pub mod memory;
 mod pool;
+pub mod postcopy;
 mod recv;
 mod send;
 mod session;
@@ -99,6 +100,7 @@ mod session;
 pub mod testkit;
 pub mod tls;
 pub mod transport;
+mod uffd;
 // Reached from outside only as `internals::wire`; without that feature some of its items have
 // no user in the crate.
 #[cfg(feature = "internals")]

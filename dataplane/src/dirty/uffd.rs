@@ -3,63 +3,19 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::bitmap::DirtySet;
 use super::source::{DirtyError, DirtySource};
 use crate::memory::{Backing, GuestMemory, PAGE_SIZE};
-
-// From linux/userfaultfd.h.
-const UFFD_API: u64 = 0xAA;
-const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+use crate::uffd::{
+    OpenError, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED,
+    UFFDIO_REGISTER_MODE_WP, Userfault, ioctl, iowr,
+};
 
 // From linux/fs.h.
 const PM_SCAN_WP_MATCHING: u64 = 1;
 const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
-
-/// `_IOWR(kind, nr, size)` of asm-generic/ioctl.h.
-const fn iowr(kind: u8, nr: u8, size: usize) -> libc::c_ulong {
-    (3 << 30)
-        | ((size as libc::c_ulong) << 16)
-        | ((kind as libc::c_ulong) << 8)
-        | nr as libc::c_ulong
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioWriteprotect {
-    range: UffdioRange,
-    mode: u64,
-}
 
 #[repr(C)]
 #[derive(Default)]
@@ -86,9 +42,6 @@ struct PageRegion {
     categories: u64,
 }
 
-const UFFDIO_API: libc::c_ulong = iowr(0xAA, 0x3F, size_of::<UffdioApi>());
-const UFFDIO_REGISTER: libc::c_ulong = iowr(0xAA, 0x00, size_of::<UffdioRegister>());
-const UFFDIO_WRITEPROTECT: libc::c_ulong = iowr(0xAA, 0x06, size_of::<UffdioWriteprotect>());
 const PAGEMAP_SCAN: libc::c_ulong = iowr(b'f', 16, size_of::<PmScanArg>());
 
 /// Ranges returned per `PAGEMAP_SCAN` call.
@@ -118,7 +71,7 @@ pub struct UffdWp {
 #[derive(Debug)]
 struct Tracking {
     /// The userfaultfd; closing it ends the tracking and lifts the protection.
-    _uffd: OwnedFd,
+    _uffd: Userfault,
     pagemap: File,
     /// Per region index: host address and length.
     ranges: Vec<(u64, u64)>,
@@ -131,20 +84,6 @@ fn unsupported(why: impl Into<String>, source: Option<io::Error>) -> DirtyError 
         why: why.into(),
         source,
     }
-}
-
-/// `ioctl(fd, request, arg)`.
-///
-/// # Safety
-///
-/// `arg` must be the argument structure `request` expects.
-unsafe fn ioctl<T>(fd: &impl AsRawFd, request: libc::c_ulong, arg: &mut T) -> io::Result<i32> {
-    // SAFETY: the caller passes the structure the request expects; it lives across the call.
-    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), request, std::ptr::from_mut(arg)) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(ret)
 }
 
 impl UffdWp {
@@ -166,42 +105,28 @@ impl UffdWp {
                 ));
             }
         }
-        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY;
-        // SAFETY: userfaultfd takes only flags and returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-        if fd < 0 {
-            let err = io::Error::last_os_error();
-            return Err(unsupported(
-                "cannot create a userfaultfd (the kernel lacks it, or the vm.unprivileged_\
-                 userfaultfd sysctl and missing CAP_SYS_PTRACE forbid it)",
-                Some(err),
-            ));
-        }
-        let fd = i32::try_from(fd).map_err(|_| unsupported("bad descriptor", None))?;
-        // SAFETY: `fd` was just returned by userfaultfd and is owned by nothing else.
-        let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
         let shmem = memory
             .regions()
             .iter()
             .any(|r| matches!(r.backing(), Backing::Memfd | Backing::Host));
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: UFFD_FEATURE_WP_ASYNC
-                | UFFD_FEATURE_WP_UNPOPULATED
-                | if shmem {
-                    UFFD_FEATURE_WP_HUGETLBFS_SHMEM
-                } else {
-                    0
-                },
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API takes a uffdio_api.
-        unsafe { ioctl(&uffd, UFFDIO_API, &mut api) }.map_err(|e| {
-            unsupported(
+        let features = UFFD_FEATURE_WP_ASYNC
+            | UFFD_FEATURE_WP_UNPOPULATED
+            | if shmem {
+                UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+            } else {
+                0
+            };
+        let uffd = Userfault::open(features, true).map_err(|e| match e {
+            OpenError::Create(err) => unsupported(
+                "cannot create a userfaultfd (the kernel lacks it, or the vm.unprivileged_\
+                 userfaultfd sysctl and missing CAP_SYS_PTRACE forbid it)",
+                Some(err),
+            ),
+            OpenError::Features(err) => unsupported(
                 "the kernel lacks asynchronous write protection (UFFD_FEATURE_WP_ASYNC and \
                  WP_UNPOPULATED need Linux 6.7)",
-                Some(e),
-            )
+                Some(err),
+            ),
         })?;
         let pagemap = File::open("/proc/self/pagemap")
             .map_err(|e| unsupported("cannot open /proc/self/pagemap", Some(e)))?;
@@ -214,26 +139,16 @@ impl UffdWp {
             })
             .collect();
         for &(start, len) in &ranges {
-            let mut register = UffdioRegister {
-                range: UffdioRange { start, len },
-                mode: UFFDIO_REGISTER_MODE_WP,
-                ioctls: 0,
-            };
-            // SAFETY: UFFDIO_REGISTER takes a uffdio_register; the range is one of our mappings.
-            unsafe { ioctl(&uffd, UFFDIO_REGISTER, &mut register) }.map_err(|e| {
+            // SAFETY: the range is a region's mapping, which the memory reaches only through
+            // raw pointers; write protection never changes what the pages hold.
+            unsafe { uffd.register(start, len, UFFDIO_REGISTER_MODE_WP) }.map_err(|e| {
                 unsupported("cannot register guest memory for write protection", Some(e))
             })?;
-            let mut protect = UffdioWriteprotect {
-                range: UffdioRange { start, len },
-                mode: UFFDIO_WRITEPROTECT_MODE_WP,
-            };
-            // SAFETY: UFFDIO_WRITEPROTECT takes a uffdio_writeprotect over a registered range.
-            unsafe { ioctl(&uffd, UFFDIO_WRITEPROTECT, &mut protect) }.map_err(|source| {
-                DirtyError::Io {
+            uffd.write_protect(start, len, true)
+                .map_err(|source| DirtyError::Io {
                     op: "write-protecting guest memory",
                     source,
-                }
-            })?;
+                })?;
         }
         let tracking = Tracking {
             _uffd: uffd,
