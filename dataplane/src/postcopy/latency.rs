@@ -44,7 +44,9 @@ impl Latency {
     }
 }
 
-/// A snapshot of the fault-latency distribution (see the [module docs](self)).
+/// A snapshot of the fault-latency distribution: bucket `n` counts faults that took
+/// `[2^n, 2^(n+1))` µs (the first and last buckets are open-ended), as QEMU's
+/// `postcopy-latency-dist`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LatencyDist {
     /// Faults per power-of-two bucket of microseconds.
