@@ -173,6 +173,22 @@ pub enum Error {
         /// The measured bandwidth, bytes per second.
         bandwidth: u64,
     },
+    /// Postcopy cannot run on this side (the memory or the kernel cannot do it), or placing
+    /// a page failed.
+    #[error("postcopy failed")]
+    Postcopy(#[source] crate::postcopy::PlaceError),
+    /// Postcopy paused: a link broke (or the destination failed) after the guest was handed
+    /// over. The guest's memory is split between the two sides, so neither may run it on its
+    /// own: the source keeps its frozen memory, the destination what it placed, until the
+    /// migration recovers.
+    #[error(
+        "postcopy is paused: the guest runs on the destination but its memory is split between both sides"
+    )]
+    PostcopyPaused {
+        /// Why it paused.
+        #[source]
+        source: Box<Error>,
+    },
     /// The frame buffers could not be mapped.
     #[error("cannot map the frame buffers")]
     Buffers(#[source] io::Error),

@@ -118,8 +118,9 @@ pub use live::{
     migrate_live,
 };
 pub use memory::{Backing, GuestAddr, GuestMemory, MemoryError, PAGE_SIZE, Region, RegionLayout};
-pub use recv::{Handover, Log, Operator, ReceiveOptions, Received, receive};
-pub use send::{PreSwitchover, RoundStats, SendOptions, Sender, Summary};
+pub use postcopy::PostcopyStats;
+pub use recv::{Handover, Log, Operator, PostcopyRun, ReceiveOptions, Received, receive};
+pub use send::{Postcopy, PreSwitchover, RoundStats, SendOptions, Sender, Summary};
 pub use session::{CancelHandle, Counters, FactSink, Stats};
 pub use tls::{Negotiated, TlsClient, TlsError, TlsServer};
 pub use transport::{Blocking, Endpoint, Listener, Transport, Uring, ZeroCopy};

@@ -128,6 +128,7 @@ fn valid_stream(memory: &GuestMemory, channels: u16) -> Vec<(Vec<u8>, Vec<Vec<u8
     let mut out: Vec<(Vec<u8>, Vec<Vec<u8>>)> = (0..channels)
         .map(|channel| {
             let hello = Hello {
+                flags: Default::default(),
                 session: [7; 16],
                 channel,
                 channels,
@@ -276,8 +277,8 @@ fn wrong_magic_version_or_layout_is_refused_with_the_reason() {
         reseal_head(&mut page_size);
         let cases: [(Vec<u8>, &str); 2] = [
             (
-                [&hello[..8], &3u16.to_le_bytes(), &hello[10..]].concat(),
-                "unsupported protocol version 3",
+                [&hello[..8], &4u16.to_le_bytes(), &hello[10..]].concat(),
+                "unsupported protocol version 4",
             ),
             (page_size, "invalid page size: 8192"),
         ];
@@ -290,6 +291,7 @@ fn wrong_magic_version_or_layout_is_refused_with_the_reason() {
         }
         // A valid hello for another layout.
         let other = Hello {
+            flags: Default::default(),
             session: [1; 16],
             channel: 0,
             channels: 1,
@@ -324,6 +326,7 @@ fn a_channel_of_another_session_is_a_stray() {
         let mut zero = tcp(&at);
         zero.write_all(&stream[0].0).expect("hello 0");
         let stranger = Hello {
+            flags: Default::default(),
             session: [9; 16],
             channel: 1,
             channels: 2,
@@ -354,6 +357,7 @@ fn a_channel_of_another_session_is_a_stray() {
         let mut first = tcp(&at);
         first.write_all(&stream[0].0).expect("hello 0");
         let three = Hello {
+            flags: Default::default(),
             session: [7; 16],
             channel: 1,
             channels: 3,

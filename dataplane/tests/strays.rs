@@ -217,6 +217,7 @@ fn newcomers_during_the_session_are_refused_without_disturbing_it() {
         // Every channel is connected: the session runs.
         let (mut hello, hello_at) = connect(&at);
         let greeting = Hello {
+            flags: Default::default(),
             session: [5; 16],
             channel: 0,
             channels: 1,

@@ -252,6 +252,7 @@ fn wire_decode() -> Seeds {
         .map(|i| RegionLayout::new(i, GuestAddr(u64::from(i) << 32), 1 << 20))
         .collect();
     let wide = Hello {
+        flags: Default::default(),
         session: [0xA5; 16],
         channel: 63,
         channels: 64,

@@ -88,9 +88,23 @@ fn frame(bytes: &[u8], fix: bool) -> bool {
             assert_eq!((h.len, h.round), (0, 0));
             assert!(h.value <= 1);
         }
+        FrameKind::Discard | FrameKind::Received => {
+            assert!(h.len > 0 && h.len % 8 == 0 && h.round == 0);
+        }
+        FrameKind::Request => {
+            assert!((1..=MAX_PAGES_PER_FRAME).contains(&h.count));
+            assert_eq!((h.len, h.round), (0, 0));
+        }
+        FrameKind::Postcopy | FrameKind::Done | FrameKind::Resume => assert_eq!(h.len, 0),
     }
-    if h.kind != FrameKind::Pages {
-        assert_eq!((h.count, h.region), (0, 0));
+    if !matches!(h.kind, FrameKind::Pages | FrameKind::Request) {
+        assert_eq!(h.count, 0);
+    }
+    if !matches!(
+        h.kind,
+        FrameKind::Pages | FrameKind::Discard | FrameKind::Request | FrameKind::Received
+    ) {
+        assert_eq!(h.region, 0);
     }
 
     // The crc over whatever part of the payload is there.

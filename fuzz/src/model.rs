@@ -131,8 +131,18 @@ impl<'a> Model<'a> {
                     self.accepted.wire_bytes += FrameHeader::LEN as u64 + 8;
                     return Ok(std::mem::take(&mut self.accepted));
                 }
-                FrameKind::Error | FrameKind::Ready | FrameKind::Decision | FrameKind::Decided => {
-                    return Err("error or handover frame".into());
+                FrameKind::Error
+                | FrameKind::Ready
+                | FrameKind::Decision
+                | FrameKind::Decided
+                | FrameKind::Discard
+                | FrameKind::Postcopy
+                | FrameKind::Request
+                | FrameKind::Done
+                | FrameKind::Received
+                | FrameKind::Resume => {
+                    // A receiver without postcopy takes none of the postcopy frames either.
+                    return Err("error, handover or postcopy frame".into());
                 }
             }
         }

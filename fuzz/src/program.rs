@@ -55,6 +55,7 @@ pub const OPS: u8 = 9;
 /// The hello a one-channel sender sends for [`LAYOUT`].
 pub fn hello() -> Vec<u8> {
     Hello {
+        flags: Default::default(),
         session: *b"ramjet-fuzz-sess",
         channel: 0,
         channels: 1,

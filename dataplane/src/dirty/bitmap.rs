@@ -183,6 +183,26 @@ impl DirtySet {
         }
     }
 
+    /// Clears word `word` of region `region` (ignored if out of range).
+    pub(crate) fn clear_word(&mut self, region: usize, word: usize) {
+        if let Some(w) = self
+            .regions
+            .get_mut(region)
+            .and_then(|(words, _)| words.get_mut(word))
+        {
+            *w = 0;
+        }
+    }
+
+    /// ORs `bits` into word `word` of region `region`; bits past its end are ignored.
+    pub(crate) fn merge_word(&mut self, region: usize, word: usize, bits: u64) {
+        if let Some((words, pages)) = self.regions.get_mut(region)
+            && let Some(w) = words.get_mut(word)
+        {
+            *w |= bits & valid_mask(word, *pages);
+        }
+    }
+
     /// How many regions it covers.
     pub fn region_count(&self) -> usize {
         self.regions.len()

@@ -30,6 +30,9 @@ pub(super) struct Access {
     pub(super) reads: AtomicUsize,
     /// Receive leases: 0 or 1.
     pub(super) receiving: AtomicUsize,
+    /// Postcopy placing claims (a receive lease turned into one): 0 or 1. Safe reads and
+    /// writes go on (the guest runs), but no freeze and no second receive session.
+    pub(super) placing: AtomicUsize,
 }
 
 /// A safe access in progress: the counter it raised, lowered when dropped.

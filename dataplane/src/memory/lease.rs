@@ -27,6 +27,18 @@ impl ReceiveLease {
         &self.0
     }
 
+    /// Ends the exclusive lease for postcopy: the guest runs on this memory from now on (safe
+    /// reads and writes are allowed again, and fault on missing pages), while the session
+    /// places the missing pages atomically through userfaultfd. The claim it returns still
+    /// keeps freezes and other receive sessions out. Taking the lease by value proves that no
+    /// page of it is lent out any more.
+    pub(crate) fn into_placing(self) -> PlacingClaim {
+        let memory = Arc::clone(&self.0);
+        memory.access.placing.fetch_add(1, Ordering::SeqCst);
+        drop(self);
+        PlacingClaim(memory)
+    }
+
     /// The guest page `page` of region `region` as a mutable slice.
     ///
     /// # Safety
@@ -52,6 +64,24 @@ impl ReceiveLease {
         // caller guarantees that none of the session's own threads touches the page meanwhile,
         // so this is the only access to these bytes while the slice lives.
         Ok(unsafe { std::slice::from_raw_parts_mut(p, PAGE_SIZE) })
+    }
+}
+
+/// A postcopy receive session's claim on the memory it places pages into (see
+/// [`ReceiveLease::into_placing`]): no freeze and no receive lease while it lives.
+#[derive(Debug)]
+pub(crate) struct PlacingClaim(Arc<GuestMemory>);
+
+impl Drop for PlacingClaim {
+    fn drop(&mut self) {
+        self.0.access.placing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl PlacingClaim {
+    /// The claimed memory.
+    pub(crate) fn memory(&self) -> &Arc<GuestMemory> {
+        &self.0
     }
 }
 
@@ -100,7 +130,9 @@ impl GuestMemory {
     pub fn freeze(self: &Arc<Self>) -> Result<Frozen, MemoryError> {
         self.access.frozen.fetch_add(1, Ordering::SeqCst);
         let guard = Frozen(Arc::new(FreezeGuard(Arc::clone(self))));
-        if self.access.receiving.load(Ordering::SeqCst) != 0 {
+        if self.access.receiving.load(Ordering::SeqCst) != 0
+            || self.access.placing.load(Ordering::SeqCst) != 0
+        {
             return Err(MemoryError::Receiving { op: "frozen" });
         }
         wait_for(&self.access.writes);
@@ -128,6 +160,11 @@ impl GuestMemory {
         let lease = ReceiveLease(Arc::clone(&self));
         if access.is_frozen() {
             return Err(MemoryError::Frozen);
+        }
+        if access.placing.load(Ordering::SeqCst) != 0 {
+            return Err(MemoryError::Receiving {
+                op: "received into twice",
+            });
         }
         wait_for(&access.reads);
         wait_for(&access.writes);

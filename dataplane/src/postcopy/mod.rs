@@ -6,15 +6,27 @@
 //! fault handler learns of an access, and how a page is placed atomically (userfaultfd).
 //! `latency.rs` keeps the fault-latency distribution QEMU reports.
 
-// The sessions that drive the placement come in the next steps; until then only the tests use
-// all of it.
-#![cfg_attr(not(test), allow(dead_code, unused_imports))]
-
 mod latency;
-mod place;
+pub(crate) mod place;
 
 pub use latency::{BUCKETS, LatencyDist};
 pub use place::PlaceError;
+
+/// What postcopy did, on either side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PostcopyStats {
+    /// Pages that were still wanted when postcopy started.
+    pub pages: u64,
+    /// Page requests: served (source) or sent (destination). QEMU's `postcopy-requests`.
+    pub requests: u64,
+    /// Pages that went on the fault channel, answering requests.
+    pub requested_pages: u64,
+    /// Bytes sent (source) or received (destination) in postcopy, both paths. QEMU's
+    /// `postcopy-bytes`.
+    pub bytes: u64,
+    /// The destination's fault latencies: from a thread's fault to its page placed.
+    pub latency: LatencyDist,
+}
 
 #[cfg(test)]
 mod tests;

@@ -29,6 +29,9 @@
 //! | sends a hello for another memory layout                           | **fails**, refused with reason |
 //! | sends a hello of this session with another channel count          | **fails**, refused with reason |
 //! | sends a hello of this session for a channel already connected     | **fails**, refused with reason |
+//! | sends a hello of this session whose postcopy flag differs from the first's | **fails**, refused with reason |
+//! | may switch to postcopy, at a receiver without [`ReceiveOptions::postcopy`] | **fails**, refused with reason |
+//! | reconnects a paused postcopy (flag resume), at a receiver that has none | **fails**, refused with reason |
 //! | is stray number `max_refused + 1`                                 | **fails** ([`Error::TooManyRefused`]) |
 //!
 //! At a TLS receiver ([`ReceiveOptions::tls`]) every connection first completes a TLS handshake,
@@ -406,7 +409,7 @@ pub(super) fn accept_channels(
     memory: &GuestMemory,
     options: &ReceiveOptions,
     stop: &Stop,
-) -> Result<(Vec<Conn>, [u8; 16]), Error> {
+) -> Result<Accepted, Error> {
     let mut strays = Strays::new(options);
     let mut slots: Vec<Option<Conn>> = Vec::new();
     let mut migration = None;
@@ -428,7 +431,17 @@ pub(super) fn accept_channels(
             _ if hello.regions != memory.layout() => {
                 Some(layout_mismatch(&hello.regions, &memory.layout()))
             }
-            Some((id, _)) if hello.session != id => {
+            _ if hello.flags.resume => Some(
+                "it reconnects a paused postcopy migration, and this receiver has none (it \
+                 lost that migration's memory, or never had it)"
+                    .to_owned(),
+            ),
+            _ if hello.flags.postcopy && options.postcopy.is_none() => Some(
+                "the sender may switch to postcopy, and this receiver does not do postcopy \
+                 (it has no way to start the guest early)"
+                    .to_owned(),
+            ),
+            Some((id, _, _)) if hello.session != id => {
                 // Another sender's channel: not ours, and no reason to fail ours.
                 let reason = format!(
                     "channel {channel} belongs to another migration (its session id differs)"
@@ -436,9 +449,14 @@ pub(super) fn accept_channels(
                 strays.drop_stray(stream, &peer, &reason, Reply::Refusal)?;
                 continue;
             }
-            Some((_, count)) if hello.channels != count => Some(format!(
+            Some((_, count, _)) if hello.channels != count => Some(format!(
                 "channel {channel} says the migration has {} channels, the first said {count}",
                 hello.channels
+            )),
+            Some((_, _, postcopy)) if hello.flags.postcopy != postcopy => Some(format!(
+                "channel {channel} says postcopy is {}, the first said {}",
+                on_off(hello.flags.postcopy),
+                on_off(postcopy)
             )),
             Some(_) if slots.get(usize::from(channel)).is_none_or(Option::is_some) => {
                 Some(format!("channel {channel} is already connected"))
@@ -457,15 +475,23 @@ pub(super) fn accept_channels(
             .map_err(|e| Error::io(channel, "duplicating the socket", options.timeout, e))?;
         session::accept_hello(&mut stream, channel, options.timeout)?;
         if migration.is_none() {
-            migration = Some((hello.session, hello.channels));
-            slots.resize_with(usize::from(hello.channels), || None);
+            migration = Some((hello.session, hello.channels, hello.flags.postcopy));
+            // The fault channel comes last, its index the data channel count.
+            let fault = usize::from(hello.flags.postcopy);
+            slots.resize_with(usize::from(hello.channels) + fault, || None);
         }
         if let Some(slot) = slots.get_mut(usize::from(channel)) {
             *slot = Some(stream);
         }
         accepted += 1;
         if accepted == slots.len() {
-            return Ok((slots.into_iter().flatten().collect(), hello.session));
+            let mut streams: Vec<Conn> = slots.into_iter().flatten().collect();
+            let fault = hello.flags.postcopy.then(|| streams.pop()).flatten();
+            return Ok(Accepted {
+                streams,
+                fault,
+                session: hello.session,
+            });
         }
         wait = Wait {
             deadline: Some(Instant::now() + options.timeout),
@@ -474,6 +500,20 @@ pub(super) fn accept_channels(
             channel: u16::try_from(accepted).unwrap_or(u16::MAX),
         };
     }
+}
+
+/// Every channel of one migration, greeted.
+pub(super) struct Accepted {
+    /// The data channels, in index order.
+    pub(super) streams: Vec<Conn>,
+    /// The fault channel, of a migration that may switch to postcopy.
+    pub(super) fault: Option<Conn>,
+    /// The migration's session id.
+    pub(super) session: [u8; 16],
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on { "on" } else { "off" }
 }
 
 fn layout_mismatch(theirs: &[RegionLayout], ours: &[RegionLayout]) -> String {

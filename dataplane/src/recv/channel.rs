@@ -13,6 +13,7 @@ use ramjet_control::Fact;
 use super::decode::{DecodeJob, LzBuf};
 use super::shared::{LINGER, Shared};
 use crate::codec::BatchCounts;
+use crate::dirty::DirtySet;
 use crate::error::Error;
 use crate::memory::{ReceiveLease, RegionLayout};
 use crate::pool::recycle;
@@ -27,8 +28,13 @@ pub(super) struct ChannelDone {
     pub(super) pages: u64,
     pub(super) rounds: u32,
     pub(super) device_state: Vec<u8>,
-    /// Channel 0's link, which carries the handover next.
+    /// Channel 0's link, which carries the handover next; in postcopy every channel's, which
+    /// carries the postcopy pages.
     pub(super) link: Option<Box<dyn LinkReader>>,
+    /// The channel ended pre-copy for postcopy (a postcopy marker, not the end of stream).
+    pub(super) postcopy: bool,
+    /// Channel 0, postcopy: the pages to drop, from the sender's discard bitmaps.
+    pub(super) discard: Option<DirtySet>,
 }
 
 /// Reads and applies one channel's frames.
@@ -54,6 +60,8 @@ pub(super) struct ChannelReader {
     next_header: [u8; FrameHeader::LEN],
     have_next_header: bool,
     device_state: Vec<u8>,
+    /// Channel 0, postcopy: the discard bitmaps so far.
+    discard: Option<DirtySet>,
 }
 
 impl ChannelReader {
@@ -83,6 +91,7 @@ impl ChannelReader {
             next_header: [0; FrameHeader::LEN],
             have_next_header: false,
             device_state: Vec::new(),
+            discard: None,
         }
     }
 
@@ -92,7 +101,7 @@ impl ChannelReader {
         let waited = self.wait_decodes();
         let mut done = result?;
         waited?;
-        if self.channel == 0 {
+        if self.channel == 0 || done.postcopy {
             done.link = Some(self.link);
         }
         Ok(done)
@@ -136,8 +145,22 @@ impl ChannelReader {
                 FrameKind::EndOfRound => self.end_of_round(&header)?,
                 FrameKind::DeviceState => self.device_state_piece(&header)?,
                 FrameKind::EndOfStream => return self.end_of_stream(&header),
+                FrameKind::Discard if self.channel == 0 && self.shared.postcopy => {
+                    self.discard_piece(&header)?;
+                }
+                FrameKind::Postcopy if self.shared.postcopy => {
+                    return self.end_of_precopy(&header);
+                }
                 FrameKind::Error => return Err(self.peer_error(&header)),
-                kind @ (FrameKind::Ready | FrameKind::Decision | FrameKind::Decided) => {
+                kind @ (FrameKind::Ready
+                | FrameKind::Decision
+                | FrameKind::Decided
+                | FrameKind::Discard
+                | FrameKind::Postcopy
+                | FrameKind::Request
+                | FrameKind::Done
+                | FrameKind::Received
+                | FrameKind::Resume) => {
                     let problem = self.protocol(format!(
                         "unexpected {kind:?} frame before the end of stream"
                     ));
@@ -507,11 +530,23 @@ impl ChannelReader {
     }
 
     fn end_of_stream(&mut self, header: &FrameHeader) -> Result<ChannelDone, Error> {
+        self.end(header, "end of stream")
+    }
+
+    /// Postcopy: the end of this channel's pre-copy (checked like an end of stream).
+    fn end_of_precopy(&mut self, header: &FrameHeader) -> Result<ChannelDone, Error> {
+        let mut done = self.end(header, "postcopy marker")?;
+        done.postcopy = true;
+        done.discard = self.discard.take();
+        Ok(done)
+    }
+
+    fn end(&mut self, header: &FrameHeader, what: &str) -> Result<ChannelDone, Error> {
         self.verify(header, &[])?;
         self.wait_decodes()?;
         if self.round_pages != 0 || header.round != self.round {
             return Err(self.protocol(format!(
-                "end of stream after round {} arrived in round {}",
+                "{what} after round {} arrived in round {}",
                 header.round,
                 self.round + 1
             )));
@@ -527,7 +562,39 @@ impl ChannelReader {
             rounds: self.round,
             device_state: std::mem::take(&mut self.device_state),
             link: None,
+            postcopy: false,
+            discard: None,
         })
+    }
+
+    /// Postcopy, channel 0: a piece of a region's discard bitmap.
+    fn discard_piece(&mut self, header: &FrameHeader) -> Result<(), Error> {
+        // At most 8 MiB, checked with the header.
+        let mut words = vec![0u8; header.len as usize];
+        let received = self.link.recv(&mut words);
+        received.map_err(|e| self.io("receiving a discard bitmap", e))?;
+        self.verify(header, &words)?;
+        let memory = self.shared.lease.memory();
+        let region = header.region as usize;
+        let Some(pages) = memory.regions().get(region).map(|r| r.layout().pages()) else {
+            return Err(self.protocol(format!(
+                "a discard bitmap for region index {region}, which does not exist"
+            )));
+        };
+        let first = header.value;
+        let count = (words.len() / 8) as u64;
+        if first.saturating_add(count) > pages.div_ceil(64) {
+            return Err(self.protocol(format!(
+                "a discard bitmap of {count} words from word {first} runs past region \
+                 {region}'s {pages} pages"
+            )));
+        }
+        let set = self.discard.get_or_insert_with(|| DirtySet::none(memory));
+        for (i, word) in FrameHeader::bitmap_words(&words).enumerate() {
+            let index = usize::try_from(first + i as u64).unwrap_or(usize::MAX);
+            set.merge_word(region, index, word);
+        }
+        Ok(())
     }
 
     fn peer_error(&mut self, header: &FrameHeader) -> Error {

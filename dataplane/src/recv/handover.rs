@@ -138,7 +138,7 @@ impl Context<'_> {
     pub(super) fn hand_over(
         &self,
         writer: &mut dyn LinkWriter,
-        link: Option<Box<dyn LinkReader>>,
+        link: &mut Option<Box<dyn LinkReader>>,
         ready: &[u8],
     ) -> Outcome {
         let timeout = self.options.timeout;
@@ -153,7 +153,7 @@ impl Context<'_> {
             return Outcome::Discard(Error::io(0, "sending ready", timeout, e));
         }
         self.counters.add_wire_bytes(ready.len() as u64);
-        let why = match link.map(|mut link| self.wait(&mut *link)) {
+        let why = match link.as_mut().map(|link| self.wait(&mut **link)) {
             Some(Ok(Taken::Decision(go))) => {
                 let acknowledged = writer.send(&[&FrameHeader::decided(go)]);
                 if acknowledged.is_ok() {

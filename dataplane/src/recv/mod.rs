@@ -31,12 +31,13 @@ mod decode;
 mod door;
 mod handover;
 mod options;
+mod postcopy;
 mod shared;
 
 pub use handover::{Handover, Operator};
-pub use options::{Log, ReceiveOptions, Received};
+pub use options::{Log, PostcopyRun, ReceiveOptions, Received};
 
-use accept::accept_channels;
+use accept::{Accepted, accept_channels};
 use channel::{ChannelDone, ChannelReader};
 use decode::{DecodeJob, LzBuf};
 use door::Door;
@@ -106,7 +107,7 @@ pub fn receive(
         }
     };
     let memory = Arc::clone(lease.memory());
-    let (mut streams, session) = match accept_channels(listener, &memory, options, &stop) {
+    let accepted = match accept_channels(listener, &memory, options, &stop) {
         Ok(accepted) => accepted,
         Err(err) => {
             stop.fail(err);
@@ -118,23 +119,29 @@ pub fn receive(
     // thread is gone before this returns, whatever happens.
     thread::scope(|scope| {
         let door = Door::open(scope, listener, options);
-        let at = (listener, session);
-        run(lease, &mut streams, at, options, &stop, sink, door)
+        run(lease, accepted, listener, options, &stop, sink, door)
     })
 }
 
-/// The session once every channel of session `at.1` is connected: runs it, closes `door`
-/// when the data phase ends, hands over (on `at.0` too, in doubt) or tells the sender why
-/// not, and ends with `drained`.
+/// The session once every channel is connected: runs it, closes `door` when the data phase
+/// ends, hands over (on `listener` too, in doubt) or tells the sender why not, and ends with
+/// `drained`. A migration that switches to postcopy goes on in `postcopy.rs`.
 fn run(
     lease: ReceiveLease,
-    streams: &mut [Conn],
-    at: (&Listener, [u8; 16]),
+    accepted: Accepted,
+    listener: &Listener,
     options: &ReceiveOptions,
     stop: &Arc<Stop>,
     sink: Arc<dyn FactSink>,
     door: Door<'_>,
 ) -> Result<Received, Error> {
+    let Accepted {
+        mut streams,
+        fault,
+        session,
+    } = accepted;
+    let streams = &mut streams[..];
+    let at = (listener, session);
     let memory = Arc::clone(lease.memory());
     let started = Instant::now();
     // Whether each region is still all zero: then arriving zero pages need no write. Taken now,
@@ -157,6 +164,7 @@ fn run(
         counters: Arc::new(Counters::default()),
         sink,
         channels,
+        postcopy: fault.is_some(),
         timeout: options.timeout,
         pool: Pool::new(
             (0..usize::from(channels) * 2 + options.workers * 2)
@@ -169,7 +177,20 @@ fn run(
     // The data phase is over, however it ended: the listener is free again.
     door.close();
     match outcome {
+        Ok(done) if done.postcopy => {
+            let context = postcopy::Context {
+                listener: at.0,
+                session: at.1,
+                options,
+                stop,
+                started,
+                negotiated,
+            };
+            context.run(shared, running, done, fault)
+        }
         Ok(mut done) => {
+            // Pre-copy to the end: the idle fault channel has nothing more to say.
+            drop(fault);
             let device_state = std::mem::take(&mut done.device_state);
             let ready = FrameHeader::ready(done.rounds, done.pages, device_state.len() as u64);
             let context = handover::Context {
@@ -182,7 +203,7 @@ fn run(
                 counters: &shared.counters,
             };
             let outcome = match running.writers.first_mut() {
-                Some(writer) => context.hand_over(writer.as_mut(), done.link.take(), &ready),
+                Some(writer) => context.hand_over(writer.as_mut(), &mut done.link, &ready),
                 None => Outcome::Discard(Error::Internal {
                     channel: 0,
                     what: "channel 0 has no writer",
@@ -208,25 +229,29 @@ fn run(
                 stats: shared.counters.snapshot(),
                 elapsed: started.elapsed(),
                 tls: negotiated,
+                postcopy: None,
             })
         }
-        Err(err) => {
-            stop.fail(err);
-            if !stop.is_cancelled() && !stop.peer_failed() {
-                // Tell the sender why, on every channel, before closing.
-                let message = FrameHeader::error(&stop.reason());
-                for writer in &mut running.writers {
-                    let _ = writer.send(&[&message]);
-                }
-            }
-            running.linger();
-            running.stop(stop);
-            Err(stop.end(shared.sink.as_ref()))
-        }
+        Err(err) => Err(end_failed(&shared, running, stop, err)),
     }
 }
 
-/// What every channel reported at its end of stream.
+/// Ends a session that failed before the handover: tells the sender why (on every channel),
+/// stops everything, reports `failed` (unless cancelled) and `drained`.
+fn end_failed(shared: &Shared, mut running: Running, stop: &Stop, err: Error) -> Error {
+    stop.fail(err);
+    if !stop.is_cancelled() && !stop.peer_failed() {
+        let message = FrameHeader::error(&stop.reason());
+        for writer in &mut running.writers {
+            let _ = writer.send(&[&message]);
+        }
+    }
+    running.linger();
+    running.stop(stop);
+    stop.end(shared.sink.as_ref())
+}
+
+/// What every channel reported at its end of stream (or, for postcopy, of pre-copy).
 #[derive(Default)]
 struct Done {
     pages: u64,
@@ -234,12 +259,19 @@ struct Done {
     device_state: Vec<u8>,
     /// Channel 0's link, for the handover.
     link: Option<Box<dyn LinkReader>>,
+    /// Postcopy: every channel ended pre-copy with a postcopy marker.
+    postcopy: bool,
+    /// Postcopy: every data channel's link but channel 0's, by channel (which postcopy
+    /// pages arrive on).
+    links: Vec<Option<Box<dyn LinkReader>>>,
+    /// Postcopy: the pages to drop.
+    discard: Option<crate::dirty::DirtySet>,
 }
 
 /// The running threads of a receive session.
 struct Running {
     writers: Vec<Box<dyn LinkWriter>>,
-    results: Receiver<Result<ChannelDone, Error>>,
+    results: Receiver<Result<(u16, ChannelDone), Error>>,
     pending: usize,
     readers: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
@@ -281,7 +313,7 @@ impl Running {
             let results_tx = results_tx.clone();
             let name = format!("ramjet-recv-{channel}");
             let spawned = session::spawn(name, "channel reader", &shared.stop, move || {
-                let _ = results_tx.send(reader.run());
+                let _ = results_tx.send(reader.run().map(|done| (channel, done)));
             });
             match spawned {
                 Some(handle) => running.readers.push(handle),
@@ -294,6 +326,9 @@ impl Running {
     /// Waits for every channel's end of stream; the first error ends the wait.
     fn collect(&mut self) -> Result<Done, Error> {
         let mut done = Done::default();
+        let mut markers = 0;
+        let channels = self.pending;
+        done.links.resize_with(channels, || None);
         while self.pending > 0 {
             let Ok(result) = self.results.recv() else {
                 return Err(Error::Internal {
@@ -302,9 +337,17 @@ impl Running {
                 });
             };
             self.pending -= 1;
-            let mut channel = result?;
+            let (index, mut channel) = result?;
+            markers += usize::from(channel.postcopy);
+            if let Some(discard) = channel.discard.take() {
+                done.discard = Some(discard);
+            }
             if let Some(link) = channel.link.take() {
-                done.link = Some(link);
+                if index == 0 {
+                    done.link = Some(link);
+                } else if let Some(slot) = done.links.get_mut(usize::from(index)) {
+                    *slot = Some(link);
+                }
             }
             done.pages += channel.pages;
             done.rounds = done.rounds.max(channel.rounds);
@@ -317,6 +360,16 @@ impl Running {
                 channel: 0,
                 what: "no channel reader could be started",
             });
+        }
+        match markers {
+            0 => {}
+            n if n == channels => done.postcopy = true,
+            _ => {
+                return Err(Error::protocol(
+                    0,
+                    "some channels ended pre-copy for postcopy, others ended the stream",
+                ));
+            }
         }
         Ok(done)
     }
@@ -331,6 +384,14 @@ impl Running {
                 break;
             }
             self.pending -= 1;
+        }
+    }
+
+    /// Joins the readers, which have returned, and the decode workers, which end once the
+    /// readers' queue to them closes; the sockets stay open.
+    fn join_threads(&mut self) {
+        for handle in self.readers.drain(..).chain(self.workers.drain(..)) {
+            let _ = handle.join();
         }
     }
 

@@ -53,6 +53,38 @@ pub struct ReceiveOptions {
     /// hello is read; this receiver proves itself with its server certificate. `None`:
     /// plaintext.
     pub tls: Option<crate::tls::TlsServer>,
+    /// Postcopy (QEMU's `postcopy-ram` on the destination): how to start the guest while pages
+    /// are still missing. `None`: a sender that may switch to postcopy is refused.
+    pub postcopy: Option<PostcopyRun>,
+}
+
+/// The destination's hook for postcopy: called once the source handed the guest over with
+/// pages still on their way, with the device state; it starts the guest (restores the device
+/// state, runs the vCPUs) and returns. Pages the guest touches that are not here yet fault,
+/// and the receiver fetches them; [`receive`](crate::receive) returns once every page is here.
+/// An error fails the migration on this side (the source stays paused: the guest then runs
+/// nowhere, as after a failed postcopy in QEMU).
+#[derive(Clone)]
+pub struct PostcopyRun(Arc<RunGuest>);
+
+/// The guest starter inside a [`PostcopyRun`].
+type RunGuest = dyn Fn(&[u8]) -> Result<(), crate::BoxError> + Send + Sync;
+
+impl PostcopyRun {
+    /// The hook `run`.
+    pub fn new(run: impl Fn(&[u8]) -> Result<(), crate::BoxError> + Send + Sync + 'static) -> Self {
+        PostcopyRun(Arc::new(run))
+    }
+
+    pub(crate) fn run(&self, device_state: &[u8]) -> Result<(), crate::BoxError> {
+        (self.0)(device_state)
+    }
+}
+
+impl fmt::Debug for PostcopyRun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PostcopyRun(..)")
+    }
 }
 
 impl Default for ReceiveOptions {
@@ -69,6 +101,7 @@ impl Default for ReceiveOptions {
             in_doubt_wait: Duration::from_secs(120),
             operator: Operator::new(),
             tls: None,
+            postcopy: None,
         }
     }
 }
@@ -131,4 +164,7 @@ pub struct Received {
     /// What TLS settled on the channels (the same on each, the sender's subject included),
     /// `None` for plaintext.
     pub tls: Option<crate::tls::Negotiated>,
+    /// What postcopy did, if the migration switched to it (the guest then ran here from the
+    /// go on, and `elapsed` runs to the last page).
+    pub postcopy: Option<crate::postcopy::PostcopyStats>,
 }

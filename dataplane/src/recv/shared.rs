@@ -25,6 +25,8 @@ pub(super) struct Shared {
     pub(super) counters: Arc<Counters>,
     pub(super) sink: Arc<dyn FactSink>,
     pub(super) channels: u16,
+    /// Whether the migration may switch to postcopy.
+    pub(super) postcopy: bool,
     pub(super) timeout: Duration,
     pub(super) pool: Pool<LzBuf>,
 }

@@ -34,12 +34,14 @@ use ramjet_control::Fact;
 mod job;
 mod options;
 mod outgoing;
+mod postcopy;
 mod rate;
 mod return_path;
 mod worker;
 mod writer;
 
 pub use options::{PreSwitchover, RoundStats, SendOptions, Summary};
+pub use postcopy::Postcopy;
 
 use job::{CHUNK_LEN, Job};
 use outgoing::{FrameBuf, Outgoing, QUEUE_FRAMES};
@@ -57,9 +59,10 @@ use crate::memory::{Frozen, GuestMemory};
 use crate::pool::Pool;
 use crate::session::{self, Counters, FactSink, Stop};
 use crate::tls::{Negotiated, TlsClient};
-use crate::transport::{Conn, Endpoint, Stream};
+use crate::transport::{Conn, Endpoint, Stream, Transport};
 use crate::wire::{
-    FrameHeader, Hello, MAX_CHANNELS, MAX_DEVICE_STATE, MAX_PAYLOAD, MAX_REGIONS, frame_capacity,
+    FrameHeader, Hello, HelloFlags, MAX_CHANNELS, MAX_DEVICE_STATE, MAX_PAYLOAD, MAX_REGIONS,
+    frame_capacity,
 };
 
 /// How long the clean-up after a failure waits for the peer's own error message.
@@ -136,6 +139,13 @@ pub struct Sender {
     total_pages: Vec<u64>,
     started: Instant,
     ended: bool,
+    /// The fault channel, connected with [`SendOptions::postcopy`] and idle until postcopy.
+    fault: Option<Conn>,
+    /// What the session was started with, for the fault channel's threads.
+    transport: Arc<dyn Transport>,
+    /// Committed to postcopy: from here a failure pauses the migration, and the receiver is
+    /// never told that the source keeps the guest.
+    postcopy: bool,
 }
 
 impl std::fmt::Debug for Sender {
@@ -175,7 +185,7 @@ impl Sender {
             let arena = Arena::new(slots, frame_capacity(CHUNK_LEN)).map_err(Error::Buffers)?;
             Ok((s, arena))
         });
-        let ((streams, hello), (arena, slots)) = match connected {
+        let ((streams, fault, hello), (arena, slots)) = match connected {
             Ok(connected) => connected,
             Err(err) => {
                 stop.fail(err);
@@ -204,7 +214,8 @@ impl Sender {
             timeout: options.timeout,
         };
         let mut streams = streams;
-        let sender = Self::start(&wiring, &mut streams, (endpoint, hello), options, sink);
+        let mut sender = Self::start(&wiring, &mut streams, (endpoint, hello), options, sink);
+        sender.fault = fault;
         sender.sink.fact(Fact::SetupDone);
         Ok(sender)
     }
@@ -214,7 +225,7 @@ impl Sender {
         endpoint: &Endpoint,
         options: &SendOptions,
         stop: &Stop,
-    ) -> Result<(Vec<Conn>, Hello), Error> {
+    ) -> Result<(Vec<Conn>, Option<Conn>, Hello), Error> {
         if options.channels == 0 || options.channels > MAX_CHANNELS {
             return Err(Error::Config(format!(
                 "channels must be 1 to {MAX_CHANNELS}, not {}",
@@ -233,6 +244,10 @@ impl Sender {
             )));
         }
         let mut hello = Hello {
+            flags: HelloFlags {
+                postcopy: options.postcopy,
+                ..HelloFlags::default()
+            },
             session: session::session_id(),
             channel: 0,
             channels: options.channels,
@@ -240,31 +255,51 @@ impl Sender {
         };
         let mut streams = Vec::with_capacity(usize::from(options.channels));
         for channel in 0..options.channels {
-            if stop.is_stopped() {
-                return Err(Error::Cancelled);
-            }
-            let stream =
-                Stream::connect(endpoint, options.timeout).map_err(|source| Error::Connect {
-                    channel,
-                    endpoint: endpoint.to_string(),
-                    source,
-                })?;
-            stop.register(&stream)
-                .map_err(|e| Error::io(channel, "duplicating the socket", options.timeout, e))?;
-            let mut conn = session::secure(
-                stream,
-                endpoint,
-                options.tls.as_ref(),
-                channel,
-                options.timeout,
-                &|| stop.is_stopped(),
-            )?;
             hello.channel = channel;
-            session::greet(&mut conn, &hello, options.timeout)?;
-            streams.push(conn);
+            streams.push(Self::connect_one(endpoint, options, stop, &hello)?);
         }
+        // The fault channel, last: idle until postcopy starts.
+        let fault = if options.postcopy {
+            let mut fault = hello.clone();
+            fault.channel = options.channels;
+            fault.flags.fault = true;
+            Some(Self::connect_one(endpoint, options, stop, &fault)?)
+        } else {
+            None
+        };
         hello.channel = 0;
-        Ok((streams, hello))
+        Ok((streams, fault, hello))
+    }
+
+    /// Connects, secures and greets one channel with `hello`.
+    fn connect_one(
+        endpoint: &Endpoint,
+        options: &SendOptions,
+        stop: &Stop,
+        hello: &Hello,
+    ) -> Result<Conn, Error> {
+        let channel = hello.channel;
+        if stop.is_stopped() {
+            return Err(Error::Cancelled);
+        }
+        let stream =
+            Stream::connect(endpoint, options.timeout).map_err(|source| Error::Connect {
+                channel,
+                endpoint: endpoint.to_string(),
+                source,
+            })?;
+        stop.register(&stream)
+            .map_err(|e| Error::io(channel, "duplicating the socket", options.timeout, e))?;
+        let mut conn = session::secure(
+            stream,
+            endpoint,
+            options.tls.as_ref(),
+            channel,
+            options.timeout,
+            &|| stop.is_stopped(),
+        )?;
+        session::greet(&mut conn, hello, options.timeout)?;
+        Ok(conn)
     }
 
     /// Starts the writers, return-path readers and codec workers over streams connected to
@@ -311,6 +346,9 @@ impl Sender {
             total_pages: vec![0; channels],
             started: Instant::now(),
             ended: false,
+            fault: None,
+            transport: Arc::clone(&options.transport),
+            postcopy: false,
         };
         let compression = match options.compression {
             Compression::Auto if streams.iter().any(|c| c.is_local()) => Compression::Off,
@@ -589,6 +627,7 @@ impl Sender {
             confirmed,
             acknowledged: acknowledged.is_some(),
             tls: self.negotiated.clone(),
+            postcopy: None,
         })
     }
 
@@ -626,8 +665,9 @@ impl Sender {
                     pages,
                     device_state_len,
                 })) => return Ok((pages, device_state_len)),
-                Ok(Ok(Reply::Decided(_))) => {
-                    let err = Error::protocol(0, "the receiver said decided before ready");
+                Ok(Ok(reply @ (Reply::Decided(_) | Reply::Done(_)))) => {
+                    let err =
+                        Error::protocol(0, format!("the receiver said {reply:?} before ready"));
                     return Err(self.fail(err));
                 }
                 Ok(Err(err)) => return Err(self.fail(err)),
@@ -704,6 +744,9 @@ impl Sender {
         if self.ended {
             return Error::Ended;
         }
+        if self.postcopy {
+            return self.pause();
+        }
         self.ended = true;
         let cancelled = self.stop.is_cancelled();
         let err = self.stop.take_error();
@@ -774,7 +817,11 @@ impl Sender {
 
 impl Drop for Sender {
     fn drop(&mut self) {
-        if !self.ended {
+        if self.postcopy {
+            if !self.ended {
+                let _ = self.pause();
+            }
+        } else if !self.ended {
             self.stop.cancel();
             let _ = self.fail_stopped();
         }

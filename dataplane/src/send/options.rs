@@ -36,6 +36,11 @@ pub struct SendOptions {
     /// a certificate for the endpoint's address (or [`TlsClient::with_hostname`]), and this
     /// sender proves itself with its client certificate. `None`: plaintext.
     pub tls: Option<TlsClient>,
+    /// Whether the migration may switch to postcopy ([`Sender::postcopy`](crate::Sender::postcopy)):
+    /// QEMU's `postcopy-ram` capability. It connects one more channel, the fault channel, on
+    /// which the destination asks for the pages its guest faults on; the receiver must allow
+    /// postcopy too ([`ReceiveOptions::postcopy`](crate::ReceiveOptions::postcopy)).
+    pub postcopy: bool,
 }
 
 impl Default for SendOptions {
@@ -50,6 +55,7 @@ impl Default for SendOptions {
             max_bandwidth: None,
             decision_timeout: Duration::from_secs(60),
             tls: None,
+            postcopy: false,
         }
     }
 }
@@ -94,6 +100,9 @@ pub struct Summary {
     pub acknowledged: bool,
     /// What TLS settled on the channels (the same on each), `None` for plaintext.
     pub tls: Option<Negotiated>,
+    /// What postcopy did, if the migration switched to it (then `confirmed` is when the
+    /// destination started running the guest, and `elapsed` runs to the receiver's *done*).
+    pub postcopy: Option<crate::postcopy::PostcopyStats>,
 }
 
 #[cfg(test)]

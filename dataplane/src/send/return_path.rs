@@ -17,6 +17,8 @@ pub(super) enum Reply {
     Ready { pages: u64, device_state_len: u64 },
     /// *Decided*: the decision (go or abort) arrived.
     Decided(bool),
+    /// Postcopy's *done*: every page is on the destination (this many placed in postcopy).
+    Done(u64),
 }
 
 /// Reads the receiver's frames on one channel: an error message on any channel, the
@@ -83,6 +85,9 @@ pub(super) fn run(
             }
             (FrameKind::Decided, Some(confirm)) => {
                 let _ = confirm.try_send(Ok(Reply::Decided(header.is_go())));
+            }
+            (FrameKind::Done, Some(confirm)) => {
+                let _ = confirm.try_send(Ok(Reply::Done(header.value)));
             }
             (kind, _) => {
                 let problem = format!("unexpected {kind:?} frame from the receiver");

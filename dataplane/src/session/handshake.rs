@@ -235,6 +235,7 @@ mod tests {
 
     fn hello(channel: u16) -> Hello {
         Hello {
+            flags: Default::default(),
             session: session_id(),
             channel,
             channels: 2,

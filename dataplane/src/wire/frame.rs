@@ -29,6 +29,24 @@ pub enum FrameKind {
     Decision = 7,
     /// Receiver to sender: the decision arrived (`value` repeats it).
     Decided = 8,
+    /// Postcopy, channel 0: pages the destination must drop (dirtied since they were sent): a
+    /// piece of a region's bitmap (`region`), from bitmap word `value`.
+    Discard = 9,
+    /// Postcopy, every data channel: its pre-copy is over (`value`: pages it sent, `round`:
+    /// the last pre-copy round); the pages after it are postcopy pages.
+    Postcopy = 10,
+    /// Postcopy, receiver to sender on the fault channel: send `count` pages of `region` from
+    /// page `value` now.
+    Request = 11,
+    /// Postcopy, receiver to sender on channel 0: every page is here (`value`: pages placed in
+    /// postcopy).
+    Done = 12,
+    /// Postcopy recovery, receiver to sender on channel 0: a piece of a region's bitmap of the
+    /// pages it holds, from bitmap word `value`.
+    Received = 13,
+    /// Postcopy recovery, receiver to sender on channel 0: the bitmaps are complete (`value`:
+    /// pages it holds); the source sends the rest.
+    Resume = 14,
 }
 
 impl FrameKind {
@@ -42,6 +60,12 @@ impl FrameKind {
             6 => FrameKind::Ready,
             7 => FrameKind::Decision,
             8 => FrameKind::Decided,
+            9 => FrameKind::Discard,
+            10 => FrameKind::Postcopy,
+            11 => FrameKind::Request,
+            12 => FrameKind::Done,
+            13 => FrameKind::Received,
+            14 => FrameKind::Resume,
             _ => return None,
         })
     }
@@ -138,7 +162,14 @@ impl FrameHeader {
         if h.len > MAX_PAYLOAD {
             return Err(too_large("frame payload", h.len, MAX_PAYLOAD));
         }
-        if kind != FrameKind::Pages && (h.count != 0 || h.region != 0) {
+        let regional = matches!(
+            kind,
+            FrameKind::Pages | FrameKind::Discard | FrameKind::Request | FrameKind::Received
+        );
+        if !regional && h.region != 0 {
+            return Err(invalid("region outside a frame about pages", h.region));
+        }
+        if !matches!(kind, FrameKind::Pages | FrameKind::Request) && h.count != 0 {
             return Err(invalid("page count outside a pages frame", h.count));
         }
         match kind {
@@ -181,6 +212,21 @@ impl FrameHeader {
             FrameKind::Decision | FrameKind::Decided => {
                 if h.len != 0 || h.value > 1 || h.round != 0 {
                     return Err(invalid("decision frame", h.value));
+                }
+            }
+            FrameKind::Discard | FrameKind::Received => {
+                if h.len == 0 || !h.len.is_multiple_of(8) || h.round != 0 {
+                    return Err(invalid("bitmap piece length", h.len));
+                }
+            }
+            FrameKind::Request => {
+                if h.count == 0 || h.count > MAX_PAGES_PER_FRAME || h.len != 0 || h.round != 0 {
+                    return Err(invalid("page request", h.count));
+                }
+            }
+            FrameKind::Postcopy | FrameKind::Done | FrameKind::Resume => {
+                if h.len != 0 {
+                    return Err(invalid("payload length of a postcopy marker", h.len));
                 }
             }
         }
@@ -245,6 +291,50 @@ impl FrameHeader {
 }
 
 impl FrameHeader {
+    /// A bitmap piece (`kind` [`Discard`](FrameKind::Discard) or
+    /// [`Received`](FrameKind::Received)) of region `region` from bitmap word `word`; at most
+    /// [`MAX_PAYLOAD`] bytes of words.
+    pub fn bitmap(kind: FrameKind, region: u32, word: u64, words: &[u64]) -> Vec<u8> {
+        let payload: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        let mut frame = FrameHeader::new(kind, region, word, 0, 0, len)
+            .encode()
+            .to_vec();
+        frame.extend_from_slice(&payload);
+        seal(&mut frame);
+        frame
+    }
+
+    /// The words of a bitmap piece's payload (its length is a multiple of 8, checked with the
+    /// header).
+    pub fn bitmap_words(payload: &[u8]) -> impl Iterator<Item = u64> + '_ {
+        payload
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])))
+    }
+
+    /// This data channel's pre-copy is over: it sent `pages` pages, the last in round `round`.
+    pub fn postcopy(round: u32, pages: u64) -> Vec<u8> {
+        Self::control(FrameKind::Postcopy, pages, round, &[])
+    }
+
+    /// A request for `count` pages of region `region` from page `first`.
+    pub fn request(region: u32, first: u64, count: u32) -> [u8; Self::LEN] {
+        let mut frame = FrameHeader::new(FrameKind::Request, region, first, 0, count, 0).encode();
+        seal(&mut frame);
+        frame
+    }
+
+    /// Every page is here; `pages` were placed in postcopy.
+    pub fn done(pages: u64) -> Vec<u8> {
+        Self::control(FrameKind::Done, pages, 0, &[])
+    }
+
+    /// The received bitmaps are complete: the receiver holds `pages` pages.
+    pub fn resume(pages: u64) -> Vec<u8> {
+        Self::control(FrameKind::Resume, pages, 0, &[])
+    }
+
     /// The sender's decision: `go` (handed over) or abort (the source resumes).
     pub fn decision(go: bool) -> Vec<u8> {
         Self::control(FrameKind::Decision, u64::from(go), 0, &[])
@@ -301,6 +391,12 @@ mod tests {
             FrameHeader::decision(true),
             FrameHeader::decision(false),
             FrameHeader::decided(true),
+            FrameHeader::bitmap(FrameKind::Discard, 2, 64, &[1, u64::MAX, 0]),
+            FrameHeader::bitmap(FrameKind::Received, 0, 0, &[7]),
+            FrameHeader::postcopy(3, 1000),
+            FrameHeader::request(1, 4096, 2).to_vec(),
+            FrameHeader::done(77),
+            FrameHeader::resume(78),
         ] {
             let mut fixed = [0u8; FrameHeader::LEN];
             fixed.copy_from_slice(&frame[..32]);
@@ -347,6 +443,16 @@ mod tests {
             FrameHeader::new(FrameKind::EndOfRound, 0, 0, 1, 0, 1),
             FrameHeader::new(FrameKind::DeviceState, 0, 0, 0, 0, 0),
             FrameHeader::new(FrameKind::DeviceState, 0, 0, 0, 3, 10),
+            FrameHeader::new(FrameKind::DeviceState, 1, 0, 0, 0, 10),
+            FrameHeader::new(FrameKind::Discard, 0, 0, 0, 0, 0),
+            FrameHeader::new(FrameKind::Discard, 0, 0, 0, 0, 12),
+            FrameHeader::new(FrameKind::Received, 0, 0, 1, 0, 8),
+            FrameHeader::new(FrameKind::Request, 0, 0, 0, 0, 0),
+            FrameHeader::new(FrameKind::Request, 0, 0, 0, MAX_PAGES_PER_FRAME + 1, 0),
+            FrameHeader::new(FrameKind::Request, 0, 0, 0, 1, 8),
+            FrameHeader::new(FrameKind::Postcopy, 0, 0, 1, 0, 8),
+            FrameHeader::new(FrameKind::Done, 3, 0, 0, 0, 0),
+            FrameHeader::new(FrameKind::Resume, 0, 0, 0, 1, 0),
         ];
         for h in bad {
             assert!(FrameHeader::decode(&header_bytes(h)).is_err(), "{h:?}");

@@ -17,6 +17,47 @@ pub struct Hello {
     pub channels: u16,
     /// The sender's guest memory layout, in region-index order.
     pub regions: Vec<RegionLayout>,
+    /// Postcopy: whether the migration may switch to it, and what this connection is.
+    pub flags: HelloFlags,
+}
+
+/// The hello's flags (bits of offset 10): what a connection of a migration that may switch to
+/// postcopy is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HelloFlags {
+    /// Bit 0: the migration may switch to postcopy, and has a fault channel beside its data
+    /// channels.
+    pub postcopy: bool,
+    /// Bit 1: this connection is the fault channel (its index is the data channel count):
+    /// requested pages travel on it, ahead of the background stream.
+    pub fault: bool,
+    /// Bit 2: a reconnection of a paused postcopy migration (recovery).
+    pub resume: bool,
+}
+
+impl HelloFlags {
+    const POSTCOPY: u16 = 1;
+    const FAULT: u16 = 1 << 1;
+    const RESUME: u16 = 1 << 2;
+
+    fn bits(self) -> u16 {
+        (u16::from(self.postcopy) * Self::POSTCOPY)
+            | (u16::from(self.fault) * Self::FAULT)
+            | (u16::from(self.resume) * Self::RESUME)
+    }
+
+    fn from_bits(bits: u16) -> Result<Self, DecodeError> {
+        let flags = HelloFlags {
+            postcopy: bits & Self::POSTCOPY != 0,
+            fault: bits & Self::FAULT != 0,
+            resume: bits & Self::RESUME != 0,
+        };
+        let known = Self::POSTCOPY | Self::FAULT | Self::RESUME;
+        if bits & !known != 0 || ((flags.fault || flags.resume) && !flags.postcopy) {
+            return Err(invalid("hello flags", bits));
+        }
+        Ok(flags)
+    }
 }
 
 impl Hello {
@@ -36,6 +77,7 @@ impl Hello {
         let mut b = vec![0u8; Self::FIXED_LEN + count * Self::REGION_LEN];
         b[0..8].copy_from_slice(&MAGIC);
         put_u16(&mut b, 8, VERSION);
+        put_u16(&mut b, 10, self.flags.bits());
         put_u32(&mut b, 12, WIRE_PAGE_SIZE);
         b[16..32].copy_from_slice(&self.session);
         put_u16(&mut b, 32, self.channel);
@@ -60,9 +102,7 @@ impl Hello {
     pub fn table_len(fixed: &[u8; Self::FIXED_LEN]) -> Result<usize, DecodeError> {
         check_magic_version(fixed)?;
         verify_crc("hello", u32_at(fixed, 40), crc32fast::hash(&fixed[..40]))?;
-        if u16_at(fixed, 10) != 0 {
-            return Err(invalid("hello flags", u16_at(fixed, 10)));
-        }
+        let flags = HelloFlags::from_bits(u16_at(fixed, 10))?;
         let page_size = u32_at(fixed, 12);
         if page_size != WIRE_PAGE_SIZE {
             return Err(invalid("page size", page_size));
@@ -74,7 +114,9 @@ impl Hello {
         if channels > MAX_CHANNELS {
             return Err(too_large("channel count", channels, MAX_CHANNELS));
         }
-        if channel >= channels {
+        // The fault channel's index is one past the data channels'.
+        let fault_index = flags.fault && channel == channels;
+        if channel >= channels && !fault_index || flags.fault && channel != channels {
             return Err(invalid("channel index", channel));
         }
         let regions = u32_at(fixed, 36);
@@ -119,6 +161,7 @@ impl Hello {
             channel: u16_at(fixed, 32),
             channels: u16_at(fixed, 34),
             regions,
+            flags: HelloFlags::from_bits(u16_at(fixed, 10))?,
         })
     }
 }
@@ -235,6 +278,7 @@ mod tests {
 
     fn sample() -> Hello {
         Hello {
+            flags: Default::default(),
             session: *b"0123456789abcdef",
             channel: 1,
             channels: 4,
@@ -290,7 +334,7 @@ mod tests {
         );
         assert_eq!(
             with(8, &1u16.to_le_bytes()).to_string(),
-            "unsupported protocol version 1 (this build speaks 2)"
+            "unsupported protocol version 1 (this build speaks 3)"
         );
         assert!(matches!(
             with(12, &65536u32.to_le_bytes()),

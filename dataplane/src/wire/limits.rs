@@ -1,10 +1,10 @@
-//! The constants of version 2 and the fixed page → channel assignment.
+//! The constants of version 3 and the fixed page → channel assignment.
 
 /// The first eight bytes of every hello and hello reply.
 pub const MAGIC: [u8; 8] = *b"RAMJET\r\n";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
-/// The only page size version 2 supports.
+pub const VERSION: u16 = 3;
+/// The only page size version 3 supports.
 pub const WIRE_PAGE_SIZE: u32 = 4096;
 /// Most regions a hello may describe.
 pub const MAX_REGIONS: u32 = 256;

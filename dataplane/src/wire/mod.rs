@@ -1,4 +1,4 @@
-//! Wire format, version 2. This module alone knows the byte layout (the sender builds pages
+//! Wire format, version 3. This module alone knows the byte layout (the sender builds pages
 //! frames with [`PagesFrameWriter`], the receiver reads them through [`PageTable`]); everything is
 //! little-endian, every length is checked against a fixed limit before anything is allocated,
 //! and crc32 (IEEE, as `crc32fast` computes it) covers every header and payload as sent.
@@ -31,18 +31,54 @@
 //! that sent *ready* and then loses channel 0 is *in doubt*: it keeps the complete state, does
 //! not run it, and accepts new connections that greet with the same session's hello and send
 //! one decision frame, which it answers with *decided*. Version 1 had no handover (its receiver
-//! ran the guest on its own word), so version 2 does not talk to it.
+//! ran the guest on its own word), and version 2 had no postcopy; this build speaks only
+//! version 3.
+//!
+//! ## Postcopy
+//!
+//! A migration that may switch to postcopy says so in every hello (flag `postcopy`) and opens one
+//! more connection, the *fault channel* (flag `fault`, index = the data channel count), which
+//! stays idle until postcopy starts. The switch replaces the final round:
+//!
+//! ```text
+//!  sender (guest paused, memory frozen)          receiver
+//!  discard bitmaps (channel 0) ────────────────>  pages dirtied since they were sent
+//!  device state (channel 0) ───────────────────>
+//!  postcopy marker (every data channel) ───────>  pre-copy over; makes the wanted pages
+//!                                                 absent and registers userfaultfd
+//!                                   <──────────  ready (pre-copy pages, device-state length)
+//!  commits; decision go ───────────────────────>  runs the guest
+//!                                   <──────────  decided go
+//!  pushes the wanted pages (data channels)  ───>  places them (UFFDIO_COPY)
+//!                                   <──────────  request (fault channel), for a page a
+//!                                                 thread faulted on
+//!  the requested pages (fault channel) ────────>  places them, waking the thread
+//!  end of stream (every data channel) ─────────>
+//!                                   <──────────  done (channel 0): every page is here
+//! ```
+//!
+//! The wanted pages are exactly the discarded ones; every other page must have arrived in
+//! pre-copy. The sender sends only wanted pages, each with the content of the frozen memory, so
+//! a page that arrives twice (pushed and requested) carries the same bytes; the first placement
+//! wins. A page pushed on a data channel keeps its fixed channel; the fault channel carries
+//! any. On a broken connection both sides pause (nothing is lost: the source keeps its memory,
+//! the destination what it placed); the source reconnects every channel with flag `resume`,
+//! the receiver answers on channel 0 with the bitmaps of the pages it holds (*received*) and
+//! *resume*, and sends its outstanding requests again on the new fault channel; the source then
+//! pushes every wanted page not received.
 //!
 //! ## Hello (sender → receiver), 48 bytes + 24 per region
 //!
 //! ```text
 //! offset size field
 //!      0    8 magic "RAMJET\r\n"
-//!      8    2 version (2); magic and version stay at these offsets in every version
-//!     10    2 flags, 0
+//!      8    2 version (3); magic and version stay at these offsets in every version
+//!     10    2 flags: bit 0 postcopy (the migration may switch to postcopy, and has a fault
+//!             channel), bit 1 fault (this is the fault channel), bit 2 resume (a reconnection
+//!             of a paused postcopy); fault and resume need postcopy, other bits are 0
 //!     12    4 page size (4096)
 //!     16   16 session id, the same on every channel of a migration
-//!     32    2 channel index, below the channel count
+//!     32    2 channel index, below the channel count (the fault channel's: equal to it)
 //!     34    2 channel count, 1..=64
 //!     36    4 region count, 1..=256
 //!     40    4 crc32 of bytes 0..40, checked before any count in them is used
@@ -58,7 +94,7 @@
 //!
 //! ```text
 //!      0    8 magic "RAMJET\r\n"
-//!      8    2 version (2)
+//!      8    2 version (3)
 //!     10    2 verdict: 1 accept, 2 refuse
 //!     12    4 reason length, at most 1024 (0 when accepted)
 //!     16    4 crc32 of bytes 0..24 (this field zero) and the reason
@@ -71,11 +107,13 @@
 //! ```text
 //!      0    2 kind (see below); 0 is invalid, so a zeroed header means nothing
 //!      2    2 flags, 0
-//!      4    4 region index (pages), else 0
-//!      8    8 value: first page (pages), page count (end-of-round, end-of-stream,
-//!             ready), the decision (decision, decided: 1 go, 0 abort), byte offset (device state), else 0
-//!     16    4 round, from 1
-//!     20    4 page count (pages, 1..=1024), else 0
+//!      4    4 region index (pages, discard, request, received), else 0
+//!      8    8 value: first page (pages, request), page count (end-of-round, end-of-stream,
+//!             ready, postcopy, done, resume), the decision (decision, decided: 1 go, 0
+//!             abort), byte offset (device state), first bitmap word (discard, received)
+//!     16    4 round, from 1 (pages; the last pre-copy round in end markers and postcopy
+//!             markers), else 0
+//!     20    4 page count (pages, request: 1..=1024), else 0
 //!     24    4 payload length (limits per kind below)
 //!     28    4 crc32 of the header (this field zero) followed by the payload as sent
 //! ```
@@ -90,6 +128,15 @@
 //! | 6 | ready | ← | 8 bytes: device-state length; value = pages received on all channels |
 //! | 7 | decision | → | none; value 1 go (handed over), 0 abort (the source resumes) |
 //! | 8 | decided | ← | none; value = the decision received |
+//! | 9 | discard | → | bitmap words (little-endian u64, bit n = page 64·word + n), ≤ 8 MiB: pages to drop |
+//! | 10 | postcopy | → | none; value = pages this channel sent in pre-copy |
+//! | 11 | request | ← | none, on the fault channel; `count` pages of `region` from page `value` |
+//! | 12 | done | ← | none; value = pages placed in postcopy |
+//! | 13 | received | ← | bitmap words, as discard: pages the receiver holds (recovery) |
+//! | 14 | resume | ← | none; value = pages the receiver holds; the bitmaps are complete |
+//!
+//! In postcopy, pages frames carry round = the last pre-copy round + 1, and end of stream its
+//! count of pushed pages.
 //!
 //! A pages frame's payload is a table of `page count` entries of 8 bytes, then the data of each
 //! page in table order:
@@ -120,7 +167,7 @@ mod pages;
 
 pub use error::DecodeError;
 pub use frame::{FrameHeader, FrameKind, seal, seal_split};
-pub use hello::{Hello, HelloReply, Verdict};
+pub use hello::{Hello, HelloFlags, HelloReply, Verdict};
 pub use limits::{
     CHUNK_PAGES, MAGIC, MAX_CHANNELS, MAX_DEVICE_STATE, MAX_MESSAGE, MAX_PAGES_PER_FRAME,
     MAX_PAYLOAD, MAX_REGIONS, VERSION, WIRE_PAGE_SIZE, channel_of,

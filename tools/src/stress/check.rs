@@ -1,6 +1,7 @@
 //! What every stress run must show, whatever its fault.
 
 use ramjet_control::{Machine, Options, Profile, Side, Status, Timestamp, Trigger};
+use ramjet_dataplane::internals::wire::VERSION;
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::{Error, Fact, Handover};
 
@@ -367,7 +368,8 @@ fn error_names_the_fault(e: &Evidence<'_>, violations: &mut Vec<String>) {
         ]),
         Fault::Stall => names(&["timed out", "did not finish the tls handshake"]),
         Fault::Refuse => names(&["memory layouts differ"]),
-        Fault::Version => names(&["unsupported protocol version 3"]),
+        // The proxy writes the version after this build's.
+        Fault::Version => names(&[&format!("unsupported protocol version {}", VERSION + 1)]),
         Fault::Handover | Fault::Late => names(&lost),
         Fault::Stray => names(&["memory layouts differ"]),
         Fault::None | Fault::Slow | Fault::Short | Fault::Cancel => false,

@@ -302,6 +302,7 @@ fn stray(
                 *byte = rng.next_u64().to_le_bytes()[0];
             }
             Hello {
+                flags: Default::default(),
                 session,
                 channel: 0,
                 channels: 1,
