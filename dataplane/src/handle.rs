@@ -7,6 +7,7 @@
 //! figures `query-migrate` needs here, and waits here in `pre-switchover`; the handle's clones
 //! read them, proceed and cancel.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,8 @@ pub struct Progress {
     pub stalled: bool,
     /// Whether the guest is paused for the switchover.
     pub paused: bool,
+    /// In postcopy (the destination runs the guest): what postcopy did so far.
+    pub postcopy: Option<crate::postcopy::PostcopyStats>,
 }
 
 /// Drives a live migration from other threads: proceed out of `pre-switchover`, cancel, and
@@ -52,6 +55,8 @@ struct HandleShared {
     wake: Condvar,
     progress: Mutex<Progress>,
     running: Mutex<Option<Running>>,
+    /// `migrate-start-postcopy` was asked for.
+    start_postcopy: AtomicBool,
 }
 
 /// What the handle needs to report `query-migrate` figures for a running migration.
@@ -85,6 +90,18 @@ impl LiveHandle {
         self.shared.wake.notify_all();
     }
 
+    /// `migrate-start-postcopy`: switch to postcopy after the round in progress (unless
+    /// pre-copy converges first). It takes effect only for a session connected with
+    /// [`SendOptions::postcopy`](crate::SendOptions::postcopy).
+    pub fn start_postcopy(&self) {
+        self.shared.start_postcopy.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether postcopy was asked for.
+    pub(crate) fn postcopy_requested(&self) -> bool {
+        self.shared.start_postcopy.load(Ordering::SeqCst)
+    }
+
     /// The progress as of the last dirty sync.
     pub fn progress(&self) -> Progress {
         *lock(&self.shared.progress)
@@ -108,6 +125,11 @@ impl LiveHandle {
             Some(at) => (at, sent.saturating_sub(at)),
             None => (sent, 0),
         };
+        if let Some(postcopy) = progress.postcopy {
+            stats.postcopy_requests = postcopy.requests;
+            stats.postcopy_bytes = postcopy.bytes;
+            stats.downtime_bytes = stats.downtime_bytes.saturating_sub(postcopy.bytes);
+        }
         Some(stats)
     }
 

@@ -295,6 +295,7 @@ fn a_guest_that_dirties_too_fast_triggers_the_stall_policy() {
                 assert!(report.last.stalled && report.last.rounds_without_progress >= 3);
                 assert_identical(&memory, &dst);
             }
+            StallPolicy::Postcopy => unreachable!("tests/postcopy.rs runs the postcopy policy"),
             StallPolicy::Fail => {
                 let err = outcome.report.expect_err(&what);
                 assert!(matches!(err, Error::Stalled { .. }), "{}", err.chain());
@@ -462,6 +463,7 @@ fn a_guest_outpacing_a_rate_limited_link_stalls() {
                 );
                 assert_identical(&memory, &dst);
             }
+            StallPolicy::Postcopy => unreachable!("tests/postcopy.rs runs the postcopy policy"),
             StallPolicy::Fail => {
                 let err = outcome.report.expect_err(&what);
                 assert!(matches!(err, Error::Stalled { .. }), "{}", err.chain());

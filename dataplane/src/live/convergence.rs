@@ -33,6 +33,21 @@ pub enum SwitchoverReason {
     MaxTime,
     /// A stall, with [`StallPolicy::Switchover`].
     Stalled,
+    /// Postcopy was asked for ([`LiveHandle::start_postcopy`](crate::LiveHandle::start_postcopy),
+    /// or [`LiveOptions::postcopy_after_first_round`]).
+    PostcopyRequested,
+    /// A stall, with [`StallPolicy::Postcopy`].
+    PostcopyStalled,
+}
+
+impl SwitchoverReason {
+    /// Whether the migration switches to postcopy (else it ends with a final round).
+    pub fn is_postcopy(self) -> bool {
+        matches!(
+            self,
+            SwitchoverReason::PostcopyRequested | SwitchoverReason::PostcopyStalled
+        )
+    }
 }
 
 /// What the loop measured at one dirty sync, the one that ends a round.
@@ -74,6 +89,9 @@ pub(super) struct Convergence {
     best_remaining: u64,
     /// Samples at which the migration was stalled.
     stalled_syncs: u32,
+    /// Whether the migration can switch to postcopy, and whether it was asked to.
+    postcopy_possible: bool,
+    postcopy_requested: bool,
 }
 
 impl Convergence {
@@ -84,7 +102,19 @@ impl Convergence {
             progress: Progress::default(),
             best_remaining: u64::MAX,
             stalled_syncs: 0,
+            postcopy_possible: false,
+            postcopy_requested: options.postcopy_after_first_round,
         }
+    }
+
+    /// The session can switch to postcopy (it has a fault channel).
+    pub(super) fn allow_postcopy(&mut self) {
+        self.postcopy_possible = true;
+    }
+
+    /// Postcopy was asked for: the next decision switches to it, unless pre-copy converged.
+    pub(super) fn request_postcopy(&mut self) {
+        self.postcopy_requested = true;
     }
 
     /// Takes the sample of the sync that ends the next round (the n-th sample ends round n)
@@ -123,6 +153,9 @@ impl Convergence {
         if progress.expected_downtime <= options.downtime_limit {
             return Decision::Switchover(SwitchoverReason::Converged);
         }
+        if self.postcopy_possible && self.postcopy_requested {
+            return Decision::Switchover(SwitchoverReason::PostcopyRequested);
+        }
         if options.max_rounds.is_some_and(|max| progress.round >= max) {
             return Decision::Switchover(SwitchoverReason::MaxRounds);
         }
@@ -133,7 +166,10 @@ impl Convergence {
             return Decision::Continue;
         }
         match options.on_stall {
-            StallPolicy::Continue => Decision::Continue,
+            StallPolicy::Postcopy if self.postcopy_possible => {
+                Decision::Switchover(SwitchoverReason::PostcopyStalled)
+            }
+            StallPolicy::Continue | StallPolicy::Postcopy => Decision::Continue,
             StallPolicy::Switchover => Decision::Switchover(SwitchoverReason::Stalled),
             StallPolicy::Fail => Decision::Fail(Error::Stalled {
                 rounds: progress.round,
@@ -544,6 +580,67 @@ mod tests {
         ]
     }
 
+    /// Postcopy asked for switches at the next decision, unless pre-copy converged; a stall
+    /// with the postcopy policy switches to it; a session without a fault channel does
+    /// neither and goes on.
+    #[test]
+    fn postcopy_is_taken_when_asked_or_stalled_and_possible() {
+        use SwitchoverReason::{Converged, PostcopyRequested, PostcopyStalled};
+        let slow = round(100 * MIB, 1000, 60_000);
+        let mut asked = Convergence::new(&LiveOptions::default());
+        asked.observe(slow);
+        asked.request_postcopy();
+        assert_eq!(
+            outcome(asked.decide(ms(1000))),
+            Continue,
+            "no fault channel"
+        );
+        asked.allow_postcopy();
+        assert_eq!(
+            outcome(asked.decide(ms(1000))),
+            Switchover(PostcopyRequested)
+        );
+
+        let mut fits = Convergence::new(&LiveOptions {
+            postcopy_after_first_round: true,
+            ..LiveOptions::default()
+        });
+        fits.allow_postcopy();
+        fits.observe(round(100 * MIB, 1000, 256));
+        assert_eq!(outcome(fits.decide(ms(1000))), Switchover(Converged));
+
+        let mut after_first = Convergence::new(&LiveOptions {
+            postcopy_after_first_round: true,
+            ..LiveOptions::default()
+        });
+        after_first.allow_postcopy();
+        after_first.observe(slow);
+        assert_eq!(
+            outcome(after_first.decide(ms(1000))),
+            Switchover(PostcopyRequested)
+        );
+
+        for possible in [false, true] {
+            let mut stalled = Convergence::new(&stalling(StallPolicy::Postcopy));
+            if possible {
+                stalled.allow_postcopy();
+            }
+            for _ in 0..3 {
+                stalled.observe(slow);
+            }
+            let want = if possible {
+                Switchover(PostcopyStalled)
+            } else {
+                Continue
+            };
+            assert_eq!(
+                outcome(stalled.decide(ms(3000))),
+                want,
+                "possible: {possible}"
+            );
+        }
+    }
+
     fn stalling(on_stall: StallPolicy) -> LiveOptions {
         LiveOptions {
             stall_rounds: 2,
@@ -681,6 +778,7 @@ mod tests {
             Just(StallPolicy::Continue),
             Just(StallPolicy::Switchover),
             Just(StallPolicy::Fail),
+            Just(StallPolicy::Postcopy),
         ]
     }
 
@@ -819,7 +917,8 @@ mod tests {
                     return Ok(());
                 }
                 let expected = match (round == first_stall, on_stall) {
-                    (false, _) | (true, StallPolicy::Continue) => Continue,
+                    // Without a fault channel (not allowed here), postcopy's policy goes on.
+                    (false, _) | (true, StallPolicy::Continue | StallPolicy::Postcopy) => Continue,
                     (true, StallPolicy::Switchover) => Switchover(Stalled),
                     (true, StallPolicy::Fail) => Fail {
                         rounds: first_stall,

@@ -15,7 +15,15 @@
 //!
 //! A stall is the bytes still dirty not shrinking over [`LiveOptions::stall_rounds`] rounds;
 //! it is reported in [`Progress`], and [`StallPolicy`] says whether to go on, switch over
-//! anyway, or fail with [`Error::Stalled`].
+//! anyway, switch to postcopy, or fail with [`Error::Stalled`].
+//!
+//! Postcopy ([`Sender::postcopy`]) replaces the final round when it was asked for
+//! ([`LiveHandle::start_postcopy`], [`LiveOptions::postcopy_after_first_round`]) or the stall
+//! policy says so, and the sender was connected with
+//! [`SendOptions::postcopy`](crate::SendOptions::postcopy): after the pause and the last sync,
+//! every page written since it was sent is left for the destination to fetch, the device
+//! state goes across, and the destination runs the guest at once. The downtime is then from
+//! the pause to the destination's acknowledgement of the go.
 
 // The loop here owns the sender, the dirty source and the guest, and reads the clock. What it
 // measures goes to `convergence`, a pure policy (no clock, no IO) that computes the progress
@@ -104,12 +112,16 @@ pub fn migrate_live(
     options: &LiveOptions,
 ) -> Result<LiveReport, Error> {
     let handle = sender.live_handle();
+    let mut convergence = Convergence::new(options);
+    if sender.can_postcopy() {
+        convergence.allow_postcopy();
+    }
     let mut run = Run {
         started: Instant::now(),
         memory: Arc::clone(sender.memory()),
         counters: sender.counters(),
         sender: Some(sender),
-        convergence: Convergence::new(options),
+        convergence,
         options,
         handle: &handle,
         paused: false,
@@ -193,6 +205,9 @@ impl Run<'_> {
             });
             last_sync = now;
             self.handle.update(|p| *p = progress);
+            if self.handle.postcopy_requested() {
+                self.convergence.request_postcopy();
+            }
             match self.convergence.decide(self.started.elapsed()) {
                 Decision::Continue => {}
                 Decision::Switchover(reason) => return Ok((dirty, reason)),
@@ -233,6 +248,10 @@ impl Run<'_> {
             Ok(dirty) => last.union(&dirty),
             Err(e) => return Err(self.fail(Error::Dirty(e))),
         }
+        if reason.is_postcopy() {
+            let paused = (paused_at, paused_bytes);
+            return self.postcopy(guest, &last, reason, paused);
+        }
         self.sender()?.round(&last)?;
         let device_state = match guest.device_state() {
             Ok(blob) => blob,
@@ -255,6 +274,57 @@ impl Run<'_> {
             expected_downtime: progress.expected_downtime,
             downtime: summary.confirmed.saturating_duration_since(paused_at),
             downtime_bytes: self.counters.sent().saturating_sub(paused_bytes),
+            last: progress,
+            stalled_syncs: self.convergence.stalled_syncs(),
+            summary,
+        })
+    }
+
+    /// Switches to postcopy with the guest paused (at `paused.0`, `paused.1` bytes sent):
+    /// the pages in `discard` are fetched by the destination, which runs the guest from the
+    /// go on. Once the sender committed, the guest never resumes here: if postcopy then
+    /// pauses, the guest is handed over unacknowledged (keep it paused) and the error says
+    /// the migration is paused.
+    fn postcopy(
+        &mut self,
+        guest: &mut dyn Guest,
+        discard: &DirtySet,
+        reason: SwitchoverReason,
+        paused: (Instant, u64),
+    ) -> Result<LiveReport, Error> {
+        let (paused_at, paused_bytes) = paused;
+        let device_state = match guest.device_state() {
+            Ok(blob) => blob,
+            Err(source) => {
+                let op = "save its device state";
+                return Err(self.fail(Error::Guest { op, source }));
+            }
+        };
+        let sender = self.sender.take().ok_or(Error::Ended)?;
+        let postcopy = sender.postcopy(discard, &device_state)?;
+        // Handed over: the destination runs the guest (or will, once postcopy recovers).
+        self.paused = false;
+        let summary = match postcopy.run() {
+            Ok(summary) => summary,
+            Err(err) => {
+                guest.handed_over(false);
+                return Err(err);
+            }
+        };
+        guest.handed_over(summary.acknowledged);
+        self.handle.update(|p| p.remaining_bytes = 0);
+        let progress = self.convergence.progress();
+        let postcopy_bytes = summary.postcopy.map_or(0, |p| p.bytes);
+        Ok(LiveReport {
+            rounds: summary.rounds,
+            reason,
+            expected_downtime: progress.expected_downtime,
+            downtime: summary.confirmed.saturating_duration_since(paused_at),
+            downtime_bytes: self
+                .counters
+                .sent()
+                .saturating_sub(paused_bytes)
+                .saturating_sub(postcopy_bytes),
             last: progress,
             stalled_syncs: self.convergence.stalled_syncs(),
             summary,

@@ -15,6 +15,10 @@ pub enum StallPolicy {
     Switchover,
     /// Fail the migration with [`Error::Stalled`]; the guest resumes on the source.
     Fail,
+    /// Switch to postcopy: the destination runs the guest at once and fetches what it
+    /// touches (needs [`SendOptions::postcopy`](crate::SendOptions::postcopy); without it,
+    /// this acts as [`Continue`](StallPolicy::Continue)).
+    Postcopy,
 }
 
 /// How a live migration decides when to switch over.
@@ -32,6 +36,10 @@ pub struct LiveOptions {
     pub on_stall: StallPolicy,
     /// Wait in `pre-switchover`, guest paused, until [`LiveHandle::proceed`].
     pub pause_before_switchover: bool,
+    /// Switch to postcopy right after the first round (which sends every page once) instead
+    /// of iterating; needs [`SendOptions::postcopy`](crate::SendOptions::postcopy).
+    /// [`LiveHandle::start_postcopy`] asks for the switch at any time.
+    pub postcopy_after_first_round: bool,
 }
 
 impl Default for LiveOptions {
@@ -43,6 +51,7 @@ impl Default for LiveOptions {
             stall_rounds: 5,
             on_stall: StallPolicy::Continue,
             pause_before_switchover: false,
+            postcopy_after_first_round: false,
         }
     }
 }

@@ -226,6 +226,11 @@ impl Sender {
         })
     }
 
+    /// Whether the session has a fault channel, so that it can switch to postcopy.
+    pub(crate) fn can_postcopy(&self) -> bool {
+        self.fault.is_some()
+    }
+
     /// Queues the bitmap pieces of `set` (every piece with a page in it) on channel 0.
     fn queue_bitmaps(&self, kind: FrameKind, set: &DirtySet) {
         let Some(first) = self.queues.first() else {
@@ -373,6 +378,12 @@ impl Postcopy {
         }
     }
 
+    /// Shows the postcopy figures in the session's [`Progress`](crate::Progress).
+    fn publish(&self) {
+        let stats = self.stats();
+        self.sender.handle.update(|p| p.postcopy = Some(stats));
+    }
+
     /// Pushes every pending page on the data channels; `Err` once the session stopped.
     fn push(&mut self) -> Result<(), ()> {
         let channels = u16::try_from(self.pushed.len()).unwrap_or(u16::MAX);
@@ -407,6 +418,7 @@ impl Postcopy {
             while outstanding > 0 && sender.acks.try_recv().is_ok() {
                 outstanding -= 1;
             }
+            self.publish();
         }
         for _ in 0..outstanding {
             if self.sender.acks.recv().is_err() {
@@ -473,10 +485,12 @@ impl Postcopy {
     /// Waits for the receiver's *done*. The timeout runs from the last progress, as the wait
     /// for *ready* does.
     fn wait_for_done(&mut self) -> Result<(), ()> {
-        let sender = &mut self.sender;
-        let mut deadline = Instant::now() + sender.timeout;
+        let timeout = self.sender.timeout;
+        let mut deadline = Instant::now() + timeout;
         let mut last = None;
         loop {
+            self.publish();
+            let sender = &self.sender;
             if sender.stop.is_stopped() {
                 return Err(());
             }
@@ -487,14 +501,15 @@ impl Postcopy {
             ));
             if progress != last {
                 last = progress;
-                deadline = Instant::now() + sender.timeout;
+                deadline = Instant::now() + timeout;
             }
             let left = deadline.saturating_duration_since(Instant::now());
+            let op = "waiting for the receiver's done";
             if left.is_zero() {
                 sender.stop.fail(Error::Timeout {
                     channel: 0,
-                    op: "waiting for the receiver's done",
-                    timeout: sender.timeout,
+                    op,
+                    timeout,
                 });
                 return Err(());
             }
@@ -516,7 +531,6 @@ impl Postcopy {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    let op = "waiting for the receiver's done";
                     sender.stop.fail(Error::Closed { channel: 0, op });
                     return Err(());
                 }
@@ -527,6 +541,7 @@ impl Postcopy {
     /// Every page is on the destination: ends the session.
     fn complete(mut self) -> Summary {
         let stats = self.stats();
+        self.sender.handle.update(|p| p.postcopy = Some(stats));
         let sender = &mut self.sender;
         sender.counters.set_remaining_pages(0);
         sender.sink.fact(Fact::Completed);
