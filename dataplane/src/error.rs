@@ -189,6 +189,9 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// A migration in postcopy was paused on request (`migrate-pause`).
+    #[error("paused on request")]
+    Paused,
     /// The frame buffers could not be mapped.
     #[error("cannot map the frame buffers")]
     Buffers(#[source] io::Error),

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use ramjet_control::RamStats;
 
 use crate::session::{Counters, Stop, lock};
+use crate::transport::Endpoint;
 
 /// Where a live migration stands, as of its last dirty sync.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -57,6 +58,12 @@ struct HandleShared {
     running: Mutex<Option<Running>>,
     /// `migrate-start-postcopy` was asked for.
     start_postcopy: AtomicBool,
+    /// A paused postcopy's `recover`, with the endpoint to reconnect to (`None`: the same).
+    recover: Mutex<Option<Option<Endpoint>>>,
+    /// Wakes the wait for `recover` (a condvar serves one mutex).
+    recovered: Condvar,
+    /// The stop switch of the postcopy connections now up, for `pause`.
+    epoch: Mutex<Option<Arc<Stop>>>,
 }
 
 /// What the handle needs to report `query-migrate` figures for a running migration.
@@ -100,6 +107,60 @@ impl LiveHandle {
     /// Whether postcopy was asked for.
     pub(crate) fn postcopy_requested(&self) -> bool {
         self.shared.start_postcopy.load(Ordering::SeqCst)
+    }
+
+    /// `migrate-pause`: breaks the connections of a migration in postcopy on purpose (to move
+    /// them, say); it pauses as on a broken link, and [`recover`](LiveHandle::recover) resumes
+    /// it. Does nothing outside postcopy.
+    pub fn pause(&self) {
+        if let Some(stop) = lock(&self.shared.epoch).as_ref() {
+            stop.fail(crate::Error::Paused);
+            stop.shutdown_all();
+        }
+    }
+
+    /// `migrate` with `resume`: a paused postcopy reconnects, to `endpoint` if given (the
+    /// destination may listen elsewhere now), else where it was connected. A failed attempt
+    /// leaves it paused, to be recovered again. Does nothing unless postcopy is paused.
+    pub fn recover(&self, endpoint: Option<Endpoint>) {
+        *lock(&self.shared.recover) = Some(endpoint);
+        self.shared.recovered.notify_all();
+    }
+
+    /// The postcopy connections now up stop through `stop` (`None`: none are up).
+    pub(crate) fn set_epoch(&self, stop: Option<Arc<Stop>>) {
+        *lock(&self.shared.epoch) = stop;
+    }
+
+    /// Waits up to `wait` (`None`: forever) for [`recover`](LiveHandle::recover), and takes
+    /// it: the endpoint to reconnect to, if one was given.
+    pub(crate) fn wait_for_recover(&self, wait: Option<Duration>) -> Option<Option<Endpoint>> {
+        let deadline = wait.map(|w| Instant::now() + w);
+        let mut recover = lock(&self.shared.recover);
+        loop {
+            if let Some(endpoint) = recover.take() {
+                return Some(endpoint);
+            }
+            let step = match deadline {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    left.min(Duration::from_millis(50))
+                }
+                None => Duration::from_millis(50),
+            };
+            recover = match self.shared.recovered.wait_timeout(recover, step) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+
+    /// Forgets a `recover` asked for while postcopy was not paused.
+    pub(crate) fn clear_recover(&self) {
+        *lock(&self.shared.recover) = None;
     }
 
     /// The progress as of the last dirty sync.

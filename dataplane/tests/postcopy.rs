@@ -44,6 +44,15 @@ fn statuses(side: Side, facts: &[Fact]) -> Vec<String> {
 /// The destination's guest: reads every page once, in a scattered order (so that most reads
 /// fault on a page the push has not brought yet), and keeps what it read.
 fn reader_guest(memory: Arc<GuestMemory>, seen: Arc<Mutex<Option<Vec<u8>>>>) -> PostcopyRun {
+    paced_reader_guest(memory, seen, Duration::ZERO)
+}
+
+/// [`reader_guest`], pausing `pause` after each page.
+fn paced_reader_guest(
+    memory: Arc<GuestMemory>,
+    seen: Arc<Mutex<Option<Vec<u8>>>>,
+    pause: Duration,
+) -> PostcopyRun {
     PostcopyRun::new(move |state: &[u8]| {
         if state.is_empty() {
             return Err("no device state".into());
@@ -61,6 +70,9 @@ fn reader_guest(memory: Arc<GuestMemory>, seen: Arc<Mutex<Option<Vec<u8>>>>) -> 
                     .read(0, at as u64, &mut all[at..at + PAGE_SIZE])
                     .expect("read");
                 page = (page + stride) % pages;
+                if !pause.is_zero() {
+                    thread::sleep(pause);
+                }
             }
             *seen.lock().expect("seen") = Some(all);
         });
@@ -247,4 +259,231 @@ fn a_stalled_live_migration_switches_to_postcopy_and_completes() {
             facts.all()
         );
     }
+}
+
+/// A TCP proxy for the recovery tests: relays every connection byte for byte, and [`cut`]
+/// breaks every connection open at that moment (both ways), as a failed link does; new
+/// connections are relayed again.
+///
+/// [`cut`]: Proxy::cut
+struct Proxy {
+    at: ramjet_dataplane::Endpoint,
+    open: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn new(to: std::net::SocketAddr) -> Proxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let at = ramjet_dataplane::Endpoint::Tcp(listener.local_addr().expect("addr"));
+        let open: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let sockets = Arc::clone(&open);
+        thread::spawn(move || {
+            for from in listener.incoming() {
+                let Ok(from) = from else { return };
+                let Ok(to) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                let mut sockets = sockets.lock().expect("open");
+                for (src, dst) in [(&from, &to), (&to, &from)] {
+                    let (Ok(mut src), Ok(mut dst)) = (src.try_clone(), dst.try_clone()) else {
+                        continue;
+                    };
+                    thread::spawn(move || {
+                        let _ = std::io::copy(&mut src, &mut dst);
+                        let _ = dst.shutdown(std::net::Shutdown::Both);
+                        let _ = src.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                sockets.push(from);
+                sockets.push(to);
+            }
+        });
+        Proxy { at, open }
+    }
+
+    fn cut(&self) {
+        for socket in self.open.lock().expect("open").drain(..) {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Waits until `facts` hold `want` more than `after` times.
+fn wait_for(facts: &Facts, want: &Fact, after: usize) -> bool {
+    for _ in 0..3000 {
+        if facts.all().iter().filter(|f| *f == want).count() > after {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// The link is cut three times during postcopy, at seeded moments; each time both sides
+/// pause, `recover` reconnects, the receiver says which pages it holds, and the migration
+/// goes on; it ends completed and byte-identical.
+#[test]
+fn postcopy_recovers_from_broken_links() {
+    let source = guest(BYTES, Image::Mixed, 21);
+    let destination = Arc::new(GuestMemory::anonymous_like(&source.layout()).expect("memory"));
+    let seen = Arc::new(Mutex::new(None));
+    let listener = Listener::bind(&endpoint(Net::Tcp)).expect("bind");
+    let ramjet_dataplane::Endpoint::Tcp(addr) = listener.endpoint().clone() else {
+        unreachable!("a TCP endpoint");
+    };
+    let proxy = Proxy::new(addr);
+    let receiver_facts = Arc::new(Facts::default());
+    let options = ReceiveOptions {
+        // A guest that reads a page a millisecond: the push, not its faults, brings most.
+        postcopy: Some(paced_reader_guest(
+            Arc::clone(&destination),
+            Arc::clone(&seen),
+            Duration::from_millis(1),
+        )),
+        recover_wait: Some(Duration::from_secs(60)),
+        timeout: Duration::from_secs(10),
+        ..ReceiveOptions::default()
+    };
+    let (incoming, sink) = (Arc::clone(&destination), receiver_facts.sink());
+    let receiver = thread::spawn(move || receive(&listener, incoming, &options, sink));
+
+    let facts = Arc::new(Facts::default());
+    let options = SendOptions {
+        channels: 2,
+        postcopy: true,
+        // Slow enough that the push lasts about four seconds.
+        max_bandwidth: Some(4_000_000),
+        recover_wait: Some(Duration::from_secs(60)),
+        timeout: Duration::from_secs(10),
+        ..SendOptions::default()
+    };
+    let mut sender =
+        Sender::connect(Arc::clone(&source), &proxy.at, &options, facts.sink()).expect("connect");
+    let handle = sender.live_handle();
+    sender.round(&DirtySet::all(&source)).expect("round 1");
+    let mut dirty = DirtySet::none(&source);
+    let mut rng = Rng::new(4);
+    let mut page = vec![0u8; PAGE_SIZE];
+    for _ in 0..4000 {
+        let at = rng.below(source.total_pages());
+        rng.fill(&mut page);
+        source
+            .write(0, at * PAGE_SIZE as u64, &page)
+            .expect("write");
+        dirty.insert(0, at);
+    }
+    sender.switchover().expect("switchover");
+    let running = sender.postcopy(&dirty, b"device state").expect("postcopy");
+    let run = thread::spawn(move || running.run());
+    for cut in 0..3 {
+        thread::sleep(Duration::from_millis(100 + rng.below(300)));
+        proxy.cut();
+        assert!(
+            wait_for(&facts, &Fact::ChannelLost, cut),
+            "cut {cut}: the source paused: {:?}",
+            facts.all()
+        );
+        handle.recover(None);
+        assert!(
+            wait_for(&facts, &Fact::Resumed, cut),
+            "cut {cut}: the source resumed: {:?}",
+            facts.all()
+        );
+    }
+    let summary = run.join().expect("run").expect("postcopy completed");
+    let received = receiver.join().expect("receiver").expect("received");
+    assert!(received.handover.may_run());
+    assert!(summary.postcopy.is_some());
+    assert_eq!(source.first_difference(&destination).expect("layout"), None);
+    for (side, facts) in [(Side::Source, &facts), (Side::Destination, &receiver_facts)] {
+        let all = facts.all();
+        let lost = all.iter().filter(|f| **f == Fact::ChannelLost).count();
+        assert!(lost >= 3, "{side:?}: {all:?}");
+        assert_eq!(all.last(), Some(&Fact::Drained), "{side:?}");
+        assert!(all.contains(&Fact::Completed), "{side:?}");
+        assert!(
+            !all.iter().any(|f| matches!(f, Fact::Failed(_))),
+            "{side:?}: {all:?}"
+        );
+    }
+}
+
+/// A `recover` aimed at a destination that lost the paused migration (a new receiver, no
+/// memory of it) is refused with the reason; the source stays paused and, once its wait
+/// ends, says so, and the guest runs on neither side.
+#[test]
+fn a_recover_to_a_destination_that_lost_its_memory_fails_cleanly() {
+    let source = guest(BYTES, Image::Mixed, 22);
+    let destination = Arc::new(GuestMemory::anonymous_like(&source.layout()).expect("memory"));
+    let listener = Listener::bind(&endpoint(Net::Tcp)).expect("bind");
+    let ramjet_dataplane::Endpoint::Tcp(addr) = listener.endpoint().clone() else {
+        unreachable!("a TCP endpoint");
+    };
+    let proxy = Proxy::new(addr);
+    let options = ReceiveOptions {
+        // The destination's guest only starts: it never touches memory.
+        postcopy: Some(PostcopyRun::new(|_| Ok(()))),
+        recover_wait: Some(Duration::from_millis(300)),
+        ..ReceiveOptions::default()
+    };
+    let incoming = Arc::clone(&destination);
+    let receiver = thread::spawn(move || receive(&listener, incoming, &options, Arc::new(|_| {})));
+
+    let facts = Arc::new(Facts::default());
+    let options = SendOptions {
+        channels: 1,
+        postcopy: true,
+        max_bandwidth: Some(4_000_000),
+        recover_wait: Some(Duration::from_secs(2)),
+        ..SendOptions::default()
+    };
+    let mut sender =
+        Sender::connect(Arc::clone(&source), &proxy.at, &options, facts.sink()).expect("connect");
+    let handle = sender.live_handle();
+    sender.round(&DirtySet::all(&source)).expect("round 1");
+    sender.switchover().expect("switchover");
+    let running = sender
+        .postcopy(&DirtySet::all(&source), b"device state")
+        .expect("postcopy");
+    let run = thread::spawn(move || running.run());
+    thread::sleep(Duration::from_millis(200));
+    proxy.cut();
+    assert!(wait_for(&facts, &Fact::ChannelLost, 0), "paused");
+    // The destination gives up waiting and its process (here: its receive) ends.
+    let err = receiver.join().expect("receiver").expect_err("paused");
+    assert!(
+        matches!(err, ramjet_dataplane::Error::PostcopyPaused { .. }),
+        "{err}"
+    );
+    // A new receiver, which knows nothing of this migration, at a new address.
+    let fresh = Arc::new(GuestMemory::anonymous_like(&source.layout()).expect("memory"));
+    let listener = Listener::bind(&endpoint(Net::Tcp)).expect("bind");
+    let at = listener.endpoint().clone();
+    let options = ReceiveOptions {
+        postcopy: Some(PostcopyRun::new(|_| Ok(()))),
+        ..ReceiveOptions::default()
+    };
+    let other = thread::spawn(move || receive(&listener, fresh, &options, Arc::new(|_| {})));
+    handle.recover(Some(at));
+    let refused = other.join().expect("receiver").expect_err("refused");
+    assert!(
+        refused
+            .chain()
+            .contains("reconnects a paused postcopy migration"),
+        "{}",
+        refused.chain()
+    );
+    let err = run.join().expect("run").expect_err("still paused");
+    assert!(
+        err.chain()
+            .contains("reconnects a paused postcopy migration"),
+        "{}",
+        err.chain()
+    );
+    let all = facts.all();
+    assert!(matches!(all.last(), Some(Fact::Failed(_))), "{all:?}");
+    assert!(
+        !all.contains(&Fact::Completed) && !all.contains(&Fact::Drained),
+        "{all:?}"
+    );
 }

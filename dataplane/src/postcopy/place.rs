@@ -343,6 +343,19 @@ impl Placer {
         Ok(Fault::Request(index, page))
     }
 
+    /// Per region, the bitmap of the pages that are current here (recovery tells the source).
+    pub(crate) fn received(&self) -> Vec<Vec<u64>> {
+        self.regions
+            .iter()
+            .map(|r| {
+                r.received
+                    .iter()
+                    .map(|w| w.load(Ordering::SeqCst))
+                    .collect()
+            })
+            .collect()
+    }
+
     /// A wanted page that is neither here nor asked for, if there is one.
     pub(crate) fn missing_unrequested(&self) -> Option<(usize, u64)> {
         self.regions.iter().enumerate().find_map(|(index, region)| {
@@ -372,7 +385,6 @@ impl Placer {
     }
 
     /// The pages asked for and not received yet, to ask again after a reconnection.
-    #[cfg_attr(not(test), expect(dead_code, reason = "recovery asks for these again"))]
     pub(crate) fn outstanding(&self) -> Vec<(usize, u64)> {
         let mut out: Vec<(usize, u64)> = self
             .asked

@@ -537,3 +537,137 @@ fn layout_mismatch(theirs: &[RegionLayout], ours: &[RegionLayout]) -> String {
         show(ours)
     )
 }
+
+/// What a paused postcopy receiver accepted.
+pub(super) enum Recovered {
+    /// Every channel of the same session, reconnected (flag resume), greeted.
+    Channels {
+        /// The data channels, in index order.
+        streams: Vec<Conn>,
+        /// The fault channel.
+        fault: Conn,
+    },
+    /// A connection of the same session that delivers the source's decision (a source that
+    /// did not commit says abort this way).
+    Decision(session::Taken),
+}
+
+/// What [`accept_recovery`] is waiting for.
+pub(super) struct Paused<'a> {
+    pub(super) listener: &'a Listener,
+    pub(super) layout: Vec<RegionLayout>,
+    pub(super) session: [u8; 16],
+    /// Data channels.
+    pub(super) channels: u16,
+    pub(super) options: &'a ReceiveOptions,
+}
+
+/// Accepts the reconnection of a paused postcopy: every channel of its session with flag
+/// resume (each registered with `stop`), or a connection delivering the source's decision.
+/// Strangers, peers of another session or layout, and a reconnection that stops half-way
+/// (its next channel does not come within the timeout) are dropped with a log line, and the
+/// wait goes on until `deadline` (`None`: for ever).
+pub(super) fn accept_recovery(
+    paused: &Paused<'_>,
+    stop: &Stop,
+    deadline: Option<Instant>,
+) -> Result<Recovered, Error> {
+    let options = paused.options;
+    let slots = usize::from(paused.channels) + 1;
+    let mut taken: Vec<Option<Conn>> = Vec::new();
+    loop {
+        let next = if taken.is_empty() {
+            deadline
+        } else {
+            Some(Instant::now() + options.timeout)
+        };
+        let wait = Wait {
+            deadline: match (next, deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            limit: options.timeout,
+            op: "waiting for the paused postcopy's sender to reconnect",
+            channel: 0,
+        };
+        // Counted per connection, so that no number of strays fails a paused postcopy.
+        let mut strays = Strays::new(options);
+        let screened = match screen(paused.listener, wait, options, &|| false, &mut strays) {
+            Ok(screened) => screened,
+            Err(Error::Timeout { .. }) if !taken.is_empty() => {
+                options
+                    .log
+                    .line("postcopy paused: a reconnection stopped half-way; waiting for another");
+                taken.clear();
+                continue;
+            }
+            Err(err @ Error::Timeout { .. }) => return Err(err),
+            Err(err) => {
+                options.log.line(&format!(
+                    "postcopy paused: dropped a connection: {}",
+                    err.chain()
+                ));
+                continue;
+            }
+        };
+        let Screened {
+            mut stream,
+            hello,
+            peer,
+        } = screened;
+        let problem = if hello.session != paused.session {
+            Some("it belongs to another migration than the paused postcopy")
+        } else if hello.regions != paused.layout {
+            Some("its memory layout differs")
+        } else if hello.flags.resume && hello.channels != paused.channels {
+            Some("it reconnects with another channel count")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            let _ = strays.drop_stray(stream, &peer, problem, Reply::Refusal);
+            continue;
+        }
+        if !hello.flags.resume {
+            let timeout = options.timeout;
+            match session::take(&mut stream, timeout) {
+                Ok(taken) => return Ok(Recovered::Decision(taken)),
+                Err(err) => {
+                    options.log.line(&format!(
+                        "postcopy paused: dropped a connection from {peer}: {}",
+                        err.chain()
+                    ));
+                    continue;
+                }
+            }
+        }
+        let channel = usize::from(hello.channel);
+        if taken.is_empty() {
+            taken.resize_with(slots, || None);
+        }
+        if taken.get(channel).is_none_or(Option::is_some) {
+            // A second reconnection began: start over with it.
+            taken.clear();
+            taken.resize_with(slots, || None);
+        }
+        stop.register(&stream)
+            .map_err(|e| Error::io(hello.channel, "duplicating the socket", options.timeout, e))?;
+        if let Err(err) = session::accept_hello(&mut stream, hello.channel, options.timeout) {
+            options.log.line(&format!(
+                "postcopy paused: a reconnecting channel failed: {}",
+                err.chain()
+            ));
+            taken.clear();
+            continue;
+        }
+        if let Some(slot) = taken.get_mut(channel) {
+            *slot = Some(stream);
+        }
+        if taken.iter().all(Option::is_some) {
+            let mut streams: Vec<Conn> = taken.drain(..).flatten().collect();
+            if let Some(fault) = streams.pop() {
+                return Ok(Recovered::Channels { streams, fault });
+            }
+        }
+    }
+}

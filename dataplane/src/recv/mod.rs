@@ -185,6 +185,7 @@ fn run(
                 stop,
                 started,
                 negotiated,
+                channels,
             };
             context.run(shared, running, done, fault)
         }

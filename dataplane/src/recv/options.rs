@@ -56,6 +56,11 @@ pub struct ReceiveOptions {
     /// Postcopy (QEMU's `postcopy-ram` on the destination): how to start the guest while pages
     /// are still missing. `None`: a sender that may switch to postcopy is refused.
     pub postcopy: Option<PostcopyRun>,
+    /// How long a paused postcopy waits for its sender to reconnect before
+    /// [`receive`](crate::receive) gives up and returns
+    /// [`Error::PostcopyPaused`](crate::Error::PostcopyPaused) (the guest stays blocked on
+    /// its missing pages). `None`: for ever, as QEMU does.
+    pub recover_wait: Option<Duration>,
 }
 
 /// The destination's hook for postcopy: called once the source handed the guest over with
@@ -102,6 +107,7 @@ impl Default for ReceiveOptions {
             operator: Operator::new(),
             tls: None,
             postcopy: None,
+            recover_wait: None,
         }
     }
 }

@@ -18,17 +18,20 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{self as channels, RecvTimeoutError};
 use ramjet_control::Fact;
 
-use super::handover::{self, Handover, Outcome};
+use super::accept::{Paused, Recovered, accept_recovery};
+use super::handover::Handover;
 use super::options::{ReceiveOptions, Received};
 use super::shared::{LINGER, Shared};
 use super::{Done, Running};
 use crate::codec::decode_lz4;
+use std::io::Write;
+
 use crate::dirty::DirtySet;
 use crate::error::Error;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::postcopy::PostcopyStats;
 use crate::postcopy::place::{Fault, Placer};
-use crate::session::{self, Counters, FactSink, Stop};
+use crate::session::{self, Counters, FactSink, Stop, Taken};
 use crate::tls::Negotiated;
 use crate::transport::{Conn, LinkReader, LinkWriter, Listener};
 use crate::wire::{Encoding, FrameHeader, FrameKind, PageTable, channel_of};
@@ -41,6 +44,8 @@ pub(super) struct Context<'a> {
     pub(super) stop: &'a Arc<Stop>,
     pub(super) started: Instant,
     pub(super) negotiated: Option<Negotiated>,
+    /// Data channels.
+    pub(super) channels: u16,
 }
 
 /// What the postcopy threads tell the coordinator.
@@ -51,6 +56,43 @@ enum Event {
     Complete,
     /// A thread stopped on an error (recorded in the stop switch).
     Failed,
+}
+
+/// How the decision after *ready* went.
+enum Decision {
+    /// *Go*: the guest runs here from now on.
+    Go,
+    /// The source keeps the guest: discard.
+    Discard(Error),
+    /// Channel 0 broke first: in doubt until the source reconnects (it committed) or says
+    /// abort on a new connection (it did not).
+    Lost(Error),
+}
+
+/// One set of connections of a postcopy: the first is the migration's own, each recovery
+/// makes a new one.
+struct Epoch {
+    stop: Arc<Stop>,
+    /// Channel 0's writer, for *done*.
+    writer: Box<dyn LinkWriter>,
+    /// Every data channel's reader, by channel.
+    links: Vec<Option<Box<dyn LinkReader>>>,
+    fault: Option<Conn>,
+}
+
+/// What a postcopy receive keeps across its epochs.
+struct Postcopy {
+    placer: Arc<Placer>,
+    memory: Arc<GuestMemory>,
+    counters: Arc<Counters>,
+    sink: Arc<dyn FactSink>,
+    wanted: u64,
+    rounds: u32,
+    device_state: Vec<u8>,
+    /// Whether the guest runs here (the go came, or a reconnection, which implies it).
+    started: bool,
+    requests: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
 }
 
 impl Context<'_> {
@@ -100,109 +142,364 @@ impl Context<'_> {
             mut links,
             ..
         } = done;
-        let ready = FrameHeader::ready(rounds, pages, device_state.len() as u64);
-        let context = handover::Context {
-            listener: self.listener,
-            session: self.session,
-            layout: memory.layout(),
-            options: self.options,
-            stop: self.stop,
-            sink: sink.as_ref(),
-            counters: &counters,
-        };
-        let outcome = match running.writers.first_mut() {
-            Some(writer) => context.hand_over(writer.as_mut(), &mut link, &ready),
-            None => Outcome::Discard(Error::Internal {
+        if running.writers.is_empty() {
+            let _ = placer.finish();
+            let err = Error::Internal {
                 channel: 0,
                 what: "channel 0 has no writer",
-            }),
-        };
-        match outcome {
-            Outcome::Keep(Handover::Go) => {}
-            Outcome::Keep(_) => {
-                // In doubt: the source may run postcopy or have kept the guest. Nothing runs
-                // here, and the pages that are absent stay absent.
-                return Err(self.paused(&mut running, placer, sink.as_ref(), "the go never came"));
-            }
-            Outcome::Discard(err) => {
-                let _ = placer.finish();
-                self.stop.fail(err);
-                running.stop(self.stop);
-                return Err(self.stop.end(sink.as_ref()));
-            }
+            };
+            return Err(self.refuse(&mut running, err, sink.as_ref()));
         }
-        sink.fact(Fact::PostcopyStarted);
-        let channels = u16::try_from(links.len()).unwrap_or(u16::MAX);
-        if let Some(first) = links.first_mut() {
-            *first = link.take();
-        }
-        let active = Active {
-            placer: Arc::clone(&placer),
-            memory: Arc::clone(&memory),
-            stop: Arc::clone(self.stop),
-            counters: Arc::clone(&counters),
-            round: rounds + 1,
-            channels,
-            timeout: self.options.timeout,
+        let mut writer = running.writers.remove(0);
+        let ready = FrameHeader::ready(rounds, pages, device_state.len() as u64);
+        let decision = self.ready(&mut *writer, link.as_mut(), &ready, &counters);
+        let mut postcopy = Postcopy {
+            placer,
+            memory,
+            counters,
+            sink,
+            wanted: wanted.count(),
+            rounds,
+            device_state,
+            started: false,
             requests: Arc::new(AtomicU64::new(0)),
             bytes: Arc::new(AtomicU64::new(0)),
+        };
+        let mut epoch = match decision {
+            Decision::Go => {
+                if let Some(first) = links.first_mut() {
+                    *first = link.take();
+                }
+                Some(Epoch {
+                    stop: Arc::clone(self.stop),
+                    writer,
+                    links,
+                    fault,
+                })
+            }
+            Decision::Discard(err) => {
+                let _ = postcopy.placer.finish();
+                self.stop.fail(err);
+                running.stop(self.stop);
+                return Err(self.stop.end(postcopy.sink.as_ref()));
+            }
+            Decision::Lost(why) => {
+                self.options.log.line(&format!(
+                    "in doubt after saying ready for postcopy ({}): the guest does not run \
+                     until the source reconnects or says abort",
+                    why.chain()
+                ));
+                running.stop(self.stop);
+                None
+            }
+        };
+        drop(running);
+        if epoch.is_some() {
+            self.start_guest(&mut postcopy);
+        }
+        loop {
+            if let Some(current) = epoch.take() {
+                if self.run_epoch(&postcopy, current) {
+                    drop(claim);
+                    return Ok(self.complete(&postcopy));
+                }
+                postcopy.sink.fact(Fact::ChannelLost);
+            }
+            match self.await_recovery(&mut postcopy) {
+                Ok(next) => epoch = next,
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Says *ready* on channel 0 and reads the source's decision there.
+    fn ready(
+        &self,
+        writer: &mut dyn LinkWriter,
+        link: Option<&mut Box<dyn LinkReader>>,
+        ready: &[u8],
+        counters: &Counters,
+    ) -> Decision {
+        let timeout = self.options.timeout;
+        if !self.stop.commit() {
+            return Decision::Discard(self.stop.take_error());
+        }
+        if let Err(e) = writer.send(&[ready]) {
+            // Not all of it went: the sender cannot have seen it, so it keeps the guest.
+            return Decision::Discard(Error::io(0, "sending ready", timeout, e));
+        }
+        counters.add_wire_bytes(ready.len() as u64);
+        let Some(link) = link else {
+            return Decision::Lost(Error::Internal {
+                channel: 0,
+                what: "channel 0 has no reader",
+            });
+        };
+        let op = "waiting for the sender's decision";
+        let read = session::read_control(&mut |buf| link.recv(buf));
+        let (header, payload) = match read {
+            Ok(frame) => frame,
+            Err(e) => return Decision::Lost(e.into_error(0, op, timeout)),
+        };
+        counters.add_wire_bytes((FrameHeader::LEN + payload.len()) as u64);
+        match header.kind {
+            FrameKind::Decision if header.is_go() => {
+                let acknowledged = writer.send(&[&FrameHeader::decided(true)]);
+                match acknowledged {
+                    Ok(()) => counters.add_wire_bytes(FrameHeader::LEN as u64),
+                    // The go is taken; the source pauses and reconnects.
+                    Err(e) => self
+                        .stop
+                        .fail(Error::io(0, "acknowledging the go", timeout, e)),
+                }
+                Decision::Go
+            }
+            FrameKind::Decision => Decision::Discard(Error::SourceKept {
+                reason: "its decision was abort".to_owned(),
+            }),
+            FrameKind::Error => Decision::Discard(Error::SourceKept {
+                reason: format!(
+                    "it failed before handing over: {}",
+                    String::from_utf8_lossy(&payload)
+                ),
+            }),
+            kind => Decision::Lost(Error::protocol(
+                0,
+                format!("a {kind:?} frame arrived instead of the sender's decision"),
+            )),
+        }
+    }
+
+    /// The source handed the guest over: runs it here.
+    fn start_guest(&self, postcopy: &mut Postcopy) {
+        postcopy.started = true;
+        postcopy.sink.fact(Fact::PostcopyStarted);
+        if let Some(run) = &self.options.postcopy
+            && let Err(source) = run.run(&postcopy.device_state)
+        {
+            // The guest cannot run here; nothing more can be done for it on this side.
+            self.options.log.line(&format!(
+                "postcopy: the guest could not start here: {source}"
+            ));
+        }
+    }
+
+    /// Runs one epoch: its readers and fault handler until every page is here (true) or a
+    /// connection breaks (false, with everything of the epoch stopped).
+    fn run_epoch(&self, postcopy: &Postcopy, epoch: Epoch) -> bool {
+        let Epoch {
+            stop,
+            mut writer,
+            links,
+            fault,
+        } = epoch;
+        let active = Active {
+            placer: Arc::clone(&postcopy.placer),
+            memory: Arc::clone(&postcopy.memory),
+            stop: Arc::clone(&stop),
+            counters: Arc::clone(&postcopy.counters),
+            round: postcopy.rounds + 1,
+            channels: u16::try_from(links.len()).unwrap_or(u16::MAX),
+            timeout: self.options.timeout,
+            requests: Arc::clone(&postcopy.requests),
+            bytes: Arc::clone(&postcopy.bytes),
             quit: Arc::new(AtomicBool::new(false)),
         };
         let (events_tx, events) = channels::unbounded();
         let mut threads = active.start(links, fault, self.options, &events_tx);
-        if let Some(run) = &self.options.postcopy
-            && let Err(source) = run.run(&device_state)
-        {
-            self.stop.fail(Error::Guest {
-                op: "start in postcopy",
-                source,
-            });
-        }
-        let ended = active.wait(&events, threads.data);
-        if ended.is_err() {
-            active.quit.store(true, Ordering::SeqCst);
-            for thread in threads.handles.drain(..) {
-                let _ = thread.join();
+        let complete = active.wait(&events, threads.data).is_ok();
+        if complete {
+            // Every page is here: the memory is the kernel's again, and the source may stop.
+            let _ = postcopy.placer.finish();
+            let frame = FrameHeader::done(postcopy.wanted);
+            if writer.send(&[&frame]).is_ok() {
+                postcopy.counters.add_wire_bytes(FrameHeader::LEN as u64);
             }
-            return Err(self.paused(&mut running, placer, sink.as_ref(), "a channel broke"));
+            postcopy.sink.fact(Fact::Completed);
         }
-        // Every page is here: the memory is the kernel's again, and the source may stop.
-        let _ = placer.finish();
-        if let Some(writer) = running.writers.first_mut()
-            && writer.send(&[&FrameHeader::done(wanted.count())]).is_ok()
-        {
-            counters.add_wire_bytes(FrameHeader::LEN as u64);
-        }
-        sink.fact(Fact::Completed);
-        // The source closes once it read *done*: until then (or for a moment at most) the
-        // readers take what it still sends, so it never sees a reset before the done.
         active.quit.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + LINGER;
-        while Instant::now() < deadline && threads.handles.iter().any(|t| !t.is_finished()) {
-            std::thread::sleep(Duration::from_millis(5));
+        if complete {
+            // The source closes once it read *done*: until then (or for a moment at most)
+            // the readers take what it still sends, so it never sees a reset before the done.
+            let deadline = Instant::now() + LINGER;
+            while Instant::now() < deadline && threads.handles.iter().any(|t| !t.is_finished()) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
-        running.stop(self.stop);
+        stop.close_all();
         for thread in threads.handles.drain(..) {
             let _ = thread.join();
         }
-        drop(claim);
-        sink.fact(Fact::Drained);
-        let latency = placer.latency().snapshot();
-        Ok(Received {
+        complete
+    }
+
+    /// Paused: waits for the source to reconnect (or to say abort, if the guest never ran
+    /// here) for at most [`ReceiveOptions::recover_wait`]; answers a reconnection with the
+    /// bitmaps of the pages held here and returns its epoch.
+    fn await_recovery(&self, postcopy: &mut Postcopy) -> Result<Option<Epoch>, Error> {
+        let paused = Paused {
+            listener: self.listener,
+            layout: postcopy.memory.layout(),
+            session: self.session,
+            channels: u16::try_from(self.data_channels(postcopy)).unwrap_or(u16::MAX),
+            options: self.options,
+        };
+        let deadline = self.options.recover_wait.map(|w| Instant::now() + w);
+        let stop = Arc::new(Stop::default());
+        let recovered = match accept_recovery(&paused, &stop, deadline) {
+            Ok(recovered) => recovered,
+            Err(err) => return Err(self.give_up(postcopy, err)),
+        };
+        match recovered {
+            Recovered::Decision(Taken::Decision(true)) => {
+                if !postcopy.started {
+                    self.start_guest(postcopy);
+                }
+                Ok(None)
+            }
+            Recovered::Decision(taken) if !postcopy.started => {
+                let reason = match taken {
+                    Taken::Failed(message) => format!("it failed before handing over: {message}"),
+                    Taken::Decision(_) => "its decision was abort".to_owned(),
+                };
+                let _ = postcopy.placer.finish();
+                self.stop.fail(Error::SourceKept { reason });
+                Err(self.stop.end(postcopy.sink.as_ref()))
+            }
+            Recovered::Decision(_) => {
+                self.options.log.line(
+                    "postcopy paused: a connection said abort, but the source handed the \
+                     guest over already; ignored",
+                );
+                Ok(None)
+            }
+            Recovered::Channels { mut streams, fault } => {
+                let resumed = postcopy.started;
+                if resumed {
+                    postcopy.sink.fact(Fact::Reconnected);
+                } else {
+                    // A reconnection means the source committed: the go it sent was lost.
+                    self.start_guest(postcopy);
+                }
+                let told = match streams.first_mut() {
+                    Some(first) => self.tell_received(first, postcopy),
+                    None => Err(Error::Internal {
+                        channel: 0,
+                        what: "a reconnection without channel 0",
+                    }),
+                };
+                let epoch = told.and_then(|()| self.split(&stop, streams, fault));
+                match epoch {
+                    Ok(epoch) => {
+                        if resumed {
+                            postcopy.sink.fact(Fact::Resumed);
+                        }
+                        Ok(Some(epoch))
+                    }
+                    Err(err) => {
+                        stop.close_all();
+                        postcopy.sink.fact(Fact::Failed(err.chain()));
+                        Ok(None)
+                    }
+                }
+            }
+        }
+    }
+
+    fn data_channels(&self, _postcopy: &Postcopy) -> usize {
+        usize::from(self.channels)
+    }
+
+    /// Sends the bitmaps of the pages held here, then *resume*, on a reconnected channel 0.
+    fn tell_received(&self, first: &mut Conn, postcopy: &Postcopy) -> Result<(), Error> {
+        let timeout = self.options.timeout;
+        let per_piece = crate::wire::MAX_PAYLOAD as usize / 8;
+        let mut held = 0u64;
+        for (region, words) in postcopy.placer.received().iter().enumerate() {
+            let region = u32::try_from(region).unwrap_or(u32::MAX);
+            for (index, piece) in words.chunks(per_piece).enumerate() {
+                if piece.iter().all(|&w| w == 0) {
+                    continue;
+                }
+                held += piece.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+                let word = (index * per_piece) as u64;
+                let frame = FrameHeader::bitmap(FrameKind::Received, region, word, piece);
+                first
+                    .write_all(&frame)
+                    .map_err(|e| Error::io(0, "sending the received bitmaps", timeout, e))?;
+                postcopy.counters.add_wire_bytes(frame.len() as u64);
+            }
+        }
+        let frame = FrameHeader::resume(held);
+        first
+            .write_all(&frame)
+            .map_err(|e| Error::io(0, "sending resume", timeout, e))?;
+        postcopy.counters.add_wire_bytes(frame.len() as u64);
+        Ok(())
+    }
+
+    /// The halves of a reconnection's channels: an epoch.
+    fn split(&self, stop: &Arc<Stop>, mut streams: Vec<Conn>, fault: Conn) -> Result<Epoch, Error> {
+        let transport = self.options.transport.as_ref();
+        let timeout = self.options.timeout;
+        let mut writer = None;
+        let mut links = Vec::with_capacity(streams.len());
+        for (index, stream) in streams.iter_mut().enumerate() {
+            let channel = u16::try_from(index).unwrap_or(u16::MAX);
+            let (w, r) = stream
+                .split(transport)
+                .map_err(|e| Error::io(channel, "setting up the transport", timeout, e))?;
+            if index == 0 {
+                writer = Some(w);
+            }
+            links.push(Some(r));
+        }
+        let writer = writer.ok_or(Error::Internal {
+            channel: 0,
+            what: "a reconnection without channel 0",
+        })?;
+        Ok(Epoch {
+            stop: Arc::clone(stop),
+            writer,
+            links,
+            fault: Some(fault),
+        })
+    }
+
+    /// No recovery came in time: the guest stays blocked on its absent pages (the placer,
+    /// and so the userfaultfd, is kept: closing it would let the kernel fill them with
+    /// zeros), and the migration stays paused.
+    fn give_up(&self, postcopy: &Postcopy, why: Error) -> Error {
+        self.options.log.line(&format!(
+            "postcopy paused: no reconnection came ({}); the guest waits for its missing pages",
+            why.chain()
+        ));
+        // The absent pages must stay absent for as long as this process lives.
+        std::mem::forget(Arc::clone(&postcopy.placer));
+        Error::PostcopyPaused {
+            source: Box::new(why),
+        }
+    }
+
+    /// Every page is here: the result.
+    fn complete(&self, postcopy: &Postcopy) -> Received {
+        postcopy.sink.fact(Fact::Drained);
+        let requests = postcopy.requests.load(Ordering::Relaxed);
+        Received {
             handover: Handover::Go,
-            device_state,
-            rounds,
-            stats: counters.snapshot(),
+            device_state: postcopy.device_state.clone(),
+            rounds: postcopy.rounds,
+            stats: postcopy.counters.snapshot(),
             elapsed: self.started.elapsed(),
             tls: self.negotiated.clone(),
             postcopy: Some(PostcopyStats {
-                pages: wanted.count(),
-                requests: active.requests.load(Ordering::Relaxed),
-                requested_pages: active.requests.load(Ordering::Relaxed),
-                bytes: active.bytes.load(Ordering::Relaxed),
-                latency,
+                pages: postcopy.wanted,
+                requests,
+                requested_pages: requests,
+                bytes: postcopy.bytes.load(Ordering::Relaxed),
+                latency: postcopy.placer.latency().snapshot(),
             }),
-        })
+        }
     }
 
     /// Before *ready*: the postcopy cannot start here; the sender is told why and keeps the
@@ -216,31 +513,6 @@ impl Context<'_> {
         running.linger();
         running.stop(self.stop);
         self.stop.end(sink)
-    }
-
-    /// Postcopy cannot go on: the guest keeps waiting on its absent pages (the placer, and so
-    /// the userfaultfd, is kept: closing it would let the kernel fill them with zeros), and
-    /// the migration is paused.
-    fn paused(
-        &self,
-        running: &mut Running,
-        placer: Arc<Placer>,
-        sink: &dyn FactSink,
-        why: &str,
-    ) -> Error {
-        sink.fact(Fact::ChannelLost);
-        running.stop(self.stop);
-        let reason = self.stop.take_error();
-        self.options.log.line(&format!(
-            "postcopy paused ({why}: {}): the guest waits for its missing pages",
-            reason.chain()
-        ));
-        // Recovery takes the placer back over; until it exists, the absent pages must stay
-        // absent for as long as this process lives.
-        std::mem::forget(placer);
-        Error::PostcopyPaused {
-            source: Box::new(reason),
-        }
     }
 }
 
@@ -659,10 +931,13 @@ impl FaultHandler {
     }
 
     fn serve(&mut self) -> Result<(), Error> {
-        let channel = self.active.channels;
+        // After a reconnection: the source lost the requests it had not answered.
+        for (region, page) in self.active.placer.outstanding() {
+            self.request(region, page)?;
+        }
         let mut faults = Vec::with_capacity(64);
         while !self.active.quit.load(Ordering::SeqCst) && !self.active.stop.is_stopped() {
-            let placer = &self.active.placer;
+            let placer = Arc::clone(&self.active.placer);
             placer
                 .read_faults(&mut faults, Duration::from_millis(50))
                 .map_err(Error::Postcopy)?;
@@ -670,16 +945,23 @@ impl FaultHandler {
                 if let Fault::Request(region, page) =
                     placer.fault(fault.address).map_err(Error::Postcopy)?
                 {
-                    let region = u32::try_from(region).unwrap_or(u32::MAX);
-                    let frame = FrameHeader::request(region, page, 1);
-                    self.writer.send(&[&frame]).map_err(|e| {
-                        Error::io(channel, "sending a page request", self.active.timeout, e)
-                    })?;
-                    self.active.requests.fetch_add(1, Ordering::Relaxed);
-                    self.active.counters.add_wire_bytes(FrameHeader::LEN as u64);
+                    self.request(region, page)?;
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Asks the source for `page` of region index `region`.
+    fn request(&mut self, region: usize, page: u64) -> Result<(), Error> {
+        let region = u32::try_from(region).unwrap_or(u32::MAX);
+        let frame = FrameHeader::request(region, page, 1);
+        self.writer.send(&[&frame]).map_err(|e| {
+            let op = "sending a page request";
+            Error::io(self.active.channels, op, self.active.timeout, e)
+        })?;
+        self.active.requests.fetch_add(1, Ordering::Relaxed);
+        self.active.counters.add_wire_bytes(FrameHeader::LEN as u64);
         Ok(())
     }
 }

@@ -146,6 +146,8 @@ pub struct Sender {
     /// Committed to postcopy: from here a failure pauses the migration, and the receiver is
     /// never told that the source keeps the guest.
     postcopy: bool,
+    /// What it was connected with, for reconnecting a paused postcopy.
+    options: SendOptions,
 }
 
 impl std::fmt::Debug for Sender {
@@ -179,13 +181,13 @@ impl Sender {
         sink: Arc<dyn FactSink>,
     ) -> Result<Sender, Error> {
         let stop = options.cancel.stop();
-        let connected = Self::connect_streams(&memory, endpoint, options, &stop).and_then(|s| {
-            let channels = s.0.len();
-            let slots = channels * (QUEUE_FRAMES + 4) + options.workers * 2;
-            let arena = Arena::new(slots, frame_capacity(CHUNK_LEN)).map_err(Error::Buffers)?;
-            Ok((s, arena))
-        });
-        let ((streams, fault, hello), (arena, slots)) = match connected {
+        let connected = Self::connect_streams(&memory, endpoint, options, &stop).and_then(
+            |(streams, fault, hello)| {
+                let wiring = Self::wire_up(memory, &stop, streams.len(), options)?;
+                Ok((streams, fault, hello, wiring))
+            },
+        );
+        let (mut streams, fault, hello, wiring) = match connected {
             Ok(connected) => connected,
             Err(err) => {
                 stop.fail(err);
@@ -193,6 +195,23 @@ impl Sender {
                 return Err(stop.end(sink.as_ref()));
             }
         };
+        let mut sender = Self::start(&wiring, &mut streams, (endpoint, hello), options, sink);
+        sender.fault = fault;
+        sender.sink.fact(Fact::SetupDone);
+        Ok(sender)
+    }
+
+    /// What the threads of a session over `channels` channels share: its frame buffers, its
+    /// counters, its stop switch and rate limit.
+    fn wire_up(
+        memory: Arc<GuestMemory>,
+        stop: &Arc<Stop>,
+        channels: usize,
+        options: &SendOptions,
+    ) -> Result<Wiring, Error> {
+        let slots = channels * (QUEUE_FRAMES + 4) + options.workers * 2;
+        let (arena, slots) =
+            Arena::new(slots, frame_capacity(CHUNK_LEN)).map_err(Error::Buffers)?;
         let pool = Pool::new(
             slots
                 .into_iter()
@@ -202,22 +221,17 @@ impl Sender {
                 })
                 .collect(),
         );
-        let wiring = Wiring {
+        Ok(Wiring {
             memory,
             arena,
             pool,
             counters: Arc::new(Counters::default()),
-            stop,
+            stop: Arc::clone(stop),
             limit: options
                 .max_bandwidth
                 .map(|rate| Arc::new(RateLimit::new(rate))),
             timeout: options.timeout,
-        };
-        let mut streams = streams;
-        let mut sender = Self::start(&wiring, &mut streams, (endpoint, hello), options, sink);
-        sender.fault = fault;
-        sender.sink.fact(Fact::SetupDone);
-        Ok(sender)
+        })
     }
 
     fn connect_streams(
@@ -349,6 +363,7 @@ impl Sender {
             fault: None,
             transport: Arc::clone(&options.transport),
             postcopy: false,
+            options: options.clone(),
         };
         let compression = match options.compression {
             Compression::Auto if streams.iter().any(|c| c.is_local()) => Compression::Off,

@@ -41,6 +41,13 @@ pub struct SendOptions {
     /// which the destination asks for the pages its guest faults on; the receiver must allow
     /// postcopy too ([`ReceiveOptions::postcopy`](crate::ReceiveOptions::postcopy)).
     pub postcopy: bool,
+    /// How long a paused postcopy waits for
+    /// [`LiveHandle::recover`](crate::LiveHandle::recover) before [`Postcopy::run`] gives up
+    /// and returns (the guest stays paused: it runs nowhere until an operator recovers it by
+    /// other means). `None`: for ever, as QEMU does.
+    ///
+    /// [`Postcopy::run`]: crate::Postcopy::run
+    pub recover_wait: Option<Duration>,
 }
 
 impl Default for SendOptions {
@@ -56,6 +63,7 @@ impl Default for SendOptions {
             decision_timeout: Duration::from_secs(60),
             tls: None,
             postcopy: false,
+            recover_wait: None,
         }
     }
 }

@@ -11,6 +11,7 @@
 //! The push then continues just after the requested page (QEMU's spatial hint), and skips pages
 //! the fault channel already sent. The receiver says *done* once every page is there.
 
+use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -27,9 +28,10 @@ use crate::error::Error;
 use crate::memory::{Frozen, GuestMemory};
 use crate::postcopy::{LatencyDist, PostcopyStats};
 use crate::session::{self, Counters, Stop};
-use crate::transport::{LinkReader, LinkWriter};
+use crate::transport::{Conn, Endpoint, LinkReader, LinkWriter};
 use crate::wire::{
-    FrameHeader, FrameKind, MAX_DEVICE_STATE, MAX_PAGES_PER_FRAME, MAX_PAYLOAD, frame_capacity,
+    FrameHeader, FrameKind, Hello, HelloFlags, MAX_DEVICE_STATE, MAX_PAGES_PER_FRAME, MAX_PAYLOAD,
+    frame_capacity,
 };
 
 use super::outgoing::Outgoing;
@@ -203,6 +205,7 @@ impl Sender {
             requested_pages: AtomicU64::new(0),
         });
         self.sink.fact(Fact::PostcopyStarted);
+        self.handle.set_epoch(Some(Arc::clone(&self.stop)));
         let acknowledged = self.go_on_channel_0();
         if acknowledged.is_some() {
             // The destination took the go: it loads the device state and runs the guest.
@@ -321,6 +324,74 @@ impl Sender {
         })
     }
 
+    /// Reconnects a paused postcopy to `endpoint` with new connections of the same session
+    /// (flag resume), reads the bitmaps of the pages the receiver holds, and starts a new
+    /// session over them with the same counters, handle and frozen memory. This session
+    /// must have ended (paused).
+    fn reconnect(&self, endpoint: &Endpoint, frozen: &Frozen) -> Result<(Sender, DirtySet), Error> {
+        let options = &self.options;
+        let stop = Arc::new(Stop::default());
+        let connected = self.reconnect_streams(endpoint, &stop);
+        let (mut streams, fault, hello, received) = match connected {
+            Ok(connected) => connected,
+            Err(err) => {
+                stop.close_all();
+                return Err(err);
+            }
+        };
+        let mut wiring =
+            match Self::wire_up(Arc::clone(&self.memory), &stop, streams.len(), options) {
+                Ok(wiring) => wiring,
+                Err(err) => {
+                    stop.close_all();
+                    return Err(err);
+                }
+            };
+        wiring.counters = Arc::clone(&self.counters);
+        let sink = Arc::clone(&self.sink);
+        let mut sender = Self::start(&wiring, &mut streams, (endpoint, hello), options, sink);
+        sender.fault = Some(fault);
+        sender.handle = self.handle.clone();
+        sender.postcopy = true;
+        sender.finishing = true;
+        sender.round = self.round;
+        sender.total_pages.clone_from(&self.total_pages);
+        sender.started = self.started;
+        sender.frozen = Some(frozen.clone());
+        Ok((sender, received))
+    }
+
+    /// Connects every channel and the fault channel again and reads the receiver's bitmaps
+    /// on channel 0.
+    fn reconnect_streams(
+        &self,
+        endpoint: &Endpoint,
+        stop: &Stop,
+    ) -> Result<(Vec<Conn>, Conn, Hello, DirtySet), Error> {
+        let options = &self.options;
+        let mut hello = self.hello.clone();
+        hello.flags = HelloFlags {
+            postcopy: true,
+            fault: false,
+            resume: true,
+        };
+        let mut streams = Vec::with_capacity(usize::from(options.channels));
+        for channel in 0..options.channels {
+            hello.channel = channel;
+            streams.push(Self::connect_one(endpoint, options, stop, &hello)?);
+        }
+        let mut fault = hello.clone();
+        fault.channel = options.channels;
+        fault.flags.fault = true;
+        let fault = Self::connect_one(endpoint, options, stop, &fault)?;
+        hello.channel = 0;
+        let Some(first) = streams.first_mut() else {
+            return Err(Error::Config("no channels".into()));
+        };
+        let received = read_received(first, &self.memory, options.timeout)?;
+        Ok((streams, fault, hello, received))
+    }
+
     /// Ends a committed postcopy session's threads and sockets after a failure, without a
     /// word to the receiver (the source never keeps the guest now) and without facts (the
     /// migration is paused, not failed): returns why it stopped.
@@ -343,15 +414,90 @@ impl Postcopy {
     /// error returned then ([`Error::PostcopyPaused`]) means the guest is split between the
     /// two sides: it must not run here, and it cannot run there until the missing pages come.
     pub fn run(mut self) -> Result<Summary, Error> {
-        let pushed = self.push();
-        let done = pushed.and_then(|()| self.wait_for_done());
-        // The receiver closes once every page is there, and says *done* first: a failure
-        // that its closing caused does not count then.
-        if done.is_ok() || self.done_arrived() {
-            Ok(self.complete())
-        } else {
-            Err(self.paused())
+        loop {
+            let pushed = self.push();
+            let done = pushed.and_then(|()| self.wait_for_done());
+            // The receiver closes once every page is there, and says *done* first: a failure
+            // that its closing caused does not count then.
+            if done.is_ok() || self.done_arrived() {
+                return Ok(self.complete());
+            }
+            let why = self.pause_epoch();
+            if let Err(gave_up) = self.recover(why) {
+                return Err(Error::PostcopyPaused {
+                    source: Box::new(gave_up),
+                });
+            }
         }
+    }
+
+    /// The connections broke: ends their threads and sockets, reports `channel-lost`, and
+    /// returns why.
+    fn pause_epoch(&mut self) -> Error {
+        self.sender.handle.set_epoch(None);
+        let why = self.sender.pause();
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+        self.sender.sink.fact(Fact::ChannelLost);
+        why
+    }
+
+    /// Waits for [`LiveHandle::recover`](crate::LiveHandle::recover) and reconnects: the
+    /// receiver says which pages it holds, and the push starts over with every wanted page it
+    /// lacks (pages lost in flight included). A failed attempt (`failed`) leaves it paused
+    /// for the next `recover`. Returns the reason it stays paused once
+    /// [`SendOptions::recover_wait`](super::SendOptions::recover_wait) passes without one.
+    fn recover(&mut self, mut why: Error) -> Result<(), Error> {
+        let wait = self.sender.options.recover_wait;
+        self.sender.handle.clear_recover();
+        loop {
+            let Some(endpoint) = self.sender.handle.wait_for_recover(wait) else {
+                return Err(why);
+            };
+            let endpoint = endpoint.unwrap_or_else(|| self.sender.endpoint.clone());
+            match self.sender.reconnect(&endpoint, &self.shared.frozen) {
+                Ok((sender, received)) => {
+                    self.sender = sender;
+                    self.sender.sink.fact(Fact::Reconnected);
+                    self.resume_from(&received);
+                    self.server = self.sender.serve_faults(&self.shared, self.round);
+                    self.sender
+                        .handle
+                        .set_epoch(Some(Arc::clone(&self.sender.stop)));
+                    self.sender.sink.fact(Fact::Resumed);
+                    return Ok(());
+                }
+                Err(err) => {
+                    self.sender.sink.fact(Fact::Failed(err.chain()));
+                    why = err;
+                }
+            }
+        }
+    }
+
+    /// Starts the push over: every wanted page the receiver does not hold is pending again.
+    fn resume_from(&mut self, received: &DirtySet) {
+        let mut pending = self.shared.wanted.clone();
+        let mut count = 0;
+        for region in 0..pending.region_count() {
+            let have = received.words(region);
+            for word in 0..pending.words(region).len() {
+                let bits = pending.words(region)[word] & !have.get(word).copied().unwrap_or(0);
+                pending.clear_word(region, word);
+                pending.merge_word(region, word, bits);
+                count += u64::from(bits.count_ones());
+            }
+        }
+        for words in &self.shared.sent {
+            for word in words {
+                word.store(0, Ordering::Relaxed);
+            }
+        }
+        self.pending = pending;
+        self.pending_count = count;
+        self.cursor = (0, 0);
+        self.pushed.fill(0);
     }
 
     /// Whether the receiver's *done* is waiting to be read.
@@ -563,19 +709,6 @@ impl Postcopy {
             postcopy: Some(stats),
         }
     }
-
-    /// The session stopped in postcopy: ends its threads and sockets, reports `channel-lost`,
-    /// and returns why.
-    fn paused(mut self) -> Error {
-        let why = self.sender.pause();
-        if let Some(server) = self.server.take() {
-            let _ = server.join();
-        }
-        self.sender.sink.fact(Fact::ChannelLost);
-        Error::PostcopyPaused {
-            source: Box::new(why),
-        }
-    }
 }
 
 /// The fault channel's server: reads requests and answers each at once from the frozen
@@ -692,5 +825,84 @@ impl Server {
             .requested_pages
             .fetch_add(count, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// Reads the receiver's bitmaps of the pages it holds on a reconnected channel 0, up to its
+/// *resume*.
+fn read_received(
+    conn: &mut Conn,
+    memory: &GuestMemory,
+    timeout: Duration,
+) -> Result<DirtySet, Error> {
+    let op = "receiving the bitmaps of the pages the receiver holds";
+    let io = |e| Error::io(0, op, timeout, e);
+    conn.set_read_timeout(Some(timeout)).map_err(io)?;
+    let mut received = DirtySet::none(memory);
+    loop {
+        let mut fixed = [0u8; FrameHeader::LEN];
+        conn.read_exact(&mut fixed).map_err(io)?;
+        let header =
+            FrameHeader::decode(&fixed).map_err(|source| Error::Decode { channel: 0, source })?;
+        // At most 8 MiB, checked with the header.
+        let mut payload = vec![0u8; header.len as usize];
+        conn.read_exact(&mut payload).map_err(io)?;
+        let mut hasher = header.hasher();
+        hasher.update(&payload);
+        header
+            .verify(hasher)
+            .map_err(|source| Error::Decode { channel: 0, source })?;
+        match header.kind {
+            FrameKind::Received => {
+                let region = header.region as usize;
+                let Some(pages) = memory.regions().get(region).map(|r| r.layout().pages()) else {
+                    return Err(Error::protocol(
+                        0,
+                        format!(
+                            "a received bitmap for region index {region}, which does not exist"
+                        ),
+                    ));
+                };
+                let count = (payload.len() / 8) as u64;
+                if header.value.saturating_add(count) > pages.div_ceil(64) {
+                    return Err(Error::protocol(
+                        0,
+                        format!(
+                            "a received bitmap runs past region index {region}'s {pages} pages"
+                        ),
+                    ));
+                }
+                for (i, word) in FrameHeader::bitmap_words(&payload).enumerate() {
+                    let index = usize::try_from(header.value + i as u64).unwrap_or(usize::MAX);
+                    received.merge_word(region, index, word);
+                }
+            }
+            FrameKind::Resume if header.value == received.count() => {
+                conn.set_read_timeout(None).map_err(io)?;
+                return Ok(received);
+            }
+            FrameKind::Resume => {
+                return Err(Error::protocol(
+                    0,
+                    format!(
+                        "the receiver says it holds {} pages, its bitmaps {}",
+                        header.value,
+                        received.count()
+                    ),
+                ));
+            }
+            FrameKind::Error => {
+                return Err(Error::PeerFailed {
+                    peer: "receiver",
+                    message: String::from_utf8_lossy(&payload).into_owned(),
+                });
+            }
+            kind => {
+                return Err(Error::protocol(
+                    0,
+                    format!("a {kind:?} frame arrived instead of the receiver's bitmaps"),
+                ));
+            }
+        }
     }
 }
