@@ -249,7 +249,7 @@ enum Class {
 }
 
 impl BatchCounts {
-    fn add(&mut self, encoding: Encoding) {
+    pub(crate) fn add(&mut self, encoding: Encoding) {
         match encoding {
             Encoding::Zero => self.zero += 1,
             Encoding::Raw => self.raw += 1,

@@ -14,7 +14,7 @@ use anyhow::Context;
 use ramjet_dataplane::Compression;
 use ramjet_dataplane::memory::PAGE_SIZE;
 use ramjet_dataplane::transport::{self, Blocking, Endpoint, Transport, Uring};
-use ramjet_dataplane::{LiveOptions, SendOptions};
+use ramjet_dataplane::{LiveOptions, SendOptions, StallPolicy};
 
 use crate::events::Format;
 use crate::units::{Rate, Size};
@@ -240,6 +240,25 @@ pub struct MigrationArgs {
     /// after it said it holds everything.
     #[arg(long, value_parser = seconds)]
     pub decision_timeout: Option<Duration>,
+    /// Postcopy (QEMU's postcopy-ram): `after-first-round` (a bare --postcopy) switches once
+    /// every page was sent, `on-stall` when pre-copy stops converging. The destination then
+    /// runs the guest at once and fetches the pages it touches; a broken link pauses the
+    /// migration, and it reconnects by itself (for --recover-wait).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "after-first-round")]
+    pub postcopy: Option<PostcopyWhen>,
+    /// How long a paused postcopy keeps trying to reconnect: 60s, 5m; a bare number is
+    /// seconds.
+    #[arg(long, value_parser = seconds, default_value = "60")]
+    pub recover_wait: Duration,
+}
+
+/// When a migration switches to postcopy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PostcopyWhen {
+    /// Once round 1 sent every page.
+    AfterFirstRound,
+    /// When pre-copy stalls.
+    OnStall,
 }
 
 impl TryFrom<&MigrationArgs> for (SendOptions, LiveOptions) {
@@ -256,11 +275,19 @@ impl TryFrom<&MigrationArgs> for (SendOptions, LiveOptions) {
             max_bandwidth: args.max_bandwidth.map(|Rate(r)| r),
             timeout: args.timeout.unwrap_or(defaults.timeout),
             decision_timeout: args.decision_timeout.unwrap_or(defaults.decision_timeout),
+            postcopy: args.postcopy.is_some(),
+            recover_wait: Some(args.recover_wait),
             ..defaults
         };
+        let defaults = LiveOptions::default();
         let live = LiveOptions {
             downtime_limit: args.downtime_limit,
-            ..LiveOptions::default()
+            postcopy_after_first_round: args.postcopy == Some(PostcopyWhen::AfterFirstRound),
+            on_stall: match args.postcopy {
+                Some(PostcopyWhen::OnStall) => StallPolicy::Postcopy,
+                _ => defaults.on_stall,
+            },
+            ..defaults
         };
         Ok((send, live))
     }

@@ -3,24 +3,26 @@
 //! both sides' events, and a summary that checks the destination. The guest is a thread of
 //! this process, or with `--guest kvm` a KVM virtual machine (`crate::kvm`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ramjet_control::{Options, Side, Trigger};
-use ramjet_dataplane::memory::GuestMemory;
+use ramjet_dataplane::dirty::DirtyBitmap;
+use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use ramjet_dataplane::testkit::Workload;
 use ramjet_dataplane::testkit::image::{self, ImageKind};
 use ramjet_dataplane::testkit::pki::{self, Scratch};
 use ramjet_dataplane::transport::Listener;
 use ramjet_dataplane::{
-    DirtySource, Error, Guest, LiveOptions, LiveReport, ReceiveOptions, Received, SendOptions,
-    Sender, TlsClient, TlsServer, migrate_live, receive,
+    DirtySource, Error, Guest, LiveOptions, LiveReport, PostcopyRun, ReceiveOptions, Received,
+    SendOptions, Sender, TlsClient, TlsServer, migrate_live, receive,
 };
 
 use crate::cli::{GuestSize, MigrationArgs};
 use crate::events::{Events, Format};
+use crate::postcopy::{self, Recoverer};
 use crate::progress::Watcher;
 use crate::units::Bytes;
 
@@ -77,6 +79,8 @@ pub(crate) struct Config {
     pub(crate) send: SendOptions,
     pub(crate) live: LiveOptions,
     pub(crate) receive: ReceiveOptions,
+    /// Both control machines' options (postcopy-ram with --postcopy).
+    control: Options,
     /// How both sides' events are printed.
     events: Format,
     /// The throwaway credentials of `--tls`, kept while the demo runs.
@@ -91,6 +95,7 @@ impl TryFrom<&Args> for Config {
         // Both ends move bytes the same way.
         let mut receive = ReceiveOptions {
             transport: Arc::clone(&send.transport),
+            recover_wait: send.recover_wait,
             ..ReceiveOptions::default()
         };
         let creds = if args.tls {
@@ -103,10 +108,12 @@ impl TryFrom<&Args> for Config {
         } else {
             None
         };
+        let control = Options::new().postcopy_ram(send.postcopy);
         Ok(Config {
             send,
             live,
             receive,
+            control,
             events: args.migration.events,
             _creds: creds,
         })
@@ -139,6 +146,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     let bytes = args.size.bytes();
     let (memory, incoming) = prepare(bytes)?;
+    let mut config = config;
+    // With postcopy, the guest runs on the destination from the switch on, writing as it did
+    // on the source; its writes are logged, so that the check knows which pages are its own.
+    let destination_guest = DestinationGuest::default();
+    if config.send.postcopy {
+        config.receive.postcopy = Some(destination_guest.starter(&incoming, args.dirty_rate));
+    }
 
     // Dirty tracking: userfaultfd where the kernel allows it, else the vCPU's own bitmap.
     let (mut guest, mut source, why) =
@@ -154,13 +168,86 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         &mut guest,
         None,
     )?;
-    let identical = memory.first_difference(&incoming)?.is_none();
+    let written = destination_guest.stop()?;
+    let difference = first_difference_outside(&memory, &incoming, written.as_deref())?;
     migrated.print(&config.send, source.name(), bytes);
-    if !identical {
-        bail!("verification failed: the destination differs from the paused source");
+    if let Some(page) = difference {
+        bail!("verification failed: page {page} of the destination differs from the paused source");
     }
-    println!("verified: destination identical");
+    match written {
+        Some(log) => println!(
+            "verified: destination identical to the source at the pause, but for the {} pages \
+             its guest wrote since",
+            log.iter().map(DirtyBitmap::count).sum::<u64>()
+        ),
+        None => println!("verified: destination identical"),
+    }
     Ok(())
+}
+
+/// The thread guest that runs on the destination in postcopy: started by the receiver's hook,
+/// stopped after the migration.
+#[derive(Default, Clone)]
+struct DestinationGuest(Arc<Mutex<Option<Running>>>);
+
+/// The destination's guest and the log of the pages it wrote.
+type Running = (Workload, Arc<[DirtyBitmap]>);
+
+impl DestinationGuest {
+    /// The receiver's postcopy hook: starts the guest on `memory`, writing `rate` pages a
+    /// second, each marked in a log.
+    fn starter(&self, memory: &Arc<GuestMemory>, rate: u64) -> PostcopyRun {
+        let (slot, memory) = (Arc::clone(&self.0), Arc::clone(memory));
+        PostcopyRun::new(move |_device_state| {
+            let log: Arc<[DirtyBitmap]> = vec![DirtyBitmap::new(memory.total_pages())].into();
+            let workload = Workload::start(
+                &memory,
+                Some(Arc::clone(&log)),
+                Some(rate),
+                ImageKind::Mixed,
+                2,
+            );
+            *slot.lock().map_err(|_| "the guest's slot is poisoned")? = Some((workload, log));
+            Ok(())
+        })
+    }
+
+    /// Pauses the guest if it ran; the pages it wrote.
+    fn stop(&self) -> anyhow::Result<Option<Arc<[DirtyBitmap]>>> {
+        let taken = self
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the guest's slot is poisoned"))?
+            .take();
+        let Some((mut workload, log)) = taken else {
+            return Ok(None);
+        };
+        Guest::pause(&mut workload).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Some(log))
+    }
+}
+
+/// The first page (region 0) where `a` and `b` differ, leaving out the pages set in `skip`.
+fn first_difference_outside(
+    a: &GuestMemory,
+    b: &GuestMemory,
+    skip: Option<&[DirtyBitmap]>,
+) -> anyhow::Result<Option<u64>> {
+    let Some(skip) = skip else {
+        return Ok(a.first_difference(b)?.map(|(_, at)| at / PAGE_SIZE as u64));
+    };
+    let (mut x, mut y) = (vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE]);
+    for page in 0..a.total_pages() {
+        if skip.first().is_some_and(|log| log.is_set(page)) {
+            continue;
+        }
+        a.read(0, page * PAGE_SIZE as u64, &mut x)?;
+        b.read(0, page * PAGE_SIZE as u64, &mut y)?;
+        if x != y {
+            return Ok(Some(page));
+        }
+    }
+    Ok(None)
 }
 
 /// A demo migration that completed: what both ends said.
@@ -185,8 +272,8 @@ pub(crate) fn migrate(
     let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().map_err(anyhow::Error::msg)?)?;
     let at = listener.endpoint().clone();
     let format = config.events;
-    let destination = Events::new(Side::Destination, Options::new(), format, true);
-    let source_events = Events::new(Side::Source, Options::new(), format, true);
+    let destination = Events::new(Side::Destination, config.control, format, true);
+    let source_events = Events::new(Side::Source, config.control, format, true);
     destination.step(Trigger::Migrate);
     let receiver = start_receiver(
         listener,
@@ -197,10 +284,17 @@ pub(crate) fn migrate(
     );
 
     source_events.step(Trigger::Migrate);
+    if config.send.postcopy {
+        source_events.step(Trigger::StartPostcopy);
+    }
     let started = Instant::now();
     let sender = Sender::connect(Arc::clone(memory), &at, &config.send, source_events.sink())?;
     let handle = sender.live_handle();
     let channels = config.send.channels;
+    let recoverer = config
+        .send
+        .postcopy
+        .then(|| Recoverer::start(handle.clone(), source_events.clone()));
     let watcher = Watcher::start(
         Some(handle.clone()),
         source_events,
@@ -210,6 +304,9 @@ pub(crate) fn migrate(
     let report = migrate_live(sender, source, guest, &config.live);
     let total = started.elapsed();
     watcher.stop();
+    if let Some(recoverer) = recoverer {
+        recoverer.stop();
+    }
     let received = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?;
@@ -227,6 +324,12 @@ impl Migrated {
     /// The closing lines: the summary, and the encryption when TLS was on.
     pub(crate) fn print(&self, send: &SendOptions, tracking: &str, bytes: u64) {
         print_summary(send, tracking, &self.report, bytes, self.total);
+        if let Some(stats) = &self.report.summary.postcopy {
+            println!("postcopy:    {}", postcopy::stats_line(stats));
+        }
+        if let Some(stats) = &self.received.postcopy {
+            println!("faults:      {}", postcopy::latency_line(&stats.latency));
+        }
         if let (Some(sent), Some(got)) = (&self.report.summary.tls, &self.received.tls) {
             println!(
                 "encryption:  every channel TLS 1.3 ({}, {} key exchange), mutually authenticated: \
@@ -285,10 +388,18 @@ fn print_summary(
     );
     println!("rounds:      {} ({:?})", report.rounds, report.reason);
     println!("total time:  {total:.2?}");
-    println!(
-        "downtime:    {:.1?} measured (pause to the go acknowledged), {:.1?} expected",
-        report.downtime, report.expected_downtime
-    );
+    if report.reason.is_postcopy() {
+        println!(
+            "downtime:    {:.1?} measured (pause to the destination running the guest, pages \
+             still to come)",
+            report.downtime
+        );
+    } else {
+        println!(
+            "downtime:    {:.1?} measured (pause to the go acknowledged), {:.1?} expected",
+            report.downtime, report.expected_downtime
+        );
+    }
     println!(
         "guest RAM:   {} at {:.2} GB/s",
         Bytes(bytes),

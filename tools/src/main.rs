@@ -11,6 +11,7 @@ mod events;
 mod graph;
 mod image;
 mod kvm;
+mod postcopy;
 mod progress;
 mod recv;
 mod send;

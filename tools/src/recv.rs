@@ -16,10 +16,11 @@ use anyhow::Context;
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::transport::{Endpoint, Listener};
-use ramjet_dataplane::{Handover, Log, Operator, ReceiveOptions, receive};
+use ramjet_dataplane::{Handover, Log, Operator, PostcopyRun, ReceiveOptions, receive};
 
 use crate::cli::{GuestSize, TransportKind, parse_endpoint, seconds, tls_server, transport_of};
 use crate::events::{Events, Format};
+use crate::postcopy;
 use crate::signals;
 
 /// Receive one migration into fresh guest memory.
@@ -70,6 +71,11 @@ pub struct Args {
     /// and QEMU write it) or reversed (RFC 4514); repeat for more.
     #[arg(long = "tls-authz", value_name = "SUBJECT")]
     tls_authz: Vec<String>,
+    /// How long a paused postcopy waits for the source to reconnect: 60s, 5m; a bare number is
+    /// seconds. (A sender that may switch to postcopy is always accepted: this receiver's
+    /// "guest" is its memory, which `--out` writes once every page is here.)
+    #[arg(long, value_parser = seconds, default_value = "60")]
+    recover_wait: Duration,
 }
 
 /// Exit status: in doubt, the complete copy kept.
@@ -89,6 +95,14 @@ impl TryFrom<&Args> for ReceiveOptions {
             timeout: args.timeout.unwrap_or(defaults.timeout),
             log: Log::new(|line| eprintln!("ramjet: {line}")),
             tls: tls_server(args.tls_creds.as_deref(), &args.tls_authz)?,
+            postcopy: Some(PostcopyRun::new(|_| {
+                eprintln!(
+                    "ramjet: postcopy: the source handed the guest over; the pages it still \
+                     has follow"
+                );
+                Ok(())
+            })),
+            recover_wait: Some(args.recover_wait),
             ..defaults
         })
     }
@@ -101,7 +115,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let memory = Arc::new(GuestMemory::anonymous(bytes).context("cannot map guest memory")?);
     memory.prefault().context("cannot fault in guest memory")?;
     // Ctrl-C is handled from before anyone can know where to connect.
-    let events = Events::new(Side::Destination, Options::new(), args.events, false);
+    let control = Options::new().postcopy_ram(true);
+    let events = Events::new(Side::Destination, control, args.events, false);
     events.step(Trigger::Migrate);
     let (user, operator) = (events.clone(), options.operator.clone());
     signals::cancel_on_interrupt(options.cancel.clone(), move || {
@@ -151,6 +166,13 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     );
     if let Some(tls) = &received.tls {
         eprintln!("ramjet: every channel was encrypted: {tls}");
+    }
+    if let Some(stats) = &received.postcopy {
+        eprintln!("ramjet: postcopy: {}", postcopy::stats_line(stats));
+        eprintln!(
+            "ramjet: postcopy faults: {}",
+            postcopy::latency_line(&stats.latency)
+        );
     }
     let kept = args
         .out

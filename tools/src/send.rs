@@ -10,15 +10,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ramjet_control::{Options, Side, Trigger};
+use ramjet_dataplane::dirty::DirtySet;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use ramjet_dataplane::testkit::Workload;
 use ramjet_dataplane::testkit::image::ImageKind;
 use ramjet_dataplane::{
-    Error, LiveHandle, LiveOptions, Negotiated, PreSwitchover, SendOptions, Sender, migrate_live,
+    Error, LiveHandle, LiveOptions, Negotiated, PostcopyStats, PreSwitchover, SendOptions, Sender,
+    migrate_live,
 };
 
 use crate::cli::{GuestSize, MigrationArgs, Target, parse_target, tls_client};
 use crate::events::Events;
+use crate::postcopy::{self, Recoverer};
 use crate::progress::Watcher;
 use crate::signals;
 use crate::units::Bytes;
@@ -74,7 +77,9 @@ impl TryFrom<&Args> for Config {
             Some(&args.to),
         )?;
         live.pause_before_switchover = args.pause_before_switchover;
-        let control = Options::new().pause_before_switchover(args.pause_before_switchover);
+        let control = Options::new()
+            .pause_before_switchover(args.pause_before_switchover)
+            .postcopy_ram(send.postcopy);
         Ok(Config {
             send,
             live,
@@ -113,6 +118,11 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let config = Config::try_from(args)?;
     let events = Events::new(Side::Source, config.control, args.migration.events, false);
     events.step(Trigger::Migrate);
+    if config.send.postcopy {
+        // As management software says migrate-start-postcopy: the switch happens when the
+        // chosen moment comes.
+        events.step(Trigger::StartPostcopy);
+    }
     let cancel = config.send.cancel.clone();
     let user = events.clone();
     // Before the image is loaded, which takes a while: Ctrl-C from the start cancels.
@@ -131,10 +141,18 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         let counters = sender.counters();
         let channels = config.send.channels;
         let watcher = Watcher::start(live_handle, events.clone(), counters, channels);
+        let recoverer = config
+            .send
+            .postcopy
+            .then(|| Recoverer::start(handle.clone(), events.clone()));
         let outcome = match args.live_dirty_rate {
             Some(rate) => live(sender, &memory, rate, &config.live, &events, &handle),
+            None if config.send.postcopy => paused_postcopy(sender, &memory, &events),
             None => paused(sender, &memory, args, &events),
         };
+        if let Some(recoverer) = recoverer {
+            recoverer.stop();
+        }
         watcher.stop();
         outcome
     });
@@ -148,6 +166,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             downtime,
             acknowledged,
             tls,
+            postcopy,
         }) => {
             eprintln!(
                 "ramjet: migrated {} in {:.2?} ({rounds} rounds, {} on the wire, downtime {downtime:.1?})",
@@ -155,6 +174,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 started.elapsed(),
                 Bytes(wire)
             );
+            if let Some(stats) = postcopy {
+                eprintln!("ramjet: postcopy: {}", postcopy::stats_line(&stats));
+            }
             if let Some(tls) = tls {
                 eprintln!("ramjet: every channel was encrypted: {tls}");
             }
@@ -188,6 +210,8 @@ struct Sent {
     acknowledged: bool,
     /// What TLS settled, if it was on.
     tls: Option<Negotiated>,
+    /// What postcopy did, if the migration switched to it.
+    postcopy: Option<PostcopyStats>,
 }
 
 /// The user's `continue` for pause-before-switchover: a line on stdin.
@@ -223,6 +247,32 @@ fn paused(
         downtime: started.elapsed(),
         acknowledged: summary.acknowledged,
         tls: summary.tls,
+        postcopy: None,
+    })
+}
+
+/// A paused guest in postcopy from the start: the destination runs it at once and fetches
+/// every page (nothing is sent before the switch).
+fn paused_postcopy(
+    mut sender: Sender,
+    memory: &Arc<GuestMemory>,
+    events: &Events,
+) -> Result<Sent, Error> {
+    let started = Instant::now();
+    sender.switchover()?;
+    let postcopy = sender.postcopy(&DirtySet::all(memory), &[])?;
+    let summary = postcopy.run()?;
+    let stats = summary
+        .stats
+        .ram_stats(memory.total_bytes(), summary.elapsed);
+    events.with(|m| m.set_ram_stats(stats));
+    Ok(Sent {
+        rounds: summary.rounds,
+        wire: summary.stats.wire_bytes,
+        downtime: summary.confirmed.saturating_duration_since(started),
+        acknowledged: summary.acknowledged,
+        tls: summary.tls,
+        postcopy: summary.postcopy,
     })
 }
 
@@ -267,6 +317,7 @@ fn live(
         wire: report.summary.stats.wire_bytes,
         downtime: report.downtime,
         acknowledged: report.summary.acknowledged,
+        postcopy: report.summary.postcopy,
         tls: report.summary.tls,
     })
 }

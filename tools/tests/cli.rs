@@ -42,6 +42,46 @@ fn the_demo_migrates_a_running_guest_and_verifies_it() {
     );
 }
 
+/// `ramjet demo --postcopy`: after round 1 the destination runs the guest (which writes on
+/// there), fetching what it touches; both sides show postcopy-active, and the check finds the
+/// destination equal to the source at the pause but for the pages its guest wrote.
+#[test]
+fn the_demo_switches_to_postcopy() {
+    let out = ramjet(&[
+        "demo",
+        "--size",
+        "32M",
+        "--dirty-rate",
+        "5000",
+        "--postcopy",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "source      MIGRATION postcopy-active",
+        "destination MIGRATION postcopy-active",
+        "destination MIGRATION completed",
+        "rounds:      1 (PostcopyRequested)",
+        "postcopy:    ",
+        "faults:      ",
+        "verified: destination identical to the source at the pause, but for the ",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing:\n{stdout}");
+    }
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.ends_with("MIGRATION completed"))
+            .count(),
+        2,
+        "{stdout}"
+    );
+}
+
 /// `ramjet demo --guest kvm`: a KVM guest migrates and continues on the destination from the
 /// same counter and checksum (skipped, saying why, where KVM cannot be opened).
 #[test]
@@ -394,6 +434,39 @@ mod processes {
                 other => panic!("unknown event {other:?}"),
             })
             .collect()
+    }
+
+    /// `send --postcopy` of an image (a paused guest): the receiver runs it at once and the
+    /// source pushes every page; `--out` equals the image, and both sides show postcopy.
+    #[test]
+    fn send_postcopy_moves_an_image_after_the_switch() {
+        let img = image("postcopy-image", "16M");
+        let out_file = temp("postcopy-out");
+        let out_arg = out_file.to_str().expect("utf-8 path");
+        let (receiver, at, rest) = recv_logged("tcp:127.0.0.1:0", "16M", &["--out", out_arg]);
+        let sent = send(&at, &img, &["--postcopy", "--channels", "2"])
+            .output()
+            .expect("send");
+        let received = receiver.wait_with_output().expect("recv");
+        let stderr = rest.join().expect("stderr");
+        let sent_out = String::from_utf8_lossy(&sent.stdout);
+        assert!(
+            sent.status.success(),
+            "{sent_out}\n{}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+        assert!(received.status.success(), "{stderr}");
+        assert!(sent_out.contains("MIGRATION postcopy-active"), "{sent_out}");
+        let recv_out = String::from_utf8_lossy(&received.stdout);
+        assert!(recv_out.contains("MIGRATION postcopy-active"), "{recv_out}");
+        assert!(stderr.contains("ramjet: postcopy faults: "), "{stderr}");
+        assert_eq!(
+            std::fs::read(&img).expect("image"),
+            std::fs::read(&out_file).expect("out"),
+            "--out equals the image"
+        );
+        let _ = std::fs::remove_file(&img);
+        let _ = std::fs::remove_file(&out_file);
     }
 
     /// Two processes, over TCP and a Unix socket: the received memory equals the image, and

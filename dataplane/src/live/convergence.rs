@@ -103,7 +103,7 @@ impl Convergence {
             best_remaining: u64::MAX,
             stalled_syncs: 0,
             postcopy_possible: false,
-            postcopy_requested: options.postcopy_after_first_round,
+            postcopy_requested: false,
         }
     }
 
@@ -150,9 +150,15 @@ impl Convergence {
     pub(super) fn decide(&self, elapsed: Duration) -> Decision {
         let options = &self.options;
         let progress = &self.progress;
+        // Asked for up front, postcopy comes right after round 1, whatever pre-copy could do.
+        if self.postcopy_possible && options.postcopy_after_first_round {
+            return Decision::Switchover(SwitchoverReason::PostcopyRequested);
+        }
         if progress.expected_downtime <= options.downtime_limit {
             return Decision::Switchover(SwitchoverReason::Converged);
         }
+        // Asked for meanwhile, as QEMU's migrate-start-postcopy: unless pre-copy can finish
+        // now.
         if self.postcopy_possible && self.postcopy_requested {
             return Decision::Switchover(SwitchoverReason::PostcopyRequested);
         }
@@ -601,13 +607,23 @@ mod tests {
             Switchover(PostcopyRequested)
         );
 
-        let mut fits = Convergence::new(&LiveOptions {
+        // Asked for meanwhile, it gives way to a pre-copy that can finish now; asked for up
+        // front, it does not.
+        let mut fits = Convergence::new(&LiveOptions::default());
+        fits.allow_postcopy();
+        fits.request_postcopy();
+        fits.observe(round(100 * MIB, 1000, 256));
+        assert_eq!(outcome(fits.decide(ms(1000))), Switchover(Converged));
+        let mut first = Convergence::new(&LiveOptions {
             postcopy_after_first_round: true,
             ..LiveOptions::default()
         });
-        fits.allow_postcopy();
-        fits.observe(round(100 * MIB, 1000, 256));
-        assert_eq!(outcome(fits.decide(ms(1000))), Switchover(Converged));
+        first.allow_postcopy();
+        first.observe(round(100 * MIB, 1000, 256));
+        assert_eq!(
+            outcome(first.decide(ms(1000))),
+            Switchover(PostcopyRequested)
+        );
 
         let mut after_first = Convergence::new(&LiveOptions {
             postcopy_after_first_round: true,

@@ -36,9 +36,10 @@ pub struct LiveOptions {
     pub on_stall: StallPolicy,
     /// Wait in `pre-switchover`, guest paused, until [`LiveHandle::proceed`].
     pub pause_before_switchover: bool,
-    /// Switch to postcopy right after the first round (which sends every page once) instead
-    /// of iterating; needs [`SendOptions::postcopy`](crate::SendOptions::postcopy).
-    /// [`LiveHandle::start_postcopy`] asks for the switch at any time.
+    /// Switch to postcopy right after the first round (which sends every page once), even
+    /// where pre-copy could finish; needs [`SendOptions::postcopy`](crate::SendOptions::postcopy).
+    /// [`LiveHandle::start_postcopy`] asks for the switch at any time, as QEMU's
+    /// `migrate-start-postcopy` does: it gives way to a pre-copy that can finish at once.
     pub postcopy_after_first_round: bool,
 }
 

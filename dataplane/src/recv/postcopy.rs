@@ -23,7 +23,7 @@ use super::handover::Handover;
 use super::options::{ReceiveOptions, Received};
 use super::shared::{LINGER, Shared};
 use super::{Done, Running};
-use crate::codec::decode_lz4;
+use crate::codec::{BatchCounts, decode_lz4};
 use std::io::Write;
 
 use crate::dirty::DirtySet;
@@ -883,11 +883,13 @@ impl PageReader {
         }
         let mut at = 0usize;
         let mut count = 0u64;
+        let mut counts = BatchCounts::default();
         for (page, entry) in self.table.pages() {
             let len = entry.len as usize;
             let bytes = data.get(at..at + len).unwrap_or(&[]);
             at += len;
             count += 1;
+            counts.add(entry.encoding);
             let placed = match entry.encoding {
                 Encoding::Zero => self.active.placer.place(region, page, None),
                 Encoding::Raw => match <&[u8; PAGE_SIZE]>::try_from(bytes) {
@@ -903,6 +905,7 @@ impl PageReader {
             };
             placed.map_err(Error::Postcopy)?;
         }
+        self.active.counters.add_pages(counts);
         if !self.fault {
             self.pushed += count;
         }
