@@ -142,7 +142,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             KvmLog::Clear => ramjet_vmm::LogMode::ManualClear,
             KvmLog::Get => ramjet_vmm::LogMode::GetOnly,
         };
-        return crate::kvm::run(args.size.bytes(), args.dirty_rate, mode, &config);
+        return crate::kvm::run(args.size.bytes(), args.dirty_rate, mode, config);
     }
     let bytes = args.size.bytes();
     let (memory, incoming) = prepare(bytes)?;

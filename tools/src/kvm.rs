@@ -7,8 +7,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use ramjet_dataplane::DirtySource as _;
 use ramjet_dataplane::testkit::image::{self, ImageKind};
+use ramjet_dataplane::{DirtySource as _, PostcopyRun};
 use ramjet_vmm::guest::Workload;
 use ramjet_vmm::{LogMode, Machine, Vm, guest_state};
 
@@ -18,7 +18,7 @@ use crate::units::Bytes;
 /// How long the guest runs on the destination before the demo checks it.
 const RUN_ON: Duration = Duration::from_millis(300);
 
-pub fn run(bytes: u64, rate: u64, mode: LogMode, config: &Config) -> anyhow::Result<()> {
+pub fn run(bytes: u64, rate: u64, mode: LogMode, mut config: Config) -> anyhow::Result<()> {
     ramjet_vmm::kvm_available().map_err(|why| {
         anyhow::anyhow!(
             "the KVM guest cannot run here: {why} (`ramjet demo` without `--guest kvm` runs a \
@@ -44,28 +44,44 @@ pub fn run(bytes: u64, rate: u64, mode: LogMode, config: &Config) -> anyhow::Res
 
     let mut dirty = vm.dirty_log()?;
     let tracking = dirty.name();
-    // The destination VMM runs the guest as soon as the handover says it may.
+    // The destination VMM runs the guest as soon as the handover says it may: in pre-copy
+    // once every page is there, in postcopy at once, its vCPU faulting on the pages that are
+    // still on their way (KVM's own accesses fault through userfaultfd as the guest's do).
     let (started, restored) = mpsc::channel();
     let vm_there = Arc::clone(&target);
-    let arrived: demo::Arrived = Box::new(move |received| {
-        let restored = if received.handover.may_run() {
-            guest_state(&vm_there).and_then(|arrived| {
-                let machine = Machine::restore(vm_there, &received.device_state, Some(rate))?;
+    let arrived: Option<demo::Arrived> = if config.send.postcopy {
+        config.receive.postcopy = Some(PostcopyRun::new(move |device_state| {
+            let restored = guest_state(&vm_there).and_then(|arrived| {
+                let machine = Machine::restore(Arc::clone(&vm_there), device_state, Some(rate))?;
                 machine.resume();
                 Ok(Some((machine, arrived)))
-            })
-        } else {
-            Ok(None)
-        };
-        let _ = started.send(restored);
-    });
+            });
+            let failed = restored.as_ref().err().map(ToString::to_string);
+            let _ = started.send(restored);
+            failed.map_or(Ok(()), |why| Err(why.into()))
+        }));
+        None
+    } else {
+        Some(Box::new(move |received| {
+            let restored = if received.handover.may_run() {
+                guest_state(&vm_there).and_then(|arrived| {
+                    let machine = Machine::restore(vm_there, &received.device_state, Some(rate))?;
+                    machine.resume();
+                    Ok(Some((machine, arrived)))
+                })
+            } else {
+                Ok(None)
+            };
+            let _ = started.send(restored);
+        }))
+    };
     let migrated = demo::migrate(
-        config,
+        &config,
         vm.ram(),
         target.ram(),
         &mut dirty,
         &mut source,
-        Some(arrived),
+        arrived,
     )?;
     let handover = migrated.received.handover;
     let Some((destination, arrived)) = restored

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::{booted, check_against_model, kvm_or_skip};
 use ramjet_dataplane::{
-    CancelHandle, Endpoint, Error, Fact, Listener, LiveOptions, ReceiveOptions, Received,
-    SendOptions, Sender, StallPolicy, migrate_live, receive,
+    CancelHandle, Endpoint, Error, Fact, Listener, LiveOptions, PostcopyRun, ReceiveOptions,
+    Received, SendOptions, Sender, StallPolicy, migrate_live, receive,
 };
 use ramjet_vmm::{LogMode, Machine, Vm};
 
@@ -172,4 +172,73 @@ fn a_cancel_leaves_the_source_running_and_the_destination_destroyed() {
     let sum = source.sum_and_pause(Duration::from_secs(60)).expect("sum");
     check_against_model(source.vm(), workload, sum);
     assert_eq!(source.progress().gaps, 0);
+}
+
+/// Postcopy with a real vCPU: after round 1 the destination VMM restores the vCPU and runs it
+/// at once; the pages still on their way are absent, so the vCPU's accesses (KVM's, through
+/// its page tables) fault into userfaultfd and are fetched. The guest goes on from the same
+/// counter, and its memory at the end is what the host's model says.
+#[test]
+fn a_running_guest_continues_in_postcopy() {
+    const BYTES: u64 = 64 << 20;
+    const GRANT: u32 = 10;
+    const RATE: u64 = 20_000;
+    if !kvm_or_skip("a_running_guest_continues_in_postcopy") {
+        return;
+    }
+    let (mut source, workload) = booted(BYTES, GRANT, Some(RATE));
+    thread::sleep(Duration::from_millis(100));
+    let vm = Arc::new(Vm::new(BYTES, LogMode::GetOnly).expect("destination VM"));
+    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().expect("endpoint")).expect("bind");
+    let at = listener.endpoint().clone();
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let there = Arc::clone(&vm);
+    let options = ReceiveOptions {
+        postcopy: Some(PostcopyRun::new(move |state| {
+            let machine = Machine::restore(Arc::clone(&there), state, Some(RATE))?;
+            machine.resume();
+            let _ = started_tx.send(machine);
+            Ok(())
+        })),
+        ..ReceiveOptions::default()
+    };
+    let ram = Arc::clone(vm.ram());
+    let receiver = thread::spawn(move || receive(&listener, ram, &options, quiet()));
+
+    // A link slow enough that the guest runs on the destination for a while before the push
+    // brings every page: it faults on many.
+    let send = SendOptions {
+        postcopy: true,
+        max_bandwidth: Some(40_000_000),
+        ..SendOptions::default()
+    };
+    let sender =
+        Sender::connect(Arc::clone(source.vm().ram()), &at, &send, quiet()).expect("connect");
+    let mut dirty = source.vm().dirty_log().expect("dirty log");
+    let live = LiveOptions {
+        postcopy_after_first_round: true,
+        ..LiveOptions::default()
+    };
+    let report = migrate_live(sender, &mut dirty, &mut source, &live).expect("migration");
+    let received = receiver.join().expect("receiver").expect("received");
+    assert!(report.reason.is_postcopy(), "{report:?}");
+    let stats = received.postcopy.expect("postcopy");
+    eprintln!("postcopy of the KVM guest: {stats:?}");
+    assert!(
+        stats.requests > 0 && stats.latency.count > 0,
+        "the vCPU faulted on absent pages and they were fetched: {stats:?}"
+    );
+    assert!(!source.is_running(), "handed over");
+
+    let destination = started.recv().expect("the destination started the guest");
+    thread::sleep(Duration::from_millis(200));
+    let sum = destination
+        .sum_and_pause(Duration::from_secs(120))
+        .expect("sum");
+    let counter = check_against_model(destination.vm(), workload, sum);
+    let (before, after) = (source.progress(), destination.progress());
+    assert_eq!((before.gaps, after.gaps), (0, 0), "{before:?} {after:?}");
+    let stopped = before.last.expect("the source reported");
+    assert_eq!(after.first, Some(stopped + GRANT), "the counter goes on");
+    assert!(counter > stopped + GRANT, "{after:?}");
 }

@@ -65,8 +65,9 @@ pub struct ReceiveOptions {
 
 /// The destination's hook for postcopy: called once the source handed the guest over with
 /// pages still on their way, with the device state; it starts the guest (restores the device
-/// state, runs the vCPUs) and returns. Pages the guest touches that are not here yet fault,
-/// and the receiver fetches them; [`receive`](crate::receive) returns once every page is here.
+/// state, runs the vCPUs) and returns. Pages the guest (or the hook itself) touches that are
+/// not here yet fault, and the receiver fetches them: its fault service runs before the hook
+/// is called. [`receive`](crate::receive) returns once every page is here.
 /// An error fails the migration on this side (the source stays paused: the guest then runs
 /// nowhere, as after a failed postcopy in QEMU).
 #[derive(Clone)]

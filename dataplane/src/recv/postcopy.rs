@@ -194,12 +194,9 @@ impl Context<'_> {
             }
         };
         drop(running);
-        if epoch.is_some() {
-            self.start_guest(&mut postcopy);
-        }
         loop {
             if let Some(current) = epoch.take() {
-                if self.run_epoch(&postcopy, current) {
+                if self.run_epoch(&mut postcopy, current) {
                     drop(claim);
                     return Ok(self.complete(&postcopy));
                 }
@@ -286,7 +283,7 @@ impl Context<'_> {
 
     /// Runs one epoch: its readers and fault handler until every page is here (true) or a
     /// connection breaks (false, with everything of the epoch stopped).
-    fn run_epoch(&self, postcopy: &Postcopy, epoch: Epoch) -> bool {
+    fn run_epoch(&self, postcopy: &mut Postcopy, epoch: Epoch) -> bool {
         let Epoch {
             stop,
             mut writer,
@@ -307,6 +304,11 @@ impl Context<'_> {
         };
         let (events_tx, events) = channels::unbounded();
         let mut threads = active.start(links, fault, self.options, &events_tx);
+        // The first epoch (or the first after a lost go) starts the guest, once its faults
+        // are served: the hook may touch memory that is not here yet.
+        if !postcopy.started {
+            self.start_guest(postcopy);
+        }
         let complete = active.wait(&events, threads.data).is_ok();
         if complete {
             // Every page is here: the memory is the kernel's again, and the source may stop.
@@ -351,12 +353,9 @@ impl Context<'_> {
             Err(err) => return Err(self.give_up(postcopy, err)),
         };
         match recovered {
-            Recovered::Decision(Taken::Decision(true)) => {
-                if !postcopy.started {
-                    self.start_guest(postcopy);
-                }
-                Ok(None)
-            }
+            // The go, on a connection of its own: the guest starts with the next epoch,
+            // once there is a way to fetch its pages.
+            Recovered::Decision(Taken::Decision(true)) => Ok(None),
             Recovered::Decision(taken) if !postcopy.started => {
                 let reason = match taken {
                     Taken::Failed(message) => format!("it failed before handing over: {message}"),
@@ -374,12 +373,11 @@ impl Context<'_> {
                 Ok(None)
             }
             Recovered::Channels { mut streams, fault } => {
+                // A reconnection means the source committed: if the go it sent was lost, the
+                // guest starts with this epoch.
                 let resumed = postcopy.started;
                 if resumed {
                     postcopy.sink.fact(Fact::Reconnected);
-                } else {
-                    // A reconnection means the source committed: the go it sent was lost.
-                    self.start_guest(postcopy);
                 }
                 let told = match streams.first_mut() {
                     Some(first) => self.tell_received(first, postcopy),
