@@ -178,16 +178,21 @@ pub enum Error {
     #[error("postcopy failed")]
     Postcopy(#[source] crate::postcopy::PlaceError),
     /// Postcopy paused: a link broke (or the destination failed) after the guest was handed
-    /// over. The guest's memory is split between the two sides, so neither may run it on its
-    /// own: the source keeps its frozen memory, the destination what it placed, until the
-    /// migration recovers.
+    /// over, and no recovery came in time. The guest's memory is split between the two sides,
+    /// so neither may run it on its own: the source keeps its frozen memory, the destination
+    /// what it placed.
     #[error(
-        "postcopy is paused: the guest runs on the destination but its memory is split between both sides"
+        "postcopy is paused: the guest runs on the destination but its memory is split between \
+         both sides"
     )]
     PostcopyPaused {
         /// Why it paused.
         #[source]
         source: Box<Error>,
+        /// On the destination: the pages still missing, kept absent (a thread touching one
+        /// waits) for as long as this lives. Drop it only once the guest running on that
+        /// memory has stopped: the kernel would then fill what is missing with zeros.
+        absent: Option<crate::postcopy::AbsentPages>,
     },
     /// A migration in postcopy was paused on request (`migrate-pause`).
     #[error("paused on request")]

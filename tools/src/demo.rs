@@ -358,7 +358,7 @@ fn start_receiver(
     destination: &Events,
     arrived: Option<Arrived>,
 ) -> JoinHandle<Result<Received, Error>> {
-    let (dst, sink) = (Arc::clone(incoming), destination.sink());
+    let (dst, sink) = (Arc::clone(incoming), destination.recovering_sink());
     thread::spawn(move || {
         let received = receive(&listener, dst, &options, sink);
         if let (Ok(received), Some(arrived)) = (&received, arrived) {

@@ -67,6 +67,19 @@ impl Events {
         Arc::new(move |fact: Fact| events.step(fact))
     }
 
+    /// A destination's fact sink that, when postcopy pauses, also says `migrate-recover`: the
+    /// receiver waits for the source on the address it listens on.
+    pub fn recovering_sink(&self) -> Arc<dyn FactSink> {
+        let events = self.clone();
+        Arc::new(move |fact: Fact| {
+            let lost = fact == Fact::ChannelLost;
+            events.step(fact);
+            if lost {
+                events.step(ramjet_control::Trigger::Recover);
+            }
+        })
+    }
+
     /// `query-migrate` now.
     pub fn query(&self) -> Query {
         self.with(|m| m.query(Timestamp::from(SystemTime::now())))

@@ -131,7 +131,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let listener = Listener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     eprintln!("ramjet: listening on {}", listener.endpoint());
-    let result = receive(&listener, Arc::clone(&memory), &options, events.sink());
+    let result = receive(
+        &listener,
+        Arc::clone(&memory),
+        &options,
+        events.recovering_sink(),
+    );
     if let Ok(received) = &result {
         let stats = received.stats.ram_stats(bytes, received.elapsed);
         events.with(|m| m.set_ram_stats(stats));

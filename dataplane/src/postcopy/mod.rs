@@ -9,8 +9,36 @@
 mod latency;
 pub(crate) mod place;
 
+use std::sync::Arc;
+
 pub use latency::{BUCKETS, LatencyDist};
 pub use place::PlaceError;
+
+/// The pages a paused postcopy left missing on the destination, kept absent under
+/// userfaultfd: a thread that touches one waits (a vCPU stalls) instead of reading zeros.
+/// Returned with [`Error::PostcopyPaused`](crate::Error::PostcopyPaused); drop it only once
+/// the guest running on that memory has stopped, since the kernel then fills every missing
+/// page with zeros on its next touch.
+pub struct AbsentPages(Arc<place::Placer>);
+
+impl AbsentPages {
+    pub(crate) fn new(placer: Arc<place::Placer>) -> Self {
+        AbsentPages(placer)
+    }
+
+    /// How many pages are still missing.
+    pub fn count(&self) -> u64 {
+        self.0.remaining()
+    }
+}
+
+impl std::fmt::Debug for AbsentPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AbsentPages")
+            .field("count", &self.count())
+            .finish()
+    }
+}
 
 /// What postcopy did, on either side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -575,6 +575,9 @@ pub(super) fn accept_recovery(
     let options = paused.options;
     let slots = usize::from(paused.channels) + 1;
     let mut taken: Vec<Option<Conn>> = Vec::new();
+    // The newest reconnection attempt seen: its channels are collected, older ones' dropped
+    // (their sender gave up on them).
+    let mut newest: Option<u8> = None;
     loop {
         let next = if taken.is_empty() {
             deadline
@@ -599,6 +602,7 @@ pub(super) fn accept_recovery(
                     .log
                     .line("postcopy paused: a reconnection stopped half-way; waiting for another");
                 taken.clear();
+                newest = None;
                 continue;
             }
             Err(err @ Error::Timeout { .. }) => return Err(err),
@@ -641,14 +645,28 @@ pub(super) fn accept_recovery(
                 }
             }
         }
+        let attempt = hello.flags.attempt;
+        match newest {
+            Some(n) if n == attempt => {}
+            Some(n) if !hello.flags.is_newer_attempt(n) => {
+                let reason = "it belongs to an earlier attempt to reconnect";
+                let _ = strays.drop_stray(stream, &peer, reason, Reply::Refusal);
+                continue;
+            }
+            _ => {
+                // A newer attempt: the sender gave up on the channels collected so far.
+                newest = Some(attempt);
+                taken.clear();
+            }
+        }
         let channel = usize::from(hello.channel);
         if taken.is_empty() {
             taken.resize_with(slots, || None);
         }
         if taken.get(channel).is_none_or(Option::is_some) {
-            // A second reconnection began: start over with it.
-            taken.clear();
-            taken.resize_with(slots, || None);
+            let reason = "it reconnects a channel that is already reconnected";
+            let _ = strays.drop_stray(stream, &peer, reason, Reply::Refusal);
+            continue;
         }
         stop.register(&stream)
             .map_err(|e| Error::io(hello.channel, "duplicating the socket", options.timeout, e))?;

@@ -29,8 +29,8 @@ use std::io::Write;
 use crate::dirty::DirtySet;
 use crate::error::Error;
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::postcopy::PostcopyStats;
 use crate::postcopy::place::{Fault, Placer};
+use crate::postcopy::{AbsentPages, PostcopyStats};
 use crate::session::{self, Counters, FactSink, Stop, Taken};
 use crate::tls::Negotiated;
 use crate::transport::{Conn, LinkReader, LinkWriter, Listener};
@@ -464,18 +464,17 @@ impl Context<'_> {
         })
     }
 
-    /// No recovery came in time: the guest stays blocked on its absent pages (the placer,
-    /// and so the userfaultfd, is kept: closing it would let the kernel fill them with
-    /// zeros), and the migration stays paused.
+    /// No recovery came in time: the migration stays paused, and the caller gets the absent
+    /// pages to keep while the guest may touch them (closing the userfaultfd would let the
+    /// kernel fill them with zeros).
     fn give_up(&self, postcopy: &Postcopy, why: Error) -> Error {
         self.options.log.line(&format!(
             "postcopy paused: no reconnection came ({}); the guest waits for its missing pages",
             why.chain()
         ));
-        // The absent pages must stay absent for as long as this process lives.
-        std::mem::forget(Arc::clone(&postcopy.placer));
         Error::PostcopyPaused {
             source: Box::new(why),
+            absent: Some(AbsentPages::new(Arc::clone(&postcopy.placer))),
         }
     }
 

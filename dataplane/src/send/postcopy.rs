@@ -102,10 +102,13 @@ pub struct Postcopy {
     round: u32,
     pushed: Vec<u64>,
     server: Option<JoinHandle<()>>,
-    /// When the destination acknowledged the go, if it did.
+    /// When the destination acknowledged the go, or reconnected (which it does only once it
+    /// has the go): from then on it runs the guest.
     acknowledged: Option<Instant>,
     /// Bytes sent when postcopy started.
     bytes_before: u64,
+    /// The last reconnection attempt's number.
+    attempt: u8,
 }
 
 impl std::fmt::Debug for Postcopy {
@@ -225,6 +228,7 @@ impl Sender {
             server,
             acknowledged,
             bytes_before,
+            attempt: 0,
             sender: self,
         })
     }
@@ -328,10 +332,15 @@ impl Sender {
     /// (flag resume), reads the bitmaps of the pages the receiver holds, and starts a new
     /// session over them with the same counters, handle and frozen memory. This session
     /// must have ended (paused).
-    fn reconnect(&self, endpoint: &Endpoint, frozen: &Frozen) -> Result<(Sender, DirtySet), Error> {
+    fn reconnect(
+        &self,
+        endpoint: &Endpoint,
+        frozen: &Frozen,
+        attempt: u8,
+    ) -> Result<(Sender, DirtySet), Error> {
         let options = &self.options;
         let stop = Arc::new(Stop::default());
-        let connected = self.reconnect_streams(endpoint, &stop);
+        let connected = self.reconnect_streams(endpoint, &stop, attempt);
         let (mut streams, fault, hello, received) = match connected {
             Ok(connected) => connected,
             Err(err) => {
@@ -367,6 +376,7 @@ impl Sender {
         &self,
         endpoint: &Endpoint,
         stop: &Stop,
+        attempt: u8,
     ) -> Result<(Vec<Conn>, Conn, Hello, DirtySet), Error> {
         let options = &self.options;
         let mut hello = self.hello.clone();
@@ -374,6 +384,7 @@ impl Sender {
             postcopy: true,
             fault: false,
             resume: true,
+            attempt,
         };
         let mut streams = Vec::with_capacity(usize::from(options.channels));
         for channel in 0..options.channels {
@@ -426,6 +437,7 @@ impl Postcopy {
             if let Err(gave_up) = self.recover(why) {
                 return Err(Error::PostcopyPaused {
                     source: Box::new(gave_up),
+                    absent: None,
                 });
             }
         }
@@ -456,9 +468,17 @@ impl Postcopy {
                 return Err(why);
             };
             let endpoint = endpoint.unwrap_or_else(|| self.sender.endpoint.clone());
-            match self.sender.reconnect(&endpoint, &self.shared.frozen) {
+            // Attempts count 1 to 255 and wrap, so that the receiver tells them apart.
+            self.attempt = self.attempt % 255 + 1;
+            match self
+                .sender
+                .reconnect(&endpoint, &self.shared.frozen, self.attempt)
+            {
                 Ok((sender, received)) => {
                     self.sender = sender;
+                    // The receiver reconnected for this postcopy: whether or not it heard the
+                    // go, it runs the guest from now on.
+                    self.acknowledged.get_or_insert_with(Instant::now);
                     self.sender.sink.fact(Fact::Reconnected);
                     self.resume_from(&received);
                     self.server = self.sender.serve_faults(&self.shared, self.round);
@@ -704,7 +724,8 @@ impl Postcopy {
             stats: sender.counters.snapshot(),
             elapsed: Instant::now().duration_since(sender.started),
             confirmed,
-            acknowledged: self.acknowledged.is_some(),
+            // Its *done* says it holds every page and runs the guest.
+            acknowledged: true,
             tls: sender.negotiated.clone(),
             postcopy: Some(stats),
         }

@@ -75,7 +75,8 @@
 //!      8    2 version (3); magic and version stay at these offsets in every version
 //!     10    2 flags: bit 0 postcopy (the migration may switch to postcopy, and has a fault
 //!             channel), bit 1 fault (this is the fault channel), bit 2 resume (a reconnection
-//!             of a paused postcopy); fault and resume need postcopy, other bits are 0
+//!             of a paused postcopy), bits 8-15 the reconnection attempt (1 to 255, wrapping;
+//!             non-zero exactly with resume); fault and resume need postcopy, other bits are 0
 //!     12    4 page size (4096)
 //!     16   16 session id, the same on every channel of a migration
 //!     32    2 channel index, below the channel count (the fault channel's: equal to it)

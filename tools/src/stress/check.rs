@@ -5,7 +5,7 @@ use ramjet_dataplane::internals::wire::VERSION;
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::{Error, Fact, Handover};
 
-use super::plan::{Fault, Message, Plan, Stray, StrayWhen, Strike, When};
+use super::plan::{Fault, Message, Mode, Plan, Stray, StrayWhen, Strike, When};
 
 /// How a run ended, as the sender saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -16,6 +16,9 @@ pub enum Outcome {
     Failed,
     /// A cancel: the source keeps the guest.
     Cancelled,
+    /// Postcopy: handed over, then paused and not recovered (the run's recoveries were
+    /// refused, or used up): the guest runs nowhere until an operator recovers it.
+    Paused,
 }
 
 /// Who owns the guest at the end of a run.
@@ -31,23 +34,45 @@ pub enum Owner {
     /// The source kept it; the destination holds a complete copy in doubt (an operator must
     /// discard it).
     DoubtKept,
+    /// Postcopy paused: the source handed it over and the destination runs it, blocked on
+    /// the pages still missing, until an operator recovers the migration.
+    Split,
     /// Broken promise: the source resumed it and the destination may run it too.
     Both,
     /// Broken promise: the source handed it over and the destination discarded it.
     Nobody,
 }
 
+/// What the receiver ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// It holds the complete copy: the handover says whether it may run it.
+    Copy(Handover),
+    /// It discarded what it had.
+    Discarded,
+    /// Postcopy, paused: it holds part of the memory, and runs the guest if `started`.
+    Paused {
+        /// Whether its guest started (the go, or a reconnection, came).
+        started: bool,
+    },
+}
+
 impl Owner {
-    /// Who owns the guest, from the sender's result (`Ok`: handed over) and the receiver's
-    /// (`Ok(handover)`: the copy is kept; `Err`: discarded).
-    pub fn of(handed_over: bool, received: Result<Handover, ()>) -> Owner {
-        match (handed_over, received) {
-            (false, Err(())) => Owner::Source,
-            (false, Ok(Handover::InDoubt)) => Owner::DoubtKept,
-            (false, Ok(_)) => Owner::Both,
-            (true, Ok(Handover::InDoubt)) => Owner::DoubtHandedOver,
-            (true, Ok(_)) => Owner::Destination,
-            (true, Err(())) => Owner::Nobody,
+    /// Who owns the guest, from the sender's result (`true`: handed over, in postcopy too)
+    /// and what the receiver kept.
+    pub fn of(handed_over: bool, kept: Kept) -> Owner {
+        match (handed_over, kept) {
+            (false, Kept::Discarded) => Owner::Source,
+            (false, Kept::Copy(Handover::InDoubt) | Kept::Paused { started: false }) => {
+                Owner::DoubtKept
+            }
+            (false, Kept::Copy(_) | Kept::Paused { started: true }) => Owner::Both,
+            (true, Kept::Copy(Handover::InDoubt) | Kept::Paused { started: false }) => {
+                Owner::DoubtHandedOver
+            }
+            (true, Kept::Copy(_)) => Owner::Destination,
+            (true, Kept::Paused { started: true }) => Owner::Split,
+            (true, Kept::Discarded) => Owner::Nobody,
         }
     }
 }
@@ -88,6 +113,8 @@ pub struct Evidence<'a> {
     pub destination_facts: &'a [Fact],
     /// Whether the fault struck before the sender ended.
     pub struck: bool,
+    /// Postcopy: whether the destination's guest started.
+    pub destination_started: bool,
 }
 
 /// How a run ended, on both sides.
@@ -126,19 +153,39 @@ pub fn check(e: &Evidence<'_>) -> (Verdict, Vec<String>) {
     let mut violations = Vec::new();
     let outcome = match e.sent {
         Ok(_) => Outcome::Completed,
+        Err(Error::PostcopyPaused { .. }) => Outcome::Paused,
         Err(err) if err.is_cancelled() => Outcome::Cancelled,
         Err(_) => Outcome::Failed,
     };
+    let kept = match e.received {
+        Ok(got) => Kept::Copy(got.handover),
+        Err(Error::PostcopyPaused { .. }) => Kept::Paused {
+            started: e.destination_started,
+        },
+        Err(_) => Kept::Discarded,
+    };
     let owner = Owner::of(
-        e.sent.is_ok(),
-        e.received.as_ref().map(|got| got.handover).map_err(|_| ()),
+        matches!(outcome, Outcome::Completed | Outcome::Paused),
+        kept,
     );
+    if e.plan.mode != Mode::Postcopy && e.destination_started {
+        violations.push("the destination started its guest early without postcopy".into());
+    }
+    if let (Kept::Discarded, true) = (kept, e.destination_started) {
+        violations.push(format!(
+            "the destination started its guest in postcopy, and then discarded it: {}",
+            errors(e)
+        ));
+    }
     let acknowledged = e.sent.as_ref().is_ok_and(|sent| sent.acknowledged);
     match owner {
         Owner::Both => violations.push(format!(
             "the source kept the guest ({}) and the destination may run it too",
             e.sent.as_ref().err().map_or_else(String::new, Error::chain)
         )),
+        Owner::Split if e.plan.mode != Mode::Postcopy => {
+            violations.push("a split guest without postcopy".into());
+        }
         Owner::Nobody => violations.push(format!(
             "the source handed the guest over and the destination discarded it: {}",
             e.received
@@ -203,11 +250,12 @@ fn same_on_both_sides(e: &Evidence<'_>, got: &Got, violations: &mut Vec<String>)
 /// Promise 3 for the source: one terminal status, the one its result says.
 fn source_path(e: &Evidence<'_>, outcome: Outcome, violations: &mut Vec<String>) {
     let cancelled = outcome == Outcome::Cancelled;
-    let machine = path(Side::Source, e.source_facts, cancelled, violations);
+    let machine = path(Side::Source, e.plan, e.source_facts, cancelled, violations);
     let want = match outcome {
         Outcome::Completed => Status::Completed,
         Outcome::Failed => Status::Failed,
         Outcome::Cancelled => Status::Cancelled,
+        Outcome::Paused => Status::PostcopyPaused,
     };
     if machine.status() != want {
         violations.push(format!(
@@ -223,12 +271,18 @@ fn destination_path(e: &Evidence<'_>, violations: &mut Vec<String>) {
     let cancelled = e.received.as_ref().is_err_and(Error::is_cancelled);
     let machine = path(
         Side::Destination,
+        e.plan,
         e.destination_facts,
         cancelled,
         violations,
     );
     let status = machine.status();
     let (ok, what) = match e.received {
+        // Paused with its guest running, or in doubt before it ever ran (still active).
+        Err(Error::PostcopyPaused { .. }) if e.destination_started => {
+            (status == Status::PostcopyPaused, "is paused in postcopy")
+        }
+        Err(Error::PostcopyPaused { .. }) => (status == Status::Active, "is in doubt in postcopy"),
         Ok(got) if got.handover.may_run() => (status == Status::Completed, "may run"),
         Ok(_) => (
             status == Status::PreSwitchover && machine.is_in_doubt(),
@@ -305,10 +359,13 @@ fn fault_decides_the_end(
     if !e.struck {
         return;
     }
+    // In postcopy a go or decided lost with no way back leaves the migration paused.
+    let paused_for_good = e.plan.mode == Mode::Postcopy && lost && !reconnect;
     match message {
         Message::Ready if lost && outcome == Outcome::Completed => {
             violations.push("ready was lost, and yet the sender handed over".into());
         }
+        Message::Go | Message::Decided if paused_for_good && outcome == Outcome::Paused => {}
         Message::Go | Message::Decided if outcome != Outcome::Completed => {
             violations.push(format!(
                 "{message:?} came after ready, and yet the sender did not hand over: {}",
@@ -317,7 +374,10 @@ fn fault_decides_the_end(
         }
         _ => {}
     }
-    if message == Message::Decided && !matches!(owner, Owner::Destination) {
+    if message == Message::Decided
+        && !matches!(owner, Owner::Destination)
+        && !(paused_for_good && owner == Owner::Split)
+    {
         violations.push(format!(
             "decided came after go, and yet the destination may not run ({owner:?}): {}",
             errors(e)
@@ -408,14 +468,35 @@ fn a_flipped_record_is_a_tls_error(e: &Evidence<'_>, violations: &mut Vec<String
 /// Drives a control machine for `side` with `facts` (and a cancel, if the run was cancelled,
 /// before the session's drained fact), checks that it accepts each and reaches at most one
 /// terminal status (exactly one unless in doubt), and returns it.
-fn path(side: Side, facts: &[Fact], cancelled: bool, violations: &mut Vec<String>) -> Machine {
-    let mut machine = Machine::new(side, Profile::Qemu10, Options::new());
+fn path(
+    side: Side,
+    plan: &Plan,
+    facts: &[Fact],
+    cancelled: bool,
+    violations: &mut Vec<String>,
+) -> Machine {
+    let postcopy = plan.mode == Mode::Postcopy;
+    let options = Options::new().postcopy_ram(postcopy);
+    let mut machine = Machine::new(side, Profile::Qemu10, options);
     let now = Timestamp::from_unix_micros(1);
     let mut ends = 0;
     let _ = machine.step(Trigger::Migrate, now);
+    if postcopy && side == Side::Source {
+        let _ = machine.step(Trigger::StartPostcopy, now);
+    }
     for fact in facts {
         if cancelled && *fact == Fact::Drained {
             let _ = machine.step(Trigger::Cancel, now);
+        }
+        // The run recovers a paused postcopy as an operator would: `recover` (`migrate
+        // -r` on the source, `migrate-recover` on the destination) comes before a
+        // reconnection, or on the source a failed attempt.
+        let attempt = match side {
+            Side::Source => matches!(fact, Fact::Reconnected | Fact::Failed(_)),
+            _ => *fact == Fact::Reconnected,
+        };
+        if machine.status() == Status::PostcopyPaused && attempt {
+            let _ = machine.step(Trigger::Recover, now);
         }
         match machine.step(fact.clone(), now) {
             Ok(Some(event)) if event.status().is_some_and(Status::is_terminal) => ends += 1,
@@ -427,7 +508,14 @@ fn path(side: Side, facts: &[Fact], cancelled: bool, violations: &mut Vec<String
             }
         }
     }
-    let want = usize::from(!machine.is_in_doubt());
+    // A paused postcopy, and a destination in doubt, end in no terminal status.
+    let open = machine.is_in_doubt()
+        || matches!(
+            machine.status(),
+            Status::PostcopyPaused | Status::PostcopyRecoverSetup | Status::PostcopyRecover
+        )
+        || (postcopy && side == Side::Destination && machine.status() == Status::Active);
+    let want = usize::from(!open);
     if ends != want {
         violations.push(format!(
             "{side:?}: {ends} terminal statuses (facts {facts:?})"

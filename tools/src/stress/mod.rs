@@ -56,8 +56,10 @@ pub struct Args {
     /// Sockets to use: tcp, unix, or both.
     #[arg(long, value_delimiter = ',', default_value = "tcp,unix")]
     transports: Vec<Net>,
-    /// Guests: paused, live (a vCPU thread writing during the migration), or both.
-    #[arg(long, value_delimiter = ',', default_value = "paused,live")]
+    /// Guests: paused, live (a vCPU thread writing during the migration), postcopy (live,
+    /// switching to postcopy after round 1, recovered when a fault pauses it), or a list.
+    /// --processes runs paused and live guests only.
+    #[arg(long, value_delimiter = ',', default_value = "paused,live,postcopy")]
     modes: Vec<Mode>,
     /// Faults to choose from [default: all of them; with --tls all but version].
     #[arg(long, value_delimiter = ',')]

@@ -35,6 +35,12 @@ pub enum Mode {
     /// A vCPU thread keeps writing: live pre-copy rounds with userfaultfd (or caller-fed)
     /// tracking, then the switchover.
     Live,
+    /// As live, but after round 1 the migration switches to postcopy: the destination runs
+    /// its guest at once (a thread reading its memory, faulting on the pages still to come)
+    /// while the source pushes the rest. A broken link pauses it, and the run recovers it as
+    /// an operator would (a few times at most); faults strike pre-copy as in live runs, and
+    /// the handover's.
+    Postcopy,
 }
 
 /// A kind of fault, as `--faults` names it.
@@ -402,7 +408,7 @@ impl Plan {
                 0 => When::BeforeConnect,
                 1 => When::After(Duration::from_micros(match plan.mode {
                     Mode::Paused => rng.below(30_000),
-                    Mode::Live => rng.below(300_000),
+                    Mode::Live | Mode::Postcopy => rng.below(300_000),
                 })),
                 _ => When::Switchover,
             }),
@@ -470,7 +476,7 @@ mod tests {
                 9,
                 run,
                 &[Net::Tcp, Net::Unix],
-                &[Mode::Paused, Mode::Live],
+                &[Mode::Paused, Mode::Live, Mode::Postcopy],
                 &all,
                 false,
             )
@@ -486,8 +492,9 @@ mod tests {
         for fault in all {
             assert!(plans.iter().any(|p| p.fault == fault), "{fault:?}");
         }
-        assert!(plans.iter().any(|p| p.mode == Mode::Live));
-        assert!(plans.iter().any(|p| p.mode == Mode::Paused));
+        for mode in [Mode::Paused, Mode::Live, Mode::Postcopy] {
+            assert!(plans.iter().any(|p| p.mode == mode), "{mode:?}");
+        }
     }
 
     /// Under TLS, a flip is a record flip and the strays include the two TLS peers; a run

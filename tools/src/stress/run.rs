@@ -34,6 +34,14 @@ pub(super) const DECISION_TIMEOUT: Duration = Duration::from_secs(1);
 /// timeout (to notice) and this.
 pub(super) const IN_DOUBT_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a paused postcopy's sender waits for `recover`, and its receiver (a little longer)
+/// for the reconnection.
+const RECOVER_WAIT: Duration = Duration::from_secs(2);
+
+/// How many times a run recovers a paused postcopy, as an operator would, before it leaves
+/// it paused.
+const RECOVERIES: usize = 4;
+
 /// Facts as they come.
 #[derive(Default)]
 struct Facts(Mutex<Vec<Fact>>);
@@ -107,12 +115,14 @@ pub(super) fn run_one(plan: &Plan, creds: Option<&Credentials>) -> anyhow::Resul
     let (source_facts, destination_facts) =
         (Arc::new(Facts::default()), Arc::new(Facts::default()));
     let receiver_cancel = CancelHandle::new();
+    let guest_there = Reader::default();
     let receiver = start_receiver(
         receiver_listener,
         &dst,
         &destination_facts,
         &receiver_cancel,
         creds,
+        (plan.mode == Mode::Postcopy).then_some(&guest_there),
     );
     if let Strike::Stray {
         kind,
@@ -147,9 +157,17 @@ pub(super) fn run_one(plan: &Plan, creds: Option<&Credentials>) -> anyhow::Resul
     if matches!(plan.strike, Strike::Cancel(When::BeforeConnect)) {
         receiver_cancel.cancel();
     }
-    let received = receiver
+    let mut received = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("the receiver panicked"))?;
+    // A paused postcopy keeps its missing pages absent while its guest may touch them: stop
+    // the guest first, then let them go (which wakes it if it waits on one).
+    let destination_started = guest_there.started();
+    guest_there.quit();
+    if let Err(Error::PostcopyPaused { absent, .. }) = &mut received {
+        drop(absent.take());
+    }
+    guest_there.join();
     let struck = proxy.stop()
         || matches!(plan.strike, Strike::Refuse)
         || (plan.fault == Fault::Cancel && cancelled_in_time)
@@ -168,6 +186,7 @@ pub(super) fn run_one(plan: &Plan, creds: Option<&Credentials>) -> anyhow::Resul
         source_facts: &source_facts.all(),
         destination_facts: &destination_facts.all(),
         struck,
+        destination_started,
     });
     if strays.admitted.load(Ordering::Relaxed) {
         violations.push(format!(
@@ -363,6 +382,7 @@ fn start_receiver(
     facts: &Arc<Facts>,
     cancel: &CancelHandle,
     creds: Option<&Credentials>,
+    postcopy: Option<&Reader>,
 ) -> JoinHandle<Result<Got, Error>> {
     let options = ReceiveOptions {
         cancel: cancel.clone(),
@@ -371,6 +391,8 @@ fn start_receiver(
         in_doubt_wait: IN_DOUBT_WAIT,
         workers: 2,
         tls: creds.map(Credentials::server),
+        postcopy: postcopy.map(|reader| reader.starter(dst)),
+        recover_wait: Some(RECOVER_WAIT + Duration::from_secs(1)),
         ..ReceiveOptions::default()
     };
     let (dst, sink) = (Arc::clone(dst), facts.sink());
@@ -424,7 +446,7 @@ fn send(
     };
     match plan.mode {
         Mode::Paused => send_paused(src, to, &options, sink, at_switchover),
-        Mode::Live => send_live(src, plan, to, &options, sink, at_switchover),
+        Mode::Live | Mode::Postcopy => send_live(src, plan, to, &options, sink, at_switchover),
     }
 }
 
@@ -479,13 +501,50 @@ fn send_live(
         handed_over: None,
         stopped: None,
     };
+    let postcopy = plan.mode == Mode::Postcopy;
     let live = LiveOptions {
         max_rounds: Some(8),
         max_time: Some(Duration::from_secs(5)),
+        postcopy_after_first_round: postcopy,
         ..LiveOptions::default()
     };
-    let sent = Sender::connect(Arc::clone(src), to, options, sink)
-        .and_then(|sender| migrate_live(sender, source.as_mut(), &mut guest, &live))
+    let options = SendOptions {
+        postcopy,
+        recover_wait: Some(RECOVER_WAIT),
+        ..options.clone()
+    };
+    // The operator of a postcopy run: says `recover` when it pauses.
+    let (paused_tx, paused) = std::sync::mpsc::channel();
+    let sink: Arc<dyn FactSink> = if postcopy {
+        Arc::new(move |fact: Fact| {
+            if matches!(fact, Fact::ChannelLost | Fact::Failed(_)) {
+                let _ = paused_tx.send(());
+            }
+            sink.fact(fact);
+        })
+    } else {
+        sink
+    };
+    let sent = Sender::connect(Arc::clone(src), to, &options, sink)
+        .and_then(|sender| {
+            let operator = postcopy.then(|| {
+                let handle = sender.live_handle();
+                thread::spawn(move || {
+                    for _ in 0..RECOVERIES {
+                        if paused.recv().is_err() {
+                            return;
+                        }
+                        thread::sleep(Duration::from_millis(50));
+                        handle.recover(None);
+                    }
+                })
+            });
+            let report = migrate_live(sender, source.as_mut(), &mut guest, &live);
+            if let Some(operator) = operator {
+                let _ = operator.join();
+            }
+            report
+        })
         .and_then(|report| {
             let device_state = guest.handed_over.clone().ok_or_else(|| {
                 Error::Config("the migration completed without device state".into())
@@ -551,4 +610,59 @@ fn copy(memory: &GuestMemory) -> Result<GuestMemory, BoxError> {
         }
     }
     Ok(copy)
+}
+
+/// The destination's guest in a postcopy run: a thread that reads every page of its memory
+/// once, in a scattered order, so that many reads fault on pages still to come.
+#[derive(Default, Clone)]
+struct Reader {
+    started: Arc<AtomicBool>,
+    quit: Arc<AtomicBool>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Reader {
+    /// The receiver's postcopy hook: starts the thread on `memory`.
+    fn starter(&self, memory: &Arc<GuestMemory>) -> ramjet_dataplane::PostcopyRun {
+        let (reader, memory) = (self.clone(), Arc::clone(memory));
+        ramjet_dataplane::PostcopyRun::new(move |_| {
+            reader.started.store(true, Ordering::SeqCst);
+            let (quit, memory) = (Arc::clone(&reader.quit), Arc::clone(&memory));
+            let thread = thread::spawn(move || {
+                let pages = memory.total_pages();
+                let mut page = [0u8; PAGE_SIZE];
+                let stride = 7919 % pages.max(1);
+                let mut at = 0;
+                for _ in 0..pages {
+                    if quit.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let _ = memory.read(0, at * PAGE_SIZE as u64, &mut page);
+                    at = (at + stride.max(1)) % pages;
+                }
+            });
+            *reader.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(thread);
+            Ok(())
+        })
+    }
+
+    fn started(&self) -> bool {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    /// Tells the thread to stop at its next page.
+    fn quit(&self) {
+        self.quit.store(true, Ordering::SeqCst);
+    }
+
+    fn join(&self) {
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
 }

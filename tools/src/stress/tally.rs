@@ -34,8 +34,10 @@ struct Row {
     completed: u64,
     failed: u64,
     cancelled: u64,
+    /// Postcopy runs left paused.
+    paused: u64,
     /// Who owns the guest, by [`Owner`].
-    owners: [u64; 6],
+    owners: [u64; 7],
     /// Handed over without the receiver's acknowledgement.
     unacked: u64,
 }
@@ -48,6 +50,7 @@ impl Row {
             Outcome::Completed => self.completed += 1,
             Outcome::Failed => self.failed += 1,
             Outcome::Cancelled => self.cancelled += 1,
+            Outcome::Paused => self.paused += 1,
         }
         self.owners[owner_column(ran.verdict.owner)] += 1;
         self.unacked +=
@@ -56,11 +59,12 @@ impl Row {
 }
 
 /// The ownership columns: heading and owner, in table order.
-const OWNERS: [(&str, Owner); 6] = [
+const OWNERS: [(&str, Owner); 7] = [
     ("src-owns", Owner::Source),
     ("dst-runs", Owner::Destination),
     ("doubt-ho", Owner::DoubtHandedOver),
     ("doubt-kept", Owner::DoubtKept),
+    ("split", Owner::Split),
     ("both!", Owner::Both),
     ("nobody!", Owner::Nobody),
 ];
@@ -112,7 +116,8 @@ impl Tally {
         println!(
             "ownership: src-owns = the source resumed, the destination discarded; dst-runs = \
              handed over, the destination may run; doubt-ho / doubt-kept = the destination in \
-             doubt, the source handed over / kept it ({in_doubt} in doubt); unacked = handed \
+             doubt, the source handed over / kept it ({in_doubt} in doubt); split = postcopy \
+             paused, the destination runs the guest without all its pages; unacked = handed \
              over, go never acknowledged; both! and nobody! break the promise"
         );
         let tls = if tls { " --tls" } else { "" };
@@ -131,8 +136,8 @@ impl Tally {
 
 fn print_heading() {
     print!(
-        "{:<9} {:>6} {:>7} {:>10} {:>7} {:>10}",
-        "", "runs", "struck", "completed", "failed", "cancelled"
+        "{:<9} {:>6} {:>7} {:>10} {:>7} {:>10} {:>7}",
+        "", "runs", "struck", "completed", "failed", "cancelled", "paused"
     );
     for (heading, _) in OWNERS {
         print!(" {heading:>10}");
@@ -142,8 +147,8 @@ fn print_heading() {
 
 fn print_row(name: &str, r: &Row) {
     print!(
-        "{name:<9} {:>6} {:>7} {:>10} {:>7} {:>10}",
-        r.runs, r.struck, r.completed, r.failed, r.cancelled
+        "{name:<9} {:>6} {:>7} {:>10} {:>7} {:>10} {:>7}",
+        r.runs, r.struck, r.completed, r.failed, r.cancelled, r.paused
     );
     for count in r.owners {
         print!(" {count:>10}");
