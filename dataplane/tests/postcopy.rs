@@ -144,6 +144,14 @@ fn postcopy(transport: &Arc<dyn Transport>, net: Net, channels: u16) {
         ours.requests <= theirs.requests,
         "{what}: {ours:?} {theirs:?}"
     );
+    // The destination's fault latencies reach the source with its done (a fault whose page
+    // came last may be counted just after it).
+    assert!(
+        ours.latency.count <= theirs.latency.count
+            && theirs.latency.count <= ours.latency.count + 1,
+        "{what}: {ours:?} {theirs:?}"
+    );
+
     assert!(
         source.content_eq(&destination).expect("compare"),
         "{what}: the destination differs from the source"
@@ -261,21 +269,34 @@ fn a_stalled_live_migration_switches_to_postcopy_and_completes() {
     }
 }
 
+/// Which way a cut breaks the link first.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// Sender to receiver: the receiver sees its connections end.
+    Up,
+    /// Receiver to sender: the sender sees its connections end.
+    Down,
+    /// Both at once.
+    Both,
+}
+
 /// A TCP proxy for the recovery tests: relays every connection byte for byte, and [`cut`]
-/// breaks every connection open at that moment (both ways), as a failed link does; new
-/// connections are relayed again.
+/// breaks every connection open at that moment, one way or both, as a failed link does (a
+/// connection cut one way soon ends both ways, as TCP's do); new connections are relayed
+/// again.
 ///
 /// [`cut`]: Proxy::cut
 struct Proxy {
     at: ramjet_dataplane::Endpoint,
-    open: Arc<Mutex<Vec<std::net::TcpStream>>>,
+    /// Each connection as (the sender's end, the receiver's end).
+    open: Arc<Mutex<Vec<(std::net::TcpStream, std::net::TcpStream)>>>,
 }
 
 impl Proxy {
     fn new(to: std::net::SocketAddr) -> Proxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let at = ramjet_dataplane::Endpoint::Tcp(listener.local_addr().expect("addr"));
-        let open: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let open: Arc<Mutex<Vec<(std::net::TcpStream, std::net::TcpStream)>>> = Arc::default();
         let sockets = Arc::clone(&open);
         thread::spawn(move || {
             for from in listener.incoming() {
@@ -294,16 +315,22 @@ impl Proxy {
                         let _ = src.shutdown(std::net::Shutdown::Both);
                     });
                 }
-                sockets.push(from);
-                sockets.push(to);
+                sockets.push((from, to));
             }
         });
         Proxy { at, open }
     }
 
-    fn cut(&self) {
-        for socket in self.open.lock().expect("open").drain(..) {
-            let _ = socket.shutdown(std::net::Shutdown::Both);
+    fn cut(&self, how: Cut) {
+        use std::net::Shutdown;
+        for (sender, receiver) in self.open.lock().expect("open").drain(..) {
+            let _ = match how {
+                Cut::Up => receiver.shutdown(Shutdown::Write),
+                Cut::Down => sender.shutdown(Shutdown::Write),
+                Cut::Both => sender
+                    .shutdown(Shutdown::Both)
+                    .and_then(|()| receiver.shutdown(Shutdown::Both)),
+            };
         }
     }
 }
@@ -319,9 +346,10 @@ fn wait_for(facts: &Facts, want: &Fact, after: usize) -> bool {
     false
 }
 
-/// The link is cut three times during postcopy, at seeded moments; each time both sides
-/// pause, `recover` reconnects, the receiver says which pages it holds, and the migration
-/// goes on; it ends completed and byte-identical.
+/// The link is cut three times during postcopy, at seeded moments: first the way to the
+/// receiver, then the way back, then both; each time both sides pause, `recover`
+/// reconnects, the receiver says which pages it holds, and the migration goes on; it ends
+/// completed and byte-identical.
 #[test]
 fn postcopy_recovers_from_broken_links() {
     let source = guest(BYTES, Image::Mixed, 21);
@@ -375,9 +403,9 @@ fn postcopy_recovers_from_broken_links() {
     sender.switchover().expect("switchover");
     let running = sender.postcopy(&dirty, b"device state").expect("postcopy");
     let run = thread::spawn(move || running.run());
-    for cut in 0..3 {
+    for (cut, how) in [Cut::Up, Cut::Down, Cut::Both].into_iter().enumerate() {
         thread::sleep(Duration::from_millis(100 + rng.below(300)));
-        proxy.cut();
+        proxy.cut(how);
         assert!(
             wait_for(&facts, &Fact::ChannelLost, cut),
             "cut {cut}: the source paused: {:?}",
@@ -447,7 +475,7 @@ fn a_recover_to_a_destination_that_lost_its_memory_fails_cleanly() {
         .expect("postcopy");
     let run = thread::spawn(move || running.run());
     thread::sleep(Duration::from_millis(200));
-    proxy.cut();
+    proxy.cut(Cut::Both);
     assert!(wait_for(&facts, &Fact::ChannelLost, 0), "paused");
     // The destination gives up waiting and its process (here: its receive) ends.
     let err = receiver.join().expect("receiver").expect_err("paused");

@@ -95,7 +95,8 @@ fn frame(bytes: &[u8], fix: bool) -> bool {
             assert!((1..=MAX_PAGES_PER_FRAME).contains(&h.count));
             assert_eq!((h.len, h.round), (0, 0));
         }
-        FrameKind::Postcopy | FrameKind::Done | FrameKind::Resume => assert_eq!(h.len, 0),
+        FrameKind::Postcopy | FrameKind::Resume => assert_eq!(h.len, 0),
+        FrameKind::Done => assert_eq!(h.len, 27 * 8),
     }
     if !matches!(h.kind, FrameKind::Pages | FrameKind::Request) {
         assert_eq!(h.count, 0);

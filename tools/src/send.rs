@@ -176,6 +176,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             );
             if let Some(stats) = postcopy {
                 eprintln!("ramjet: postcopy: {}", postcopy::stats_line(&stats));
+                eprintln!(
+                    "ramjet: postcopy faults on the destination: {}",
+                    postcopy::latency_line(&stats.latency)
+                );
             }
             if let Some(tls) = tls {
                 eprintln!("ramjet: every channel was encrypted: {tls}");

@@ -95,6 +95,31 @@ impl LatencyDist {
     }
 }
 
+impl LatencyDist {
+    /// As the words of a done frame: the buckets, the count, the total and the maximum in
+    /// nanoseconds.
+    pub(crate) fn to_words(self) -> [u64; crate::wire::DONE_WORDS] {
+        let mut words = [0u64; crate::wire::DONE_WORDS];
+        words[..BUCKETS].copy_from_slice(&self.buckets);
+        words[BUCKETS] = self.count;
+        words[BUCKETS + 1] = u64::try_from(self.total.as_nanos()).unwrap_or(u64::MAX);
+        words[BUCKETS + 2] = u64::try_from(self.max.as_nanos()).unwrap_or(u64::MAX);
+        words
+    }
+
+    /// From the words of a done frame.
+    pub(crate) fn from_words(words: &[u64; crate::wire::DONE_WORDS]) -> Self {
+        let mut buckets = [0u64; BUCKETS];
+        buckets.copy_from_slice(&words[..BUCKETS]);
+        LatencyDist {
+            buckets,
+            count: words[BUCKETS],
+            total: Duration::from_nanos(words[BUCKETS + 1]),
+            max: Duration::from_nanos(words[BUCKETS + 2]),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +148,15 @@ mod tests {
         assert_eq!(dist.quantile_bound(0.5), us(64));
         assert_eq!(dist.quantile_bound(1.0), us(900));
         assert_eq!(LatencyDist::default().quantile_bound(0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_distribution_crosses_the_wire_as_it_is() {
+        let latency = Latency::default();
+        for micros in [0, 3, 70, 70, 5000, 1 << 30] {
+            latency.record(Duration::from_micros(micros));
+        }
+        let dist = latency.snapshot();
+        assert_eq!(LatencyDist::from_words(&dist.to_words()), dist);
     }
 }

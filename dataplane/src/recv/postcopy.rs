@@ -313,7 +313,8 @@ impl Context<'_> {
         if complete {
             // Every page is here: the memory is the kernel's again, and the source may stop.
             let _ = postcopy.placer.finish();
-            let frame = FrameHeader::done(postcopy.wanted);
+            let latency = postcopy.placer.latency().snapshot().to_words();
+            let frame = FrameHeader::done(postcopy.wanted, &latency);
             if writer.send(&[&frame]).is_ok() {
                 postcopy.counters.add_wire_bytes(FrameHeader::LEN as u64);
             }

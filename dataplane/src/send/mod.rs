@@ -680,7 +680,7 @@ impl Sender {
                     pages,
                     device_state_len,
                 })) => return Ok((pages, device_state_len)),
-                Ok(Ok(reply @ (Reply::Decided(_) | Reply::Done(_)))) => {
+                Ok(Ok(reply @ (Reply::Decided(_) | Reply::Done(..)))) => {
                     let err =
                         Error::protocol(0, format!("the receiver said {reply:?} before ready"));
                     return Err(self.fail(err));

@@ -109,6 +109,8 @@ pub struct Postcopy {
     bytes_before: u64,
     /// The last reconnection attempt's number.
     attempt: u8,
+    /// The destination's fault latencies, from its *done*.
+    latency: LatencyDist,
 }
 
 impl std::fmt::Debug for Postcopy {
@@ -229,6 +231,7 @@ impl Sender {
             acknowledged,
             bytes_before,
             attempt: 0,
+            latency: LatencyDist::default(),
             sender: self,
         })
     }
@@ -521,12 +524,20 @@ impl Postcopy {
     }
 
     /// Whether the receiver's *done* is waiting to be read.
-    fn done_arrived(&self) -> bool {
+    fn done_arrived(&mut self) -> bool {
         let wanted = self.shared.wanted.count();
-        self.sender
+        let done = self
+            .sender
             .confirm
             .try_iter()
-            .any(|reply| matches!(reply, Ok(Reply::Done(pages)) if pages == wanted))
+            .find_map(|reply| match reply {
+                Ok(Reply::Done(pages, latency)) if pages == wanted => Some(*latency),
+                _ => None,
+            });
+        if let Some(latency) = done {
+            self.latency = latency;
+        }
+        done.is_some()
     }
 
     /// What postcopy did so far.
@@ -540,7 +551,7 @@ impl Postcopy {
                 .counters
                 .sent()
                 .saturating_sub(self.bytes_before),
-            latency: LatencyDist::default(),
+            latency: self.latency,
         }
     }
 
@@ -683,7 +694,8 @@ impl Postcopy {
                 .confirm
                 .recv_timeout(left.min(Duration::from_millis(50)))
             {
-                Ok(Ok(Reply::Done(pages))) if pages == self.shared.wanted.count() => {
+                Ok(Ok(Reply::Done(pages, latency))) if pages == self.shared.wanted.count() => {
+                    self.latency = *latency;
                     return Ok(());
                 }
                 Ok(Ok(reply)) => {

@@ -11,14 +11,15 @@ use crate::transport::LinkReader;
 use crate::wire::{FrameHeader, FrameKind};
 
 /// What the receiver said on channel 0.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) enum Reply {
     /// *Ready*: it holds this many pages and bytes of device state, verified.
     Ready { pages: u64, device_state_len: u64 },
     /// *Decided*: the decision (go or abort) arrived.
     Decided(bool),
-    /// Postcopy's *done*: every page is on the destination (this many placed in postcopy).
-    Done(u64),
+    /// Postcopy's *done*: every page is on the destination (this many placed in postcopy),
+    /// with the destination's fault latencies.
+    Done(u64, Box<crate::postcopy::LatencyDist>),
 }
 
 /// Reads the receiver's frames on one channel: an error message on any channel, the
@@ -87,7 +88,9 @@ pub(super) fn run(
                 let _ = confirm.try_send(Ok(Reply::Decided(header.is_go())));
             }
             (FrameKind::Done, Some(confirm)) => {
-                let _ = confirm.try_send(Ok(Reply::Done(header.value)));
+                let latency = FrameHeader::done_words(&payload);
+                let latency = Box::new(crate::postcopy::LatencyDist::from_words(&latency));
+                let _ = confirm.try_send(Ok(Reply::Done(header.value, latency)));
             }
             (kind, _) => {
                 let problem = format!("unexpected {kind:?} frame from the receiver");

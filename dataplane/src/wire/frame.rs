@@ -224,9 +224,14 @@ impl FrameHeader {
                     return Err(invalid("page request", h.count));
                 }
             }
-            FrameKind::Postcopy | FrameKind::Done | FrameKind::Resume => {
+            FrameKind::Postcopy | FrameKind::Resume => {
                 if h.len != 0 {
                     return Err(invalid("payload length of a postcopy marker", h.len));
+                }
+            }
+            FrameKind::Done => {
+                if h.len as usize != DONE_WORDS * 8 || h.round != 0 {
+                    return Err(invalid("payload length of a done frame", h.len));
                 }
             }
         }
@@ -290,6 +295,11 @@ impl FrameHeader {
     }
 }
 
+/// Words (little-endian u64) of a done frame's payload: the destination's fault-latency
+/// distribution, its 24 power-of-two microsecond buckets, then the count, the total and the
+/// longest latency in nanoseconds.
+pub const DONE_WORDS: usize = 27;
+
 impl FrameHeader {
     /// A bitmap piece (`kind` [`Discard`](FrameKind::Discard) or
     /// [`Received`](FrameKind::Received)) of region `region` from bitmap word `word`; at most
@@ -325,9 +335,20 @@ impl FrameHeader {
         frame
     }
 
-    /// Every page is here; `pages` were placed in postcopy.
-    pub fn done(pages: u64) -> Vec<u8> {
-        Self::control(FrameKind::Done, pages, 0, &[])
+    /// Every page is here; `pages` were placed in postcopy, and `latency` is the
+    /// distribution of the faults' latencies (see [`DONE_WORDS`]).
+    pub fn done(pages: u64, latency: &[u64; DONE_WORDS]) -> Vec<u8> {
+        let payload: Vec<u8> = latency.iter().flat_map(|w| w.to_le_bytes()).collect();
+        Self::control(FrameKind::Done, pages, 0, &payload)
+    }
+
+    /// The latency words of a done frame's payload (its length was checked with the header).
+    pub fn done_words(payload: &[u8]) -> [u64; DONE_WORDS] {
+        let mut words = [0u64; DONE_WORDS];
+        for (word, bytes) in words.iter_mut().zip(payload.chunks_exact(8)) {
+            *word = u64::from_le_bytes(bytes.try_into().unwrap_or([0; 8]));
+        }
+        words
     }
 
     /// The received bitmaps are complete: the receiver holds `pages` pages.
@@ -395,7 +416,7 @@ mod tests {
             FrameHeader::bitmap(FrameKind::Received, 0, 0, &[7]),
             FrameHeader::postcopy(3, 1000),
             FrameHeader::request(1, 4096, 2).to_vec(),
-            FrameHeader::done(77),
+            FrameHeader::done(77, &[3; DONE_WORDS]),
             FrameHeader::resume(78),
         ] {
             let mut fixed = [0u8; FrameHeader::LEN];
@@ -452,6 +473,7 @@ mod tests {
             FrameHeader::new(FrameKind::Request, 0, 0, 0, 1, 8),
             FrameHeader::new(FrameKind::Postcopy, 0, 0, 1, 0, 8),
             FrameHeader::new(FrameKind::Done, 3, 0, 0, 0, 0),
+            FrameHeader::new(FrameKind::Done, 0, 0, 0, 0, 8),
             FrameHeader::new(FrameKind::Resume, 0, 0, 0, 1, 0),
         ];
         for h in bad {

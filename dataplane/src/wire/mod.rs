@@ -132,7 +132,7 @@
 //! | 9 | discard | → | bitmap words (little-endian u64, bit n = page 64·word + n), ≤ 8 MiB: pages to drop |
 //! | 10 | postcopy | → | none; value = pages this channel sent in pre-copy |
 //! | 11 | request | ← | none, on the fault channel; `count` pages of `region` from page `value` |
-//! | 12 | done | ← | none; value = pages placed in postcopy |
+//! | 12 | done | ← | 216 bytes: the fault-latency distribution ([`DONE_WORDS`]); value = pages placed in postcopy |
 //! | 13 | received | ← | bitmap words, as discard: pages the receiver holds (recovery) |
 //! | 14 | resume | ← | none; value = pages the receiver holds; the bitmaps are complete |
 //!
@@ -167,7 +167,7 @@ mod limits;
 mod pages;
 
 pub use error::DecodeError;
-pub use frame::{FrameHeader, FrameKind, seal, seal_split};
+pub use frame::{DONE_WORDS, FrameHeader, FrameKind, seal, seal_split};
 pub use hello::{Hello, HelloFlags, HelloReply, Verdict};
 pub use limits::{
     CHUNK_PAGES, MAGIC, MAX_CHANNELS, MAX_DEVICE_STATE, MAX_MESSAGE, MAX_PAGES_PER_FRAME,
