@@ -65,7 +65,15 @@
 //!    doubt ([`Handover::InDoubt`]): it keeps the state and does not run it until the source's
 //!    decision arrives on a new connection, or an operator decides ([`Operator`]). Receive
 //!    errors mean discard: the source keeps the guest.
-//! 6. **Observe and steer** from other threads: the [`FactSink`] given to `connect` and
+//! 6. **Postcopy** (optional): connect with [`SendOptions::postcopy`] and give the receiver a
+//!    [`PostcopyRun`] hook ([`ReceiveOptions::postcopy`]); the live loop then switches to
+//!    postcopy when asked ([`LiveHandle::start_postcopy`],
+//!    [`LiveOptions::postcopy_after_first_round`]) or stalled ([`StallPolicy::Postcopy`]), or
+//!    call [`Sender::postcopy`] yourself. The destination runs the guest at once (its memory
+//!    must be anonymous or a memfd: pages still missing fault through userfaultfd and are
+//!    fetched), and [`receive`] returns once every page is there. A broken link pauses both
+//!    sides; [`LiveHandle::recover`] reconnects.
+//! 7. **Observe and steer** from other threads: the [`FactSink`] given to `connect` and
 //!    `receive` gets every fact (feed them to a `ramjet_control::Machine` for QEMU's statuses and
 //!    events); the sender's [`LiveHandle`] ([`Sender::live_handle`]) gives [`Progress`],
 //!    `query-migrate` figures ([`LiveHandle::ram_stats`]), `continue`
