@@ -253,13 +253,7 @@ impl Run<'_> {
             return self.postcopy(guest, &last, reason, paused);
         }
         self.sender()?.round(&last)?;
-        let device_state = match guest.device_state() {
-            Ok(blob) => blob,
-            Err(source) => {
-                let op = "save its device state";
-                return Err(self.fail(Error::Guest { op, source }));
-            }
-        };
+        let device_state = self.device_state(guest)?;
         let sender = self.sender.take().ok_or(Error::Ended)?;
         let summary = sender.finish(&device_state)?;
         // From here the guest belongs to the destination.
@@ -280,6 +274,14 @@ impl Run<'_> {
         })
     }
 
+    /// The paused guest's device state; a failing hook fails the migration.
+    fn device_state(&mut self, guest: &mut dyn Guest) -> Result<Vec<u8>, Error> {
+        guest.device_state().map_err(|source| {
+            let op = "save its device state";
+            self.fail(Error::Guest { op, source })
+        })
+    }
+
     /// Switches to postcopy with the guest paused (at `paused.0`, `paused.1` bytes sent):
     /// the pages in `discard` are fetched by the destination, which runs the guest from the
     /// go on. Once the sender committed, the guest never resumes here: if postcopy then
@@ -293,13 +295,7 @@ impl Run<'_> {
         paused: (Instant, u64),
     ) -> Result<LiveReport, Error> {
         let (paused_at, paused_bytes) = paused;
-        let device_state = match guest.device_state() {
-            Ok(blob) => blob,
-            Err(source) => {
-                let op = "save its device state";
-                return Err(self.fail(Error::Guest { op, source }));
-            }
-        };
+        let device_state = self.device_state(guest)?;
         let sender = self.sender.take().ok_or(Error::Ended)?;
         let postcopy = sender.postcopy(discard, &device_state)?;
         // Handed over: the destination runs the guest (or will, once postcopy recovers).

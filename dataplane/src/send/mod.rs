@@ -590,35 +590,8 @@ impl Sender {
             ));
             return Err(self.fail(err));
         }
-        if let Some(first) = self.queues.first() {
-            let mut offset = 0u64;
-            for piece in device_state.chunks(MAX_PAYLOAD as usize) {
-                let frame = FrameHeader::device_state(offset, piece);
-                self.counters.add_queued(frame.len() as u64);
-                let _ = first.send(Outgoing::Control(frame));
-                offset += piece.len() as u64;
-            }
-        }
-        self.finishing = true;
-        for (channel, queue) in self.queues.iter().enumerate() {
-            let frame = FrameHeader::end_of_stream(self.round, self.total_pages[channel]);
-            self.counters.add_queued(frame.len() as u64);
-            let _ = queue.send(Outgoing::Control(frame));
-        }
         self.jobs = None;
-        let (pages, device_state_len) = self.wait_for_ready()?;
-        let sent: u64 = self.total_pages.iter().sum();
-        if pages != sent || device_state_len != device_state.len() as u64 {
-            let err = Error::protocol(
-                0,
-                format!(
-                    "the receiver holds {pages} pages and {device_state_len} bytes of device \
-                     state, {sent} and {} were sent",
-                    device_state.len()
-                ),
-            );
-            return Err(self.fail(err));
-        }
+        self.end_and_await_ready(device_state, FrameHeader::end_of_stream)?;
         // The handover is decided: from here the source never resumes the guest, so nothing
         // below fails (a cancel no longer takes it back). A stop that came first wins.
         if !self.stop.commit() {
@@ -644,6 +617,51 @@ impl Sender {
             tls: self.negotiated.clone(),
             postcopy: None,
         })
+    }
+
+    /// Sends `device_state` (on channel 0) and each channel's end marker (`end(round, pages
+    /// it sent)`), then waits for the receiver's *ready* and checks that it holds every page
+    /// and byte sent. From the end markers on, a failure tells the receiver that the source
+    /// keeps the guest.
+    fn end_and_await_ready(
+        &mut self,
+        device_state: &[u8],
+        end: fn(u32, u64) -> Vec<u8>,
+    ) -> Result<(), Error> {
+        self.queue_device_state(device_state);
+        self.finishing = true;
+        for (channel, queue) in self.queues.iter().enumerate() {
+            let frame = end(self.round, self.total_pages[channel]);
+            self.counters.add_queued(frame.len() as u64);
+            let _ = queue.send(Outgoing::Control(frame));
+        }
+        let (pages, device_state_len) = self.wait_for_ready()?;
+        let sent: u64 = self.total_pages.iter().sum();
+        if pages != sent || device_state_len != device_state.len() as u64 {
+            let err = Error::protocol(
+                0,
+                format!(
+                    "the receiver holds {pages} pages and {device_state_len} bytes of device \
+                     state, {sent} and {} were sent",
+                    device_state.len()
+                ),
+            );
+            return Err(self.fail(err));
+        }
+        Ok(())
+    }
+
+    /// Queues `device_state` on channel 0, in pieces.
+    fn queue_device_state(&self, device_state: &[u8]) {
+        if let Some(first) = self.queues.first() {
+            let mut offset = 0u64;
+            for piece in device_state.chunks(MAX_PAYLOAD as usize) {
+                let frame = FrameHeader::device_state(offset, piece);
+                self.counters.add_queued(frame.len() as u64);
+                let _ = first.send(Outgoing::Control(frame));
+                offset += piece.len() as u64;
+            }
+        }
     }
 
     /// Waits for the receiver's *ready*: the pages and device-state bytes it holds. The timeout

@@ -165,26 +165,7 @@ impl Sender {
             return Err(self.fail(Error::Ended));
         };
         self.queue_bitmaps(FrameKind::Discard, discard);
-        self.queue_device_state(device_state);
-        self.finishing = true;
-        for (channel, queue) in self.queues.iter().enumerate() {
-            let frame = FrameHeader::postcopy(self.round, self.total_pages[channel]);
-            self.counters.add_queued(frame.len() as u64);
-            let _ = queue.send(Outgoing::Control(frame));
-        }
-        let (pages, device_state_len) = self.wait_for_ready()?;
-        let sent: u64 = self.total_pages.iter().sum();
-        if pages != sent || device_state_len != device_state.len() as u64 {
-            let err = Error::protocol(
-                0,
-                format!(
-                    "the receiver holds {pages} pages and {device_state_len} bytes of device \
-                     state, {sent} and {} were sent",
-                    device_state.len()
-                ),
-            );
-            return Err(self.fail(err));
-        }
+        self.end_and_await_ready(device_state, FrameHeader::postcopy)?;
         // Handed over: from here the source never resumes the guest, and a failure pauses the
         // migration instead of ending it.
         if !self.stop.commit() {
@@ -258,19 +239,6 @@ impl Sender {
                 let frame = FrameHeader::bitmap(kind, region, word, piece);
                 self.counters.add_queued(frame.len() as u64);
                 let _ = first.send(Outgoing::Control(frame));
-            }
-        }
-    }
-
-    /// Queues `device_state` on channel 0, in pieces.
-    fn queue_device_state(&self, device_state: &[u8]) {
-        if let Some(first) = self.queues.first() {
-            let mut offset = 0u64;
-            for piece in device_state.chunks(MAX_PAYLOAD as usize) {
-                let frame = FrameHeader::device_state(offset, piece);
-                self.counters.add_queued(frame.len() as u64);
-                let _ = first.send(Outgoing::Control(frame));
-                offset += piece.len() as u64;
             }
         }
     }
