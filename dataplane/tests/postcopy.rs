@@ -533,3 +533,57 @@ fn a_recover_to_a_destination_that_lost_its_memory_fails_cleanly() {
         "{all:?}"
     );
 }
+
+/// A cancel cannot take postcopy back (QEMU refuses migrate_cancel there): cancelled on both
+/// sides once the destination runs the guest, the migration goes on, unpaused, to the end.
+#[test]
+fn a_cancel_in_postcopy_changes_nothing() {
+    let source = guest(BYTES, Image::Mixed, 31);
+    let destination = Arc::new(GuestMemory::anonymous_like(&source.layout()).expect("memory"));
+    let seen = Arc::new(Mutex::new(None));
+    let listener = Listener::bind(&endpoint(Net::Tcp)).expect("bind");
+    let at = listener.endpoint().clone();
+    let receiver_cancel = ramjet_dataplane::CancelHandle::new();
+    let options = ReceiveOptions {
+        postcopy: Some(paced_reader_guest(
+            Arc::clone(&destination),
+            Arc::clone(&seen),
+            Duration::from_micros(100),
+        )),
+        cancel: receiver_cancel.clone(),
+        ..ReceiveOptions::default()
+    };
+    let receiver_facts = Arc::new(Facts::default());
+    let (incoming, sink) = (Arc::clone(&destination), receiver_facts.sink());
+    let receiver = thread::spawn(move || receive(&listener, incoming, &options, sink));
+    let cancel = ramjet_dataplane::CancelHandle::new();
+    let options = SendOptions {
+        postcopy: true,
+        max_bandwidth: Some(16_000_000),
+        cancel: cancel.clone(),
+        ..SendOptions::default()
+    };
+    let facts = Arc::new(Facts::default());
+    let mut sender =
+        Sender::connect(Arc::clone(&source), &at, &options, facts.sink()).expect("connect");
+    sender.switchover().expect("switchover");
+    let running = sender
+        .postcopy(&DirtySet::all(&source), b"device state")
+        .expect("postcopy");
+    let run = thread::spawn(move || running.run());
+    thread::sleep(Duration::from_millis(300));
+    cancel.cancel();
+    receiver_cancel.cancel();
+    let summary = run
+        .join()
+        .expect("run")
+        .expect("completed despite the cancel");
+    let received = receiver.join().expect("receiver").expect("received");
+    assert!(received.handover.may_run() && summary.acknowledged);
+    assert_eq!(source.first_difference(&destination).expect("layout"), None);
+    for all in [facts.all(), receiver_facts.all()] {
+        assert!(!all.contains(&Fact::ChannelLost), "{all:?}");
+        assert_eq!(all.last(), Some(&Fact::Drained), "{all:?}");
+        assert!(all.contains(&Fact::Completed), "{all:?}");
+    }
+}

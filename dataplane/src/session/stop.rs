@@ -46,13 +46,13 @@ impl Stop {
     }
 
     /// Stops at once: every socket is shut down so that blocked reads and writes return. Once
-    /// the handover is under way ([`Stop::commit`]) it only records the cancel: the sockets
-    /// carry the handover, which no cancel can take back.
+    /// the handover is under way ([`Stop::commit`]) it only records the cancel and stops
+    /// nothing: the sockets carry the handover (and a postcopy), which no cancel can take back.
     pub(crate) fn cancel(&self) {
         let committed = lock(&self.committed);
         self.cancelled.store(true, Ordering::Release);
-        self.stopped.store(true, Ordering::Release);
         if !*committed {
+            self.stopped.store(true, Ordering::Release);
             self.shutdown_all();
         }
     }
@@ -222,6 +222,7 @@ mod tests {
         assert!(stop.commit());
         stop.cancel();
         assert!(stop.is_cancelled());
+        assert!(!stop.is_stopped(), "the session goes on");
         theirs.set_nonblocking(true).expect("nonblocking");
         let mut byte = [0u8; 1];
         let still_open = matches!(
