@@ -291,10 +291,13 @@ pub(crate) fn migrate(
     let sender = Sender::connect(Arc::clone(memory), &at, &config.send, source_events.sink())?;
     let handle = sender.live_handle();
     let channels = config.send.channels;
-    let recoverer = config
-        .send
-        .postcopy
-        .then(|| Recoverer::start(handle.clone(), source_events.clone()));
+    let recoverer = config.send.postcopy.then(|| {
+        Recoverer::start(
+            handle.clone(),
+            source_events.clone(),
+            config.send.recover_wait.unwrap_or(Duration::from_secs(60)),
+        )
+    });
     let watcher = Watcher::start(
         Some(handle.clone()),
         source_events,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ramjet_control::{Status, Trigger};
 use ramjet_dataplane::postcopy::{BUCKETS, LatencyDist};
@@ -14,31 +14,42 @@ use crate::events::Events;
 use crate::units::Bytes;
 
 /// A thread that says `recover` whenever the source's postcopy is paused, a second after it
-/// paused (and again a second after each failed attempt), until stopped.
+/// paused (and again a second after each failed attempt), until stopped or until it has been
+/// paused for `give_up` in a row: then the sender's own wait for a recover runs out, and it
+/// ends paused.
 pub struct Recoverer {
     done: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Recoverer {
-    pub fn start(handle: LiveHandle, events: Events) -> Recoverer {
+    pub fn start(handle: LiveHandle, events: Events, give_up: Duration) -> Recoverer {
         let done = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&done);
         let thread = thread::spawn(move || {
-            let mut paused_for = 0;
+            let mut paused_since: Option<Instant> = None;
+            let mut next_try = Instant::now();
             while !flag.load(Ordering::Relaxed) {
                 thread::sleep(Duration::from_millis(100));
                 if events.with(|m| m.status()) != Status::PostcopyPaused {
-                    paused_for = 0;
+                    // Reconnecting, or going on: a new pause starts the count again, unless
+                    // this was only a failed attempt.
+                    if events.with(|m| m.status()) != Status::PostcopyRecoverSetup {
+                        paused_since = None;
+                    }
                     continue;
                 }
-                paused_for += 1;
-                if paused_for >= 10 {
-                    paused_for = 0;
-                    eprintln!("ramjet: postcopy paused; reconnecting");
-                    events.step(Trigger::Recover);
-                    handle.recover(None);
+                let since = *paused_since.get_or_insert_with(|| {
+                    next_try = Instant::now() + Duration::from_secs(1);
+                    Instant::now()
+                });
+                if since.elapsed() >= give_up || Instant::now() < next_try {
+                    continue;
                 }
+                next_try = Instant::now() + Duration::from_secs(1);
+                eprintln!("ramjet: postcopy paused; reconnecting");
+                events.step(Trigger::Recover);
+                handle.recover(None);
             }
         });
         Recoverer {

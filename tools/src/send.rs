@@ -144,7 +144,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         let recoverer = config
             .send
             .postcopy
-            .then(|| Recoverer::start(handle.clone(), events.clone()));
+            .then(|| Recoverer::start(handle.clone(), events.clone(), args.migration.recover_wait));
         let outcome = match args.live_dirty_rate {
             Some(rate) => live(sender, &memory, rate, &config.live, &events, &handle),
             None if config.send.postcopy => paused_postcopy(sender, &memory, &events),
