@@ -266,9 +266,13 @@ fn paused_postcopy(
     sender.switchover()?;
     let postcopy = sender.postcopy(&DirtySet::all(memory), &[])?;
     let summary = postcopy.run()?;
-    let stats = summary
+    let mut stats = summary
         .stats
         .ram_stats(memory.total_bytes(), summary.elapsed);
+    if let Some(postcopy) = summary.postcopy {
+        stats.postcopy_requests = postcopy.requests;
+        stats.postcopy_bytes = postcopy.bytes;
+    }
     events.with(|m| m.set_ram_stats(stats));
     Ok(Sent {
         rounds: summary.rounds,
