@@ -2,7 +2,6 @@
 //! paused guest; with `--live-dirty-rate` a vCPU thread keeps writing it while it moves.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::dirty::DirtySet;
-use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use ramjet_dataplane::memory::{GuestAddr, GuestMemory, PAGE_SIZE, Region};
 use ramjet_dataplane::testkit::Workload;
 use ramjet_dataplane::testkit::image::ImageKind;
 use ramjet_dataplane::{
@@ -32,7 +31,9 @@ pub struct Args {
     /// The receiver: tcp:HOST:PORT or unix:PATH.
     #[arg(long, value_parser = parse_target)]
     to: Target,
-    /// The guest image (its size is the guest's RAM).
+    /// The guest image (its size is the guest's RAM). It is mapped private as the guest's
+    /// memory: never written (it may be read-only), and it must not be truncated or changed
+    /// while ramjet send runs.
     #[arg(long)]
     image: PathBuf,
     #[command(flatten)]
@@ -88,9 +89,11 @@ impl TryFrom<&Args> for Config {
     }
 }
 
-/// Reads the image into fresh anonymous guest memory (the file itself is never written).
+/// Maps the image private as the guest's RAM, as QEMU's `memory-backend-file` with
+/// `share=off` does: migrating starts at once (pages are read as they are first sent), and the
+/// guest's writes (`--live-dirty-rate`) stay in this process, never in the file.
 fn load(path: &PathBuf) -> anyhow::Result<Arc<GuestMemory>> {
-    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let len = file.metadata()?.len();
     if GuestSize::new(len).is_none() {
         bail!(
@@ -98,20 +101,12 @@ fn load(path: &PathBuf) -> anyhow::Result<Arc<GuestMemory>> {
             path.display()
         );
     }
-    let memory = GuestMemory::anonymous(len).context("cannot map guest memory")?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0u64;
-    while at < len {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            bail!("{} shrank while it was read", path.display());
-        }
-        if buf[..n].iter().any(|&b| b != 0) {
-            memory.write(0, at, &buf[..n])?;
-        }
-        at += n as u64;
-    }
-    Ok(Arc::new(memory))
+    // SAFETY: the image is the guest the user asks this process to migrate; `--image` says it
+    // must not be truncated or written while `ramjet send` runs (as QEMU asks of a
+    // memory-backend-file), and nothing in this process writes it (the mapping is private).
+    let region = unsafe { Region::from_file_private(0, GuestAddr(0), &file) }
+        .with_context(|| format!("cannot map {}", path.display()))?;
+    Ok(Arc::new(GuestMemory::new(vec![region])?))
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -125,7 +120,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let cancel = config.send.cancel.clone();
     let user = events.clone();
-    // Before the image is loaded, which takes a while: Ctrl-C from the start cancels.
+    // Ctrl-C cancels from the start.
     signals::cancel_on_interrupt(cancel.clone(), move || user.step(Trigger::Cancel))?;
     let memory = load(&args.image)?;
     let started = Instant::now();

@@ -436,6 +436,32 @@ mod processes {
             .collect()
     }
 
+    /// `send` maps its image as the guest's memory, private: a live guest writing it during
+    /// the migration never changes the file, even a read-only one.
+    #[test]
+    fn a_live_send_never_writes_its_image() {
+        use std::os::unix::fs::PermissionsExt;
+        let img = image("live-image", "16M");
+        let before = std::fs::read(&img).expect("image");
+        std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o444)).expect("chmod");
+        let (receiver, at) = recv("tcp:127.0.0.1:0", "16M", &[]);
+        let sent = send(&at, &img, &["--live-dirty-rate", "20000"])
+            .output()
+            .expect("send");
+        let received = receiver.wait_with_output().expect("recv");
+        assert!(
+            sent.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+        assert!(received.status.success());
+        assert!(
+            std::fs::read(&img).expect("image") == before,
+            "the image file changed"
+        );
+        let _ = std::fs::remove_file(&img);
+    }
+
     /// `send --postcopy` of an image (a paused guest): the receiver runs it at once and the
     /// source pushes every page; `--out` equals the image, and both sides show postcopy.
     #[test]

@@ -347,6 +347,28 @@ pub(crate) mod tests {
         assert!(like.content_eq(&ok).unwrap());
     }
 
+    /// A private file mapping starts from the file's bytes and keeps its own writes: the file
+    /// never changes.
+    #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot mmap files")]
+    fn a_private_file_region_never_writes_its_file() {
+        use std::io::{Read, Seek, Write};
+        let mut file = scratch_file("private", 2 * PAGE_SIZE_U64);
+        file.write_all(b"image").unwrap();
+        // SAFETY: the file is private to this test and never truncated or written below.
+        let region = unsafe { Region::from_file_private(0, GuestAddr(0), &file) }.unwrap();
+        let memory = GuestMemory::new(vec![region]).unwrap();
+        let mut buf = [0u8; 5];
+        memory.read(0, 0, &mut buf).unwrap();
+        assert_eq!(&buf, b"image");
+        memory.write(0, 0, b"guest").unwrap();
+        memory.read(0, 0, &mut buf).unwrap();
+        assert_eq!(&buf, b"guest");
+        file.rewind().unwrap();
+        file.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"image", "the file is unchanged");
+    }
+
     #[test]
     #[cfg_attr(miri, ignore = "Miri has no memfd_create and cannot mmap files")]
     fn memfd_and_file_regions_share_their_bytes() {

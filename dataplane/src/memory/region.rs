@@ -283,6 +283,43 @@ impl Region {
         })
     }
 
+    /// Maps a memory-image file private (copy-on-write), as QEMU's `memory-backend-file` with
+    /// `share=off`: the guest starts from the file's pages and its writes stay in this
+    /// process, never reaching the file, which may be read-only. Pages are read from the file
+    /// as they are first touched, so mapping a large image costs nothing up front. Its length
+    /// must be a whole number of pages.
+    ///
+    /// # Safety
+    ///
+    /// While the region lives, no other process or thread may truncate the file (accessing a
+    /// truncated mapping raises `SIGBUS`) or write the pages the guest has not written yet
+    /// (a private mapping shows other writers' changes until its own first write to a page).
+    /// This is memmap2's contract for file mappings.
+    pub unsafe fn from_file_private(
+        id: u32,
+        guest_base: GuestAddr,
+        file: &File,
+    ) -> Result<Self, MemoryError> {
+        let map_err = |len, source| MemoryError::Map {
+            what: "an image file",
+            len,
+            source,
+        };
+        let len = file.metadata().map_err(|e| map_err(0, e))?.len();
+        let layout = checked_layout(id, guest_base, len)?;
+        // SAFETY: the caller keeps the file from being truncated or written meanwhile, as this
+        // function's contract says; the mapping is private, so nothing here writes the file.
+        let map = unsafe { MmapOptions::new().len(map_len(len)?).map_copy(file) }
+            .map_err(|e| map_err(len, e))?;
+        Ok(Region {
+            layout,
+            map: Mapping::Own(MmapRaw::from(map)),
+            backing: Backing::File,
+            known_zero: AtomicBool::new(false),
+            memfd: None,
+        })
+    }
+
     /// A region over guest RAM the embedder has mapped itself (a VMM's own guest memory):
     /// `len` bytes at `ptr`, page-aligned. `keep` is held for the region's life, for whatever
     /// keeps the mapping alive (the VMM's memory object, say).
