@@ -64,7 +64,11 @@ use crate::wire::FrameHeader;
 ///
 /// Reports `setup-done`, `pass N` at the end of each round, `completed` once the guest may run
 /// here, `in-doubt` when the link broke after *ready*, `failed` with the first error, and
-/// `drained` last.
+/// `drained` last. A migration that switches to postcopy (which [`ReceiveOptions::postcopy`]
+/// allows) reports `postcopy-started` when the guest starts here, `channel-lost` when a link
+/// breaks, `reconnected` and `resumed` when the source reconnects, and `completed` once every
+/// page is here; a postcopy that stays paused past [`ReceiveOptions::recover_wait`] returns
+/// [`Error::PostcopyPaused`] without `failed` or `drained`.
 ///
 /// Connections that are not the sender's are dropped on the way, each logged to
 /// [`ReceiveOptions::log`] in one line, and the receiver waits on: one that closes, stalls past

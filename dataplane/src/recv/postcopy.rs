@@ -344,7 +344,7 @@ impl Context<'_> {
             listener: self.listener,
             layout: postcopy.memory.layout(),
             session: self.session,
-            channels: u16::try_from(self.data_channels(postcopy)).unwrap_or(u16::MAX),
+            channels: self.channels,
             options: self.options,
         };
         let deadline = self.options.recover_wait.map(|w| Instant::now() + w);
@@ -403,10 +403,6 @@ impl Context<'_> {
                 }
             }
         }
-    }
-
-    fn data_channels(&self, _postcopy: &Postcopy) -> usize {
-        usize::from(self.channels)
     }
 
     /// Sends the bitmaps of the pages held here, then *resume*, on a reconnected channel 0.
