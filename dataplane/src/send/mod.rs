@@ -716,23 +716,8 @@ impl Sender {
     /// (or stays silent for the timeout), says it on new connections until one is acknowledged
     /// or the decision timeout passes. Returns when the go was acknowledged.
     fn deliver_go(&mut self) -> Option<Instant> {
-        if let Some(first) = self.queues.first() {
-            let frame = FrameHeader::decision(true);
-            self.counters.add_queued(frame.len() as u64);
-            // Sent even if the session is stopping (a cancel now, or another channel's
-            // error): the go must get out whatever else is dropped.
-            if first.send(Outgoing::Farewell(frame)).is_ok() {
-                let deadline = Instant::now() + self.timeout;
-                loop {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match self.confirm.recv_timeout(left) {
-                        Ok(Ok(Reply::Decided(true))) => return Some(Instant::now()),
-                        // A stray ready or decided means a confused peer: deliver anew.
-                        Ok(Ok(_)) => {}
-                        Ok(Err(_)) | Err(_) => break,
-                    }
-                }
-            }
+        if let Ok(acknowledged) = self.say_go() {
+            return Some(acknowledged);
         }
         // Shutting the old channels down ends a receiver's wait on them at once: it is in
         // doubt now, and accepts the decision on a new connection.
@@ -752,6 +737,39 @@ impl Sender {
             }
             std::thread::sleep(pause.min(left));
             pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Says *go* on channel 0 and waits up to the timeout for *decided*; returns when it came,
+    /// or why it did not.
+    fn say_go(&mut self) -> Result<Instant, Error> {
+        let op = "waiting for the receiver's acknowledgement of the go";
+        let closed = Error::Closed { channel: 0, op };
+        let first = self.queues.first().ok_or(Error::Ended)?;
+        let frame = FrameHeader::decision(true);
+        self.counters.add_queued(frame.len() as u64);
+        // Sent even if the session is stopping (a cancel now, or another channel's error):
+        // the go must get out whatever else is dropped.
+        first.send(Outgoing::Farewell(frame)).map_err(|_| closed)?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.confirm.recv_timeout(left) {
+                Ok(Ok(Reply::Decided(true))) => return Ok(Instant::now()),
+                // A stray ready or decided means a confused peer: wait on.
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => return Err(err),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(Error::Timeout {
+                        channel: 0,
+                        op,
+                        timeout: self.timeout,
+                    });
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Closed { channel: 0, op });
+                }
+            }
         }
     }
 

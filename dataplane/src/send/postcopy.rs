@@ -244,32 +244,10 @@ impl Sender {
     }
 
     /// Says *go* on channel 0 and waits for *decided*; returns when it came. In postcopy the
-    /// go cannot go on a new connection alone: the destination needs the channels too.
+    /// go cannot go on a new connection alone (the destination needs the channels too): if it
+    /// is not acknowledged, the session stops and the migration pauses.
     fn go_on_channel_0(&mut self) -> Option<Instant> {
-        let first = self.queues.first()?;
-        let frame = FrameHeader::decision(true);
-        self.counters.add_queued(frame.len() as u64);
-        first.send(Outgoing::Farewell(frame)).ok()?;
-        let deadline = Instant::now() + self.timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.confirm.recv_timeout(left) {
-                Ok(Ok(Reply::Decided(true))) => return Some(Instant::now()),
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => {
-                    self.stop.fail(err);
-                    return None;
-                }
-                Err(_) => {
-                    self.stop.fail(Error::Timeout {
-                        channel: 0,
-                        op: "waiting for the receiver's acknowledgement of the go",
-                        timeout: self.timeout,
-                    });
-                    return None;
-                }
-            }
-        }
+        self.say_go().map_err(|err| self.stop.fail(err)).ok()
     }
 
     /// Starts the thread that serves page requests on the fault channel.
