@@ -19,7 +19,10 @@ use crate::transport::Endpoint;
 /// Where a live migration stands, as of its last dirty sync.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Progress {
-    /// Rounds started.
+    /// Dirty syncs made, each ending a round: 0 all through round 1, N while round N+1 is
+    /// sent. The round being sent, and what it has left, are in the session's
+    /// [`Counters`](crate::Counters) ([`Stats::rounds`](crate::Stats::rounds),
+    /// [`Stats::remaining_pages`](crate::Stats::remaining_pages)), updated as it goes.
     pub round: u32,
     /// Bytes dirty at the last sync (what the next round sends).
     pub remaining_bytes: u64,
@@ -30,6 +33,7 @@ pub struct Progress {
     /// How long the last dirty sync took.
     pub sync_time: Duration,
     /// (remaining + bytes still queued from earlier rounds) / bandwidth, plus a dirty sync.
+    /// Not known before the first sync (`round` 0): zero until then.
     pub expected_downtime: Duration,
     /// Rounds in a row in which the bytes still dirty did not shrink.
     pub rounds_without_progress: u32,

@@ -8,6 +8,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::dirty::DirtyBitmap;
 use ramjet_dataplane::memory::{GuestMemory, PAGE_SIZE};
@@ -21,6 +22,7 @@ use ramjet_dataplane::{
 };
 
 use crate::cli::{GuestSize, MigrationArgs};
+use crate::console;
 use crate::events::{Events, Format};
 use crate::postcopy::{self, Recoverer};
 use crate::progress::Watcher;
@@ -121,18 +123,94 @@ impl TryFrom<&Args> for Config {
 }
 
 /// The guest and the destination's memory: a mixed-content source, a prefaulted copy target.
+/// On a terminal, a line on stderr shows how far it got, and goes once it is done.
 fn prepare(bytes: u64) -> anyhow::Result<(Arc<GuestMemory>, Arc<GuestMemory>)> {
     eprintln!(
         "preparing a {} guest of mixed content and its destination...",
         Bytes(bytes)
     );
+    let shown = Preparing::new(bytes);
     let memory = Arc::new(GuestMemory::anonymous(bytes).context("cannot map the guest")?);
-    image::fill(&memory, ImageKind::Mixed, 7)?;
+    fill(&memory, &shown)?;
+    shown.step("faulting in the destination's memory");
     let incoming = Arc::new(GuestMemory::anonymous_like(&memory.layout())?);
     incoming
         .prefault()
         .context("cannot prefault the destination")?;
     Ok((memory, incoming))
+}
+
+/// The seed of the guest's mixed content.
+const SEED: u64 = 7;
+
+/// Pages filled between two advances of the preparing line (1 MiB): advancing it for each page
+/// would cost more than the page.
+const BATCH: u64 = 256;
+
+/// Writes the guest's mixed content over `memory`: the bytes [`image::fill`] writes with
+/// [`SEED`], page by page in the same order, advancing `shown` as it goes.
+pub(crate) fn fill(memory: &GuestMemory, shown: &Preparing) -> anyhow::Result<()> {
+    let mut rng = image::Rng::new(SEED);
+    let mut page = vec![0u8; PAGE_SIZE];
+    for (region, r) in memory.regions().iter().enumerate() {
+        let pages = r.layout().pages();
+        for index in 0..pages {
+            image::fill_page(ImageKind::Mixed, &mut rng, &mut page);
+            memory.write(region, index * PAGE_SIZE as u64, &page)?;
+            if (index + 1) % BATCH == 0 || index + 1 == pages {
+                shown.advance(((index % BATCH) + 1) * PAGE_SIZE as u64);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// On a terminal, the line on stderr while a guest is prepared: a bar of the guest filled,
+/// then what is being done after that, with a spinner that turns while it takes. Cleared when
+/// dropped, whether preparing succeeded or not; nothing is shown when stderr is not a terminal.
+pub(crate) struct Preparing(ProgressBar);
+
+impl Preparing {
+    /// The line for a guest of `bytes`, filling it first.
+    pub(crate) fn new(bytes: u64) -> Self {
+        // Set up before it joins the process's bars, so that nothing is drawn before.
+        let bar = ProgressBar::with_draw_target(Some(bytes), ProgressDrawTarget::hidden())
+            .with_style(
+                ProgressStyle::with_template(
+                    "{prefix:>9} [{bar:32}] {percent:>3}%  {spinner} {msg} ({elapsed})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            )
+            .with_prefix("preparing")
+            .with_message("filling the guest");
+        let bars = console::bars();
+        let bar = bars.add(bar);
+        if !bars.is_hidden() {
+            // Redraws (the spinner turns) while a step shows no other progress.
+            bar.enable_steady_tick(Duration::from_millis(100));
+        }
+        Preparing(bar)
+    }
+
+    /// `bytes` more of the guest were filled.
+    pub(crate) fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+
+    /// The guest is filled; `what` comes next.
+    pub(crate) fn step(&self, what: &'static str) {
+        self.0.set_position(self.0.length().unwrap_or_default());
+        self.0.set_message(what);
+    }
+}
+
+impl Drop for Preparing {
+    fn drop(&mut self) {
+        self.0.disable_steady_tick();
+        self.0.finish_and_clear();
+        console::bars().remove(&self.0);
+    }
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -417,4 +495,35 @@ fn print_summary(
         "pages:       {} zero, {} raw, {} lz4",
         stats.pages_zero, stats.pages_raw, stats.pages_lz4
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guest_is_filled_with_the_image_of_its_seed_and_counted_whole() {
+        // Two regions, neither a whole number of batches.
+        let pages = [BATCH + 3, 2 * BATCH + 1];
+        let mut at = 0;
+        let regions = pages
+            .iter()
+            .zip(0u32..)
+            .map(|(&n, id)| {
+                let len = n * PAGE_SIZE as u64;
+                let region =
+                    ramjet_dataplane::Region::anonymous(id, ramjet_dataplane::GuestAddr(at), len);
+                at += len;
+                region
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .expect("map the regions");
+        let filled = GuestMemory::new(regions).expect("guest memory");
+        let expected = GuestMemory::anonymous_like(&filled.layout()).expect("guest memory");
+        let shown = Preparing::new(filled.total_bytes());
+        fill(&filled, &shown).expect("fill");
+        assert_eq!(shown.0.position(), filled.total_bytes());
+        image::fill(&expected, ImageKind::Mixed, SEED).expect("fill");
+        assert_eq!(filled.first_difference(&expected).expect("compare"), None);
+    }
 }

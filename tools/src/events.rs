@@ -1,12 +1,13 @@
 //! A control machine per side, fed with the data plane's facts and the user's triggers, printing
 //! every event it emits: as text, or as QMP-shaped JSON lines.
 
-use std::io::{self, Write};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use ramjet_control::{Input, Machine, Options, Profile, Query, Side, Timestamp};
 use ramjet_dataplane::{Fact, FactSink};
+
+use crate::qmp::Broadcast;
 
 /// How events are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -25,6 +26,8 @@ pub struct Events {
     format: Format,
     /// Whether to print the side's name (when two sides share one output).
     label: bool,
+    /// The QMP monitor that also gets every event.
+    qmp: Option<Broadcast>,
 }
 
 impl Events {
@@ -34,16 +37,37 @@ impl Events {
             side,
             format,
             label,
+            qmp: None,
         }
+    }
+
+    /// Also sends every event to a QMP monitor's client (with the `events` capability on).
+    pub fn with_qmp(mut self, broadcast: Broadcast) -> Self {
+        self.qmp = Some(broadcast);
+        self
     }
 
     /// Steps the machine and prints what it emits; a refused input is reported on stderr (it
     /// would be a bug in ramjet, and the migration goes on).
     pub fn step(&self, input: impl Into<Input>) {
+        if let Err(e) = self.try_step(input) {
+            crate::console::err(&format!(
+                "ramjet: the {:?} status machine refused an input: {e}",
+                self.side
+            ));
+        }
+    }
+
+    /// Steps the machine and prints what it emits, or says why it refused the input (a user's
+    /// command that makes no sense now, say).
+    pub fn try_step(&self, input: impl Into<Input>) -> Result<(), ramjet_control::StepError> {
         let now = Timestamp::from(SystemTime::now());
         let mut machine = self.machine.lock().unwrap_or_else(PoisonError::into_inner);
         match machine.step(input, now) {
             Ok(Some(event)) => {
+                if let Some(qmp) = &self.qmp {
+                    qmp.migration_event(&event);
+                }
                 let line = match self.format {
                     Format::Json => serde_json::to_string(&event).unwrap_or_default(),
                     Format::Text if self.label => {
@@ -51,13 +75,11 @@ impl Events {
                     }
                     Format::Text => event.to_string(),
                 };
-                let _ = writeln!(io::stdout().lock(), "{line}");
+                crate::console::out(&line);
+                Ok(())
             }
-            Ok(None) => {}
-            Err(e) => eprintln!(
-                "ramjet: the {:?} status machine refused an input: {e}",
-                self.side
-            ),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 

@@ -7,7 +7,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use ramjet_dataplane::testkit::image::{self, ImageKind};
 use ramjet_dataplane::{DirtySource as _, PostcopyRun};
 use ramjet_vmm::guest::Workload;
 use ramjet_vmm::{LogMode, Machine, Vm, guest_state};
@@ -29,18 +28,21 @@ pub fn run(bytes: u64, rate: u64, mode: LogMode, mut config: Config) -> anyhow::
         "preparing a {} KVM guest of mixed content and its destination VM...",
         Bytes(bytes)
     );
+    let shown = demo::Preparing::new(bytes);
     let vm = Arc::new(Vm::new(bytes, mode)?);
-    image::fill(vm.ram(), ImageKind::Mixed, 7)?;
+    demo::fill(vm.ram(), &shown)?;
     // The VMM paces the guest once a millisecond: `grant` pages a batch.
     let grant = u32::try_from((rate / 1000).max(1)).unwrap_or(u32::MAX);
     let workload = Workload::new(bytes, 7, grant, Workload::DEFAULT_WORDS)?;
     let booted = Instant::now();
     let mut source = Machine::boot(Arc::clone(&vm), workload, Some(rate))?;
+    shown.step("faulting in the destination VM's memory");
     let target = Arc::new(Vm::new(bytes, LogMode::GetOnly)?);
     target
         .ram()
         .prefault()
         .context("cannot prefault the destination")?;
+    drop(shown);
 
     let mut dirty = vm.dirty_log()?;
     let tracking = dirty.name();

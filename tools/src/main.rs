@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cli;
+mod console;
 mod demo;
 mod events;
 mod graph;
@@ -13,6 +14,7 @@ mod image;
 mod kvm;
 mod postcopy;
 mod progress;
+mod qmp;
 mod recv;
 mod send;
 mod signals;

@@ -47,7 +47,7 @@ impl Recoverer {
                     continue;
                 }
                 next_try = Instant::now() + Duration::from_secs(1);
-                eprintln!("ramjet: postcopy paused; reconnecting");
+                crate::console::err("ramjet: postcopy paused; reconnecting");
                 events.step(Trigger::Recover);
                 handle.recover(None);
             }

@@ -7,16 +7,19 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::transport::{Endpoint, Listener};
-use ramjet_dataplane::{Handover, Log, Operator, PostcopyRun, ReceiveOptions, receive};
+use ramjet_dataplane::{
+    Fact, Handover, Log, Operator, PostcopyRun, ReceiveOptions, Received, receive,
+};
 
 use crate::cli::{GuestSize, TransportKind, parse_endpoint, seconds, tls_server, transport_of};
 use crate::events::{Events, Format};
@@ -27,55 +30,62 @@ use crate::signals;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Where to listen: tcp:HOST:PORT or unix:PATH.
-    #[arg(long, value_parser = parse_endpoint)]
-    listen: Endpoint,
+    #[arg(long, value_parser = parse_endpoint, required_unless_present = "qmp")]
+    pub(crate) listen: Option<Endpoint>,
+    /// Serve QMP on this socket (unix:PATH, or tcp:[HOST]:PORT on 127.0.0.1 unless HOST is
+    /// given) and wait for management's commands, as QEMU with `-incoming defer` does:
+    /// `migrate-incoming` starts listening (or --listen, at once). The process stays until
+    /// `quit`, or exits 1 when the migration fails (unless migrate-incoming said
+    /// "exit-on-error": false).
+    #[arg(long, value_name = "ADDRESS")]
+    pub(crate) qmp: Option<crate::qmp::Address>,
     /// Guest RAM to receive into (the sender's must match).
     #[arg(long)]
-    memory: GuestSize,
+    pub(crate) memory: GuestSize,
     /// Write the received memory to this file.
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// Transport; io_uring where the kernel allows it unless given.
     #[arg(long, value_enum)]
-    transport: Option<TransportKind>,
+    pub(crate) transport: Option<TransportKind>,
     /// How events are printed.
     #[arg(long, value_enum, default_value = "text")]
-    events: Format,
+    pub(crate) events: Format,
     /// Print a query-migrate JSON object at the end.
     #[arg(long)]
-    query: bool,
+    pub(crate) query: bool,
     /// Give up if no sender connects within this long: 30s, 500ms, 2m; a bare number is
     /// seconds.
     #[arg(long, value_parser = seconds)]
-    accept_timeout: Option<Duration>,
+    pub(crate) accept_timeout: Option<Duration>,
     /// How long to wait for the source's decision when the link breaks after this side said
     /// it holds everything (in doubt), before exiting with status 3 and the copy kept.
     #[arg(long, value_parser = seconds)]
-    in_doubt_wait: Option<Duration>,
+    pub(crate) in_doubt_wait: Option<Duration>,
     /// Limit for each read and write once connected: 30s, 500ms; a bare number is seconds.
     #[arg(long, value_parser = seconds)]
-    timeout: Option<Duration>,
+    pub(crate) timeout: Option<Duration>,
     /// While in doubt, take the operator's decision from stdin: a line `continue` (the source
     /// handed over: run the guest here) or `cancel` (the source kept it: discard the copy).
     #[arg(long)]
-    operator_stdin: bool,
+    pub(crate) operator_stdin: bool,
     /// TLS 1.3 with mutual authentication on every connection, with the credentials in this
     /// directory, in QEMU's tls-creds-x509 layout: ca-cert.pem (the CA that signs the senders'
     /// client certificates), server-cert.pem and server-key.pem (this receiver's). Nothing is
     /// read from a peer before it has proved itself. A directory holding all five files, as
     /// libvirt keeps them for QEMU, works as it is.
     #[arg(long, value_name = "DIR")]
-    tls_creds: Option<PathBuf>,
+    pub(crate) tls_creds: Option<PathBuf>,
     /// Admit only senders whose client certificate subject is this distinguished name (QEMU's
     /// tls-authz), e.g. "CN=source.example.com,O=Example": in certificate order (as GnuTLS
     /// and QEMU write it) or reversed (RFC 4514); repeat for more.
     #[arg(long = "tls-authz", value_name = "SUBJECT")]
-    tls_authz: Vec<String>,
+    pub(crate) tls_authz: Vec<String>,
     /// How long a paused postcopy waits for the source to reconnect: 60s, 5m; a bare number is
     /// seconds. (A sender that may switch to postcopy is always accepted: this receiver's
     /// "guest" is its memory, which `--out` writes once every page is here.)
     #[arg(long, value_parser = seconds, default_value = "60")]
-    recover_wait: Duration,
+    pub(crate) recover_wait: Duration,
 }
 
 /// Exit status: in doubt, the complete copy kept.
@@ -108,12 +118,70 @@ impl TryFrom<&Args> for ReceiveOptions {
     }
 }
 
-pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let options = ReceiveOptions::try_from(args)?;
-    let bytes = args.memory.bytes();
-    // Guest RAM is allocated and faulted in before listening, as a VMM does at start-up.
-    let memory = Arc::new(GuestMemory::anonymous(bytes).context("cannot map guest memory")?);
+/// Guest RAM of `size`, allocated and faulted in before listening, as a VMM does at start-up.
+pub(crate) fn guest_memory(size: GuestSize) -> anyhow::Result<Arc<GuestMemory>> {
+    let memory = Arc::new(GuestMemory::anonymous(size.bytes()).context("cannot map guest memory")?);
     memory.prefault().context("cannot fault in guest memory")?;
+    Ok(memory)
+}
+
+/// How a receive ended, and whether `--out` was written.
+pub(crate) struct Landed {
+    pub result: Result<Received, ramjet_dataplane::Error>,
+    /// Writing `--out` (only once the migration succeeded or ended in doubt).
+    pub written: anyhow::Result<()>,
+}
+
+/// Receives one migration into `memory` and writes `out` before the final status shows:
+/// the data plane's `drained` is held back until then, so that `completed` (or a destination
+/// kept in doubt) means the file is there.
+pub(crate) fn land(
+    listener: &Listener,
+    memory: &Arc<GuestMemory>,
+    options: &ReceiveOptions,
+    events: &Events,
+    out: Option<&Path>,
+) -> Landed {
+    let drained = Arc::new(AtomicBool::new(false));
+    let sink = {
+        let (recovering, drained) = (events.recovering_sink(), Arc::clone(&drained));
+        move |fact: Fact| {
+            if fact == Fact::Drained {
+                drained.store(true, Ordering::SeqCst);
+            } else {
+                recovering.fact(fact);
+            }
+        }
+    };
+    let result = receive(listener, Arc::clone(memory), options, Arc::new(sink));
+    if let Ok(received) = &result {
+        let stats = received
+            .stats
+            .ram_stats(memory.total_bytes(), received.elapsed);
+        events.with(|m| m.set_ram_stats(stats));
+    }
+    // Whether the guest may run here or not, the copy is complete and verified: keep it.
+    let written = match (&result, out) {
+        (Ok(_), Some(path)) => {
+            write_memory(memory, path).with_context(|| format!("cannot write {}", path.display()))
+        }
+        _ => Ok(()),
+    };
+    if drained.load(Ordering::SeqCst) {
+        events.step(Fact::Drained);
+    }
+    Landed { result, written }
+}
+
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    if let Some(address) = &args.qmp {
+        return crate::qmp::destination::run(args, address);
+    }
+    let Some(listen) = &args.listen else {
+        anyhow::bail!("--listen is needed unless --qmp is given");
+    };
+    let options = ReceiveOptions::try_from(args)?;
+    let memory = guest_memory(args.memory)?;
     // Ctrl-C is handled from before anyone can know where to connect.
     let control = Options::new().postcopy_ram(true);
     let events = Events::new(Side::Destination, control, args.events, false);
@@ -128,23 +196,18 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     if args.operator_stdin {
         decide_from_stdin(&events, &options.operator)?;
     }
-    let listener = Listener::bind(&args.listen)
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = Listener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     eprintln!("ramjet: listening on {}", listener.endpoint());
-    let result = receive(
-        &listener,
-        Arc::clone(&memory),
-        &options,
-        events.recovering_sink(),
-    );
-    if let Ok(received) = &result {
-        let stats = received.stats.ram_stats(bytes, received.elapsed);
-        events.with(|m| m.set_ram_stats(stats));
-    }
+    let landed = land(&listener, &memory, &options, &events, args.out.as_deref());
     if args.query {
         println!("{}", serde_json::to_string(&events.query())?);
     }
-    let received = match result {
+    Ok(report(landed, args.out.as_deref()))
+}
+
+/// Says on stderr how a receive ended; the exit status.
+pub(crate) fn report(landed: Landed, out: Option<&Path>) -> ExitCode {
+    let received = match landed.result {
         Ok(received) => received,
         Err(e) => {
             if e.is_cancelled() {
@@ -156,12 +219,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                     e.chain()
                 );
             }
-            return Ok(ExitCode::FAILURE);
+            return ExitCode::FAILURE;
         }
     };
-    // Whether the guest may run here or not, the copy is complete and verified: keep it.
-    if let Some(path) = &args.out {
-        write_memory(&memory, path).with_context(|| format!("cannot write {}", path.display()))?;
+    if let Err(e) = landed.written {
+        eprintln!("ramjet: {e:#}");
+        return ExitCode::FAILURE;
     }
     eprintln!(
         "ramjet: received {} pages in {} rounds ({} bytes of device state)",
@@ -179,10 +242,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             postcopy::latency_line(&stats.latency)
         );
     }
-    let kept = args
-        .out
-        .as_ref()
-        .map_or_else(String::new, |p| format!(" in {}", p.display()));
+    let kept = out.map_or_else(String::new, |p| format!(" in {}", p.display()));
     match received.handover {
         Handover::Go => eprintln!("ramjet: completed: the source handed the guest over"),
         Handover::Operator => {
@@ -193,14 +253,14 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 "ramjet: in doubt: complete copy kept{kept}; the source's decision is unknown: \
                  run the guest here only if the source reports that its migration completed"
             );
-            return Ok(ExitCode::from(IN_DOUBT));
+            return ExitCode::from(IN_DOUBT);
         }
     }
-    Ok(ExitCode::SUCCESS)
+    ExitCode::SUCCESS
 }
 
 /// Reads the operator's `continue` or `cancel` from stdin, acting on it only while in doubt.
-fn decide_from_stdin(events: &Events, operator: &Operator) -> anyhow::Result<()> {
+pub(crate) fn decide_from_stdin(events: &Events, operator: &Operator) -> anyhow::Result<()> {
     use std::io::BufRead;
     let (events, operator) = (events.clone(), operator.clone());
     std::thread::Builder::new()
@@ -237,7 +297,7 @@ fn decide_from_stdin(events: &Events, operator: &Operator) -> anyhow::Result<()>
     Ok(())
 }
 
-fn write_memory(memory: &GuestMemory, path: &PathBuf) -> anyhow::Result<()> {
+fn write_memory(memory: &GuestMemory, path: &Path) -> anyhow::Result<()> {
     let mut file = std::io::BufWriter::new(File::create(path)?);
     let mut page = vec![0u8; 1 << 20];
     for (index, region) in memory.regions().iter().enumerate() {

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ramjet_control::{Options, Side, Trigger};
-use ramjet_dataplane::dirty::DirtySet;
+use ramjet_dataplane::dirty::{DirtySet, DirtySource};
 use ramjet_dataplane::memory::{GuestAddr, GuestMemory, PAGE_SIZE, Region};
 use ramjet_dataplane::testkit::Workload;
 use ramjet_dataplane::testkit::image::ImageKind;
+use ramjet_dataplane::transport::Endpoint;
 use ramjet_dataplane::{
-    Error, LiveHandle, LiveOptions, Negotiated, PostcopyStats, PreSwitchover, SendOptions, Sender,
-    migrate_live,
+    Counters, Error, FactSink, LiveHandle, LiveOptions, Negotiated, PostcopyStats, PreSwitchover,
+    SendOptions, Sender, migrate_live,
 };
 
 use crate::cli::{GuestSize, MigrationArgs, Target, parse_target, tls_client};
@@ -29,42 +30,49 @@ use crate::units::Bytes;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The receiver: tcp:HOST:PORT or unix:PATH.
-    #[arg(long, value_parser = parse_target)]
-    to: Target,
+    #[arg(long, value_parser = parse_target, required_unless_present = "qmp")]
+    pub(crate) to: Option<Target>,
+    /// Serve QMP on this socket (unix:PATH, or tcp:[HOST]:PORT on 127.0.0.1 unless HOST is
+    /// given) and wait for management's commands, as QEMU does: `migrate` starts a
+    /// migration (--to is then not needed), and the flags here are the initial capabilities
+    /// and parameters. The process stays until `quit`.
+    #[arg(long, value_name = "ADDRESS")]
+    pub(crate) qmp: Option<crate::qmp::Address>,
     /// The guest image (its size is the guest's RAM). It is mapped private as the guest's
     /// memory: never written (it may be read-only), and it must not be truncated or changed
     /// while ramjet send runs.
     #[arg(long)]
-    image: PathBuf,
+    pub(crate) image: PathBuf,
     #[command(flatten)]
-    migration: MigrationArgs,
+    pub(crate) migration: MigrationArgs,
     /// Wait in pre-switchover, guest paused, until stdin gets a line (`continue`).
     #[arg(long)]
-    pause_before_switchover: bool,
+    pub(crate) pause_before_switchover: bool,
     /// Migrate live: a vCPU thread dirties this many pages a second meanwhile.
     #[arg(long)]
-    live_dirty_rate: Option<u64>,
+    pub(crate) live_dirty_rate: Option<u64>,
     /// Print a query-migrate JSON object at the end.
     #[arg(long)]
-    query: bool,
+    pub(crate) query: bool,
     /// TLS 1.3 with mutual authentication on every channel, with the credentials in this
     /// directory, in QEMU's tls-creds-x509 layout: ca-cert.pem (the CA that signed the
     /// receiver's certificate), client-cert.pem and client-key.pem (this sender's). A directory
     /// holding all five files, as libvirt keeps them for QEMU, works as it is.
     #[arg(long, value_name = "DIR")]
-    tls_creds: Option<PathBuf>,
+    pub(crate) tls_creds: Option<PathBuf>,
     /// The name (DNS name or IP address) the receiver's certificate must be for, QEMU's
     /// tls-hostname: by default the host of --to; needed with a unix: socket.
     #[arg(long, value_name = "NAME")]
-    tls_hostname: Option<String>,
+    pub(crate) tls_hostname: Option<String>,
 }
 
-/// What the flags ask of the library and of the source's control machine.
+/// What the flags (or a QMP monitor's settings) ask of the library and of the source's
+/// control machine.
 #[derive(Debug)]
-struct Config {
-    send: SendOptions,
-    live: LiveOptions,
-    control: Options,
+pub(crate) struct Config {
+    pub send: SendOptions,
+    pub live: LiveOptions,
+    pub control: Options,
 }
 
 impl TryFrom<&Args> for Config {
@@ -75,7 +83,7 @@ impl TryFrom<&Args> for Config {
         send.tls = tls_client(
             args.tls_creds.as_deref(),
             args.tls_hostname.as_deref(),
-            Some(&args.to),
+            args.to.as_ref(),
         )?;
         live.pause_before_switchover = args.pause_before_switchover;
         let control = Options::new()
@@ -92,7 +100,7 @@ impl TryFrom<&Args> for Config {
 /// Maps the image private as the guest's RAM, as QEMU's `memory-backend-file` with
 /// `share=off` does: migrating starts at once (pages are read as they are first sent), and the
 /// guest's writes (`--live-dirty-rate`) stay in this process, never in the file.
-fn load(path: &PathBuf) -> anyhow::Result<Arc<GuestMemory>> {
+pub(crate) fn load(path: &PathBuf) -> anyhow::Result<Arc<GuestMemory>> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let len = file.metadata()?.len();
     if GuestSize::new(len).is_none() {
@@ -109,7 +117,78 @@ fn load(path: &PathBuf) -> anyhow::Result<Arc<GuestMemory>> {
     Ok(Arc::new(GuestMemory::new(vec![region])?))
 }
 
+/// The guest's vCPU, while it runs: the toy workload writing pages, and the dirty tracking
+/// that follows it.
+pub(crate) struct Vcpu {
+    pub guest: Workload,
+    pub tracker: Box<dyn DirtySource>,
+}
+
+impl Vcpu {
+    /// Starts a vCPU dirtying `rate` pages a second, tracked by userfaultfd (or its own bitmap
+    /// where that is unavailable).
+    pub fn start(memory: &Arc<GuestMemory>, rate: u64) -> Vcpu {
+        let (guest, tracker, _) = Workload::start_tracked(memory, Some(rate), ImageKind::Mixed, 1);
+        Vcpu { guest, tracker }
+    }
+}
+
+/// One migration of a guest.
+pub(crate) struct Job<'a> {
+    pub memory: &'a Arc<GuestMemory>,
+    pub to: &'a Endpoint,
+    pub config: &'a Config,
+    pub events: &'a Events,
+    /// Where the data plane's facts go (the machine of `events`, perhaps through a filter).
+    pub sink: Arc<dyn FactSink>,
+    /// The guest's running vCPU, migrated live; `None`: the guest is paused.
+    pub vcpu: Option<&'a mut Vcpu>,
+    /// The command line's way: `continue` for pre-switchover is a line on stdin, and a
+    /// paused postcopy reconnects by itself. Under QMP, management's commands do both.
+    pub interactive: bool,
+    /// A paused guest goes to postcopy at once (the destination runs it and fetches every
+    /// page).
+    pub postcopy_at_once: bool,
+    /// Told the session's handle and counters once connected.
+    pub connected: &'a dyn Fn(&LiveHandle, &Arc<Counters>),
+}
+
+/// Runs `job`: connects, migrates, and sets the source machine's final figures.
+pub(crate) fn migrate(job: Job<'_>) -> Result<Sent, Error> {
+    let config = job.config;
+    let sender = Sender::connect(Arc::clone(job.memory), job.to, &config.send, job.sink)?;
+    let handle = sender.live_handle();
+    let counters = sender.counters();
+    (job.connected)(&handle, &counters);
+    let watcher = Watcher::start(
+        job.vcpu.is_some().then(|| handle.clone()),
+        job.events.clone(),
+        counters,
+        config.send.channels,
+    );
+    let recoverer = (job.interactive && config.send.postcopy).then(|| {
+        let give_up = config.send.recover_wait.unwrap_or(Duration::MAX);
+        Recoverer::start(handle.clone(), job.events.clone(), give_up)
+    });
+    let outcome = match job.vcpu {
+        Some(vcpu) => live(sender, vcpu, job.interactive, config, job.events, &handle),
+        None if job.postcopy_at_once => paused_postcopy(sender, job.memory, job.events),
+        None => paused(sender, job.memory, job.interactive, config, job.events),
+    };
+    if let Some(recoverer) = recoverer {
+        recoverer.stop();
+    }
+    watcher.stop();
+    outcome
+}
+
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    if let Some(address) = &args.qmp {
+        return crate::qmp::source::run(args, address);
+    }
+    let Some(target) = &args.to else {
+        bail!("--to is needed unless --qmp is given");
+    };
     let config = Config::try_from(args)?;
     let events = Events::new(Side::Source, config.control, args.migration.events, false);
     events.step(Trigger::Migrate);
@@ -124,36 +203,30 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     signals::cancel_on_interrupt(cancel.clone(), move || user.step(Trigger::Cancel))?;
     let memory = load(&args.image)?;
     let started = Instant::now();
-    let outcome = Sender::connect(
-        Arc::clone(&memory),
-        &args.to.endpoint,
-        &config.send,
-        events.sink(),
-    )
-    .and_then(|sender| {
-        let handle = sender.live_handle();
-        let live_handle = args.live_dirty_rate.map(|_| handle.clone());
-        let counters = sender.counters();
-        let channels = config.send.channels;
-        let watcher = Watcher::start(live_handle, events.clone(), counters, channels);
-        let recoverer = config
-            .send
-            .postcopy
-            .then(|| Recoverer::start(handle.clone(), events.clone(), args.migration.recover_wait));
-        let outcome = match args.live_dirty_rate {
-            Some(rate) => live(sender, &memory, rate, &config.live, &events, &handle),
-            None if config.send.postcopy => paused_postcopy(sender, &memory, &events),
-            None => paused(sender, &memory, args, &events),
-        };
-        if let Some(recoverer) = recoverer {
-            recoverer.stop();
-        }
-        watcher.stop();
-        outcome
+    let mut vcpu = args.live_dirty_rate.map(|rate| Vcpu::start(&memory, rate));
+    let outcome = migrate(Job {
+        memory: &memory,
+        to: &target.endpoint,
+        config: &config,
+        events: &events,
+        sink: events.sink(),
+        vcpu: vcpu.as_mut(),
+        interactive: true,
+        postcopy_at_once: config.send.postcopy,
+        connected: &|_, _| {},
     });
     if args.query {
         println!("{}", serde_json::to_string(&events.query())?);
     }
+    Ok(report(outcome, &memory, started))
+}
+
+/// Says on stderr how a migration ended: its figures, or why it failed.
+pub(crate) fn report(
+    outcome: Result<Sent, Error>,
+    memory: &GuestMemory,
+    started: Instant,
+) -> ExitCode {
     match outcome {
         Ok(Sent {
             rounds,
@@ -187,7 +260,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                      The guest must not resume here unless the destination is known to be gone"
                 );
             }
-            Ok(ExitCode::SUCCESS)
+            ExitCode::SUCCESS
         }
         Err(e) => {
             if e.is_cancelled() {
@@ -195,13 +268,13 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             } else {
                 eprintln!("ramjet: the migration failed: {}", e.chain());
             }
-            Ok(ExitCode::FAILURE)
+            ExitCode::FAILURE
         }
     }
 }
 
 /// What a handed-over migration did.
-struct Sent {
+pub(crate) struct Sent {
     rounds: u32,
     wire: u64,
     downtime: Duration,
@@ -215,7 +288,7 @@ struct Sent {
 
 /// The user's `continue` for pause-before-switchover: a line on stdin.
 fn wait_for_continue(events: &Events) {
-    eprintln!("ramjet: paused before switchover; press Enter to continue");
+    crate::console::err("ramjet: paused before switchover; press Enter to continue");
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
     events.step(Trigger::Continue);
@@ -225,12 +298,15 @@ fn wait_for_continue(events: &Events) {
 fn paused(
     sender: Sender,
     memory: &Arc<GuestMemory>,
-    args: &Args,
+    interactive: bool,
+    config: &Config,
     events: &Events,
 ) -> Result<Sent, Error> {
     let started = Instant::now();
-    let pre_switchover = if args.pause_before_switchover {
-        continue_when_told(&sender.live_handle(), events);
+    let pre_switchover = if config.live.pause_before_switchover {
+        if interactive {
+            continue_when_told(&sender.live_handle(), events);
+        }
         PreSwitchover::Wait
     } else {
         PreSwitchover::Skip
@@ -292,22 +368,20 @@ fn continue_when_told(handle: &LiveHandle, events: &Events) {
     });
 }
 
-/// A running guest: a vCPU dirtying `rate` pages a second, tracked by userfaultfd (or its own
-/// bitmap where that is unavailable), migrated with the live loop.
+/// A running guest, migrated with the live loop.
 fn live(
     sender: Sender,
-    memory: &Arc<GuestMemory>,
-    rate: u64,
-    options: &LiveOptions,
+    vcpu: &mut Vcpu,
+    interactive: bool,
+    config: &Config,
     events: &Events,
     handle: &LiveHandle,
 ) -> Result<Sent, Error> {
-    let (mut guest, mut source, _) =
-        Workload::start_tracked(memory, Some(rate), ImageKind::Mixed, 1);
-    if options.pause_before_switchover {
+    let options = &config.live;
+    if options.pause_before_switchover && interactive {
         continue_when_told(handle, events);
     }
-    let report = migrate_live(sender, source.as_mut(), &mut guest, options);
+    let report = migrate_live(sender, vcpu.tracker.as_mut(), &mut vcpu.guest, options);
     if let Some(stats) = handle.ram_stats() {
         events.with(|m| {
             m.set_ram_stats(stats);
