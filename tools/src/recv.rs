@@ -32,8 +32,8 @@ pub struct Args {
     /// Where to listen: tcp:HOST:PORT or unix:PATH.
     #[arg(long, value_parser = parse_endpoint, required_unless_present = "qmp")]
     pub(crate) listen: Option<Endpoint>,
-    /// Serve QMP on this socket (unix:PATH, or tcp:[HOST]:PORT on 127.0.0.1 unless HOST is
-    /// given) and wait for management's commands, as QEMU with `-incoming defer` does:
+    /// Serve QMP on this socket (unix:PATH, or tcp:HOST:PORT; tcp::PORT listens on
+    /// 127.0.0.1) and wait for management's commands, as QEMU with `-incoming defer` does:
     /// `migrate-incoming` starts listening (or --listen, at once). The process stays until
     /// `quit`, or exits 1 when the migration fails (unless migrate-incoming said
     /// "exit-on-error": false).

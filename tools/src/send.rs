@@ -32,8 +32,8 @@ pub struct Args {
     /// The receiver: tcp:HOST:PORT or unix:PATH.
     #[arg(long, value_parser = parse_target, required_unless_present = "qmp")]
     pub(crate) to: Option<Target>,
-    /// Serve QMP on this socket (unix:PATH, or tcp:[HOST]:PORT on 127.0.0.1 unless HOST is
-    /// given) and wait for management's commands, as QEMU does: `migrate` starts a
+    /// Serve QMP on this socket (unix:PATH, or tcp:HOST:PORT; tcp::PORT listens on
+    /// 127.0.0.1) and wait for management's commands, as QEMU does: `migrate` starts a
     /// migration (--to is then not needed), and the flags here are the initial capabilities
     /// and parameters. The process stays until `quit`.
     #[arg(long, value_name = "ADDRESS")]

@@ -58,8 +58,12 @@ impl Qmp {
 
     /// Runs a command; its reply (events seen meanwhile are kept).
     fn execute(&mut self, name: &str, arguments: &Value) -> Value {
+        // One write: the server runs a command as soon as its object closes, so after `quit`
+        // a second write (the newline) could find the stream closed.
         let cmd = json!({"execute": name, "arguments": arguments});
-        writeln!(self.writer, "{cmd}").unwrap();
+        self.writer
+            .write_all(format!("{cmd}\n").as_bytes())
+            .unwrap();
         loop {
             let msg = self.line();
             if msg.get("event").is_some() {
@@ -122,11 +126,7 @@ impl Side {
 
     /// Quits; returns everything the process printed.
     fn quit(mut self) -> String {
-        let cmd = json!({"execute": "quit"});
-        if let Err(e) = writeln!(self.qmp.writer, "{cmd}") {
-            panic!("quit: {e}\n{}", self.log());
-        }
-        let reply = self.qmp.line();
+        let reply = self.qmp.execute("quit", &json!({}));
         assert_eq!(reply, json!({"return": {}}), "{}", self.log());
         let status = self.child.wait().unwrap();
         assert!(status.success(), "{}", self.log());

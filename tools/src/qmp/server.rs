@@ -9,7 +9,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -104,6 +104,10 @@ struct Shared {
     client: Mutex<Option<SyncSender<String>>>,
     /// The `events` capability: `MIGRATION` and `MIGRATION_PASS` are sent only with it on.
     migration_events: AtomicBool,
+    /// A client is being served: from its accept until what was queued for it is written.
+    serving: AtomicBool,
+    /// Lines queued for the client and not yet written.
+    pending: AtomicUsize,
     quit: Mutex<bool>,
     quitting: Condvar,
 }
@@ -132,7 +136,12 @@ impl Broadcast {
     fn send_line(&self, line: String) {
         let mut client = self.0.client.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(tx) = client.as_ref() {
-            match tx.try_send(line) {
+            self.0.pending.fetch_add(1, Ordering::SeqCst);
+            let sent = tx.try_send(line);
+            if sent.is_err() {
+                self.0.pending.fetch_sub(1, Ordering::SeqCst);
+            }
+            match sent {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
                     eprintln!(
@@ -255,6 +264,8 @@ impl Server {
             broadcast: Broadcast(Arc::new(Shared {
                 client: Mutex::new(None),
                 migration_events: AtomicBool::new(false),
+                serving: AtomicBool::new(false),
+                pending: AtomicUsize::new(0),
                 quit: Mutex::new(false),
                 quitting: Condvar::new(),
             })),
@@ -284,9 +295,11 @@ impl Server {
             };
             match conn {
                 Ok(conn) => {
+                    self.broadcast.0.serving.store(true, Ordering::SeqCst);
                     if let Err(e) = self.serve_client(conn, commands) {
                         eprintln!("ramjet: QMP client: {e}");
                     }
+                    self.broadcast.0.serving.store(false, Ordering::SeqCst);
                 }
                 Err(e) => {
                     eprintln!("ramjet: QMP accept failed: {e}");
@@ -301,9 +314,15 @@ impl Server {
     fn serve_client(&self, mut conn: Conn, commands: &dyn Commands) -> io::Result<()> {
         conn.set_write_timeout(WRITE_TIMEOUT)?;
         let (tx, rx) = mpsc::sync_channel::<String>(QUEUE);
-        let writer = spawn_writer(conn.try_clone()?, rx)?;
+        let writer = spawn_writer(conn.try_clone()?, rx, Arc::clone(&self.broadcast.0))?;
         // A closed writer means the client is gone; the read below then ends too.
-        let send = |line: String| drop(tx.send(line));
+        let pending = &self.broadcast.0.pending;
+        let send = |line: String| {
+            pending.fetch_add(1, Ordering::SeqCst);
+            if tx.send(line).is_err() {
+                pending.fetch_sub(1, Ordering::SeqCst);
+            }
+        };
         send(protocol::greeting().to_string());
         let mut negotiated = false;
         let mut splitter = Splitter::default();
@@ -347,6 +366,7 @@ impl Server {
                             }
                             let reply = Reply::new(outcome, request.id);
                             if quit.is_some() {
+                                eprintln!("ramjet: quit, as the QMP client asked");
                                 send(line(&reply));
                                 self.broadcast.event(
                                     "SHUTDOWN",
@@ -451,16 +471,12 @@ impl Served {
     /// Waits for `quit`, then removes a Unix socket's file (as QEMU does on exit).
     pub fn wait_quit(&self) {
         self.broadcast.wait_quit();
-        // Let the writer hand the last reply and event to the kernel.
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        // Let the client's writer hand the last reply and event (quit's, or a failed
+        // migration's) to the kernel; a client that reads nothing gets a few seconds.
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
         while std::time::Instant::now() < deadline
-            && self
-                .broadcast
-                .0
-                .client
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_some()
+            && self.broadcast.0.serving.load(Ordering::SeqCst)
+            && self.broadcast.0.pending.load(Ordering::SeqCst) > 0
         {
             thread::sleep(Duration::from_millis(5));
         }
@@ -489,17 +505,25 @@ pub fn no_arguments(arguments: &Map<String, Value>) -> Result<(), QmpError> {
 }
 
 /// The thread that writes what is queued for one client, a line each.
-fn spawn_writer(mut conn: Conn, rx: mpsc::Receiver<String>) -> io::Result<JoinHandle<()>> {
+/// Each line is counted in `shared.pending` from before it is queued until it is written (or
+/// dropped, the client gone).
+fn spawn_writer(
+    mut conn: Conn,
+    rx: mpsc::Receiver<String>,
+    shared: Arc<Shared>,
+) -> io::Result<JoinHandle<()>> {
     thread::Builder::new()
         .name("ramjet-qmp-out".into())
         .spawn(move || {
+            let mut gone = false;
             for mut line in rx {
                 line.push_str("\r\n");
-                if conn.write_all(line.as_bytes()).is_err() {
-                    // Gone, or not reading: no more is sent, and the reader sees it closed.
+                // Gone, or not reading: no more is sent, and the reader sees it closed.
+                if !gone && conn.write_all(line.as_bytes()).is_err() {
                     conn.shutdown();
-                    break;
+                    gone = true;
                 }
+                shared.pending.fetch_sub(1, Ordering::SeqCst);
             }
         })
 }
