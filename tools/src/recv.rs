@@ -42,7 +42,10 @@ pub struct Args {
     /// Guest RAM to receive into (the sender's must match).
     #[arg(long)]
     pub(crate) memory: GuestSize,
-    /// Write the received memory to this file.
+    /// Write the received memory to this file, once every page is here (before `completed`
+    /// shows). Pages are received into anonymous memory, not into a mapping of the file:
+    /// any migration may switch to postcopy, and userfaultfd cannot serve a regular file's
+    /// shared mapping; nor is a half-received guest ever left in the file.
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
     /// Transport; io_uring where the kernel allows it unless given.
@@ -119,7 +122,10 @@ impl TryFrom<&Args> for ReceiveOptions {
 }
 
 /// Guest RAM of `size`, allocated and faulted in before listening, as a VMM does at start-up.
+/// On a terminal, a line says so while it takes (seconds for a large guest here).
 pub(crate) fn guest_memory(size: GuestSize) -> anyhow::Result<Arc<GuestMemory>> {
+    let preparing = crate::demo::Preparing::new(size.bytes());
+    preparing.step("faulting in the guest's memory");
     let memory = Arc::new(GuestMemory::anonymous(size.bytes()).context("cannot map guest memory")?);
     memory.prefault().context("cannot fault in guest memory")?;
     Ok(memory)

@@ -20,8 +20,8 @@ use serde_json::{Map, Value, json};
 
 use super::protocol::{Outcome, QmpError, arguments};
 use super::server::{Address, Broadcast, Commands, Server, no_arguments};
-use super::settings::{self, Capabilities, Parameters, Settings};
-use super::{not_in_state, query, status_info};
+use super::settings::{self, Settings};
+use super::{not_in_state, query, status_info, step};
 use crate::cli::tls_server;
 use crate::events::Events;
 use crate::recv;
@@ -49,25 +49,7 @@ pub fn run(args: &recv::Args, address: &Address) -> anyhow::Result<ExitCode> {
     let broadcast = server.broadcast();
     let events = Events::new(Side::Destination, Options::new(), args.events, false)
         .with_qmp(broadcast.clone());
-    let settings = Settings::new(
-        Capabilities {
-            events: false,
-            pause_before_switchover: false,
-            multifd: true,
-            postcopy_ram: false,
-            zero_copy_send: false,
-        },
-        Parameters {
-            multifd_channels: 2,
-            max_bandwidth: 0,
-            downtime_limit: 300,
-            multifd_compression: ramjet_dataplane::Compression::Auto,
-            tls_creds: String::new(),
-            tls_hostname: String::new(),
-            tls_authz: String::new(),
-        },
-        true,
-    );
+    let settings = Settings::destination();
     let destination = Destination(Arc::new(Shared {
         memory,
         events,
@@ -202,10 +184,9 @@ impl Commands for Destination {
             _ => {
                 let mut state = s.lock();
                 let running = state.incoming.is_some();
-                let outcome = state.settings.execute(name, args, running);
-                s.broadcast
-                    .set_migration_events(state.settings.capabilities.events);
-                return outcome;
+                return state
+                    .settings
+                    .execute_publishing(name, args, running, &s.broadcast);
             }
         })
     }
@@ -305,9 +286,7 @@ impl Shared {
             return Ok(json!({}));
         };
         if operator.is_in_doubt() {
-            self.events
-                .try_step(Trigger::Cancel)
-                .map_err(|e| QmpError::generic(e.to_string()))?;
+            step(&self.events, Trigger::Cancel)?;
             if !operator.discard() {
                 return Err(QmpError::generic(
                     "the doubt ended before the cancel took effect",
@@ -315,9 +294,7 @@ impl Shared {
             }
             return Ok(json!({}));
         }
-        self.events
-            .try_step(Trigger::Cancel)
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+        step(&self.events, Trigger::Cancel)?;
         cancel.cancel();
         Ok(json!({}))
     }
@@ -348,9 +325,7 @@ impl Shared {
         if args.state != Status::PreSwitchover.as_str() {
             return Err(not_in_state(status));
         }
-        self.events
-            .try_step(Trigger::Continue)
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+        step(&self.events, Trigger::Continue)?;
         if !operator.run_here() {
             return Err(QmpError::generic(
                 "the doubt ended before the continue took effect",

@@ -33,6 +33,14 @@ fn not_in_state(status: Status) -> QmpError {
     QmpError::generic(format!("Migration not in expected state: {status}"))
 }
 
+/// Steps `events` with a user's command, or refuses the command with the machine's reason
+/// (`cancel` in postcopy, say).
+fn step(events: &Events, trigger: ramjet_control::Trigger) -> Result<(), QmpError> {
+    events
+        .try_step(trigger)
+        .map_err(|e| QmpError::generic(e.to_string()))
+}
+
 /// `query-migrate` now.
 fn query(events: &Events) -> Value {
     serde_json::to_value(events.query()).unwrap_or_else(|_| json!({"status": "none"}))

@@ -202,6 +202,44 @@ pub const COMMANDS: [&str; 6] = [
 ];
 
 impl Settings {
+    /// A destination's: every capability off but `multifd` (which only the source reads),
+    /// and the parameters at ramjet's defaults; TLS objects then name its credentials.
+    pub fn destination() -> Self {
+        Settings::new(
+            Capabilities {
+                events: false,
+                pause_before_switchover: false,
+                multifd: true,
+                postcopy_ram: false,
+                zero_copy_send: false,
+            },
+            Parameters {
+                multifd_channels: 2,
+                max_bandwidth: 0,
+                downtime_limit: 300,
+                multifd_compression: Compression::Auto,
+                tls_creds: String::new(),
+                tls_hostname: String::new(),
+                tls_authz: String::new(),
+            },
+            true,
+        )
+    }
+
+    /// Runs one of [`COMMANDS`] and turns the `events` capability's state into whether
+    /// `broadcast` sends migration events.
+    pub fn execute_publishing(
+        &mut self,
+        name: &str,
+        args: Map<String, Value>,
+        running: bool,
+        broadcast: &super::Broadcast,
+    ) -> Option<Outcome> {
+        let outcome = self.execute(name, args, running);
+        broadcast.set_migration_events(self.capabilities.events);
+        outcome
+    }
+
     pub fn new(capabilities: Capabilities, parameters: Parameters, destination: bool) -> Self {
         Settings {
             capabilities,
@@ -434,25 +472,10 @@ mod tests {
     use super::*;
 
     fn settings() -> Settings {
-        Settings::new(
-            Capabilities {
-                events: false,
-                pause_before_switchover: false,
-                multifd: true,
-                postcopy_ram: false,
-                zero_copy_send: false,
-            },
-            Parameters {
-                multifd_channels: 2,
-                max_bandwidth: 0,
-                downtime_limit: 300,
-                multifd_compression: Compression::Auto,
-                tls_creds: String::new(),
-                tls_hostname: String::new(),
-                tls_authz: String::new(),
-            },
-            false,
-        )
+        Settings {
+            destination: false,
+            ..Settings::destination()
+        }
     }
 
     fn run(s: &mut Settings, name: &str, args: Value, running: bool) -> Outcome {

@@ -23,7 +23,7 @@ use serde_json::{Map, Value, json};
 use super::protocol::{Outcome, QmpError, arguments};
 use super::server::{Address, Broadcast, Commands, Server, no_arguments};
 use super::settings::{self, Capabilities, Parameters, Settings};
-use super::{is_running, not_in_state, query, status_info};
+use super::{is_running, not_in_state, query, status_info, step};
 use crate::cli::{Target, TransportKind, parse_target, tls_client};
 use crate::events::Events;
 use crate::send::{self, Config, Job, Vcpu};
@@ -193,10 +193,9 @@ impl Commands for Source {
             _ => {
                 let mut state = s.lock();
                 let running = state.migration.is_some();
-                let outcome = state.settings.execute(name, args, running);
-                s.broadcast
-                    .set_migration_events(state.settings.capabilities.events);
-                return outcome;
+                return state
+                    .settings
+                    .execute_publishing(name, args, running, &s.broadcast);
             }
         })
     }
@@ -395,9 +394,7 @@ impl Shared {
         let cancel = self.lock().migration.as_ref().map(|m| m.cancel.clone());
         // Refused in postcopy (the guest runs on the destination: pause and recover are the
         // way out); accepted, and nothing, when no migration runs.
-        self.events
-            .try_step(Trigger::Cancel)
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+        step(&self.events, Trigger::Cancel)?;
         if let Some(cancel) = cancel {
             cancel.cancel();
         }
@@ -416,9 +413,7 @@ impl Shared {
             return Err(not_in_state(status));
         }
         let handle = self.session().ok_or_else(|| not_in_state(status))?;
-        self.events
-            .try_step(Trigger::Continue)
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+        step(&self.events, Trigger::Continue)?;
         handle.proceed();
         Ok(json!({}))
     }
@@ -435,9 +430,7 @@ impl Shared {
                 "Postcopy must be started after migration has been started",
             ));
         }
-        self.events
-            .try_step(Trigger::StartPostcopy)
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+        step(&self.events, Trigger::StartPostcopy)?;
         let mut state = self.lock();
         if let Some(migration) = state.migration.as_mut() {
             match &migration.session {
@@ -457,9 +450,7 @@ impl Shared {
             )));
         }
         let handle = self.session().ok_or_else(|| not_in_state(status))?;
-        self.events
-            .try_step(Trigger::Pause)
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+        step(&self.events, Trigger::Pause)?;
         handle.pause();
         Ok(json!({}))
     }
@@ -473,9 +464,7 @@ impl Shared {
             )));
         }
         let handle = self.session().ok_or_else(|| not_in_state(status))?;
-        self.events
-            .try_step(Trigger::Recover)
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+        step(&self.events, Trigger::Recover)?;
         handle.recover(Some(target.endpoint));
         Ok(json!({}))
     }
