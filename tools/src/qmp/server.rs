@@ -350,19 +350,17 @@ impl Server {
                         Ok(request) => {
                             let (outcome, quit) = self.execute(&request, &mut negotiated, commands);
                             if negotiated && quit.is_none() {
-                                // From now on (and from the reply to qmp_capabilities on)
+                                // From the reply to qmp_capabilities on (and again after
+                                // events were dropped for a client that did not read),
                                 // events go to this client, after the reply.
-                                let mut client = self
-                                    .broadcast
+                                send(line(&Reply::new(outcome, request.id)));
+                                self.broadcast
                                     .0
                                     .client
                                     .lock()
-                                    .unwrap_or_else(PoisonError::into_inner);
-                                if client.is_none() {
-                                    send(line(&Reply::new(outcome, request.id)));
-                                    *client = Some(tx.clone());
-                                    continue;
-                                }
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .get_or_insert_with(|| tx.clone());
+                                continue;
                             }
                             let reply = Reply::new(outcome, request.id);
                             if quit.is_some() {
