@@ -1,6 +1,7 @@
 //! A control machine per side, fed with the data plane's facts and the user's triggers, printing
 //! every event it emits: as text, or as QMP-shaped JSON lines.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
@@ -102,6 +103,23 @@ impl Events {
         })
     }
 
+    /// A fact sink that passes every fact to `inner` but `drained`, which it keeps until
+    /// [`Drain::release`]: the final status (which `drained` shows) then waits for the
+    /// caller's own clean-up (writing `--out`, taking the vCPU back), so that whoever reacts
+    /// to it finds that done.
+    pub fn holding_drained(inner: Arc<dyn FactSink>) -> (Arc<dyn FactSink>, Drain) {
+        let held = Arc::new(AtomicBool::new(false));
+        let drain = Drain(Arc::clone(&held));
+        let sink = move |fact: Fact| {
+            if fact == Fact::Drained {
+                held.store(true, Ordering::SeqCst);
+            } else {
+                inner.fact(fact);
+            }
+        };
+        (Arc::new(sink), drain)
+    }
+
     /// `query-migrate` now.
     pub fn query(&self) -> Query {
         self.with(|m| m.query(Timestamp::from(SystemTime::now())))
@@ -110,5 +128,17 @@ impl Events {
     /// Runs `f` on the machine (to set its figures, say).
     pub fn with<T>(&self, f: impl FnOnce(&mut Machine) -> T) -> T {
         f(&mut self.machine.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// A `drained` held back by [`Events::holding_drained`].
+pub struct Drain(Arc<AtomicBool>);
+
+impl Drain {
+    /// Steps `events` with the `drained` the data plane reported, if it did.
+    pub fn release(self, events: &Events) {
+        if self.0.load(Ordering::SeqCst) {
+            events.step(Fact::Drained);
+        }
     }
 }

@@ -10,16 +10,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::transport::{Endpoint, Listener};
-use ramjet_dataplane::{
-    Fact, Handover, Log, Operator, PostcopyRun, ReceiveOptions, Received, receive,
-};
+use ramjet_dataplane::{Handover, Log, Operator, PostcopyRun, ReceiveOptions, Received, receive};
 
 use crate::cli::{GuestSize, TransportKind, parse_endpoint, seconds, tls_server, transport_of};
 use crate::events::{Events, Format};
@@ -108,17 +105,21 @@ impl TryFrom<&Args> for ReceiveOptions {
             timeout: args.timeout.unwrap_or(defaults.timeout),
             log: Log::new(|line| eprintln!("ramjet: {line}")),
             tls: tls_server(args.tls_creds.as_deref(), &args.tls_authz)?,
-            postcopy: Some(PostcopyRun::new(|_| {
-                eprintln!(
-                    "ramjet: postcopy: the source handed the guest over; the pages it still \
-                     has follow"
-                );
-                Ok(())
-            })),
+            postcopy: Some(postcopy_run()),
             recover_wait: Some(args.recover_wait),
             ..defaults
         })
     }
+}
+
+/// This receiver's postcopy start: its "guest" is its memory, so it only says so.
+pub(crate) fn postcopy_run() -> PostcopyRun {
+    PostcopyRun::new(|_| {
+        eprintln!(
+            "ramjet: postcopy: the source handed the guest over; the pages it still has follow"
+        );
+        Ok(())
+    })
 }
 
 /// Guest RAM of `size`, allocated and faulted in before listening, as a VMM does at start-up.
@@ -148,18 +149,8 @@ pub(crate) fn land(
     events: &Events,
     out: Option<&Path>,
 ) -> Landed {
-    let drained = Arc::new(AtomicBool::new(false));
-    let sink = {
-        let (recovering, drained) = (events.recovering_sink(), Arc::clone(&drained));
-        move |fact: Fact| {
-            if fact == Fact::Drained {
-                drained.store(true, Ordering::SeqCst);
-            } else {
-                recovering.fact(fact);
-            }
-        }
-    };
-    let result = receive(listener, Arc::clone(memory), options, Arc::new(sink));
+    let (sink, drain) = Events::holding_drained(events.recovering_sink());
+    let result = receive(listener, Arc::clone(memory), options, sink);
     if let Ok(received) = &result {
         let stats = received
             .stats
@@ -173,9 +164,7 @@ pub(crate) fn land(
         }
         _ => Ok(()),
     };
-    if drained.load(Ordering::SeqCst) {
-        events.step(Fact::Drained);
-    }
+    drain.release(events);
     Landed { result, written }
 }
 
@@ -266,7 +255,7 @@ pub(crate) fn report(landed: Landed, out: Option<&Path>) -> ExitCode {
 }
 
 /// Reads the operator's `continue` or `cancel` from stdin, acting on it only while in doubt.
-pub(crate) fn decide_from_stdin(events: &Events, operator: &Operator) -> anyhow::Result<()> {
+fn decide_from_stdin(events: &Events, operator: &Operator) -> anyhow::Result<()> {
     use std::io::BufRead;
     let (events, operator) = (events.clone(), operator.clone());
     std::thread::Builder::new()

@@ -14,7 +14,7 @@ use anyhow::bail;
 use ramjet_control::{Options, Side, Status, Trigger};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::transport::{Endpoint, Listener};
-use ramjet_dataplane::{CancelHandle, Operator, PostcopyRun, ReceiveOptions};
+use ramjet_dataplane::{CancelHandle, Operator, ReceiveOptions};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -255,15 +255,7 @@ impl Shared {
             cancel: CancelHandle::new(),
             operator: Operator::new(),
             tls,
-            postcopy: settings.capabilities.postcopy_ram.then(|| {
-                PostcopyRun::new(|_| {
-                    eprintln!(
-                        "ramjet: postcopy: the source handed the guest over; the pages it \
-                         still has follow"
-                    );
-                    Ok(())
-                })
-            }),
+            postcopy: settings.capabilities.postcopy_ram.then(recv::postcopy_run),
             // Paused, a postcopy waits for the source for as long as it takes, as QEMU's.
             recover_wait: None,
             ..self.base.clone()

@@ -5,7 +5,6 @@
 //! another `migrate` are refused.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -261,23 +260,13 @@ impl Source {
         // The data plane's `drained` (which shows the final status) waits until this thread
         // has taken the vCPU back: once management sees the end, the next command finds the
         // guest where the end says it is.
-        let drained = Arc::new(AtomicBool::new(false));
-        let sink = {
-            let (events, drained) = (s.events.sink(), Arc::clone(&drained));
-            move |fact: Fact| {
-                if fact == Fact::Drained {
-                    drained.store(true, Ordering::SeqCst);
-                } else {
-                    events.fact(fact);
-                }
-            }
-        };
+        let (sink, drain) = Events::holding_drained(s.events.sink());
         let outcome = send::migrate(Job {
             memory: &s.memory,
             to: &target.endpoint,
             config,
             events: &s.events,
-            sink: Arc::new(sink),
+            sink,
             vcpu: vcpu.as_mut(),
             interactive: false,
             postcopy_at_once: false,
@@ -292,9 +281,7 @@ impl Source {
         state.handed_over |= handed_over;
         state.migration = None;
         drop(state);
-        if drained.load(Ordering::SeqCst) {
-            s.events.step(Fact::Drained);
-        }
+        drain.release(&s.events);
     }
 }
 
