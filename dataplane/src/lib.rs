@@ -129,7 +129,7 @@ pub use memory::{Backing, GuestAddr, GuestMemory, MemoryError, PAGE_SIZE, Region
 pub use postcopy::PostcopyStats;
 pub use recv::{Handover, Log, Operator, PostcopyRun, ReceiveOptions, Received, receive};
 pub use send::{Postcopy, PreSwitchover, RoundStats, SendOptions, Sender, Summary};
-pub use session::{CancelHandle, Counters, FactSink, Stats};
+pub use session::{CancelHandle, Counters, FactSink, MemoryTransfer, SameHost, Stats};
 pub use tls::{Negotiated, TlsClient, TlsError, TlsServer};
 pub use transport::{Blocking, Endpoint, Listener, Transport, Uring, ZeroCopy};
 

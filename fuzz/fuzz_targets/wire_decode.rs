@@ -273,8 +273,8 @@ fn reply(bytes: &[u8], fix: bool) -> bool {
         Ok(reply) => {
             assert_eq!(reason.len(), reason_len);
             match &reply.verdict {
-                Verdict::Accept => assert_eq!(reason_len, 0),
-                Verdict::Refuse(text) => {
+                Verdict::Accept | Verdict::Shared => assert_eq!(reason_len, 0),
+                Verdict::Refuse(text) | Verdict::Copying(text) => {
                     if std::str::from_utf8(reason).is_ok() {
                         assert_eq!(text.as_bytes(), reason);
                         assert_eq!(reply.encode(), &bytes[..end], "a reply re-encodes");

@@ -38,6 +38,9 @@ pub enum SwitchoverReason {
     PostcopyRequested,
     /// A stall, with [`StallPolicy::Postcopy`].
     PostcopyStalled,
+    /// The receiver took the memory by descriptor (a same-host migration): there is nothing
+    /// to copy, so the guest pauses at once and only its device state crosses.
+    SharedMemory,
 }
 
 impl SwitchoverReason {

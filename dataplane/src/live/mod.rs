@@ -13,6 +13,12 @@
 //! commits and says *go*. Downtime is measured from the pause to the receiver's
 //! acknowledgement of that go (the destination may run the guest from then at the latest).
 //!
+//! A same-host migration whose receiver took the memory by descriptor
+//! ([`Sender::shares_memory`]) has nothing to copy: it pauses the guest at once (reason
+//! [`SwitchoverReason::SharedMemory`], no dirty tracking, no round with pages) and hands over
+//! the device state; the downtime is the pause, the device state and the handover's round
+//! trip.
+//!
 //! A stall is the bytes still dirty not shrinking over [`LiveOptions::stall_rounds`] rounds;
 //! it is reported in [`Progress`], and [`StallPolicy`] says whether to go on, switch over
 //! anyway, switch to postcopy, or fail with [`Error::Stalled`].
@@ -169,11 +175,16 @@ impl Run<'_> {
         let total_bytes = self.memory.total_bytes();
         self.handle
             .start(Arc::clone(&self.counters), total_bytes, self.started);
+        if self.sender()?.shares_memory() {
+            // The destination maps this very memory: no page to track or send.
+            let nothing = DirtySet::none(&self.memory);
+            return self.switchover(None, guest, nothing, SwitchoverReason::SharedMemory);
+        }
         if let Err(e) = source.start(&self.memory) {
             return Err(self.fail(Error::Dirty(e)));
         }
         let (pending, reason) = self.precopy(source)?;
-        self.switchover(source, guest, pending, reason)
+        self.switchover(Some(source), guest, pending, reason)
     }
 
     /// Round 1 (every page), then a dirty sync and a round of what it found until the policy
@@ -223,7 +234,7 @@ impl Run<'_> {
     /// sync found straight from the frozen memory, then the device state.
     fn switchover(
         &mut self,
-        source: &mut dyn DirtySource,
+        source: Option<&mut dyn DirtySource>,
         guest: &mut dyn Guest,
         pending: DirtySet,
         reason: SwitchoverReason,
@@ -244,9 +255,10 @@ impl Run<'_> {
             return Err(self.fail(Error::Cancelled));
         }
         let mut last = pending;
-        match source.harvest(&self.memory) {
-            Ok(dirty) => last.union(&dirty),
-            Err(e) => return Err(self.fail(Error::Dirty(e))),
+        match source.map(|source| source.harvest(&self.memory)) {
+            Some(Ok(dirty)) => last.union(&dirty),
+            Some(Err(e)) => return Err(self.fail(Error::Dirty(e))),
+            None => {}
         }
         if reason.is_postcopy() {
             let paused = (paused_at, paused_bytes);

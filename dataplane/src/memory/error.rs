@@ -63,6 +63,22 @@ pub enum MemoryError {
         /// What was refused: "read", "written", "frozen" or "received into twice".
         op: &'static str,
     },
+    /// Any access to memory this process handed over to another one (a same-host migration):
+    /// the guest runs there now, and this process must never touch the memory again.
+    #[error(
+        "guest memory was handed over to another process (same-host migration), which runs the \
+         guest on it now: this process must never read or write it again"
+    )]
+    HandedOver,
+    /// Memory a same-host sender handed over that this process cannot take in place of its
+    /// own.
+    #[error("cannot take region {id}'s memory from the sender: {reason}")]
+    Adopt {
+        /// The region id.
+        id: u32,
+        /// Why.
+        reason: String,
+    },
     /// An access outside a region, or to a region that does not exist.
     #[error("{len} bytes at offset {offset:#x} of region index {region} are outside guest memory")]
     OutOfBounds {

@@ -1,8 +1,10 @@
 //! [`GuestMemory`]: the regions of one guest, and the safe, copying ways into and out of them.
 
 use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
 
-use super::access::{Access, AccessGuard};
+use super::access::{Access, AccessGuard, HANDED_OVER, HANDING_OVER, wait_for};
 use super::atomic;
 use super::error::MemoryError;
 use super::page::{PAGE_SIZE, PAGE_SIZE_U64};
@@ -82,6 +84,80 @@ impl GuestMemory {
             .map(|l| Region::anonymous(l.id(), l.guest_base(), l.len()))
             .collect::<Result<Vec<_>, _>>()?;
         GuestMemory::new(regions)
+    }
+
+    /// One memfd region of `len` bytes, id 0, at guest address 0: guest RAM another process
+    /// can map, so that a same-host migration hands it over instead of copying it.
+    pub fn memfd(len: u64) -> Result<Self, MemoryError> {
+        GuestMemory::new(vec![Region::memfd(0, GuestAddr(0), len)?])
+    }
+
+    /// Memfd memory with the same layout as `layout`.
+    pub fn memfd_like(layout: &[RegionLayout]) -> Result<Self, MemoryError> {
+        let regions = layout
+            .iter()
+            .map(|l| Region::memfd(l.id(), l.guest_base(), l.len()))
+            .collect::<Result<Vec<_>, _>>()?;
+        GuestMemory::new(regions)
+    }
+
+    /// New descriptors of every region's memory, in index order, for another process to map
+    /// (a same-host migration passes them over a Unix socket), or why this memory cannot be
+    /// shared: a region is private (anonymous, or a private file mapping) or the embedder's.
+    pub fn share_fds(&self) -> Result<Vec<OwnedFd>, String> {
+        if let Some(why) = self.regions.iter().find_map(Region::unshareable) {
+            return Err(why);
+        }
+        self.regions
+            .iter()
+            .map(|region| match region.try_clone_fd() {
+                Ok(Some(fd)) => Ok(fd),
+                Ok(None) => Err(format!("region {} has no descriptor", region.layout().id())),
+                Err(e) => Err(format!(
+                    "region {}'s descriptor cannot be duplicated: {e}",
+                    region.layout().id()
+                )),
+            })
+            .collect()
+    }
+
+    /// Hands the memory over for good (a same-host migration committed: another process runs
+    /// the guest on the same memory now): from here every read, write, freeze and receive
+    /// session in this process is refused with [`MemoryError::HandedOver`], and ramjet's own
+    /// mappings are made inaccessible (`PROT_NONE`), so that a stale pointer or a vCPU of this
+    /// process faults instead of writing the other process's guest. Waits for the safe reads and
+    /// writes in progress; if pages are lent out under a freeze, the mappings are revoked when
+    /// the last [`Frozen`](super::Frozen) guard goes. Memory the embedder mapped
+    /// ([`Region::from_host`]) stays mapped: the embedder must stop touching it.
+    pub fn hand_over(&self) {
+        let access = &self.access;
+        if access.handed_over.swap(HANDING_OVER, Ordering::SeqCst) != 0 {
+            return;
+        }
+        wait_for(&access.reads);
+        wait_for(&access.writes);
+        // From here a freeze's last guard may revoke too (twice is harmless).
+        access.handed_over.store(HANDED_OVER, Ordering::SeqCst);
+        if access.frozen.load(Ordering::SeqCst) == 0 {
+            self.revoke();
+        }
+    }
+
+    /// Whether the memory was handed over to another process.
+    pub fn is_handed_over(&self) -> bool {
+        self.access.handed_over.load(Ordering::SeqCst) != 0
+    }
+
+    /// Makes every own mapping inaccessible, once handed over and nothing is lent out.
+    pub(super) fn revoke(&self) {
+        for region in &self.regions {
+            // SAFETY: the memory was handed over, so every safe accessor is refused; the
+            // accesses in progress were waited for, and no freeze lends pages out (the caller
+            // saw none, or is the last one's drop). A failure (the kernel out of mapping
+            // entries) leaves only stale pointers able to reach it: every accessor is refused
+            // all the same.
+            let _ = unsafe { region.revoke() };
+        }
     }
 
     /// The regions, in index order.

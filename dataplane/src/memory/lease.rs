@@ -2,29 +2,139 @@
 //! [`ReceiveLease`] (`&mut [u8]`, one page to one thread) and a sender's [`Frozen`] memory
 //! (`&[u8]`, no writer). `access.rs` has the protocol that keeps them apart.
 
+use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::access::wait_for;
+use super::access::{HANDED_OVER, wait_for};
 use super::error::MemoryError;
 use super::guest::GuestMemory;
 use super::page::{PAGE_SIZE, PAGE_SIZE_U64};
+use super::region::{Backing, check_shared_fd};
 
 /// A receive session's exclusive claim on the memory it writes (see the module docs): while it
 /// lives, nothing else may read, write or freeze the memory, and no second lease is granted.
+///
+/// A same-host receive [adopts](ReceiveLease::adopt) the sender's memory in place of its own;
+/// unless the session then [keeps](ReceiveLease::keep_adopted) it (the guest may run here, or
+/// the receiver is in doubt and holds the complete state), the lease puts fresh anonymous
+/// memory back before it ends, so that nothing of this process can ever write the memory of
+/// a guest the source kept.
 #[derive(Debug)]
-pub(crate) struct ReceiveLease(Arc<GuestMemory>);
+pub(crate) struct ReceiveLease {
+    memory: Arc<GuestMemory>,
+    /// The regions map the sender's memory now.
+    adopted: AtomicBool,
+    /// And they stay so when the lease ends.
+    kept: AtomicBool,
+}
 
 impl Drop for ReceiveLease {
     fn drop(&mut self) {
-        self.0.access.receiving.fetch_sub(1, Ordering::SeqCst);
+        if self.adopted.load(Ordering::SeqCst) && !self.kept.load(Ordering::SeqCst) {
+            self.detach();
+        }
+        self.memory.access.receiving.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 impl ReceiveLease {
     /// The leased memory.
     pub(crate) fn memory(&self) -> &Arc<GuestMemory> {
-        &self.0
+        &self.memory
+    }
+
+    /// Takes a same-host sender's memory in place of this memory's own: each region's
+    /// mapping is replaced, at the same address, by `fds[i]` mapped shared, after checking
+    /// that every descriptor is memory of the region's exact length (see
+    /// `region::check_shared_fd`). Fails, leaving the memory as it was, if any is not, or if
+    /// a region's mapping is the embedder's (ramjet cannot replace it).
+    ///
+    /// Must be called before any page of the lease is lent out.
+    pub(crate) fn adopt(&self, fds: Vec<OwnedFd>) -> Result<(), MemoryError> {
+        let regions = self.memory.regions();
+        if fds.len() != regions.len() {
+            return Err(MemoryError::Adopt {
+                id: regions.first().map_or(0, |r| r.layout().id()),
+                reason: format!(
+                    "{} descriptors came for {} regions",
+                    fds.len(),
+                    regions.len()
+                ),
+            });
+        }
+        let mut checked = Vec::with_capacity(fds.len());
+        for (region, fd) in regions.iter().zip(fds) {
+            let id = region.layout().id();
+            if !region.is_own() {
+                return Err(MemoryError::Adopt {
+                    id,
+                    reason: "this receiver's memory is mapped by its embedder, and ramjet \
+                             cannot map another in its place"
+                        .into(),
+                });
+            }
+            let file = File::from(fd);
+            let backing = check_shared_fd(&file, region.layout().len())
+                .map_err(|reason| MemoryError::Adopt { id, reason })?;
+            checked.push((file, backing));
+        }
+        self.adopted.store(true, Ordering::SeqCst);
+        for (region, (file, backing)) in regions.iter().zip(checked) {
+            // SAFETY: the lease keeps every other accessor of this process away, and the
+            // caller lends no page out before this returns; `check_shared_fd` made sure the
+            // file is a regular file of exactly the region's length (and sealed a memfd
+            // against shrinking; a plain file is, as with `Region::from_file`, trusted not to
+            // be truncated by the process that handed it over).
+            if let Err(e) = unsafe { region.replace_with(file, backing) } {
+                self.detach();
+                self.adopted.store(false, Ordering::SeqCst);
+                return Err(MemoryError::Adopt {
+                    id: region.layout().id(),
+                    reason: format!("mapping it failed: {e}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this memory could take a sender's in its place: every region's mapping is
+    /// ramjet's own (not the embedder's); if not, why.
+    pub(crate) fn adoptable(&self) -> Result<(), String> {
+        match self.memory.regions().iter().find(|r| !r.is_own()) {
+            None => Ok(()),
+            Some(region) => Err(format!(
+                "this receiver's region {} is mapped by its embedder, and ramjet cannot map \
+                 the sender's memory in its place",
+                region.layout().id()
+            )),
+        }
+    }
+
+    /// Keeps adopted memory when the lease ends: the receive holds the guest's state.
+    pub(crate) fn keep_adopted(&self) {
+        self.kept.store(true, Ordering::SeqCst);
+    }
+
+    /// Puts fresh anonymous memory back in place of adopted memory. If that fails, the memory
+    /// is refused to everyone for good, as handed over: this process must not write it.
+    fn detach(&self) {
+        for region in self.memory.regions() {
+            if region.backing() == Backing::Anonymous {
+                continue;
+            }
+            // SAFETY: the lease still keeps every other accessor away, and the session that
+            // held it lends no page out any more (it is ending, or never started).
+            if unsafe { region.replace_with_anonymous() }.is_err() {
+                self.memory
+                    .access
+                    .handed_over
+                    .store(HANDED_OVER, Ordering::SeqCst);
+                // SAFETY: as above; every accessor is refused from now on.
+                let _ = unsafe { region.revoke() };
+            }
+        }
     }
 
     /// Ends the exclusive lease for postcopy: the guest runs on this memory from now on (safe
@@ -33,7 +143,7 @@ impl ReceiveLease {
     /// keeps freezes and other receive sessions out. Taking the lease by value proves that no
     /// page of it is lent out any more.
     pub(crate) fn into_placing(self) -> PlacingClaim {
-        let memory = Arc::clone(&self.0);
+        let memory = Arc::clone(&self.memory);
         memory.access.placing.fetch_add(1, Ordering::SeqCst);
         drop(self);
         PlacingClaim(memory)
@@ -57,7 +167,7 @@ impl ReceiveLease {
         page: u64,
     ) -> Result<&mut [u8], MemoryError> {
         let offset = page.saturating_mul(PAGE_SIZE_U64);
-        let p = self.0.ptr(region, offset, PAGE_SIZE)?;
+        let p = self.memory.ptr(region, offset, PAGE_SIZE)?;
         // SAFETY: `ptr` checked that the page lies inside the mapping, which lives as long as
         // the lease's `Arc`, and so as long as the borrow of `self`. The lease keeps every safe
         // reader and writer of this process away (they are refused while it lives), and the
@@ -95,7 +205,14 @@ struct FreezeGuard(Arc<GuestMemory>);
 
 impl Drop for FreezeGuard {
     fn drop(&mut self) {
-        self.0.access.frozen.fetch_sub(1, Ordering::SeqCst);
+        let access = &self.0.access;
+        // The last freeze of memory handed over meanwhile revokes its mappings, now that no
+        // page is lent out (see `GuestMemory::hand_over`).
+        if access.frozen.fetch_sub(1, Ordering::SeqCst) == 1
+            && access.handed_over.load(Ordering::SeqCst) == HANDED_OVER
+        {
+            self.0.revoke();
+        }
     }
 }
 
@@ -130,6 +247,7 @@ impl GuestMemory {
     pub fn freeze(self: &Arc<Self>) -> Result<Frozen, MemoryError> {
         self.access.frozen.fetch_add(1, Ordering::SeqCst);
         let guard = Frozen(Arc::new(FreezeGuard(Arc::clone(self))));
+        self.access.check_not_handed_over()?;
         if self.access.receiving.load(Ordering::SeqCst) != 0
             || self.access.placing.load(Ordering::SeqCst) != 0
         {
@@ -157,7 +275,12 @@ impl GuestMemory {
                 op: "received into twice",
             });
         }
-        let lease = ReceiveLease(Arc::clone(&self));
+        let lease = ReceiveLease {
+            memory: Arc::clone(&self),
+            adopted: AtomicBool::new(false),
+            kept: AtomicBool::new(false),
+        };
+        access.check_not_handed_over()?;
         if access.is_frozen() {
             return Err(MemoryError::Frozen);
         }

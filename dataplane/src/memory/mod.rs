@@ -374,7 +374,7 @@ pub(crate) mod tests {
     fn memfd_and_file_regions_share_their_bytes() {
         let region = Region::memfd(3, GuestAddr(0), 2 * PAGE_SIZE_U64).unwrap();
         assert_eq!(region.backing(), Backing::Memfd);
-        let fd = region.memfd_fd().unwrap().try_clone_to_owned().unwrap();
+        let fd = region.try_clone_fd().unwrap().unwrap();
         let memory = GuestMemory::new(vec![region]).unwrap();
         memory.write(0, PAGE_SIZE_U64, b"shared").unwrap();
         // Map the same memfd as a file: it sees the write.
@@ -400,5 +400,188 @@ pub(crate) mod tests {
             memory.first_difference(&other_layout),
             Err(MemoryError::LayoutMismatch)
         ));
+    }
+
+    /// Memory handed over to another process refuses every access from this one, for good,
+    /// and its own mappings are revoked; a freeze that lends pages out delays the revocation
+    /// until its last guard goes, and its pages stay readable meanwhile.
+    #[test]
+    #[cfg_attr(miri, ignore = "Miri has no memfd_create or mprotect")]
+    fn handed_over_memory_refuses_everyone() {
+        let memory = Arc::new(GuestMemory::memfd(4 * PAGE_SIZE_U64).unwrap());
+        memory.fill(0, 0, PAGE_SIZE, 9).unwrap();
+        assert!(memory.share_fds().is_ok());
+        let frozen = memory.freeze().unwrap();
+        memory.hand_over();
+        assert!(memory.is_handed_over());
+        assert!(
+            frozen.page(0, 0).unwrap().iter().all(|&b| b == 9),
+            "lent out still"
+        );
+        let refused = |result: Result<(), MemoryError>| {
+            assert!(matches!(result, Err(MemoryError::HandedOver)), "{result:?}");
+        };
+        let mut page = vec![0u8; PAGE_SIZE];
+        refused(memory.read(0, 0, &mut page));
+        refused(memory.write(0, 0, b"late vcpu"));
+        refused(memory.fill(0, 0, 8, 1));
+        refused(memory.freeze().map(drop));
+        refused(Arc::clone(&memory).lease_for_receiving().map(drop));
+        assert!(memory.prefault().is_err());
+        let err = memory.write(0, 0, b"x").unwrap_err().to_string();
+        assert!(err.contains("handed over to another process"), "{err}");
+        drop(frozen);
+        refused(memory.read(0, 0, &mut page));
+        memory.hand_over();
+        // The memfd still holds the guest for whoever maps it.
+        let fd = memory.regions()[0].try_clone_fd().unwrap().unwrap();
+        let file = File::from(fd);
+        // SAFETY: the memfd is this test's and never truncated.
+        let again = GuestMemory::new(vec![
+            unsafe { Region::from_file(0, GuestAddr(0), &file) }.unwrap(),
+        ])
+        .unwrap();
+        again.read(0, 0, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 9));
+    }
+
+    /// Private memory cannot be shared, and says why.
+    #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot mmap files")]
+    fn only_memfd_and_shared_file_memory_can_be_shared() {
+        let anonymous = GuestMemory::anonymous(PAGE_SIZE_U64).unwrap();
+        let why = anonymous.share_fds().unwrap_err();
+        assert!(why.contains("anonymous private memory"), "{why}");
+        let file = scratch_file("private", PAGE_SIZE_U64);
+        // SAFETY: the file is this test's and never truncated.
+        let private = unsafe { Region::from_file_private(0, GuestAddr(0), &file) }.unwrap();
+        let why = GuestMemory::new(vec![private])
+            .unwrap()
+            .share_fds()
+            .unwrap_err();
+        assert!(why.contains("private (copy-on-write) mapping"), "{why}");
+        // SAFETY: as above.
+        let shared = unsafe { Region::from_file(0, GuestAddr(0), &file) }.unwrap();
+        assert_eq!(
+            GuestMemory::new(vec![shared])
+                .unwrap()
+                .share_fds()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    /// A receive lease takes a sender's memory in place of its own (same addresses), keeps it
+    /// if told to, and otherwise puts fresh anonymous memory back, leaving the sender's alone.
+    #[test]
+    #[cfg_attr(miri, ignore = "Miri has no memfd_create")]
+    fn a_lease_adopts_shared_memory_and_puts_its_own_back() {
+        let source = GuestMemory::memfd(8 * PAGE_SIZE_U64).unwrap();
+        source.fill(0, 3 * PAGE_SIZE_U64, PAGE_SIZE, 0x5a).unwrap();
+        for keep in [false, true] {
+            let dst = Arc::new(GuestMemory::anonymous(8 * PAGE_SIZE_U64).unwrap());
+            dst.fill(0, 0, PAGE_SIZE, 1).unwrap();
+            let before = dst.regions()[0].host_range();
+            let lease = Arc::clone(&dst).lease_for_receiving().unwrap();
+            lease.adoptable().unwrap();
+            lease.adopt(source.share_fds().unwrap()).unwrap();
+            if keep {
+                lease.keep_adopted();
+            }
+            drop(lease);
+            assert_eq!(dst.regions()[0].host_range(), before, "same addresses");
+            if keep {
+                assert_eq!(dst.regions()[0].backing(), Backing::Memfd);
+                assert!(dst.content_eq(&source).unwrap());
+                dst.write(0, 0, b"dest").unwrap();
+                let mut word = [0u8; 4];
+                source.read(0, 0, &mut word).unwrap();
+                assert_eq!(&word, b"dest", "one memory");
+            } else {
+                assert_eq!(dst.regions()[0].backing(), Backing::Anonymous);
+                assert!(dst.regions()[0].try_clone_fd().unwrap().is_none());
+                let mut page = vec![1u8; PAGE_SIZE];
+                dst.read(0, 3 * PAGE_SIZE_U64, &mut page).unwrap();
+                assert!(page.iter().all(|&b| b == 0), "fresh memory");
+                dst.write(0, 3 * PAGE_SIZE_U64, b"not the source").unwrap();
+                source.read(0, 3 * PAGE_SIZE_U64, &mut page).unwrap();
+                assert!(page.iter().all(|&b| b == 0x5a), "the source is untouched");
+            }
+        }
+    }
+
+    /// Descriptors that are not memory of the region's exact size are refused, each with its
+    /// reason, and the receiver's memory stays its own.
+    #[test]
+    #[cfg_attr(miri, ignore = "Miri has no memfd_create, pipes or sockets")]
+    fn adoption_refuses_what_is_not_region_memory() {
+        use std::os::fd::OwnedFd;
+        let len = 4 * PAGE_SIZE_U64;
+        let memfd = |size: u64| -> OwnedFd {
+            let region = Region::memfd(0, GuestAddr(0), size).unwrap();
+            region.try_clone_fd().unwrap().unwrap()
+        };
+        let (pipe, _writer) = std::io::pipe().unwrap();
+        let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let read_only = {
+            let path = std::env::temp_dir().join(format!("ramjet-ro-{}", std::process::id()));
+            std::fs::write(&path, vec![0u8; len as usize]).unwrap();
+            let file = File::open(&path).unwrap();
+            std::fs::remove_file(&path).unwrap();
+            OwnedFd::from(file)
+        };
+        let sealed = {
+            let fd = memfd(len);
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            // SAFETY: F_ADD_SEALS only adds a seal to this test's memfd.
+            let sealed = unsafe { libc::fcntl(raw, libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+            assert_eq!(sealed, 0);
+            fd
+        };
+        let directory = OwnedFd::from(File::open(std::env::temp_dir()).unwrap());
+        let cases: Vec<(Vec<OwnedFd>, &str)> = vec![
+            (
+                vec![memfd(len + PAGE_SIZE_U64)],
+                "holds 20480 bytes, and the region 16384",
+            ),
+            (vec![memfd(PAGE_SIZE_U64)], "holds 4096 bytes"),
+            (vec![OwnedFd::from(pipe)], "it is a pipe, not memory"),
+            (vec![OwnedFd::from(socket)], "it is a socket, not memory"),
+            (vec![directory], "it is a directory, not memory"),
+            (vec![read_only], "not open for reading and writing"),
+            (vec![sealed], "sealed against writes"),
+            (
+                vec![memfd(len), memfd(len)],
+                "2 descriptors came for 1 regions",
+            ),
+            (vec![], "0 descriptors came for 1 regions"),
+        ];
+        for (fds, expected) in cases {
+            let dst = Arc::new(GuestMemory::anonymous(len).unwrap());
+            dst.fill(0, 0, 4, 7).unwrap();
+            let lease = Arc::clone(&dst).lease_for_receiving().unwrap();
+            let err = lease.adopt(fds).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected}: {err}");
+            assert!(
+                err.starts_with("cannot take region 0's memory from the sender"),
+                "{err}"
+            );
+            drop(lease);
+            assert_eq!(dst.regions()[0].backing(), Backing::Anonymous, "{expected}");
+            let mut word = [0u8; 4];
+            dst.read(0, 0, &mut word).unwrap();
+            assert_eq!(word, [7; 4], "{expected}: its own memory");
+        }
+        // An embedder's mapping cannot be replaced: the lease says so before anything is read.
+        let mut host = memmap2::MmapMut::map_anon(PAGE_SIZE).unwrap();
+        let ptr = host.as_mut_ptr();
+        let keep: Arc<dyn std::any::Any + Send + Sync> = Arc::new(std::sync::Mutex::new(host));
+        // SAFETY: `keep` holds the mapping for as long as the region lives.
+        let region = unsafe { Region::from_host(0, GuestAddr(0), ptr, PAGE_SIZE_U64, Some(keep)) };
+        let memory = Arc::new(GuestMemory::new(vec![region.unwrap()]).unwrap());
+        let lease = memory.lease_for_receiving().unwrap();
+        let why = lease.adoptable().unwrap_err();
+        assert!(why.contains("mapped by its embedder"), "{why}");
     }
 }

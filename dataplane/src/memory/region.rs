@@ -4,10 +4,10 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 #[cfg(not(miri))]
 use memmap2::Advice;
@@ -74,7 +74,7 @@ pub enum Backing {
     Anonymous,
     /// A memory-image file mapped shared.
     File,
-    /// A memfd, which another process can map too.
+    /// A memfd (or another shared-memory file), which another process can map too.
     Memfd,
     /// Memory the embedder mapped ([`Region::from_host`]).
     Host,
@@ -192,12 +192,26 @@ pub struct Region {
     layout: RegionLayout,
     /// The mapping, reached only through raw pointers.
     map: Mapping,
-    backing: Backing,
+    /// What backs it; a receiver that takes a same-host sender's memory changes it.
+    share: Mutex<Share>,
     /// Whether every byte is known to be zero (fresh anonymous or memfd memory that nothing has
     /// written yet).
     known_zero: AtomicBool,
-    /// The memfd, kept open so the region can be shared.
-    memfd: Option<File>,
+}
+
+/// What backs a region, and the file that another process can map to share it.
+#[derive(Debug)]
+struct Share {
+    backing: Backing,
+    /// The memfd, or the file of a shared file mapping, kept open so the region can be shared;
+    /// `None` for private memory.
+    fd: Option<File>,
+}
+
+impl Share {
+    fn new(backing: Backing, fd: Option<File>) -> Mutex<Share> {
+        Mutex::new(Share { backing, fd })
+    }
 }
 
 impl Region {
@@ -208,9 +222,8 @@ impl Region {
         Ok(Region {
             layout,
             map,
-            backing: Backing::Anonymous,
+            share: Share::new(Backing::Anonymous, None),
             known_zero: AtomicBool::new(true),
-            memfd: None,
         })
     }
 
@@ -223,7 +236,12 @@ impl Region {
             source,
         };
         // SAFETY: the name is a NUL-terminated C string literal; the call has no other inputs.
-        let fd = unsafe { libc::memfd_create(c"ramjet-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"ramjet-guest".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if fd < 0 {
             return Err(map_err(io::Error::last_os_error()));
         }
@@ -237,14 +255,14 @@ impl Region {
         Ok(Region {
             layout,
             map: Mapping::Own(map),
-            backing: Backing::Memfd,
+            share: Share::new(Backing::Memfd, Some(file)),
             known_zero: AtomicBool::new(true),
-            memfd: Some(file),
         })
     }
 
     /// Maps a memory-image file shared: writes go to the file. Its length must be a whole
-    /// number of pages.
+    /// number of pages. The region keeps a handle to the file, so that a same-host migration
+    /// can hand it to another process.
     ///
     /// # Safety
     ///
@@ -274,12 +292,16 @@ impl Region {
                 len,
                 source,
             })?;
+        let fd = file.try_clone().map_err(|source| MemoryError::Map {
+            what: "an image file",
+            len,
+            source,
+        })?;
         Ok(Region {
             layout,
             map: Mapping::Own(map),
-            backing: Backing::File,
+            share: Share::new(Backing::File, Some(fd)),
             known_zero: AtomicBool::new(false),
-            memfd: None,
         })
     }
 
@@ -314,9 +336,8 @@ impl Region {
         Ok(Region {
             layout,
             map: Mapping::Own(MmapRaw::from(map)),
-            backing: Backing::File,
+            share: Share::new(Backing::File, None),
             known_zero: AtomicBool::new(false),
-            memfd: None,
         })
     }
 
@@ -353,9 +374,8 @@ impl Region {
                 len: map_len,
                 _keep: keep,
             },
-            backing: Backing::Host,
+            share: Share::new(Backing::Host, None),
             known_zero: AtomicBool::new(false),
-            memfd: None,
         })
     }
 
@@ -365,13 +385,152 @@ impl Region {
     }
 
     /// What backs it.
-    pub const fn backing(&self) -> Backing {
-        self.backing
+    pub fn backing(&self) -> Backing {
+        self.share().backing
     }
 
-    /// The memfd behind a [`Backing::Memfd`] region, to share it with another process.
-    pub fn memfd_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.memfd.as_ref().map(AsFd::as_fd)
+    fn share(&self) -> std::sync::MutexGuard<'_, Share> {
+        // A panic under the lock cannot leave `Share` half-changed: it is replaced whole.
+        self.share.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A new descriptor of the file behind a shareable region (a memfd, or a file mapped
+    /// shared), to share it with another process; `None` for private memory.
+    pub fn try_clone_fd(&self) -> io::Result<Option<OwnedFd>> {
+        self.share()
+            .fd
+            .as_ref()
+            .map(|file| file.try_clone().map(OwnedFd::from))
+            .transpose()
+    }
+
+    /// Why this region cannot be handed to another process by descriptor, if it cannot.
+    pub(super) fn unshareable(&self) -> Option<String> {
+        let share = self.share();
+        let id = self.layout.id;
+        match (share.backing, &share.fd) {
+            (_, Some(_)) => None,
+            (Backing::Anonymous, None) => Some(format!(
+                "region {id} is anonymous private memory, which no other process can map (a \
+                 memfd or a shared file mapping can be handed over)"
+            )),
+            (Backing::File, None) => Some(format!(
+                "region {id} is a private (copy-on-write) mapping of a file: the guest's writes \
+                 are in this process only (map it shared to hand it over)"
+            )),
+            (Backing::Host, None) => Some(format!(
+                "region {id} is mapped by the embedder, and ramjet has no descriptor for it"
+            )),
+            (Backing::Memfd, None) => Some(format!("region {id} lost its memfd")),
+        }
+    }
+
+    /// Whether this region's mapping is ramjet's own (and so may be replaced by another).
+    pub(super) fn is_own(&self) -> bool {
+        matches!(self.map, Mapping::Own(_))
+    }
+
+    /// Replaces this region's pages with `file`'s, mapped shared at the same address, so every
+    /// pointer into the region now reaches the file's memory; `backing` says what the file is.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may access the region's bytes during the call (the caller holds the memory's
+    /// receive lease, and none of its pages is lent out); `file` must be a regular file of at
+    /// least the region's length ([`check_shared_fd`]), which nobody truncates while it is
+    /// mapped.
+    pub(super) unsafe fn replace_with(&self, file: File, backing: Backing) -> io::Result<()> {
+        if !self.is_own() {
+            return Err(io::Error::other("the region's mapping is not ramjet's"));
+        }
+        let (addr, len) = (self.map.as_mut_ptr(), self.map.len());
+        // SAFETY: `addr .. addr + len` is exactly this region's own mapping, which stays
+        // reserved for the region's life (MAP_FIXED replaces it in place, atomically, with the
+        // same protection), and the caller guarantees nothing touches it meanwhile. `file` is
+        // a regular file at least `len` bytes long.
+        let mapped = unsafe {
+            libc::mmap(
+                addr.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        *self.share() = Share {
+            backing,
+            fd: Some(file),
+        };
+        self.known_zero.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Replaces this region's pages with fresh anonymous private memory at the same address,
+    /// zero-filled: whatever it mapped before (another process's memory) is gone from here.
+    ///
+    /// # Safety
+    ///
+    /// As for [`replace_with`](Self::replace_with): nothing may access the region's bytes
+    /// during the call.
+    pub(super) unsafe fn replace_with_anonymous(&self) -> io::Result<()> {
+        if !self.is_own() {
+            return Err(io::Error::other("the region's mapping is not ramjet's"));
+        }
+        let (addr, len) = (self.map.as_mut_ptr(), self.map.len());
+        // SAFETY: as in `replace_with`: the range is exactly this region's own mapping, and the
+        // caller guarantees nothing touches it meanwhile.
+        let mapped = unsafe {
+            libc::mmap(
+                addr.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the same range, just mapped; the advice only asks for huge pages.
+        let _ = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
+        *self.share() = Share {
+            backing: Backing::Anonymous,
+            fd: None,
+        };
+        self.known_zero.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes this region's own mapping inaccessible: any access from this process, through a
+    /// stale pointer or a vCPU, faults instead of reaching the memory. Memory the embedder
+    /// mapped is left alone (it is the embedder's to stop touching).
+    ///
+    /// # Safety
+    ///
+    /// No access to the region's bytes may be in progress or start afterwards (the memory was
+    /// handed over: every safe accessor is refused, and no page is lent out).
+    pub(super) unsafe fn revoke(&self) -> io::Result<()> {
+        if !self.is_own() {
+            return Ok(());
+        }
+        // SAFETY: the range is exactly this region's own mapping; the caller guarantees no
+        // access to it is in progress or will start, so nothing can fault on it.
+        let ret = unsafe {
+            libc::mprotect(
+                self.map.as_mut_ptr().cast(),
+                self.map.len(),
+                libc::PROT_NONE,
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Faults every page in for writing now (`MADV_POPULATE_WRITE`, or a touch per page on
@@ -439,6 +598,66 @@ impl Region {
             _ => Err((offset, len)),
         }
     }
+}
+
+/// Checks that `file`, a descriptor a same-host sender handed over for a region of `len`
+/// bytes, is memory this process may map shared in its place: a regular file (a memfd, or a
+/// file on a file system) of exactly `len` bytes, open for reading and writing, not sealed
+/// against writes. Returns what backs it, or why it is refused. A memfd that allows sealing is
+/// sealed against shrinking, so that nobody can truncate it under the mapping.
+pub(super) fn check_shared_fd(file: &File, len: u64) -> Result<Backing, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata().map_err(|e| format!("fstat failed: {e}"))?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_fifo() {
+            "a pipe"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else {
+            "not a regular file"
+        };
+        return Err(format!(
+            "it is {what}, not memory (a memfd or a regular file)"
+        ));
+    }
+    if meta.len() != len {
+        return Err(format!(
+            "it holds {} bytes, and the region {len}",
+            meta.len()
+        ));
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL only reads the descriptor's flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(format!(
+            "its flags cannot be read: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    if flags & libc::O_ACCMODE != libc::O_RDWR {
+        return Err("it is not open for reading and writing".into());
+    }
+    // SAFETY: F_GET_SEALS only reads the file's seals (and fails on files without any).
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Ok(Backing::File);
+    }
+    if seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0 {
+        return Err("it is sealed against writes".into());
+    }
+    if seals & libc::F_SEAL_SEAL == 0 {
+        // SAFETY: F_ADD_SEALS only adds a seal to the file; failing leaves it as it was.
+        let _ = unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+    }
+    Ok(Backing::Memfd)
 }
 
 fn checked_layout(id: u32, guest_base: GuestAddr, len: u64) -> Result<RegionLayout, MemoryError> {

@@ -210,7 +210,11 @@ impl Placer {
                 Backing::Anonymous => Mode::Copy,
                 Backing::Memfd => {
                     let fd = region
-                        .memfd_fd()
+                        .try_clone_fd()
+                        .map_err(|e| PlaceError::Io {
+                            op: "duplicating the memfd",
+                            source: e,
+                        })?
                         .ok_or_else(|| unsupported("a memfd region without its memfd", None))?;
                     let alias = MmapOptions::new()
                         .len(usize::try_from(len).unwrap_or(usize::MAX))

@@ -65,11 +65,11 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
-use crate::memory::{GuestMemory, RegionLayout};
-use crate::session::{self, HelloError, Stop};
+use crate::memory::{ReceiveLease, RegionLayout};
+use crate::session::{self, HelloError, MemoryTransfer, SameHost, Stop};
 use crate::tls::{self, HandshakeError, TlsServer};
 use crate::transport::{Conn, Listener, Stream};
-use crate::wire::{DecodeError, Hello, MAGIC};
+use crate::wire::{DecodeError, Hello, MAGIC, Verdict};
 
 use super::options::{Log, ReceiveOptions};
 
@@ -406,10 +406,12 @@ pub(super) fn why_no_hello(err: &HelloError, limit: Duration) -> String {
 /// is dropped as a stray and what fails.
 pub(super) fn accept_channels(
     listener: &Listener,
-    memory: &GuestMemory,
+    lease: &ReceiveLease,
     options: &ReceiveOptions,
     stop: &Stop,
 ) -> Result<Accepted, Error> {
+    let memory = lease.memory();
+    let mut transfer = MemoryTransfer::Copied("the sender did not offer it".into());
     let mut strays = Strays::new(options);
     let mut slots: Vec<Option<Conn>> = Vec::new();
     let mut migration = None;
@@ -461,6 +463,12 @@ pub(super) fn accept_channels(
             Some(_) if slots.get(usize::from(channel)).is_none_or(Option::is_some) => {
                 Some(format!("channel {channel} is already connected"))
             }
+            _ if channel == 0 && !hello.flags.share && options.same_host == SameHost::On => Some(
+                "this receiver takes the guest's memory only by descriptor (same-host on), \
+                     and the sender does not offer it (it copies: another host, TCP, TLS, \
+                     private memory, or its same-host setting)"
+                    .to_owned(),
+            ),
             _ => None,
         };
         if let Some(problem) = problem {
@@ -471,9 +479,29 @@ pub(super) fn accept_channels(
                 reason: problem,
             });
         }
+        let verdict = if hello.flags.share {
+            match take_memory(&stream, lease, options) {
+                Ok(verdict) => verdict,
+                Err(problem) => {
+                    session::refuse(&mut stream, &problem);
+                    stream.shutdown_write();
+                    return Err(Error::Refused {
+                        channel,
+                        reason: problem,
+                    });
+                }
+            }
+        } else {
+            Verdict::Accept
+        };
+        match &verdict {
+            Verdict::Shared => transfer = MemoryTransfer::Shared,
+            Verdict::Copying(why) => transfer = MemoryTransfer::Copied(why.clone()),
+            _ => {}
+        }
         stop.register(&stream)
             .map_err(|e| Error::io(channel, "duplicating the socket", options.timeout, e))?;
-        session::accept_hello(&mut stream, channel, options.timeout)?;
+        session::accept_hello(&mut stream, verdict, channel, options.timeout)?;
         if migration.is_none() {
             migration = Some((hello.session, hello.channels, hello.flags.postcopy));
             // The fault channel comes last, its index the data channel count.
@@ -491,6 +519,7 @@ pub(super) fn accept_channels(
                 streams,
                 fault,
                 session: hello.session,
+                memory: transfer,
             });
         }
         wait = Wait {
@@ -510,6 +539,34 @@ pub(super) struct Accepted {
     pub(super) fault: Option<Conn>,
     /// The migration's session id.
     pub(super) session: [u8; 16],
+    /// Whether the sender's memory was taken by descriptor, or why not.
+    pub(super) memory: MemoryTransfer,
+}
+
+/// Takes the memory a same-host sender offered with its channel 0 hello: reads the
+/// descriptors (they follow the hello whatever this receiver decides) and maps them in place
+/// of this memory's own (`Shared`), or declines with the reason (`Copying`). A descriptor
+/// message that is broken, or a descriptor that is not memory of its region's exact size, is
+/// a refusal: the returned error says why.
+fn take_memory(
+    stream: &Conn,
+    lease: &ReceiveLease,
+    options: &ReceiveOptions,
+) -> Result<Verdict, String> {
+    let regions = lease.memory().regions().len();
+    let fds = session::read_memory(stream, regions)?;
+    let decline = match options.same_host {
+        SameHost::Off => Some("this receiver's same-host setting is off".to_owned()),
+        _ => lease.adoptable().err(),
+    };
+    if let Some(why) = decline {
+        if options.same_host == SameHost::On {
+            return Err(why);
+        }
+        return Ok(Verdict::Copying(why));
+    }
+    lease.adopt(fds).map_err(|e| e.to_string())?;
+    Ok(Verdict::Shared)
 }
 
 fn on_off(on: bool) -> &'static str {
@@ -670,7 +727,10 @@ pub(super) fn accept_recovery(
         }
         stop.register(&stream)
             .map_err(|e| Error::io(hello.channel, "duplicating the socket", options.timeout, e))?;
-        if let Err(err) = session::accept_hello(&mut stream, hello.channel, options.timeout) {
+        let timeout = options.timeout;
+        if let Err(err) =
+            session::accept_hello(&mut stream, Verdict::Accept, hello.channel, timeout)
+        {
             options.log.line(&format!(
                 "postcopy paused: a reconnecting channel failed: {}",
                 err.chain()

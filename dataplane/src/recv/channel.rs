@@ -141,6 +141,13 @@ impl ChannelReader {
                 .counters
                 .add_wire_bytes(FrameHeader::LEN as u64 + u64::from(header.len));
             match header.kind {
+                FrameKind::Pages if self.shared.shared_memory => {
+                    let problem = self.protocol(
+                        "a pages frame, after the sender handed its memory over by descriptor"
+                            .into(),
+                    );
+                    return Err(self.unverified(&header, false, problem));
+                }
                 FrameKind::Pages => self.pages(&header)?,
                 FrameKind::EndOfRound => self.end_of_round(&header)?,
                 FrameKind::DeviceState => self.device_state_piece(&header)?,

@@ -32,6 +32,8 @@ mod door;
 mod handover;
 mod options;
 mod postcopy;
+#[cfg(test)]
+mod same_host_tests;
 mod shared;
 
 pub use handover::{Handover, Operator};
@@ -47,7 +49,7 @@ use shared::{LINGER, Shared};
 use crate::error::Error;
 use crate::memory::{GuestMemory, ReceiveLease};
 use crate::pool::Pool;
-use crate::session::{self, Counters, FactSink, Stop};
+use crate::session::{self, Counters, FactSink, MemoryTransfer, Stop};
 use crate::transport::{Conn, LinkReader, LinkWriter, Listener};
 use crate::wire::FrameHeader;
 
@@ -110,8 +112,7 @@ pub fn receive(
             return Err(stop.end(sink.as_ref()));
         }
     };
-    let memory = Arc::clone(lease.memory());
-    let accepted = match accept_channels(listener, &memory, options, &stop) {
+    let accepted = match accept_channels(listener, &lease, options, &stop) {
         Ok(accepted) => accepted,
         Err(err) => {
             stop.fail(err);
@@ -143,6 +144,7 @@ fn run(
         mut streams,
         fault,
         session,
+        memory: transfer,
     } = accepted;
     let streams = &mut streams[..];
     let at = (listener, session);
@@ -169,6 +171,7 @@ fn run(
         sink,
         channels,
         postcopy: fault.is_some(),
+        shared_memory: transfer == MemoryTransfer::Shared,
         timeout: options.timeout,
         pool: Pool::new(
             (0..usize::from(channels) * 2 + options.workers * 2)
@@ -222,6 +225,9 @@ fn run(
                     return Err(stop.end(shared.sink.as_ref()));
                 }
             };
+            // The guest runs here, or may (in doubt, the complete state is kept): memory taken
+            // from the sender stays.
+            shared.lease.keep_adopted();
             if handover.may_run() {
                 shared.sink.fact(Fact::Completed);
             }
@@ -235,6 +241,7 @@ fn run(
                 elapsed: started.elapsed(),
                 tls: negotiated,
                 postcopy: None,
+                memory: transfer,
             })
         }
         Err(err) => Err(end_failed(&shared, running, stop, err)),

@@ -6,7 +6,7 @@ use std::thread;
 use std::time::Duration;
 
 use super::handover::{Handover, Operator};
-use crate::session::{CancelHandle, Stats};
+use crate::session::{CancelHandle, MemoryTransfer, SameHost, Stats};
 use crate::transport::Transport;
 
 /// How to receive.
@@ -61,6 +61,15 @@ pub struct ReceiveOptions {
     /// [`Error::PostcopyPaused`](crate::Error::PostcopyPaused) (the guest stays blocked on
     /// its missing pages). `None`: for ever, as QEMU does.
     pub recover_wait: Option<Duration>,
+    /// Whether to take a same-host sender's memory by descriptor instead of receiving its
+    /// pages (see [`SameHost`]). [`Auto`](SameHost::Auto), the default, takes it when the
+    /// sender offers it (over a Unix socket) and this memory's regions are ramjet's own
+    /// mappings: each is then replaced, at the same address, by the sender's memory mapped
+    /// shared, and the guest's pointers stay valid. If the guest does not end up here (the
+    /// source kept it, or the migration failed), fresh anonymous memory is put back. With
+    /// [`On`](SameHost::On), a sender that does not offer its memory is refused; with
+    /// [`Off`](SameHost::Off), the pages are always copied.
+    pub same_host: SameHost,
 }
 
 /// The destination's hook for postcopy: called once the source handed the guest over with
@@ -109,6 +118,7 @@ impl Default for ReceiveOptions {
             tls: None,
             postcopy: None,
             recover_wait: None,
+            same_host: SameHost::Auto,
         }
     }
 }
@@ -174,4 +184,7 @@ pub struct Received {
     /// What postcopy did, if the migration switched to it (the guest then ran here from the
     /// go on, and `elapsed` runs to the last page).
     pub postcopy: Option<crate::postcopy::PostcopyStats>,
+    /// Whether the memory was handed over by descriptor (it now maps the sender's memory) or
+    /// copied (and why).
+    pub memory: MemoryTransfer,
 }

@@ -493,6 +493,9 @@ impl Context<'_> {
                 bytes: postcopy.bytes.load(Ordering::Relaxed),
                 latency: postcopy.placer.latency().snapshot(),
             }),
+            memory: crate::MemoryTransfer::Copied(
+                "postcopy fetches the pages the guest still needs: the memory is copied".into(),
+            ),
         }
     }
 

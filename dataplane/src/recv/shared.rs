@@ -27,6 +27,8 @@ pub(super) struct Shared {
     pub(super) channels: u16,
     /// Whether the migration may switch to postcopy.
     pub(super) postcopy: bool,
+    /// Whether the memory is the sender's, taken by descriptor: then no page may arrive.
+    pub(super) shared_memory: bool,
     pub(super) timeout: Duration,
     pub(super) pool: Pool<LzBuf>,
 }

@@ -24,6 +24,7 @@
 //! here) and says *go*, on channel 0 or, if that broke, on new connections for at most
 //! [`SendOptions::decision_timeout`].
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -57,7 +58,7 @@ use crate::error::Error;
 use crate::handle::LiveHandle;
 use crate::memory::{Frozen, GuestMemory};
 use crate::pool::Pool;
-use crate::session::{self, Counters, FactSink, Stop};
+use crate::session::{self, Accepted, Counters, FactSink, MemoryTransfer, SameHost, Stop};
 use crate::tls::{Negotiated, TlsClient};
 use crate::transport::{Conn, Endpoint, Stream, Transport};
 use crate::wire::{
@@ -148,6 +149,8 @@ pub struct Sender {
     postcopy: bool,
     /// What it was connected with, for reconnecting a paused postcopy.
     options: SendOptions,
+    /// Whether the receiver took the memory by descriptor (then no page is sent), or why not.
+    memory_transfer: MemoryTransfer,
 }
 
 impl std::fmt::Debug for Sender {
@@ -182,12 +185,12 @@ impl Sender {
     ) -> Result<Sender, Error> {
         let stop = options.cancel.stop();
         let connected = Self::connect_streams(&memory, endpoint, options, &stop).and_then(
-            |(streams, fault, hello)| {
+            |(streams, fault, hello, transfer)| {
                 let wiring = Self::wire_up(memory, &stop, streams.len(), options)?;
-                Ok((streams, fault, hello, wiring))
+                Ok((streams, fault, hello, wiring, transfer))
             },
         );
-        let (mut streams, fault, hello, wiring) = match connected {
+        let (mut streams, fault, hello, wiring, transfer) = match connected {
             Ok(connected) => connected,
             Err(err) => {
                 stop.fail(err);
@@ -197,6 +200,7 @@ impl Sender {
         };
         let mut sender = Self::start(&wiring, &mut streams, (endpoint, hello), options, sink);
         sender.fault = fault;
+        sender.memory_transfer = transfer;
         sender.sink.fact(Fact::SetupDone);
         Ok(sender)
     }
@@ -239,7 +243,7 @@ impl Sender {
         endpoint: &Endpoint,
         options: &SendOptions,
         stop: &Stop,
-    ) -> Result<(Vec<Conn>, Option<Conn>, Hello), Error> {
+    ) -> Result<(Vec<Conn>, Option<Conn>, Hello, MemoryTransfer), Error> {
         if options.channels == 0 || options.channels > MAX_CHANNELS {
             return Err(Error::Config(format!(
                 "channels must be 1 to {MAX_CHANNELS}, not {}",
@@ -267,31 +271,90 @@ impl Sender {
             channels: options.channels,
             regions: memory.layout(),
         };
+        let offer = Self::memory_offer(memory, endpoint, options)?;
+        let mut transfer = MemoryTransfer::Copied(String::new());
         let mut streams = Vec::with_capacity(usize::from(options.channels));
         for channel in 0..options.channels {
             hello.channel = channel;
-            streams.push(Self::connect_one(endpoint, options, stop, &hello)?);
+            hello.flags.share = channel == 0 && offer.is_ok();
+            let fds = offer.as_ref().ok().map(Vec::as_slice);
+            let (conn, accepted) = Self::connect_one(endpoint, options, stop, &hello, fds)?;
+            streams.push(conn);
+            if channel == 0 {
+                transfer = match (accepted, &offer) {
+                    (Accepted::Shared, _) => MemoryTransfer::Shared,
+                    (Accepted::Copying(why), _) => {
+                        MemoryTransfer::Copied(format!("the receiver did not take it: {why}"))
+                    }
+                    (Accepted::Plain, Err(why)) => MemoryTransfer::Copied(why.clone()),
+                    // `greet` refuses a plain acceptance of an offer; never reached.
+                    (Accepted::Plain, Ok(_)) => {
+                        MemoryTransfer::Copied("the receiver ignored the offer".into())
+                    }
+                };
+            }
+        }
+        hello.flags.share = false;
+        if let MemoryTransfer::Copied(why) = &transfer {
+            if options.same_host == SameHost::On {
+                return Err(Error::Config(format!(
+                    "same-host is on, and the memory cannot be handed over: {why}"
+                )));
+            }
+            if matches!(endpoint, Endpoint::Unix(_)) && options.same_host == SameHost::Auto {
+                options.log.line(&format!(
+                    "copying the guest memory, not handing it over: {why}"
+                ));
+            }
         }
         // The fault channel, last: idle until postcopy starts.
         let fault = if options.postcopy {
             let mut fault = hello.clone();
             fault.channel = options.channels;
             fault.flags.fault = true;
-            Some(Self::connect_one(endpoint, options, stop, &fault)?)
+            Some(Self::connect_one(endpoint, options, stop, &fault, None)?.0)
         } else {
             None
         };
         hello.channel = 0;
-        Ok((streams, fault, hello))
+        Ok((streams, fault, hello, transfer))
     }
 
-    /// Connects, secures and greets one channel with `hello`.
+    /// The descriptors of the memory to offer the receiver, or why it is not offered.
+    fn memory_offer(
+        memory: &GuestMemory,
+        endpoint: &Endpoint,
+        options: &SendOptions,
+    ) -> Result<Result<Vec<OwnedFd>, String>, Error> {
+        let why = match options.same_host {
+            SameHost::Off => Some("same-host is off".to_owned()),
+            _ if !matches!(endpoint, Endpoint::Unix(_)) => Some(
+                "the endpoint is TCP: memory is handed over only to a receiver on a Unix socket"
+                    .to_owned(),
+            ),
+            _ if options.tls.is_some() => Some(
+                "TLS is on: descriptors are passed only over a plaintext Unix socket".to_owned(),
+            ),
+            _ if options.postcopy => {
+                Some("postcopy is on: a handed-over memory has no pages to fetch".to_owned())
+            }
+            _ => None,
+        };
+        match why {
+            Some(why) => Ok(Err(why)),
+            None => Ok(memory.share_fds()),
+        }
+    }
+
+    /// Connects, secures and greets one channel with `hello` (offering `memory` if the hello
+    /// says so); returns how the receiver accepted it.
     fn connect_one(
         endpoint: &Endpoint,
         options: &SendOptions,
         stop: &Stop,
         hello: &Hello,
-    ) -> Result<Conn, Error> {
+        memory: Option<&[OwnedFd]>,
+    ) -> Result<(Conn, Accepted), Error> {
         let channel = hello.channel;
         if stop.is_stopped() {
             return Err(Error::Cancelled);
@@ -312,8 +375,8 @@ impl Sender {
             options.timeout,
             &|| stop.is_stopped(),
         )?;
-        session::greet(&mut conn, hello, options.timeout)?;
-        Ok(conn)
+        let accepted = session::greet(&mut conn, hello, memory, options.timeout)?;
+        Ok((conn, accepted))
     }
 
     /// Starts the writers, return-path readers and codec workers over streams connected to
@@ -364,6 +427,7 @@ impl Sender {
             transport: Arc::clone(&options.transport),
             postcopy: false,
             options: options.clone(),
+            memory_transfer: MemoryTransfer::Copied(String::new()),
         };
         let compression = match options.compression {
             Compression::Auto if streams.iter().any(|c| c.is_local()) => Compression::Off,
@@ -476,6 +540,17 @@ impl Sender {
         &self.memory
     }
 
+    /// Whether the receiver took the memory by descriptor (a same-host migration: no page is
+    /// sent, and every round is empty), or why it is copied.
+    pub fn memory_transfer(&self) -> &MemoryTransfer {
+        &self.memory_transfer
+    }
+
+    /// Whether the memory is handed over by descriptor rather than copied.
+    pub fn shares_memory(&self) -> bool {
+        self.memory_transfer == MemoryTransfer::Shared
+    }
+
     /// Ends the session with `err` (a failure outside the data plane, say a dirty log that
     /// could not be read): tells the receiver, stops every thread, reports `failed` and
     /// `drained`, and returns the error.
@@ -522,7 +597,10 @@ impl Sender {
             remaining,
             dispatched: 0,
         };
-        for job in job::plan(dirty, channels, round, self.frozen.as_ref()) {
+        // Memory handed over by descriptor is the receiver's already: nothing to send.
+        let shared = self.memory_transfer == MemoryTransfer::Shared;
+        let jobs = (!shared).then(|| job::plan(dirty, channels, round, self.frozen.as_ref()));
+        for job in jobs.into_iter().flatten() {
             if self.stop.is_stopped() || !out.send(job) {
                 break;
             }
@@ -597,6 +675,13 @@ impl Sender {
         if !self.stop.commit() {
             return Err(self.fail_stopped());
         }
+        if self.shares_memory() {
+            // The destination may run the guest on this very memory once it hears the go:
+            // nothing here may touch it from now on. No frame lends its pages out (none was
+            // sent), so the freeze ends and the mappings are revoked at once.
+            self.frozen = None;
+            self.memory.hand_over();
+        }
         self.counters
             .add_device_state_bytes(device_state.len() as u64);
         self.counters.set_remaining_pages(0);
@@ -616,6 +701,7 @@ impl Sender {
             acknowledged: acknowledged.is_some(),
             tls: self.negotiated.clone(),
             postcopy: None,
+            memory: self.memory_transfer.clone(),
         })
     }
 

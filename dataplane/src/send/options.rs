@@ -5,7 +5,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::codec::Compression;
-use crate::session::{CancelHandle, Stats};
+use crate::recv::Log;
+use crate::session::{CancelHandle, MemoryTransfer, SameHost, Stats};
 use crate::tls::{Negotiated, TlsClient};
 use crate::transport::Transport;
 
@@ -48,6 +49,16 @@ pub struct SendOptions {
     ///
     /// [`Postcopy::run`]: crate::Postcopy::run
     pub recover_wait: Option<Duration>,
+    /// Whether to hand the guest's memory over by descriptor instead of copying it, to a
+    /// receiver on this host (see [`SameHost`]). [`Auto`](SameHost::Auto), the default, does
+    /// so over a Unix socket when the memory is shareable (memfd or shared file regions), TLS
+    /// and postcopy are off, and the receiver takes it; otherwise it copies, and logs why when
+    /// the endpoint is a Unix socket. [`Sender::memory_transfer`](crate::Sender::memory_transfer)
+    /// says which it did.
+    pub same_host: SameHost,
+    /// Where the sender tells why it copies the memory where it could have handed it over.
+    /// Default: nowhere.
+    pub log: Log,
 }
 
 impl Default for SendOptions {
@@ -64,6 +75,8 @@ impl Default for SendOptions {
             tls: None,
             postcopy: false,
             recover_wait: None,
+            same_host: SameHost::Auto,
+            log: Log::default(),
         }
     }
 }
@@ -111,6 +124,8 @@ pub struct Summary {
     /// What postcopy did, if the migration switched to it (then `confirmed` is when the
     /// destination started running the guest, and `elapsed` runs to the receiver's *done*).
     pub postcopy: Option<crate::postcopy::PostcopyStats>,
+    /// Whether the memory was handed over by descriptor or copied (and why).
+    pub memory: MemoryTransfer,
 }
 
 #[cfg(test)]

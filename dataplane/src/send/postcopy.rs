@@ -334,16 +334,17 @@ impl Sender {
             fault: false,
             resume: true,
             attempt,
+            share: false,
         };
         let mut streams = Vec::with_capacity(usize::from(options.channels));
         for channel in 0..options.channels {
             hello.channel = channel;
-            streams.push(Self::connect_one(endpoint, options, stop, &hello)?);
+            streams.push(Self::connect_one(endpoint, options, stop, &hello, None)?.0);
         }
         let mut fault = hello.clone();
         fault.channel = options.channels;
         fault.flags.fault = true;
-        let fault = Self::connect_one(endpoint, options, stop, &fault)?;
+        let fault = Self::connect_one(endpoint, options, stop, &fault, None)?.0;
         hello.channel = 0;
         let Some(first) = streams.first_mut() else {
             return Err(Error::Config("no channels".into()));
@@ -686,6 +687,7 @@ impl Postcopy {
             acknowledged: true,
             tls: sender.negotiated.clone(),
             postcopy: Some(stats),
+            memory: sender.memory_transfer.clone(),
         }
     }
 }

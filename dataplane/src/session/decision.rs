@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::error::Error;
 use crate::tls::TlsClient;
 use crate::transport::{Conn, Endpoint, Stream};
-use crate::wire::{DecodeError, FrameHeader, FrameKind, Hello, MAX_MESSAGE};
+use crate::wire::{DecodeError, FrameHeader, FrameKind, Hello, MAX_MESSAGE, Verdict};
 
 use super::handshake::{accept_hello, greet, secure};
 
@@ -72,7 +72,10 @@ pub(crate) fn deliver(
         source,
     })?;
     let mut stream = secure(stream, endpoint, tls, 0, timeout, &|| false)?;
-    greet(&mut stream, hello, timeout)?;
+    // A decision connection offers no memory, whatever the session's channel 0 did.
+    let mut hello = hello.clone();
+    hello.flags.share = false;
+    greet(&mut stream, &hello, None, timeout)?;
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.write_all(&FrameHeader::decision(go)))
@@ -105,7 +108,7 @@ pub(crate) enum Taken {
 /// doubt: accepts the hello, reads the decision and acknowledges it.
 pub(crate) fn take(stream: &mut Conn, timeout: Duration) -> Result<Taken, Error> {
     let op = "receiving the decision on a new connection";
-    accept_hello(stream, 0, timeout)?;
+    accept_hello(stream, Verdict::Accept, 0, timeout)?;
     let (header, payload) = read_control(&mut |buf| stream.read_exact(buf))
         .map_err(|e| e.into_error(0, op, timeout))?;
     match header.kind {

@@ -7,12 +7,13 @@
 //! [refuses]: refuse
 
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::tls::TlsClient;
 use crate::transport::{Conn, Endpoint, ReadStop, Stream};
-use crate::wire::{DecodeError, Hello, HelloReply, MAGIC, Verdict};
+use crate::wire::{DecodeError, Hello, HelloReply, MAGIC, MemoryFds, Verdict};
 
 /// A new migration's session id, the same on each of its channels, so a receiver can tell its
 /// channels from another migration's. Not a secret: only distinct. All of its entropy comes
@@ -55,15 +56,38 @@ pub(crate) fn secure(
     }
 }
 
-/// The sender's half: sends the hello on `stream` and reads the receiver's verdict.
-pub(crate) fn greet(stream: &mut Conn, hello: &Hello, timeout: Duration) -> Result<(), Error> {
+/// How the receiver accepted a hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Accepted {
+    /// The hello offered no memory: pages will flow.
+    Plain,
+    /// It took the memory offered: no page is to be sent.
+    Shared,
+    /// It did not take the memory offered, for this reason: pages will flow.
+    Copying(String),
+}
+
+/// The sender's half: sends the hello on `stream` (and, with flag `share`, the descriptors of
+/// `memory` right after it) and reads the receiver's verdict.
+pub(crate) fn greet(
+    stream: &mut Conn,
+    hello: &Hello,
+    memory: Option<&[OwnedFd]>,
+    timeout: Duration,
+) -> Result<Accepted, Error> {
     let channel = hello.channel;
     let io = |op, e| Error::io(channel, op, timeout, e);
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(|e| io("setting socket timeouts", e))?;
-    if let Err(e) = stream.write_all(&hello.encode()) {
+    let sent = stream
+        .write_all(&hello.encode())
+        .and_then(|()| match memory {
+            Some(fds) if hello.flags.share => send_memory(stream, fds),
+            _ => Ok(()),
+        });
+    if let Err(e) = sent {
         // A receiver that refuses a sender before its hello (a TLS receiver whose allow-list
         // does not name it) has closed by now; its reason may be waiting to be read.
         let _ = stream.set_read_timeout(Some(timeout.min(Duration::from_secs(1))));
@@ -72,15 +96,69 @@ pub(crate) fn greet(stream: &mut Conn, hello: &Hello, timeout: Duration) -> Resu
             _ => Err(io("sending the hello", e)),
         };
     }
-    read_reply(stream, channel, timeout)?;
+    let verdict = read_reply(stream, channel, timeout)?;
+    let accepted = match (verdict, hello.flags.share) {
+        (Verdict::Accept, false) => Accepted::Plain,
+        (Verdict::Shared, true) => Accepted::Shared,
+        (Verdict::Copying(why), true) => Accepted::Copying(why),
+        (verdict, share) => {
+            return Err(Error::protocol(
+                channel,
+                format!(
+                    "the receiver answered {verdict:?} to a hello that {} its memory",
+                    if share { "offered" } else { "did not offer" }
+                ),
+            ));
+        }
+    };
     // The return path idles until the end: only writes keep a timeout.
     stream
         .set_read_timeout(None)
-        .map_err(|e| io("setting socket timeouts", e))
+        .map_err(|e| io("setting socket timeouts", e))?;
+    Ok(accepted)
 }
 
-/// Reads the receiver's hello reply: `Ok` if it accepted.
-fn read_reply(stream: &mut Conn, channel: u16, timeout: Duration) -> Result<(), Error> {
+/// Sends the memory descriptors message with `fds` attached (plaintext Unix sockets only).
+fn send_memory(stream: &Conn, fds: &[OwnedFd]) -> io::Result<()> {
+    let (Stream::Unix(socket), None) = (&**stream, stream.tls()) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "memory descriptors travel only over a plaintext Unix socket",
+        ));
+    };
+    let count = u32::try_from(fds.len()).unwrap_or(u32::MAX);
+    let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+    crate::transport::fds::send_with_fds(socket, &MemoryFds { count }.encode(), &borrowed)
+}
+
+/// The receiver's half for a hello with flag `share`: reads the memory descriptors message
+/// that follows it, with its descriptors, one per region of `regions`. Every descriptor
+/// received is closed again if anything is wrong; the error says what, for a refusal.
+pub(crate) fn read_memory(stream: &Conn, regions: usize) -> Result<Vec<OwnedFd>, String> {
+    let (Stream::Unix(socket), None) = (&**stream, stream.tls()) else {
+        return Err(
+            "it offered its memory by descriptor over TCP or TLS: descriptors travel \
+                    only over a plaintext Unix socket"
+                .into(),
+        );
+    };
+    let mut message = [0u8; MemoryFds::LEN];
+    let fds = crate::transport::fds::recv_with_fds(socket, &mut message, regions)
+        .map_err(|e| format!("its memory descriptors could not be read: {e}"))?;
+    let decoded = MemoryFds::decode(&message)
+        .map_err(|e| format!("its memory descriptors message is invalid: {e}"))?;
+    if decoded.count as usize != regions || fds.len() != regions {
+        return Err(format!(
+            "it sent {} memory descriptors (and said {}) for {regions} regions",
+            fds.len(),
+            decoded.count
+        ));
+    }
+    Ok(fds)
+}
+
+/// Reads the receiver's hello reply: its verdict, unless it refused.
+fn read_reply(stream: &mut Conn, channel: u16, timeout: Duration) -> Result<Verdict, Error> {
     let io = |op, e| Error::io(channel, op, timeout, e);
     let mut fixed = [0u8; HelloReply::FIXED_LEN];
     stream.read_exact(&mut fixed).map_err(|e| {
@@ -94,8 +172,8 @@ fn read_reply(stream: &mut Conn, channel: u16, timeout: Duration) -> Result<(), 
         .read_exact(&mut reason)
         .map_err(|e| io("reading the hello reply", e))?;
     match HelloReply::decode(&fixed, &reason).map_err(decode)?.verdict {
-        Verdict::Accept => Ok(()),
         Verdict::Refuse(reason) => Err(Error::Refused { channel, reason }),
+        verdict => Ok(verdict),
     }
 }
 
@@ -196,13 +274,15 @@ fn fill(
     Ok(())
 }
 
-/// The receiver's half, second step: accepts the hello just read.
+/// The receiver's half, second step: accepts the hello just read (with [`Verdict::Accept`],
+/// or for a hello that offered its memory, [`Verdict::Shared`] or [`Verdict::Copying`]).
 pub(crate) fn accept_hello(
     stream: &mut Conn,
+    verdict: Verdict,
     channel: u16,
     timeout: Duration,
 ) -> Result<(), Error> {
-    reply(stream, Verdict::Accept, channel, timeout)
+    reply(stream, verdict, channel, timeout)
 }
 
 /// Refuses a hello, best effort: the connection is being dropped anyway.
@@ -261,15 +341,15 @@ mod tests {
                 let got = read_hello(&mut receiver, Instant::now() + timeout, &|| false).unwrap();
                 assert_eq!(got, expected);
                 if accept {
-                    accept_hello(&mut receiver, got.channel, timeout).unwrap();
+                    accept_hello(&mut receiver, Verdict::Accept, got.channel, timeout).unwrap();
                 } else {
                     refuse(&mut receiver, "not today");
                 }
             });
-            let result = greet(&mut sender, &sent, timeout);
+            let result = greet(&mut sender, &sent, None, timeout);
             peer.join().unwrap();
             match (accept, result) {
-                (true, Ok(())) => {}
+                (true, Ok(Accepted::Plain)) => {}
                 (false, Err(Error::Refused { channel: 1, reason })) => {
                     assert_eq!(reason, "not today");
                 }

@@ -488,7 +488,9 @@ fn refusal(bufs: &Buffers) -> Option<String> {
     let reason = got.get(HelloReply::FIXED_LEN..HelloReply::FIXED_LEN + len)?;
     match HelloReply::decode(fixed, reason).ok()?.verdict {
         crate::wire::Verdict::Refuse(reason) => Some(reason),
-        crate::wire::Verdict::Accept => None,
+        crate::wire::Verdict::Accept
+        | crate::wire::Verdict::Shared
+        | crate::wire::Verdict::Copying(_) => None,
     }
 }
 

@@ -10,6 +10,7 @@
 mod blocking;
 mod conn;
 mod endpoint;
+pub(crate) mod fds;
 mod link;
 mod uring;
 

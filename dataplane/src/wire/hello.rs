@@ -37,18 +37,24 @@ pub struct HelloFlags {
     /// past 255 to 1), so that a receiver never mixes the channels of two attempts; 0
     /// otherwise.
     pub attempt: u8,
+    /// Bit 3, on channel 0 of a migration without postcopy, over a Unix socket: the sender
+    /// offers to hand its guest memory over by descriptor instead of copying it; a
+    /// [`MemoryFds`] message with the descriptors follows the hello at once.
+    pub share: bool,
 }
 
 impl HelloFlags {
     const POSTCOPY: u16 = 1;
     const FAULT: u16 = 1 << 1;
     const RESUME: u16 = 1 << 2;
+    const SHARE: u16 = 1 << 3;
     const ATTEMPT_SHIFT: u16 = 8;
 
     fn bits(self) -> u16 {
         (u16::from(self.postcopy) * Self::POSTCOPY)
             | (u16::from(self.fault) * Self::FAULT)
             | (u16::from(self.resume) * Self::RESUME)
+            | (u16::from(self.share) * Self::SHARE)
             | (u16::from(self.attempt) << Self::ATTEMPT_SHIFT)
     }
 
@@ -57,12 +63,18 @@ impl HelloFlags {
             postcopy: bits & Self::POSTCOPY != 0,
             fault: bits & Self::FAULT != 0,
             resume: bits & Self::RESUME != 0,
+            share: bits & Self::SHARE != 0,
             attempt: bits.to_le_bytes()[1],
         };
-        let known = Self::POSTCOPY | Self::FAULT | Self::RESUME | (0xff << Self::ATTEMPT_SHIFT);
+        let known = Self::POSTCOPY
+            | Self::FAULT
+            | Self::RESUME
+            | Self::SHARE
+            | (0xff << Self::ATTEMPT_SHIFT);
         if bits & !known != 0
             || ((flags.fault || flags.resume) && !flags.postcopy)
             || (flags.resume != (flags.attempt != 0))
+            || (flags.share && flags.postcopy)
         {
             return Err(invalid("hello flags", bits));
         }
@@ -133,7 +145,10 @@ impl Hello {
         }
         // The fault channel's index is one past the data channels'.
         let fault_index = flags.fault && channel == channels;
-        if channel >= channels && !fault_index || flags.fault && channel != channels {
+        if channel >= channels && !fault_index
+            || flags.fault && channel != channels
+            || flags.share && channel != 0
+        {
             return Err(invalid("channel index", channel));
         }
         let regions = u32_at(fixed, 36);
@@ -190,6 +205,12 @@ pub enum Verdict {
     Accept,
     /// No, and why.
     Refuse(String),
+    /// To a hello that offered its memory (flag `share`): go ahead; this receiver took the
+    /// memory, so no page is to be sent.
+    Shared,
+    /// To a hello that offered its memory: go ahead, but send the pages: this receiver did
+    /// not take the memory, for the reason given.
+    Copying(String),
 }
 
 /// The receiver's answer to a [`Hello`].
@@ -208,6 +229,8 @@ impl HelloReply {
         let (code, reason) = match &self.verdict {
             Verdict::Accept => (1u16, ""),
             Verdict::Refuse(reason) => (2u16, truncate(reason, MAX_MESSAGE as usize)),
+            Verdict::Shared => (3u16, ""),
+            Verdict::Copying(reason) => (4u16, truncate(reason, MAX_MESSAGE as usize)),
         };
         let mut b = vec![0u8; Self::FIXED_LEN + reason.len()];
         b[0..8].copy_from_slice(&MAGIC);
@@ -235,14 +258,14 @@ impl HelloReply {
             crc32fast::hash(&fixed[..16]),
         )?;
         let code = u16_at(fixed, 10);
-        if !(1..=2).contains(&code) {
+        if !(1..=4).contains(&code) {
             return Err(invalid("hello reply verdict", code));
         }
         let len = u32_at(fixed, 12);
         if len > MAX_MESSAGE {
             return Err(too_large("refusal reason", len, MAX_MESSAGE));
         }
-        if code == 1 && len != 0 {
+        if matches!(code, 1 | 3) && len != 0 {
             return Err(invalid("reason length of an acceptance", len));
         }
         Ok(len as usize)
@@ -260,11 +283,67 @@ impl HelloReply {
         hasher.update(&zeroed);
         hasher.update(reason);
         verify_crc("hello reply", u32_at(fixed, 16), hasher.finalize())?;
+        let reason = || String::from_utf8_lossy(reason).into_owned();
         let verdict = match u16_at(fixed, 10) {
             1 => Verdict::Accept,
-            _ => Verdict::Refuse(String::from_utf8_lossy(reason).into_owned()),
+            3 => Verdict::Shared,
+            4 => Verdict::Copying(reason()),
+            _ => Verdict::Refuse(reason()),
         };
         Ok(HelloReply { verdict })
+    }
+}
+
+/// A same-host sender's guest memory, right after a hello with flag `share`: one descriptor
+/// per region of the hello, in region order, attached to this message's first byte
+/// (`SCM_RIGHTS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryFds {
+    /// How many descriptors come with it: the hello's region count.
+    pub count: u32,
+}
+
+impl MemoryFds {
+    /// Its length.
+    pub const LEN: usize = 24;
+    /// The message's kind, at offset 10 (room for others).
+    const KIND: u16 = 1;
+
+    /// The encoded message.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..8].copy_from_slice(&MAGIC);
+        put_u16(&mut b, 8, VERSION);
+        put_u16(&mut b, 10, Self::KIND);
+        put_u32(&mut b, 12, self.count);
+        let crc = crc32fast::hash(&b[..20]);
+        put_u32(&mut b, 20, crc);
+        b
+    }
+
+    /// Decodes the message.
+    pub fn decode(b: &[u8; Self::LEN]) -> Result<Self, DecodeError> {
+        check_magic_version(b)?;
+        verify_crc(
+            "memory descriptors",
+            u32_at(b, 20),
+            crc32fast::hash(&b[..20]),
+        )?;
+        let kind = u16_at(b, 10);
+        if kind != Self::KIND {
+            return Err(invalid("memory message kind", kind));
+        }
+        if u32_at(b, 16) != 0 {
+            return Err(invalid("memory message reserved field", u32_at(b, 16)));
+        }
+        let count = u32_at(b, 12);
+        if count == 0 {
+            return Err(invalid("descriptor count", count));
+        }
+        if count > MAX_REGIONS {
+            return Err(too_large("descriptor count", count, MAX_REGIONS));
+        }
+        Ok(MemoryFds { count })
     }
 }
 
@@ -388,6 +467,48 @@ mod tests {
     /// A count corrupted in transit is caught by the fixed part's crc before it sizes a read:
     /// a receiver never waits for a region table, nor a sender for a reason, that will not
     /// come.
+    /// The memory descriptors message round-trips; any flipped bit, a zero or excessive count,
+    /// another kind or a reserved field set is refused. The replies to an offer round-trip.
+    #[test]
+    fn memory_message_and_offer_replies() {
+        let message = MemoryFds { count: 3 };
+        let bytes = message.encode();
+        assert_eq!(MemoryFds::decode(&bytes), Ok(message));
+        for i in 0..bytes.len() {
+            let mut bad = bytes;
+            bad[i] ^= 0x10;
+            assert!(MemoryFds::decode(&bad).is_err(), "byte {i}");
+        }
+        let reseal = |mut b: [u8; MemoryFds::LEN]| {
+            let crc = crc32fast::hash(&b[..20]);
+            put_u32(&mut b, 20, crc);
+            b
+        };
+        for (at, value) in [(12, 0u32), (12, MAX_REGIONS + 1), (16, 1)] {
+            let mut bad = bytes;
+            put_u32(&mut bad, at, value);
+            assert!(MemoryFds::decode(&reseal(bad)).is_err(), "{at}: {value}");
+        }
+        let mut bad = bytes;
+        put_u16(&mut bad, 10, 2);
+        assert!(MemoryFds::decode(&reseal(bad)).is_err(), "kind");
+        for verdict in [
+            Verdict::Shared,
+            Verdict::Copying("its memory is the VMM's".into()),
+        ] {
+            let bytes = HelloReply {
+                verdict: verdict.clone(),
+            }
+            .encode();
+            let mut fixed = [0u8; HelloReply::FIXED_LEN];
+            fixed.copy_from_slice(&bytes[..HelloReply::FIXED_LEN]);
+            let len = HelloReply::reason_len(&fixed).unwrap();
+            let reply = HelloReply::decode(&fixed, &bytes[HelloReply::FIXED_LEN..]).unwrap();
+            assert_eq!(reply.verdict, verdict);
+            assert_eq!(len, bytes.len() - HelloReply::FIXED_LEN);
+        }
+    }
+
     #[test]
     fn corrupted_counts_are_caught_before_anything_is_read_for_them() {
         let bytes = sample().encode();
@@ -417,9 +538,20 @@ mod tests {
                 assert_eq!(flags.bits(), bits);
                 assert!(flags.postcopy || (!flags.fault && !flags.resume));
                 assert_eq!(flags.resume, flags.attempt != 0);
+                assert!(!(flags.share && flags.postcopy));
             }
         }
-        assert!(HelloFlags::from_bits(1 << 3).is_err());
+        assert!(HelloFlags::from_bits(1 << 4).is_err());
+        assert!(HelloFlags::from_bits(HelloFlags::SHARE).is_ok());
+        assert!(HelloFlags::from_bits(HelloFlags::SHARE | HelloFlags::POSTCOPY).is_err());
+        // Only channel 0 offers memory.
+        let mut hello = sample();
+        hello.flags.share = true;
+        for (channel, ok) in [(0, true), (1, false)] {
+            hello.channel = channel;
+            let (fixed, _) = split(&hello.encode());
+            assert_eq!(Hello::table_len(&fixed).is_ok(), ok, "channel {channel}");
+        }
         assert!(HelloFlags::from_bits(HelloFlags::FAULT).is_err());
         assert!(HelloFlags::from_bits(HelloFlags::POSTCOPY | (1 << 8)).is_err());
         assert!(HelloFlags::from_bits(HelloFlags::POSTCOPY | HelloFlags::RESUME).is_err());

@@ -67,6 +67,28 @@
 //! *resume*, and sends its outstanding requests again on the new fault channel; the source then
 //! pushes every wanted page not received.
 //!
+//! ## Same host
+//!
+//! Over a Unix socket, a sender whose guest memory is shareable (every region a memfd or a
+//! shared file mapping) may hand it over instead of copying it. Its channel 0 hello says so
+//! (flag `share`) and is followed at once by a [`MemoryFds`] message carrying one descriptor
+//! per region (`SCM_RIGHTS`). The receiver checks them (regular files of exactly each region's
+//! length, open for writing, not sealed against writes) and answers *shared* (it maps them in
+//! place of its own memory), *copying* with the reason it would not (then pages flow as
+//! usual), or refuses. A shared migration sends no page: its rounds are empty, and the end of
+//! stream, the device state and the handover are as above. From its commit on, the source
+//! refuses every access to the memory and makes its mappings inaccessible; a receiver that
+//! does not keep the guest puts fresh memory back in place of the sender's.
+//!
+//! ```text
+//!  sender                                   receiver
+//!  hello (share) + memory fds ───────────>  checks and maps them
+//!                                  <──────  hello reply: shared
+//!  end of round (0 pages), device state,
+//!  end of stream (0 pages) ──────────────>
+//!  ... the handover, as above
+//! ```
+//!
 //! ## Hello (sender → receiver), 48 bytes + 24 per region
 //!
 //! ```text
@@ -75,8 +97,10 @@
 //!      8    2 version (3); magic and version stay at these offsets in every version
 //!     10    2 flags: bit 0 postcopy (the migration may switch to postcopy, and has a fault
 //!             channel), bit 1 fault (this is the fault channel), bit 2 resume (a reconnection
-//!             of a paused postcopy), bits 8-15 the reconnection attempt (1 to 255, wrapping;
-//!             non-zero exactly with resume); fault and resume need postcopy, other bits are 0
+//!             of a paused postcopy), bit 3 share (memory descriptors follow; channel 0
+//!             only, never with postcopy), bits 8-15 the reconnection attempt (1 to 255,
+//!             wrapping; non-zero exactly with resume); fault and resume need postcopy, other
+//!             bits are 0
 //!     12    4 page size (4096)
 //!     16   16 session id, the same on every channel of a migration
 //!     32    2 channel index, below the channel count (the fault channel's: equal to it)
@@ -96,11 +120,25 @@
 //! ```text
 //!      0    8 magic "RAMJET\r\n"
 //!      8    2 version (3)
-//!     10    2 verdict: 1 accept, 2 refuse
-//!     12    4 reason length, at most 1024 (0 when accepted)
+//!     10    2 verdict: 1 accept, 2 refuse, 3 shared (accepted; the memory was taken), 4
+//!             copying (accepted; the memory was not taken, the reason says why); 3 and 4
+//!             answer only a hello with flag share
+//!     12    4 reason length, at most 1024 (0 for 1 and 3)
 //!     16    4 crc32 of bytes 0..24 (this field zero) and the reason
 //!     20    4 crc32 of bytes 0..16, checked before the reason length is used
 //!     24    n reason, UTF-8
+//! ```
+//!
+//! ## Memory descriptors (sender → receiver, after a hello with flag share), 24 bytes
+//!
+//! ```text
+//!      0    8 magic "RAMJET\r\n"
+//!      8    2 version (3)
+//!     10    2 kind: 1 (memory descriptors)
+//!     12    4 descriptor count: the hello's region count; the descriptors ride with the
+//!             first byte (SCM_RIGHTS), in region order
+//!     16    4 reserved, 0
+//!     20    4 crc32 of bytes 0..20
 //! ```
 //!
 //! ## Frame header, 32 bytes, then `payload length` bytes
@@ -168,7 +206,7 @@ mod pages;
 
 pub use error::DecodeError;
 pub use frame::{DONE_WORDS, FrameHeader, FrameKind, seal, seal_split};
-pub use hello::{Hello, HelloFlags, HelloReply, Verdict};
+pub use hello::{Hello, HelloFlags, HelloReply, MemoryFds, Verdict};
 pub use limits::{
     CHUNK_PAGES, MAGIC, MAX_CHANNELS, MAX_DEVICE_STATE, MAX_MESSAGE, MAX_PAGES_PER_FRAME,
     MAX_PAYLOAD, MAX_REGIONS, VERSION, WIRE_PAGE_SIZE, channel_of,
