@@ -14,7 +14,7 @@ use anyhow::Context;
 use ramjet_dataplane::Compression;
 use ramjet_dataplane::memory::PAGE_SIZE;
 use ramjet_dataplane::transport::{self, Blocking, Endpoint, Transport, Uring};
-use ramjet_dataplane::{LiveOptions, SendOptions, StallPolicy};
+use ramjet_dataplane::{LiveOptions, Log, SameHost, SendOptions, StallPolicy};
 
 use crate::events::Format;
 use crate::units::{Rate, Size};
@@ -39,6 +39,27 @@ pub fn transport_of(kind: Option<TransportKind>) -> anyhow::Result<Arc<dyn Trans
             Arc::new(Uring::default())
         }
     })
+}
+
+/// Whether a migration on one host hands the guest's memory over by descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SameHostArg {
+    /// Over a Unix socket, when the memory is shareable and the other side takes it.
+    Auto,
+    /// Always, or fail saying why not.
+    On,
+    /// Never: copy every page.
+    Off,
+}
+
+impl From<SameHostArg> for SameHost {
+    fn from(arg: SameHostArg) -> Self {
+        match arg {
+            SameHostArg::Auto => SameHost::Auto,
+            SameHostArg::On => SameHost::On,
+            SameHostArg::Off => SameHost::Off,
+        }
+    }
 }
 
 /// `tcp:HOST:PORT` or `unix:PATH`.
@@ -250,6 +271,13 @@ pub struct MigrationArgs {
     /// seconds.
     #[arg(long, value_parser = seconds, default_value = "60")]
     pub recover_wait: Duration,
+    /// Same host: hand the guest's memory over by file descriptor instead of copying it
+    /// (QEMU's cpr-transfer). `auto` does so over a unix: socket when the memory is shareable
+    /// (a memfd, or an image mapped with --share) and the receiver takes it, and otherwise
+    /// copies and says why; `on` (a bare --same-host) fails instead of copying; `off` always
+    /// copies. `ramjet demo --same-host` migrates a memfd guest over a unix: socket this way.
+    #[arg(long, value_enum, default_value = "auto", num_args = 0..=1, default_missing_value = "on")]
+    pub same_host: SameHostArg,
 }
 
 /// When a migration switches to postcopy.
@@ -277,6 +305,8 @@ impl TryFrom<&MigrationArgs> for (SendOptions, LiveOptions) {
             decision_timeout: args.decision_timeout.unwrap_or(defaults.decision_timeout),
             postcopy: args.postcopy.is_some(),
             recover_wait: Some(args.recover_wait),
+            same_host: args.same_host.into(),
+            log: Log::new(|line| crate::console::err(&format!("ramjet: {line}"))),
             ..defaults
         };
         let defaults = LiveOptions::default();
@@ -436,6 +466,7 @@ mod tests {
         assert_eq!(m.max_bandwidth, None);
         assert_eq!(m.downtime_limit, Duration::from_millis(300));
         assert_eq!(m.events, Format::Text);
+        assert_eq!(m.same_host, SameHostArg::Auto);
         let cli = parse(&["--downtime-limit", "50", "--channels", "64"]).unwrap();
         assert_eq!(cli.migration.downtime_limit, Duration::from_millis(50));
         assert_eq!(cli.migration.channels, 64);
@@ -474,6 +505,8 @@ mod tests {
             "1M/s",
             "--downtime-limit",
             "2s",
+            "--same-host",
+            "off",
         ])
         .unwrap();
         let (send, live) = <(SendOptions, LiveOptions)>::try_from(&cli.migration).unwrap();
@@ -481,6 +514,7 @@ mod tests {
         assert_eq!(send.compression, Compression::Lz4);
         assert_eq!(send.transport.name(), Blocking.name());
         assert_eq!(send.max_bandwidth, Some(1 << 20));
+        assert_eq!(send.same_host, SameHost::Off);
         assert!(!send.cancel.is_cancelled());
         assert_eq!(live.downtime_limit, Duration::from_secs(2));
         assert_eq!(live.max_rounds, LiveOptions::default().max_rounds);

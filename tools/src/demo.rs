@@ -17,8 +17,9 @@ use ramjet_dataplane::testkit::image::{self, ImageKind};
 use ramjet_dataplane::testkit::pki::{self, Scratch};
 use ramjet_dataplane::transport::Listener;
 use ramjet_dataplane::{
-    DirtySource, Error, Guest, LiveOptions, LiveReport, PostcopyRun, ReceiveOptions, Received,
-    SendOptions, Sender, TlsClient, TlsServer, migrate_live, receive,
+    DirtySource, Error, Guest, LiveOptions, LiveReport, MemoryTransfer, PostcopyRun,
+    ReceiveOptions, Received, SameHost, SendOptions, Sender, TlsClient, TlsServer, migrate_live,
+    receive,
 };
 
 use crate::cli::{GuestSize, MigrationArgs};
@@ -98,6 +99,7 @@ impl TryFrom<&Args> for Config {
         let mut receive = ReceiveOptions {
             transport: Arc::clone(&send.transport),
             recover_wait: send.recover_wait,
+            same_host: send.same_host,
             ..ReceiveOptions::default()
         };
         let creds = if args.tls {
@@ -123,15 +125,26 @@ impl TryFrom<&Args> for Config {
 }
 
 /// The guest and the destination's memory: a mixed-content source, a prefaulted copy target.
-/// On a terminal, a line on stderr shows how far it got, and goes once it is done.
-fn prepare(bytes: u64) -> anyhow::Result<(Arc<GuestMemory>, Arc<GuestMemory>)> {
+/// On a terminal, a line on stderr shows how far it got, and goes once it is done. For a
+/// same-host handover the guest is a memfd, and the destination's memory is only reserved
+/// (the source's takes its place).
+fn prepare(bytes: u64, same_host: bool) -> anyhow::Result<(Arc<GuestMemory>, Arc<GuestMemory>)> {
     eprintln!(
         "preparing a {} guest of mixed content and its destination...",
         Bytes(bytes)
     );
     let shown = Preparing::new(bytes);
-    let memory = Arc::new(GuestMemory::anonymous(bytes).context("cannot map the guest")?);
+    let memory = if same_host {
+        GuestMemory::memfd(bytes)
+    } else {
+        GuestMemory::anonymous(bytes)
+    };
+    let memory = Arc::new(memory.context("cannot map the guest")?);
     fill(&memory, &shown)?;
+    if same_host {
+        let incoming = GuestMemory::anonymous_like(&memory.layout())?;
+        return Ok((memory, Arc::new(incoming)));
+    }
     shown.step("faulting in the destination's memory");
     let incoming = Arc::new(GuestMemory::anonymous_like(&memory.layout())?);
     incoming
@@ -223,7 +236,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         return crate::kvm::run(args.size.bytes(), args.dirty_rate, mode, config);
     }
     let bytes = args.size.bytes();
-    let (memory, incoming) = prepare(bytes)?;
+    let same_host = config.send.same_host == SameHost::On;
+    let (memory, incoming) = prepare(bytes, same_host)?;
     let mut config = config;
     // With postcopy, the guest runs on the destination from the switch on, writing as it did
     // on the source; its writes are logged, so that the check knows which pages are its own.
@@ -247,6 +261,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         None,
     )?;
     let written = destination_guest.stop()?;
+    if migrated.report.summary.memory == MemoryTransfer::Shared {
+        migrated.print(&config.send, "no", bytes);
+        return verify_shared(&memory, &incoming, guest.writes());
+    }
     let difference = first_difference_outside(&memory, &incoming, written.as_deref())?;
     migrated.print(&config.send, source.name(), bytes);
     if let Some(page) = difference {
@@ -260,6 +278,37 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ),
         None => println!("verified: destination identical"),
     }
+    Ok(())
+}
+
+/// Checks a same-host handover: the destination maps the source's very memory (the same memfd)
+/// and the source refuses to touch it; the guest's writes up to the pause are there.
+fn verify_shared(memory: &GuestMemory, incoming: &GuestMemory, writes: u64) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = |memory: &GuestMemory| -> anyhow::Result<(u64, u64)> {
+        let fd = memory.regions()[0]
+            .try_clone_fd()?
+            .context("a region without its memfd")?;
+        let meta = std::fs::File::from(fd).metadata()?;
+        Ok((meta.dev(), meta.ino()))
+    };
+    let (source, destination) = (inode(memory)?, inode(incoming)?);
+    if source != destination {
+        bail!("verification failed: the destination maps other memory than the source's");
+    }
+    let mut page = vec![0u8; PAGE_SIZE];
+    let refused = matches!(
+        memory.read(0, 0, &mut page),
+        Err(ramjet_dataplane::MemoryError::HandedOver)
+    );
+    if !refused {
+        bail!("verification failed: the source can still read the memory it handed over");
+    }
+    println!(
+        "verified: the destination maps the source's memfd itself (inode {}), with the guest's \
+         {writes} page writes up to the pause; the source refuses to touch it",
+        destination.1
+    );
     Ok(())
 }
 
@@ -347,7 +396,15 @@ pub(crate) fn migrate(
     guest: &mut dyn Guest,
     arrived: Option<Arrived>,
 ) -> anyhow::Result<Migrated> {
-    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().map_err(anyhow::Error::msg)?)?;
+    // A same-host handover needs a Unix socket (descriptors do not cross TCP).
+    let scratch;
+    let endpoint = if config.send.same_host == SameHost::On {
+        scratch = Scratch::new("ramjet-demo-socket").context("cannot make a directory")?;
+        ramjet_dataplane::Endpoint::Unix(scratch.path().join("migration.sock"))
+    } else {
+        "tcp:127.0.0.1:0".parse().map_err(anyhow::Error::msg)?
+    };
+    let listener = Listener::bind(&endpoint)?;
     let at = listener.endpoint().clone();
     let format = config.events;
     let destination = Events::new(Side::Destination, config.control, format, true);
@@ -468,6 +525,9 @@ fn print_summary(
         send.channels,
     );
     println!("rounds:      {} ({:?})", report.rounds, report.reason);
+    if report.summary.memory == MemoryTransfer::Shared {
+        println!("memory:      handed over by file descriptor (same host): no page copied");
+    }
     println!("total time:  {total:.2?}");
     if report.reason.is_postcopy() {
         println!(

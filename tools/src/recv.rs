@@ -16,9 +16,13 @@ use anyhow::Context;
 use ramjet_control::{Options, Side, Trigger};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::transport::{Endpoint, Listener};
-use ramjet_dataplane::{Handover, Log, Operator, PostcopyRun, ReceiveOptions, Received, receive};
+use ramjet_dataplane::{
+    Handover, Log, MemoryTransfer, Operator, PostcopyRun, ReceiveOptions, Received, receive,
+};
 
-use crate::cli::{GuestSize, TransportKind, parse_endpoint, seconds, tls_server, transport_of};
+use crate::cli::{
+    GuestSize, SameHostArg, TransportKind, parse_endpoint, seconds, tls_server, transport_of,
+};
 use crate::events::{Events, Format};
 use crate::postcopy;
 use crate::signals;
@@ -86,6 +90,12 @@ pub struct Args {
     /// "guest" is its memory, which `--out` writes once every page is here.)
     #[arg(long, value_parser = seconds, default_value = "60")]
     pub(crate) recover_wait: Duration,
+    /// Same host: take the sender's memory by file descriptor instead of receiving its pages
+    /// (QEMU's cpr-transfer), over a unix: socket. `auto` takes it when offered; `on` refuses a
+    /// sender that copies (and then skips faulting in --memory, which the sender's replaces);
+    /// `off` always receives the pages.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(crate) same_host: SameHostArg,
 }
 
 /// Exit status: in doubt, the complete copy kept.
@@ -107,6 +117,7 @@ impl TryFrom<&Args> for ReceiveOptions {
             tls: tls_server(args.tls_creds.as_deref(), &args.tls_authz)?,
             postcopy: Some(postcopy_run()),
             recover_wait: Some(args.recover_wait),
+            same_host: args.same_host.into(),
             ..defaults
         })
     }
@@ -123,12 +134,18 @@ pub(crate) fn postcopy_run() -> PostcopyRun {
 }
 
 /// Guest RAM of `size`, allocated and faulted in before listening, as a VMM does at start-up.
-/// On a terminal, a line says so while it takes (seconds for a large guest here).
-pub(crate) fn guest_memory(size: GuestSize) -> anyhow::Result<Arc<GuestMemory>> {
-    let preparing = crate::demo::Preparing::new(size.bytes());
-    preparing.step("faulting in the guest's memory");
+/// On a terminal, a line says so while it takes (seconds for a large guest here). With
+/// `--same-host on` it is only reserved: the sender's memory will take its place.
+pub(crate) fn guest_memory(
+    size: GuestSize,
+    same_host: SameHostArg,
+) -> anyhow::Result<Arc<GuestMemory>> {
     let memory = Arc::new(GuestMemory::anonymous(size.bytes()).context("cannot map guest memory")?);
-    memory.prefault().context("cannot fault in guest memory")?;
+    if same_host != SameHostArg::On {
+        let preparing = crate::demo::Preparing::new(size.bytes());
+        preparing.step("faulting in the guest's memory");
+        memory.prefault().context("cannot fault in guest memory")?;
+    }
     Ok(memory)
 }
 
@@ -156,6 +173,12 @@ pub(crate) fn land(
             .stats
             .ram_stats(memory.total_bytes(), received.elapsed);
         events.with(|m| m.set_ram_stats(stats));
+        if received.memory == MemoryTransfer::Shared {
+            eprintln!(
+                "ramjet: the sender handed the guest's memory over by file descriptor (same \
+                 host): no page was copied"
+            );
+        }
     }
     // Whether the guest may run here or not, the copy is complete and verified: keep it.
     let written = match (&result, out) {
@@ -176,7 +199,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--listen is needed unless --qmp is given");
     };
     let options = ReceiveOptions::try_from(args)?;
-    let memory = guest_memory(args.memory)?;
+    let memory = guest_memory(args.memory, args.same_host)?;
     // Ctrl-C is handled from before anyone can know where to connect.
     let control = Options::new().postcopy_ram(true);
     let events = Events::new(Side::Destination, control, args.events, false);

@@ -15,8 +15,8 @@ use ramjet_dataplane::testkit::Workload;
 use ramjet_dataplane::testkit::image::ImageKind;
 use ramjet_dataplane::transport::Endpoint;
 use ramjet_dataplane::{
-    Counters, Error, FactSink, LiveHandle, LiveOptions, Negotiated, PostcopyStats, PreSwitchover,
-    SendOptions, Sender, migrate_live,
+    Counters, Error, FactSink, LiveHandle, LiveOptions, MemoryTransfer, Negotiated, PostcopyStats,
+    PreSwitchover, SendOptions, Sender, migrate_live,
 };
 
 use crate::cli::{GuestSize, MigrationArgs, Target, parse_target, tls_client};
@@ -43,6 +43,11 @@ pub struct Args {
     /// while ramjet send runs.
     #[arg(long)]
     pub(crate) image: PathBuf,
+    /// Map the image shared, as QEMU's memory-backend-file with share=on: the guest's writes
+    /// (--live-dirty-rate) go to the file, and a migration to a receiver on this host hands
+    /// the file over (--same-host) instead of copying its pages.
+    #[arg(long)]
+    pub(crate) share: bool,
     #[command(flatten)]
     pub(crate) migration: MigrationArgs,
     /// Wait in pre-switchover, guest paused, until stdin gets a line (`continue`).
@@ -97,11 +102,16 @@ impl TryFrom<&Args> for Config {
     }
 }
 
-/// Maps the image private as the guest's RAM, as QEMU's `memory-backend-file` with
-/// `share=off` does: migrating starts at once (pages are read as they are first sent), and the
-/// guest's writes (`--live-dirty-rate`) stay in this process, never in the file.
-pub(crate) fn load(path: &PathBuf) -> anyhow::Result<Arc<GuestMemory>> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+/// Maps the image as the guest's RAM, as QEMU's `memory-backend-file` does: migrating starts
+/// at once (pages are read as they are first sent). Private (`share=off`): the guest's writes
+/// (`--live-dirty-rate`) stay in this process, never in the file. Shared (`share`): they go to
+/// the file, and a same-host migration can hand the file over.
+pub(crate) fn load(path: &PathBuf, share: bool) -> anyhow::Result<Arc<GuestMemory>> {
+    let file = File::options()
+        .read(true)
+        .write(share)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
     let len = file.metadata()?.len();
     if GuestSize::new(len).is_none() {
         bail!(
@@ -109,11 +119,17 @@ pub(crate) fn load(path: &PathBuf) -> anyhow::Result<Arc<GuestMemory>> {
             path.display()
         );
     }
-    // SAFETY: the image is the guest the user asks this process to migrate; `--image` says it
-    // must not be truncated or written while `ramjet send` runs (as QEMU asks of a
-    // memory-backend-file), and nothing in this process writes it (the mapping is private).
-    let region = unsafe { Region::from_file_private(0, GuestAddr(0), &file) }
-        .with_context(|| format!("cannot map {}", path.display()))?;
+    let region = if share {
+        // SAFETY: the image is the guest the user asks this process to migrate and to write;
+        // `--image` says it must not be truncated or changed by others while `ramjet send`
+        // runs (as QEMU asks of a memory-backend-file).
+        unsafe { Region::from_file(0, GuestAddr(0), &file) }
+    } else {
+        // SAFETY: as above; and nothing in this process writes the file (the mapping is
+        // private).
+        unsafe { Region::from_file_private(0, GuestAddr(0), &file) }
+    };
+    let region = region.with_context(|| format!("cannot map {}", path.display()))?;
     Ok(Arc::new(GuestMemory::new(vec![region])?))
 }
 
@@ -201,7 +217,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let user = events.clone();
     // Ctrl-C cancels from the start.
     signals::cancel_on_interrupt(cancel.clone(), move || user.step(Trigger::Cancel))?;
-    let memory = load(&args.image)?;
+    let memory = load(&args.image, args.share)?;
     let started = Instant::now();
     let mut vcpu = args.live_dirty_rate.map(|rate| Vcpu::start(&memory, rate));
     let outcome = migrate(Job {
@@ -235,6 +251,7 @@ pub(crate) fn report(
             acknowledged,
             tls,
             postcopy,
+            shared,
         }) => {
             eprintln!(
                 "ramjet: migrated {} in {:.2?} ({rounds} rounds, {} on the wire, downtime {downtime:.1?})",
@@ -251,6 +268,12 @@ pub(crate) fn report(
             }
             if let Some(tls) = tls {
                 eprintln!("ramjet: every channel was encrypted: {tls}");
+            }
+            if shared {
+                eprintln!(
+                    "ramjet: the guest's memory was handed over by file descriptor (same host): \
+                     no page was copied, and this process no longer maps it"
+                );
             }
             if !acknowledged {
                 eprintln!(
@@ -284,6 +307,8 @@ pub(crate) struct Sent {
     tls: Option<Negotiated>,
     /// What postcopy did, if the migration switched to it.
     postcopy: Option<PostcopyStats>,
+    /// Whether the memory was handed over by descriptor.
+    shared: bool,
 }
 
 /// The user's `continue` for pause-before-switchover: a line on stdin.
@@ -323,6 +348,7 @@ fn paused(
         acknowledged: summary.acknowledged,
         tls: summary.tls,
         postcopy: None,
+        shared: summary.memory == MemoryTransfer::Shared,
     })
 }
 
@@ -352,6 +378,7 @@ fn paused_postcopy(
         acknowledged: summary.acknowledged,
         tls: summary.tls,
         postcopy: summary.postcopy,
+        shared: false,
     })
 }
 
@@ -396,5 +423,6 @@ fn live(
         acknowledged: report.summary.acknowledged,
         postcopy: report.summary.postcopy,
         tls: report.summary.tls,
+        shared: report.summary.memory == MemoryTransfer::Shared,
     })
 }

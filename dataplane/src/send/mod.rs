@@ -677,10 +677,11 @@ impl Sender {
         }
         if self.shares_memory() {
             // The destination may run the guest on this very memory once it hears the go:
-            // nothing here may touch it from now on. No frame lends its pages out (none was
-            // sent), so the freeze ends and the mappings are revoked at once.
+            // nothing here may touch it from now on. (No frame lends its pages out: none was
+            // sent, so the freeze can end.) Revoking the mappings walks the page tables, so it
+            // waits until the go is out, the guest paused here meanwhile.
             self.frozen = None;
-            self.memory.hand_over();
+            self.memory.refuse_access();
         }
         self.counters
             .add_device_state_bytes(device_state.len() as u64);
@@ -688,6 +689,9 @@ impl Sender {
         let go = Instant::now();
         let acknowledged = self.deliver_go();
         let confirmed = acknowledged.unwrap_or(go);
+        if self.shares_memory() {
+            self.memory.revoke_if_idle();
+        }
         self.sink.fact(Fact::Completed);
         self.stop.close_all();
         self.stop_threads();

@@ -44,7 +44,7 @@ pub fn run(args: &recv::Args, address: &Address) -> anyhow::Result<ExitCode> {
     }
     // The flags' options, less what the monitor's settings decide.
     let base = ReceiveOptions::try_from(args)?;
-    let memory = recv::guest_memory(args.memory)?;
+    let memory = recv::guest_memory(args.memory, args.same_host)?;
     let server = Server::bind(address)?;
     let broadcast = server.broadcast();
     let events = Events::new(Side::Destination, Options::new(), args.events, false)

@@ -41,7 +41,7 @@ pub fn run(args: &send::Args, address: &Address) -> anyhow::Result<ExitCode> {
         bail!("with --qmp, ask query-migrate");
     }
     let (send, live) = <(SendOptions, LiveOptions)>::try_from(&args.migration)?;
-    let memory = send::load(&args.image)?;
+    let memory = send::load(&args.image, args.share)?;
     let server = Server::bind(address)?;
     let broadcast = server.broadcast();
     let events = Events::new(Side::Source, Options::new(), args.migration.events, false)
