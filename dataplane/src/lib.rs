@@ -143,6 +143,11 @@ pub mod internals {
     #[doc(inline)]
     pub use crate::wire;
 
+    /// Passing descriptors over a Unix socket (`SCM_RIGHTS`), as a same-host migration does.
+    pub mod fds {
+        pub use crate::transport::fds::{recv_with_fds, send_with_fds};
+    }
+
     /// The page codec: how each page of a frame is encoded, and lz4 decoding.
     pub mod codec {
         pub use crate::codec::{

@@ -158,11 +158,16 @@ fn run(
     sink.fact(Fact::SetupDone);
     let channels = u16::try_from(streams.len()).unwrap_or(u16::MAX);
     let negotiated = streams.first().and_then(|c| c.tls().cloned());
+    let shared_memory = transfer == MemoryTransfer::Shared;
     let shared = Arc::new(Shared {
+        // Memory taken by descriptor gets no page, so it needs no stamps.
         stamps: memory
             .regions()
             .iter()
-            .map(|r| (0..r.layout().pages()).map(|_| AtomicU32::new(0)).collect())
+            .map(|r| {
+                let pages = if shared_memory { 0 } else { r.layout().pages() };
+                (0..pages).map(|_| AtomicU32::new(0)).collect()
+            })
             .collect(),
         lease,
         known_zero,
@@ -171,7 +176,7 @@ fn run(
         sink,
         channels,
         postcopy: fault.is_some(),
-        shared_memory: transfer == MemoryTransfer::Shared,
+        shared_memory,
         timeout: options.timeout,
         pool: Pool::new(
             (0..usize::from(channels) * 2 + options.workers * 2)

@@ -186,7 +186,8 @@ impl Sender {
         let stop = options.cancel.stop();
         let connected = Self::connect_streams(&memory, endpoint, options, &stop).and_then(
             |(streams, fault, hello, transfer)| {
-                let wiring = Self::wire_up(memory, &stop, streams.len(), options)?;
+                let shared = transfer == MemoryTransfer::Shared;
+                let wiring = Self::wire_up(memory, &stop, streams.len(), shared, options)?;
                 Ok((streams, fault, hello, wiring, transfer))
             },
         );
@@ -206,14 +207,20 @@ impl Sender {
     }
 
     /// What the threads of a session over `channels` channels share: its frame buffers, its
-    /// counters, its stop switch and rate limit.
+    /// counters, its stop switch and rate limit. A session whose memory is `shared` sends no
+    /// page, so it gets one frame buffer (which the transport would otherwise pin in vain).
     fn wire_up(
         memory: Arc<GuestMemory>,
         stop: &Arc<Stop>,
         channels: usize,
+        shared: bool,
         options: &SendOptions,
     ) -> Result<Wiring, Error> {
-        let slots = channels * (QUEUE_FRAMES + 4) + options.workers * 2;
+        let slots = if shared {
+            1
+        } else {
+            channels * (QUEUE_FRAMES + 4) + options.workers * 2
+        };
         let (arena, slots) =
             Arena::new(slots, frame_capacity(CHUNK_LEN)).map_err(Error::Buffers)?;
         let pool = Pool::new(
@@ -689,10 +696,11 @@ impl Sender {
         let go = Instant::now();
         let acknowledged = self.deliver_go();
         let confirmed = acknowledged.unwrap_or(go);
+        self.sink.fact(Fact::Completed);
         if self.shares_memory() {
+            // After `completed`: the migration is over, this is the source's clean-up.
             self.memory.revoke_if_idle();
         }
-        self.sink.fact(Fact::Completed);
         self.stop.close_all();
         self.stop_threads();
         self.ended = true;

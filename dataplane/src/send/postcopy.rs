@@ -297,14 +297,19 @@ impl Sender {
                 return Err(err);
             }
         };
-        let mut wiring =
-            match Self::wire_up(Arc::clone(&self.memory), &stop, streams.len(), options) {
-                Ok(wiring) => wiring,
-                Err(err) => {
-                    stop.close_all();
-                    return Err(err);
-                }
-            };
+        let mut wiring = match Self::wire_up(
+            Arc::clone(&self.memory),
+            &stop,
+            streams.len(),
+            false,
+            options,
+        ) {
+            Ok(wiring) => wiring,
+            Err(err) => {
+                stop.close_all();
+                return Err(err);
+            }
+        };
         wiring.counters = Arc::clone(&self.counters);
         let sink = Arc::clone(&self.sink);
         let mut sender = Self::start(&wiring, &mut streams, (endpoint, hello), options, sink);

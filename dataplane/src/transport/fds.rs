@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::{ptr, slice};
 
 /// The most descriptors one message may carry (the wire's region limit).
-pub(crate) const MAX_FDS: usize = crate::wire::MAX_REGIONS as usize;
+pub const MAX_FDS: usize = crate::wire::MAX_REGIONS as usize;
 
 /// Bytes of control buffer for `fds` descriptors, `cmsghdr`-aligned (u64 words).
 fn control_words(fds: usize) -> usize {
@@ -20,12 +20,14 @@ fn control_words(fds: usize) -> usize {
     space.div_ceil(size_of::<u64>())
 }
 
-/// Sends all of `bytes` on `stream`, with `fds` attached to the first of them.
-pub(crate) fn send_with_fds(
-    stream: &UnixStream,
-    bytes: &[u8],
-    fds: &[BorrowedFd<'_>],
-) -> io::Result<()> {
+/// Sends all of `bytes` on `stream`, with `fds` attached to the first of them (1 to
+/// [`MAX_FDS`] descriptors).
+///
+/// # Errors
+///
+/// Whatever `sendmsg` and the writes of the rest say, or `InvalidInput` for no descriptors,
+/// too many, or no bytes.
+pub fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     if fds.is_empty() || fds.len() > MAX_FDS || bytes.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -80,7 +82,12 @@ pub(crate) fn send_with_fds(
 /// Reads exactly `buf.len()` bytes from `stream`, and returns the descriptors that came with
 /// them (at most `max_fds`; more is an error, and every descriptor received is closed). The
 /// descriptors are close-on-exec.
-pub(crate) fn recv_with_fds(
+///
+/// # Errors
+///
+/// Whatever `recvmsg` says, `UnexpectedEof` if the peer closes first, or `InvalidData` for
+/// more descriptors than `max_fds`.
+pub fn recv_with_fds(
     stream: &UnixStream,
     buf: &mut [u8],
     max_fds: usize,
