@@ -73,7 +73,16 @@
 //!    must be anonymous or a memfd: pages still missing fault through userfaultfd and are
 //!    fetched), and [`receive`] returns once every page is there. A broken link pauses both
 //!    sides; [`LiveHandle::recover`] reconnects.
-//! 7. **Observe and steer** from other threads: the [`FactSink`] given to `connect` and
+//! 7. **Same host** (a VMM upgrade): give the guest memfd regions ([`Region::memfd`], or a file
+//!    mapped shared, [`Region::from_file`]) and migrate over a Unix socket: with
+//!    [`SameHost::Auto`] (the default, [`SendOptions::same_host`],
+//!    [`ReceiveOptions::same_host`]) the sender passes the memory's descriptors and the
+//!    receiver maps them in place of its own regions, at the same addresses; no page is copied
+//!    ([`Sender::shares_memory`], [`Summary::memory`], [`Received::memory`] say so, or why
+//!    not). After the go the source's memory refuses every access
+//!    ([`MemoryError::HandedOver`]); a destination that does not end up with the guest gets
+//!    fresh memory back.
+//! 8. **Observe and steer** from other threads: the [`FactSink`] given to `connect` and
 //!    `receive` gets every fact (feed them to a `ramjet_control::Machine` for QEMU's statuses and
 //!    events); the sender's [`LiveHandle`] ([`Sender::live_handle`]) gives [`Progress`],
 //!    `query-migrate` figures ([`LiveHandle::ram_stats`]), `continue`

@@ -21,7 +21,7 @@ fn control_words(fds: usize) -> usize {
 }
 
 /// Sends all of `bytes` on `stream`, with `fds` attached to the first of them (1 to
-/// [`MAX_FDS`] descriptors).
+/// 256 descriptors).
 ///
 /// # Errors
 ///
