@@ -42,6 +42,39 @@ fn the_demo_migrates_a_running_guest_and_verifies_it() {
     );
 }
 
+/// `ramjet demo --same-host`: a memfd guest handed over by descriptor over a Unix socket; the
+/// check finds the destination mapping the source's very memfd, and the source refusing it.
+#[test]
+fn the_demo_hands_a_guest_over_on_one_host() {
+    let out = ramjet(&[
+        "demo",
+        "--size",
+        "32M",
+        "--dirty-rate",
+        "5000",
+        "--same-host",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("rounds:      1 (SharedMemory)"), "{stdout}");
+    assert!(
+        stdout.contains("memory:      handed over by file descriptor (same host)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("verified: the destination maps the source's memfd itself"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("the source refuses to touch it"),
+        "{stdout}"
+    );
+}
+
 /// `ramjet demo --postcopy`: after round 1 the destination runs the guest (which writes on
 /// there), fetching what it touches; both sides show postcopy-active, and the check finds the
 /// destination equal to the source at the pause but for the pages its guest wrote.
@@ -546,6 +579,92 @@ mod processes {
             assert_eq!(query["ram"]["total"], 16 << 20);
             let _ = std::fs::remove_file(&out_file);
         }
+        let _ = std::fs::remove_file(&img);
+    }
+
+    /// On one host, over a Unix socket: `send --share` hands the image's file over (no page
+    /// copied) and `recv --out` writes what it maps; a private image with `--same-host on`
+    /// fails before anything is sent, saying why; and a receiver with `--same-host on` refuses
+    /// a sender that copies. Without `on`, a private image is copied with a line saying why.
+    #[test]
+    fn send_share_hands_an_image_over_on_one_host() {
+        let img = image("shared-image", "16M");
+        let out_file = temp("shared-out");
+        let out_arg = out_file.to_str().expect("utf-8 path");
+        let listen = format!("unix:{}", temp("shared-sock").display());
+        let (receiver, at, rest) = recv_logged(&listen, "16M", &["--out", out_arg]);
+        let sent = send(&at, &img, &["--share", "--same-host"])
+            .output()
+            .expect("send");
+        let received = receiver.wait_with_output().expect("recv");
+        let (sent_stderr, received_stderr) = (
+            String::from_utf8_lossy(&sent.stderr).into_owned(),
+            rest.join().expect("stderr"),
+        );
+        assert!(sent.status.success(), "{sent_stderr}");
+        assert!(received.status.success(), "{received_stderr}");
+        assert!(
+            sent_stderr.contains("handed over by file descriptor (same host): no page was copied"),
+            "{sent_stderr}"
+        );
+        assert!(
+            received_stderr.contains("handed the guest's memory over by file descriptor"),
+            "{received_stderr}"
+        );
+        assert!(
+            std::fs::read(&img).expect("image") == std::fs::read(&out_file).expect("out"),
+            "the received memory differs from the image"
+        );
+        let _ = std::fs::remove_file(&out_file);
+
+        // A private image: `on` fails, `auto` copies and says why.
+        let (receiver, at, rest) = recv_logged(&listen, "16M", &[]);
+        let sent = send(&at, &img, &["--same-host", "on"])
+            .output()
+            .expect("send");
+        let sent_stderr = String::from_utf8_lossy(&sent.stderr);
+        assert!(!sent.status.success());
+        assert!(
+            sent_stderr.contains(
+                "same-host is on, and the memory cannot be handed over: region 0 is a private \
+                 (copy-on-write) mapping of a file"
+            ),
+            "{sent_stderr}"
+        );
+        let received = receiver.wait_with_output().expect("recv");
+        assert!(
+            !received.status.success(),
+            "{}",
+            rest.join().expect("stderr")
+        );
+        let (receiver, at, _rest) = recv_logged(&listen, "16M", &[]);
+        let sent = send(&at, &img, &[]).output().expect("send");
+        let sent_stderr = String::from_utf8_lossy(&sent.stderr);
+        assert!(sent.status.success(), "{sent_stderr}");
+        assert!(
+            sent_stderr.contains(
+                "ramjet: copying the guest memory, not handing it over: region 0 is a private"
+            ),
+            "{sent_stderr}"
+        );
+        assert!(receiver.wait_with_output().expect("recv").status.success());
+
+        // A receiver that takes memory only by descriptor refuses a sender that copies.
+        let (receiver, at, rest) = recv_logged(&listen, "16M", &["--same-host", "on"]);
+        let sent = send(&at, &img, &[]).output().expect("send");
+        let sent_stderr = String::from_utf8_lossy(&sent.stderr);
+        assert!(!sent.status.success());
+        assert!(
+            sent_stderr.contains("takes the guest's memory only by descriptor"),
+            "{sent_stderr}"
+        );
+        let received = receiver.wait_with_output().expect("recv");
+        let received_stderr = rest.join().expect("stderr");
+        assert!(!received.status.success());
+        assert!(
+            received_stderr.contains("takes the guest's memory only by descriptor"),
+            "{received_stderr}"
+        );
         let _ = std::fs::remove_file(&img);
     }
 
