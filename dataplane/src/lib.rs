@@ -80,8 +80,8 @@
 //!    receiver maps them in place of its own regions, at the same addresses; no page is copied
 //!    ([`Sender::shares_memory`], [`Summary::memory`], [`Received::memory`] say so, or why
 //!    not). After the go the source's memory refuses every access
-//!    ([`MemoryError::HandedOver`]); a destination that does not end up with the guest gets
-//!    fresh memory back.
+//!    ([`MemoryError::HandedOver`]); a destination that does not end up with the guest maps its
+//!    own memory again.
 //! 8. **Observe and steer** from other threads: the [`FactSink`] given to `connect` and
 //!    `receive` gets every fact (feed them to a `ramjet_control::Machine` for QEMU's statuses and
 //!    events); the sender's [`LiveHandle`] ([`Sender::live_handle`]) gives [`Progress`],

@@ -4,35 +4,35 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::access::{HANDED_OVER, wait_for};
 use super::error::MemoryError;
 use super::guest::GuestMemory;
 use super::page::{PAGE_SIZE, PAGE_SIZE_U64};
-use super::region::{Backing, check_shared_fd};
+use super::region::{Share, check_shared_fd};
 
 /// A receive session's exclusive claim on the memory it writes (see the module docs): while it
 /// lives, nothing else may read, write or freeze the memory, and no second lease is granted.
 ///
 /// A same-host receive [adopts](ReceiveLease::adopt) the sender's memory in place of its own;
 /// unless the session then [keeps](ReceiveLease::keep_adopted) it (the guest may run here, or
-/// the receiver is in doubt and holds the complete state), the lease puts fresh anonymous
-/// memory back before it ends, so that nothing of this process can ever write the memory of
-/// a guest the source kept.
+/// the receiver is in doubt and holds the complete state), the lease puts its own memory back
+/// before it ends (its memfd or shared file, or fresh anonymous memory for private memory), so
+/// that nothing of this process can ever write the memory of a guest the source kept.
 #[derive(Debug)]
 pub(crate) struct ReceiveLease {
     memory: Arc<GuestMemory>,
-    /// The regions map the sender's memory now.
-    adopted: AtomicBool,
-    /// And they stay so when the lease ends.
+    /// Per region adopted, what it mapped before.
+    adopted: Mutex<Vec<Option<Share>>>,
+    /// The adopted memory stays when the lease ends.
     kept: AtomicBool,
 }
 
 impl Drop for ReceiveLease {
     fn drop(&mut self) {
-        if self.adopted.load(Ordering::SeqCst) && !self.kept.load(Ordering::SeqCst) {
+        if !self.kept.load(Ordering::SeqCst) {
             self.detach();
         }
         self.memory.access.receiving.fetch_sub(1, Ordering::SeqCst);
@@ -80,23 +80,33 @@ impl ReceiveLease {
                 .map_err(|reason| MemoryError::Adopt { id, reason })?;
             checked.push((file, backing));
         }
-        self.adopted.store(true, Ordering::SeqCst);
-        for (region, (file, backing)) in regions.iter().zip(checked) {
+        for (index, (region, (file, backing))) in regions.iter().zip(checked).enumerate() {
             // SAFETY: the lease keeps every other accessor of this process away, and the
             // caller lends no page out before this returns; `check_shared_fd` made sure the
             // file is a regular file of exactly the region's length (and sealed a memfd
             // against shrinking; a plain file is, as with `Region::from_file`, trusted not to
             // be truncated by the process that handed it over).
-            if let Err(e) = unsafe { region.replace_with(file, backing) } {
-                self.detach();
-                self.adopted.store(false, Ordering::SeqCst);
-                return Err(MemoryError::Adopt {
-                    id: region.layout().id(),
-                    reason: format!("mapping it failed: {e}"),
-                });
+            match unsafe { region.replace_with(file, backing) } {
+                Ok(previous) => {
+                    let mut adopted = self.adopted();
+                    adopted.resize_with(regions.len(), || None);
+                    adopted[index] = Some(previous);
+                }
+                Err(e) => {
+                    self.detach();
+                    return Err(MemoryError::Adopt {
+                        id: region.layout().id(),
+                        reason: format!("mapping it failed: {e}"),
+                    });
+                }
             }
         }
         Ok(())
+    }
+
+    fn adopted(&self) -> std::sync::MutexGuard<'_, Vec<Option<Share>>> {
+        // Entries are replaced whole: a panic under the lock leaves nothing half-done.
+        self.adopted.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Whether this memory could take a sender's in its place: every region's mapping is
@@ -117,16 +127,17 @@ impl ReceiveLease {
         self.kept.store(true, Ordering::SeqCst);
     }
 
-    /// Puts fresh anonymous memory back in place of adopted memory. If that fails, the memory
-    /// is refused to everyone for good, as handed over: this process must not write it.
+    /// Puts this memory's own back in place of adopted memory. If that fails, the memory is
+    /// refused to everyone for good, as handed over: this process must not write it.
     fn detach(&self) {
-        for region in self.memory.regions() {
-            if region.backing() == Backing::Anonymous {
+        let adopted = std::mem::take(&mut *self.adopted());
+        for (region, previous) in self.memory.regions().iter().zip(adopted) {
+            let Some(previous) = previous else {
                 continue;
-            }
+            };
             // SAFETY: the lease still keeps every other accessor away, and the session that
             // held it lends no page out any more (it is ending, or never started).
-            if unsafe { region.replace_with_anonymous() }.is_err() {
+            if unsafe { region.restore(previous) }.is_err() {
                 self.memory
                     .access
                     .handed_over
@@ -277,7 +288,7 @@ impl GuestMemory {
         }
         let lease = ReceiveLease {
             memory: Arc::clone(&self),
-            adopted: AtomicBool::new(false),
+            adopted: Mutex::new(Vec::new()),
             kept: AtomicBool::new(false),
         };
         access.check_not_handed_over()?;

@@ -473,7 +473,8 @@ pub(crate) mod tests {
     }
 
     /// A receive lease takes a sender's memory in place of its own (same addresses), keeps it
-    /// if told to, and otherwise puts fresh anonymous memory back, leaving the sender's alone.
+    /// if told to, and otherwise puts its own back (fresh anonymous memory for anonymous
+    /// memory, its memfd with its content for a memfd), leaving the sender's alone.
     #[test]
     #[cfg_attr(miri, ignore = "Miri has no memfd_create")]
     fn a_lease_adopts_shared_memory_and_puts_its_own_back() {
@@ -509,6 +510,21 @@ pub(crate) mod tests {
                 assert!(page.iter().all(|&b| b == 0x5a), "the source is untouched");
             }
         }
+        let own = Arc::new(GuestMemory::memfd(8 * PAGE_SIZE_U64).unwrap());
+        own.fill(0, 0, PAGE_SIZE, 0x11).unwrap();
+        let lease = Arc::clone(&own).lease_for_receiving().unwrap();
+        lease.adopt(source.share_fds().unwrap()).unwrap();
+        drop(lease);
+        assert_eq!(own.regions()[0].backing(), Backing::Memfd);
+        let mut page = vec![0u8; PAGE_SIZE];
+        own.read(0, 0, &mut page).unwrap();
+        assert!(
+            page.iter().all(|&b| b == 0x11),
+            "its own memfd, content and all"
+        );
+        own.write(0, 3 * PAGE_SIZE_U64, b"mine").unwrap();
+        source.read(0, 3 * PAGE_SIZE_U64, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0x5a), "the source is untouched");
     }
 
     /// Descriptors that are not memory of the region's exact size are refused, each with its

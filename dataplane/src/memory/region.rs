@@ -201,7 +201,7 @@ pub struct Region {
 
 /// What backs a region, and the file that another process can map to share it.
 #[derive(Debug)]
-struct Share {
+pub(super) struct Share {
     backing: Backing,
     /// The memfd, or the file of a shared file mapping, kept open so the region can be shared;
     /// `None` for private memory.
@@ -439,7 +439,7 @@ impl Region {
     /// receive lease, and none of its pages is lent out); `file` must be a regular file of at
     /// least the region's length ([`check_shared_fd`]), which nobody truncates while it is
     /// mapped.
-    pub(super) unsafe fn replace_with(&self, file: File, backing: Backing) -> io::Result<()> {
+    pub(super) unsafe fn replace_with(&self, file: File, backing: Backing) -> io::Result<Share> {
         if !self.is_own() {
             return Err(io::Error::other("the region's mapping is not ramjet's"));
         }
@@ -461,12 +461,38 @@ impl Region {
         if mapped == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        *self.share() = Share {
-            backing,
-            fd: Some(file),
-        };
+        let previous = std::mem::replace(
+            &mut *self.share(),
+            Share {
+                backing,
+                fd: Some(file),
+            },
+        );
         self.known_zero.store(false, Ordering::Relaxed);
-        Ok(())
+        Ok(previous)
+    }
+
+    /// Puts back what a [`replace_with`](Self::replace_with) replaced: the region's own memfd or
+    /// shared file, mapped again with its content, or, for private memory (whose pages are
+    /// gone), fresh anonymous memory.
+    ///
+    /// # Safety
+    ///
+    /// As for [`replace_with`](Self::replace_with): nothing may access the region's bytes
+    /// during the call.
+    pub(super) unsafe fn restore(&self, previous: Share) -> io::Result<()> {
+        match previous {
+            Share {
+                backing,
+                fd: Some(file),
+            } => {
+                // SAFETY: the caller's guarantee; `file` is the file this region mapped before,
+                // of its length.
+                unsafe { self.replace_with(file, backing) }.map(drop)
+            }
+            // SAFETY: the caller's guarantee.
+            Share { fd: None, .. } => unsafe { self.replace_with_anonymous() },
+        }
     }
 
     /// Replaces this region's pages with fresh anonymous private memory at the same address,

@@ -66,7 +66,8 @@ pub struct ReceiveOptions {
     /// sender offers it (over a Unix socket) and this memory's regions are ramjet's own
     /// mappings: each is then replaced, at the same address, by the sender's memory mapped
     /// shared, and the guest's pointers stay valid. If the guest does not end up here (the
-    /// source kept it, or the migration failed), fresh anonymous memory is put back. With
+    /// source kept it, or the migration failed), its own memory is put back (its memfd or shared
+    /// file with its content, or fresh memory for private memory). With
     /// [`On`](SameHost::On), a sender that does not offer its memory is refused; with
     /// [`Off`](SameHost::Off), the pages are always copied.
     pub same_host: SameHost,

@@ -78,7 +78,7 @@
 //! usual), or refuses. A shared migration sends no page: its rounds are empty, and the end of
 //! stream, the device state and the handover are as above. From its commit on, the source
 //! refuses every access to the memory and makes its mappings inaccessible; a receiver that
-//! does not keep the guest puts fresh memory back in place of the sender's.
+//! does not keep the guest maps its own memory again in place of the sender's.
 //!
 //! ```text
 //!  sender                                   receiver
