@@ -44,13 +44,35 @@ fn receiver(
     (at, handle)
 }
 
-fn send_options(same_host: SameHost, log: &Arc<Lines>) -> SendOptions {
-    SendOptions {
+/// The two ends of one migration: a receiver into `dst` on a fresh `net` endpoint (with
+/// `same_host[1]`), and a sender of `src` connecting to it (with `same_host[0]`); the sender's
+/// log lines go to the returned `Lines`.
+struct Pair {
+    sender: Result<Sender, Error>,
+    receiving: JoinHandle<Result<Received, Error>>,
+    log: Arc<Lines>,
+}
+
+fn pair(
+    src: &Arc<GuestMemory>,
+    dst: &Arc<GuestMemory>,
+    net: Net,
+    same_host: [SameHost; 2],
+) -> Pair {
+    let (at, receiving) = receiver(Arc::clone(dst), net, same_host[1]);
+    let log = Arc::new(Lines::default());
+    let options = SendOptions {
         workers: 2,
         timeout: TIMEOUT,
-        same_host,
+        same_host: same_host[0],
         log: log.log(),
         ..SendOptions::default()
+    };
+    let sender = Sender::connect(Arc::clone(src), &at, &options, Arc::new(|_| {}));
+    Pair {
+        sender,
+        receiving,
+        log,
     }
 }
 
@@ -119,15 +141,12 @@ fn a_paused_guest_is_handed_over_without_copying() {
     let expected = snapshot(&src);
     let dst = Arc::new(GuestMemory::anonymous_like(&src.layout()).expect("memory"));
     let addresses: Vec<_> = dst.regions().iter().map(|r| format!("{r:?}")).collect();
-    let (at, receiving) = receiver(Arc::clone(&dst), Net::Unix, SameHost::Auto);
-    let log = Arc::new(Lines::default());
-    let sender = Sender::connect(
-        Arc::clone(&src),
-        &at,
-        &send_options(SameHost::Auto, &log),
-        Arc::new(|_| {}),
-    )
-    .expect("connect");
+    let Pair {
+        sender,
+        receiving,
+        log,
+    } = pair(&src, &dst, Net::Unix, [SameHost::Auto, SameHost::Auto]);
+    let sender = sender.expect("connect");
     assert!(sender.shares_memory());
     let summary = sender
         .migrate_paused(b"device state", PreSwitchover::Skip)
@@ -197,15 +216,10 @@ impl Guest for Recorded {
 fn a_live_guest_is_handed_over_at_the_pause() {
     let src = memfd_guest(BYTES, ImageKind::Random);
     let dst = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
-    let (at, receiving) = receiver(Arc::clone(&dst), Net::Unix, SameHost::Auto);
-    let log = Arc::new(Lines::default());
-    let sender = Sender::connect(
-        Arc::clone(&src),
-        &at,
-        &send_options(SameHost::Auto, &log),
-        Arc::new(|_| {}),
-    )
-    .expect("connect");
+    let Pair {
+        sender, receiving, ..
+    } = pair(&src, &dst, Net::Unix, [SameHost::Auto, SameHost::Auto]);
+    let sender = sender.expect("connect");
     let workload = Workload::start(&src, None, None, ImageKind::Mixed, 11);
     // Let it write for a while, as a running guest does before the migration.
     while workload.writes() < 500 {
@@ -249,15 +263,12 @@ struct Copied {
 
 fn copy_case(src: &Arc<GuestMemory>, net: Net, receiver_same_host: SameHost) -> Copied {
     let dst = Arc::new(GuestMemory::anonymous_like(&src.layout()).expect("memory"));
-    let (at, receiving) = receiver(Arc::clone(&dst), net, receiver_same_host);
-    let log = Arc::new(Lines::default());
-    let sender = Sender::connect(
-        Arc::clone(src),
-        &at,
-        &send_options(SameHost::Auto, &log),
-        Arc::new(|_| {}),
-    )
-    .expect("connect");
+    let Pair {
+        sender,
+        receiving,
+        log,
+    } = pair(src, &dst, net, [SameHost::Auto, receiver_same_host]);
+    let sender = sender.expect("connect");
     assert!(!sender.shares_memory());
     let summary = sender
         .migrate_paused(b"state", PreSwitchover::Skip)
@@ -336,15 +347,10 @@ fn the_fallbacks_copy_and_say_why() {
 fn same_host_on_fails_where_it_cannot_share() {
     let anonymous = common::guest(BYTES, common::Image::Random, 4);
     let dst = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
-    let (at, receiving) = receiver(Arc::clone(&dst), Net::Unix, SameHost::Auto);
-    let log = Arc::new(Lines::default());
-    let err = Sender::connect(
-        Arc::clone(&anonymous),
-        &at,
-        &send_options(SameHost::On, &log),
-        Arc::new(|_| {}),
-    )
-    .expect_err("private memory cannot be shared");
+    let Pair {
+        sender, receiving, ..
+    } = pair(&anonymous, &dst, Net::Unix, [SameHost::On, SameHost::Auto]);
+    let err = sender.expect_err("private memory cannot be shared");
     let text = err.to_string();
     assert!(
         text.contains(
@@ -355,14 +361,10 @@ fn same_host_on_fails_where_it_cannot_share() {
     // The receiver saw its sender go before the data phase.
     assert!(receiving.join().expect("receiver").is_err());
 
-    let (at, receiving) = receiver(Arc::clone(&dst), Net::Unix, SameHost::On);
-    let err = Sender::connect(
-        Arc::clone(&anonymous),
-        &at,
-        &send_options(SameHost::Auto, &log),
-        Arc::new(|_| {}),
-    )
-    .expect_err("refused");
+    let Pair {
+        sender, receiving, ..
+    } = pair(&anonymous, &dst, Net::Unix, [SameHost::Auto, SameHost::On]);
+    let err = sender.expect_err("refused");
     let text = err.to_string();
     assert!(
         text.contains("takes the guest's memory only by descriptor"),
@@ -385,15 +387,10 @@ fn a_failed_handover_gives_the_receiver_its_own_memory_back() {
     let src = memfd_guest(BYTES, ImageKind::Mixed);
     let expected = snapshot(&src);
     let dst = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
-    let (at, receiving) = receiver(Arc::clone(&dst), Net::Unix, SameHost::Auto);
-    let log = Arc::new(Lines::default());
-    let sender = Sender::connect(
-        Arc::clone(&src),
-        &at,
-        &send_options(SameHost::Auto, &log),
-        Arc::new(|_| {}),
-    )
-    .expect("connect");
+    let Pair {
+        sender, receiving, ..
+    } = pair(&src, &dst, Net::Unix, [SameHost::Auto, SameHost::Auto]);
+    let sender = sender.expect("connect");
     assert!(sender.shares_memory());
     let err = sender.fail_with(Error::Config("the VMM gave up".into()));
     assert!(err.to_string().contains("the VMM gave up"), "{err}");

@@ -440,27 +440,9 @@ impl Region {
     /// least the region's length ([`check_shared_fd`]), which nobody truncates while it is
     /// mapped.
     pub(super) unsafe fn replace_with(&self, file: File, backing: Backing) -> io::Result<Share> {
-        if !self.is_own() {
-            return Err(io::Error::other("the region's mapping is not ramjet's"));
-        }
-        let (addr, len) = (self.map.as_mut_ptr(), self.map.len());
-        // SAFETY: `addr .. addr + len` is exactly this region's own mapping, which stays
-        // reserved for the region's life (MAP_FIXED replaces it in place, atomically, with the
-        // same protection), and the caller guarantees nothing touches it meanwhile. `file` is
-        // a regular file at least `len` bytes long.
-        let mapped = unsafe {
-            libc::mmap(
-                addr.cast(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if mapped == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        // SAFETY: the caller's guarantee; `file` is a regular file at least the region's
+        // length.
+        unsafe { self.map_over(libc::MAP_SHARED, file.as_raw_fd()) }?;
         let previous = std::mem::replace(
             &mut *self.share(),
             Share {
@@ -470,6 +452,39 @@ impl Region {
         );
         self.known_zero.store(false, Ordering::Relaxed);
         Ok(previous)
+    }
+
+    /// Maps `fd` (or anonymous memory) with `flags` over exactly this region's own mapping,
+    /// read-write, in place (`MAP_FIXED`).
+    ///
+    /// # Safety
+    ///
+    /// As for [`replace_with`](Self::replace_with): nothing may access the region's bytes
+    /// during the call, and a file `fd` is at least the region's length and never truncated
+    /// while mapped.
+    unsafe fn map_over(&self, flags: libc::c_int, fd: libc::c_int) -> io::Result<()> {
+        if !self.is_own() {
+            return Err(io::Error::other("the region's mapping is not ramjet's"));
+        }
+        let (addr, len) = (self.map.as_mut_ptr(), self.map.len());
+        // SAFETY: `addr .. addr + len` is exactly this region's own mapping, which stays
+        // reserved for the region's life (MAP_FIXED replaces it in place, atomically, with the
+        // same protection), and the caller guarantees nothing touches it meanwhile and that a
+        // file is long enough.
+        let mapped = unsafe {
+            libc::mmap(
+                addr.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags | libc::MAP_FIXED,
+                fd,
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Puts back what a [`replace_with`](Self::replace_with) replaced: the region's own memfd or
@@ -503,25 +518,9 @@ impl Region {
     /// As for [`replace_with`](Self::replace_with): nothing may access the region's bytes
     /// during the call.
     pub(super) unsafe fn replace_with_anonymous(&self) -> io::Result<()> {
-        if !self.is_own() {
-            return Err(io::Error::other("the region's mapping is not ramjet's"));
-        }
+        // SAFETY: the caller's guarantee.
+        unsafe { self.map_over(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1) }?;
         let (addr, len) = (self.map.as_mut_ptr(), self.map.len());
-        // SAFETY: as in `replace_with`: the range is exactly this region's own mapping, and the
-        // caller guarantees nothing touches it meanwhile.
-        let mapped = unsafe {
-            libc::mmap(
-                addr.cast(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        if mapped == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
         // SAFETY: the same range, just mapped; the advice only asks for huge pages.
         let _ = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
         *self.share() = Share {
