@@ -32,6 +32,9 @@
 //! | sends a hello of this session whose postcopy flag differs from the first's | **fails**, refused with reason |
 //! | may switch to postcopy, at a receiver without [`ReceiveOptions::postcopy`] | **fails**, refused with reason |
 //! | reconnects a paused postcopy (flag resume), at a receiver that has none | **fails**, refused with reason |
+//! | offers its memory by descriptor (flag share) over TCP or TLS, with a broken descriptors message or count, or with a descriptor that is not memory of its region's exact length (a socket, a pipe, a directory, a device; another size; read-only; sealed against writes) | **fails**, refused with reason; the receiver's memory stays its own |
+//! | offers its memory at a receiver that cannot take it (its same-host setting is off, or its memory is the embedder's mapping) | accepted, *copying* with the reason (refused with it under same-host on) |
+//! | does not offer its memory, at a receiver whose same-host setting is on | **fails**, refused with reason |
 //! | is stray number `max_refused + 1`                                 | **fails** ([`Error::TooManyRefused`]) |
 //!
 //! At a TLS receiver ([`ReceiveOptions::tls`]) every connection first completes a TLS handshake,

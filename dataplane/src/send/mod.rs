@@ -278,7 +278,7 @@ impl Sender {
             channels: options.channels,
             regions: memory.layout(),
         };
-        let offer = Self::memory_offer(memory, endpoint, options)?;
+        let offer = Self::memory_offer(memory, endpoint, options);
         let mut transfer = MemoryTransfer::Copied(String::new());
         let mut streams = Vec::with_capacity(usize::from(options.channels));
         for channel in 0..options.channels {
@@ -332,7 +332,7 @@ impl Sender {
         memory: &GuestMemory,
         endpoint: &Endpoint,
         options: &SendOptions,
-    ) -> Result<Result<Vec<OwnedFd>, String>, Error> {
+    ) -> Result<Vec<OwnedFd>, String> {
         let why = match options.same_host {
             SameHost::Off => Some("same-host is off".to_owned()),
             _ if !matches!(endpoint, Endpoint::Unix(_)) => Some(
@@ -348,8 +348,8 @@ impl Sender {
             _ => None,
         };
         match why {
-            Some(why) => Ok(Err(why)),
-            None => Ok(memory.share_fds()),
+            Some(why) => Err(why),
+            None => memory.share_fds(),
         }
     }
 
@@ -591,7 +591,9 @@ impl Sender {
         let round = self.round;
         self.sink.fact(Fact::Pass(u64::from(round)));
         self.counters.note_round(round);
-        let remaining = dirty.count();
+        // Memory handed over by descriptor is the receiver's already: nothing to send.
+        let shared = self.memory_transfer == MemoryTransfer::Shared;
+        let remaining = if shared { 0 } else { dirty.count() };
         self.counters.set_remaining_pages(remaining);
         self.round_pages.fill(0);
         let channels = u16::try_from(self.queues.len()).unwrap_or(MAX_CHANNELS);
@@ -604,8 +606,6 @@ impl Sender {
             remaining,
             dispatched: 0,
         };
-        // Memory handed over by descriptor is the receiver's already: nothing to send.
-        let shared = self.memory_transfer == MemoryTransfer::Shared;
         let jobs = (!shared).then(|| job::plan(dirty, channels, round, self.frozen.as_ref()));
         for job in jobs.into_iter().flatten() {
             if self.stop.is_stopped() || !out.send(job) {

@@ -315,6 +315,7 @@ impl Sender {
         let mut sender = Self::start(&wiring, &mut streams, (endpoint, hello), options, sink);
         sender.fault = Some(fault);
         sender.handle = self.handle.clone();
+        sender.memory_transfer = self.memory_transfer.clone();
         sender.postcopy = true;
         sender.finishing = true;
         sender.round = self.round;
