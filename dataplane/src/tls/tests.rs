@@ -45,7 +45,13 @@ fn handshake(client: &TlsClient, server: &TlsServer) -> (Conn, Conn) {
         Conn::secured(b, session)
     });
     let session = connect(&mut a, client, localhost(), Duration::from_secs(10)).unwrap();
-    (Conn::secured(a, session), peer.join().unwrap())
+    let b = peer.join().unwrap();
+    // The handshakes leave short stepped read timeouts behind (a session sets its own): on a
+    // loaded machine a writer thread can be late by more than one step.
+    for end in [&a, &*b] {
+        end.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    (Conn::secured(a, session), b)
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
