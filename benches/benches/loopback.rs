@@ -1,44 +1,124 @@
-//! End to end over loopback TCP: ramjet on both transports against plain socket copies of the
-//! same bytes (blocking `write_all`/`read_exact`, and io_uring `Send` of 1 MiB chunks), all in
-//! one run. Besides criterion's time and throughput, each benchmark prints the CPU seconds per
-//! GB of guest RAM that sender and receiver spent together (this process's user + system time).
+//! End to end over loopback TCP and over a Unix socket: ramjet on both transports against plain
+//! socket copies of the same bytes, all in one run. Two groups:
+//!
+//! - `loopback_tcp`: ramjet (io_uring and blocking transports, random and mixed images, 1 and
+//!   2 channels) against plain copies over as many TCP streams (blocking `write_all`/
+//!   `read_exact`, and io_uring `Send`, in 1 MiB chunks).
+//! - `loopback_unix`: the same migrations over a Unix socket endpoint (`unix:/path`), against
+//!   plain copies over as many Unix socket streams (blocking `write_all`/`read_exact` in 1 MiB
+//!   chunks between two mappings).
+//!
+//! Every migration is of a paused guest (`Sender::migrate_paused`, crc on, `Compression::Auto`,
+//! which is off to a local peer). The destinations (the plain copies' mapping and ramjet's guest
+//! memory) are written once before anything is measured: warm, as a VMM's guest RAM is when a
+//! migration arrives. Each benchmark prints GB/s of guest RAM (decimal GB over wall time) and
+//! the CPU seconds per GB that sender and receiver spent together (this process's user + system
+//! time). Then, per group, image and channel count, the baseline and ramjet on both transports
+//! alternate, for a table of medians and of paired ratios against the baseline: on a machine
+//! whose speed drifts by tens of percent within minutes, ratios of neighbouring runs are what
+//! can be trusted.
+//!
+//! Run with `cargo bench -p ramjet-benches --bench loopback` (2 GiB; `-- loopback_unix` for
+//! one group). `RAMJET_BENCH_BYTES=256M` makes a quick run; `RAMJET_BENCH_ROUNDS` sets the
+//! paired alternations (default 8).
 
-use std::cell::Cell;
+use std::cell::{OnceCell, RefCell};
+use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
 
-use criterion::{
-    BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
-};
+use criterion::{BenchmarkId, Criterion};
 use io_uring::{IoUring, opcode, types};
 use memmap2::MmapMut;
+use ramjet_benches::measure::{
+    self, Sample, alternate, bench, bench_bytes, configure, gb, label, load, median,
+};
 use ramjet_dataplane::Compression;
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::testkit::image::{self, ImageKind, Rng};
 use ramjet_dataplane::transport::{Blocking, Listener, Transport, Uring};
 use ramjet_dataplane::{PreSwitchover, ReceiveOptions, SendOptions, Sender, receive};
 
-const BYTES: u64 = 2 << 30;
+/// The plain copies' write and read size.
 const CHUNK: usize = 1 << 20;
+/// Paired alternations unless `RAMJET_BENCH_ROUNDS` says otherwise.
+const DEFAULT_ROUNDS: usize = 8;
 
-/// User + system CPU seconds of this process so far.
-fn cpu_seconds() -> f64 {
-    // SAFETY: rusage is a plain C struct for which all-zero is a valid value.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes only the struct we pass, which lives across the call.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut usage) };
-    let seconds = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+/// Which sockets a group uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Tcp,
+    Unix,
 }
 
-/// Sends `part` on `stream` with io_uring `Send` operations of at most 1 MiB, one at a time.
-fn uring_send(stream: &TcpStream, part: &[u8]) {
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::Tcp => "tcp",
+            Family::Unix => "unix",
+        }
+    }
+
+    /// A socket path of this process for `what` (Unix).
+    fn path(what: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("ramjet-bench-{}-{what}.sock", std::process::id()))
+    }
+}
+
+/// How a plain copy sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Raw {
+    /// Blocking `write_all` of 1 MiB chunks.
+    WriteRead,
+    /// io_uring `Send` of at most 1 MiB, one at a time.
+    UringSend,
+}
+
+impl Raw {
+    fn name(self) -> &'static str {
+        match self {
+            Raw::WriteRead => "baseline_write_read",
+            Raw::UringSend => "baseline_uring_send",
+        }
+    }
+}
+
+/// Where the plain copies connect.
+enum RawListener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl RawListener {
+    fn bind(family: Family) -> RawListener {
+        match family {
+            Family::Tcp => RawListener::Tcp(TcpListener::bind("127.0.0.1:0").expect("bind")),
+            Family::Unix => {
+                let path = Family::path("raw");
+                let _ = std::fs::remove_file(&path);
+                RawListener::Unix(UnixListener::bind(&path).expect("bind"), path)
+            }
+        }
+    }
+}
+
+impl Drop for RawListener {
+    fn drop(&mut self) {
+        if let RawListener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Sends `part` on socket `fd` with io_uring `Send` operations of at most 1 MiB, one at a time.
+fn uring_send(fd: RawFd, part: &[u8]) {
     let mut ring = IoUring::new(4).expect("ring");
-    let fd = types::Fd(stream.as_raw_fd());
+    let fd = types::Fd(fd);
     let mut at = 0;
     while at < part.len() {
         let len = u32::try_from((part.len() - at).min(CHUNK)).expect("1 MiB fits");
@@ -52,50 +132,75 @@ fn uring_send(stream: &TcpStream, part: &[u8]) {
     }
 }
 
-/// The baselines: `streams` TCP connections, each moving its share of `src` into `dst`, sent
-/// with blocking `write_all` or io_uring `Send`, received with `read_exact`, in 1 MiB pieces.
-fn raw_copy(listener: &TcpListener, src: &[u8], dst: &mut [u8], streams: usize, uring: bool) {
-    let share = src.len() / streams;
-    let addr = listener.local_addr().expect("address");
+fn send_part(mut stream: impl Write + AsRawFd, part: &[u8], how: Raw) {
+    match how {
+        Raw::UringSend => uring_send(stream.as_raw_fd(), part),
+        Raw::WriteRead => {
+            for chunk in part.chunks(CHUNK) {
+                stream.write_all(chunk).expect("write");
+            }
+        }
+    }
+}
+
+fn recv_part(mut stream: impl Read, part: &mut [u8]) {
+    for chunk in part.chunks_mut(CHUNK) {
+        stream.read_exact(chunk).expect("read");
+    }
+}
+
+/// The baselines: `streams` connections to `listener`, each moving its share of `src` into
+/// `dst` (sent as `how` says, received with `read_exact`, in 1 MiB pieces).
+fn raw_copy(listener: &RawListener, src: &[u8], dst: &mut [u8], streams: usize, how: Raw) {
+    let share = src.len().div_ceil(streams);
     thread::scope(|scope| {
         for part in src.chunks(share) {
-            scope.spawn(move || {
-                let mut stream = TcpStream::connect(addr).expect("connect");
-                if uring {
-                    uring_send(&stream, part);
-                } else {
-                    for chunk in part.chunks(CHUNK) {
-                        stream.write_all(chunk).expect("write");
-                    }
+            scope.spawn(move || match listener {
+                RawListener::Tcp(l) => {
+                    let addr = l.local_addr().expect("address");
+                    send_part(TcpStream::connect(addr).expect("connect"), part, how);
+                }
+                RawListener::Unix(_, path) => {
+                    send_part(UnixStream::connect(path).expect("connect"), part, how);
                 }
             });
         }
         for part in dst.chunks_mut(share) {
-            let (mut stream, _) = listener.accept().expect("accept");
-            scope.spawn(move || {
-                for chunk in part.chunks_mut(CHUNK) {
-                    stream.read_exact(chunk).expect("read");
+            match listener {
+                RawListener::Tcp(l) => {
+                    let stream = l.accept().expect("accept").0;
+                    scope.spawn(move || recv_part(stream, part));
                 }
-            });
+                RawListener::Unix(l, _) => {
+                    let stream = l.accept().expect("accept").0;
+                    scope.spawn(move || recv_part(stream, part));
+                }
+            }
         }
     });
 }
 
-/// One whole migration of the image `src` into `dst`, as of a paused guest: switchover, every
-/// page (sent in place from the frozen memory), device state, confirmation.
+/// One whole migration of the image `src` into `dst` over `family`, as of a paused guest:
+/// switchover, every page (sent in place from the frozen memory), device state, confirmation.
 fn migrate(
     src: &Arc<GuestMemory>,
     dst: &Arc<GuestMemory>,
     transport: &Arc<dyn Transport>,
     channels: u16,
+    family: Family,
 ) {
-    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().expect("endpoint")).expect("bind");
+    let endpoint = match family {
+        Family::Tcp => "tcp:127.0.0.1:0".to_owned(),
+        Family::Unix => format!("unix:{}", Family::path("migrate").display()),
+    };
+    let listener = Listener::bind(&endpoint.parse().expect("endpoint")).expect("bind");
     let at = listener.endpoint().clone();
     let receive_options = ReceiveOptions {
         transport: Arc::clone(transport),
         ..ReceiveOptions::default()
     };
     let dst = Arc::clone(dst);
+    // The listener goes with the receiver, which removes a Unix socket's path when it ends.
     let receiver = thread::spawn(move || {
         receive(&listener, dst, &receive_options, Arc::new(|_| {})).expect("receive")
     });
@@ -107,146 +212,254 @@ fn migrate(
     };
     let sender =
         Sender::connect(Arc::clone(src), &at, &options, Arc::new(|_| {})).expect("connect");
-    sender
+    let summary = sender
         .migrate_paused(&[0u8; 4096], PreSwitchover::Skip)
         .expect("migrate");
-    receiver.join().expect("receiver thread");
+    let received = receiver.join().expect("receiver thread");
+    assert!(received.handover.may_run(), "{:?}", received.handover);
+    assert_eq!(summary.stats.pages(), src.total_pages(), "every page sent");
 }
 
-/// Benchmarks `run` and prints the CPU seconds per GB it cost.
-fn bench(
-    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    name: &str,
-    streams: u16,
-    mut run: impl FnMut(),
-) {
-    let id = BenchmarkId::new(name, streams);
-    let cpu = Cell::new(0.0);
-    let bytes = Cell::new(0u64);
-    group.bench_function(id, |b| {
-        b.iter_custom(|iterations| {
-            let (start, cpu_start) = (Instant::now(), cpu_seconds());
-            for _ in 0..iterations {
-                run();
-            }
-            cpu.set(cpu.get() + cpu_seconds() - cpu_start);
-            bytes.set(bytes.get() + iterations * BYTES);
-            start.elapsed()
-        });
-    });
-    // Nothing ran when a filter left this benchmark out.
-    if bytes.get() > 0 {
-        println!(
-            "{name}/{streams}: {:.3} CPU-s/GB (sender and receiver together)",
-            cpu.get() / (bytes.get() as f64 / 1e9)
+/// What the groups share, each made on first use, so that a filter that leaves a group out
+/// does not pay for it: the plain copies' source (random bytes) and prefaulted destination,
+/// ramjet's two images and its prefaulted destination.
+struct Fixture {
+    bytes: u64,
+    src: OnceCell<MmapMut>,
+    dst: OnceCell<RefCell<MmapMut>>,
+    guest_dst: OnceCell<Arc<GuestMemory>>,
+    images: [(ImageKind, OnceCell<Arc<GuestMemory>>); 2],
+    transports: [(&'static str, Arc<dyn Transport>); 2],
+}
+
+impl Fixture {
+    fn new(bytes: u64) -> Fixture {
+        Fixture {
+            bytes,
+            src: OnceCell::new(),
+            dst: OnceCell::new(),
+            guest_dst: OnceCell::new(),
+            images: [ImageKind::Random, ImageKind::Mixed].map(|kind| (kind, OnceCell::new())),
+            transports: [
+                ("uring", Arc::new(Uring::default())),
+                ("blocking", Arc::new(Blocking)),
+            ],
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::try_from(self.bytes).expect("64-bit")
+    }
+
+    fn src(&self) -> &[u8] {
+        self.src.get_or_init(|| {
+            let mut src = MmapMut::map_anon(self.len()).expect("map");
+            Rng::new(1).fill(&mut src);
+            src
+        })
+    }
+
+    fn dst(&self) -> &RefCell<MmapMut> {
+        self.dst.get_or_init(|| {
+            let mut dst = MmapMut::map_anon(self.len()).expect("map");
+            dst.fill(1);
+            RefCell::new(dst)
+        })
+    }
+
+    fn raw(&self, listener: &RawListener, streams: u16, how: Raw) {
+        let src = self.src();
+        raw_copy(
+            listener,
+            src,
+            &mut self.dst().borrow_mut(),
+            usize::from(streams),
+            how,
+        );
+    }
+
+    fn guest_dst(&self) -> &Arc<GuestMemory> {
+        self.guest_dst.get_or_init(|| {
+            let memory = GuestMemory::anonymous(self.bytes).expect("memory");
+            memory.prefault().expect("prefault");
+            Arc::new(memory)
+        })
+    }
+
+    fn image(&self, i: usize) -> &Arc<GuestMemory> {
+        let (kind, src) = &self.images[i];
+        src.get_or_init(|| {
+            let memory = GuestMemory::anonymous(self.bytes).expect("memory");
+            image::fill(&memory, *kind, 7).expect("image");
+            Arc::new(memory)
+        })
+    }
+
+    fn migrate(&self, image: usize, transport: usize, channels: u16, family: Family) {
+        let transport = &self.transports[transport].1;
+        migrate(
+            self.image(image),
+            self.guest_dst(),
+            transport,
+            channels,
+            family,
         );
     }
 }
 
-/// Seconds and CPU seconds of one call of `run`.
-fn measure(run: &mut dyn FnMut()) -> (f64, f64) {
-    let (start, cpu_start) = (Instant::now(), cpu_seconds());
-    run();
-    (start.elapsed().as_secs_f64(), cpu_seconds() - cpu_start)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-/// Runs each of `cases` in turn, `rounds` times, and prints for each case the median over
-/// rounds of its speed and CPU time relative to each earlier case in the same round:
-/// on a machine whose speed drifts by tens of percent within minutes, ratios of neighbouring
-/// runs are what can be trusted.
-fn paired(streams: u16, rounds: usize, cases: &mut [(&str, &mut dyn FnMut())]) {
-    let mut times = vec![Vec::new(); cases.len()];
-    for _ in 0..rounds {
-        for (i, (_, run)) in cases.iter_mut().enumerate() {
-            times[i].push(measure(*run));
-        }
-    }
-    for (j, (name, _)) in cases.iter().enumerate() {
-        for (i, (reference, _)) in cases.iter().enumerate().take(j) {
-            let pairs = times[j].iter().zip(&times[i]);
-            let speed = median(pairs.clone().map(|(t, r)| r.0 / t.0).collect());
-            let cpu = median(pairs.map(|(t, r)| t.1 / r.1).collect());
-            println!(
-                "paired/{streams}: {name} vs {reference}: speed x{speed:.3}, CPU-s/GB \
-                 x{cpu:.3} (median of {rounds} alternations)"
-            );
-        }
+/// Prints one benchmark's figures, if it ran.
+fn report(family: Family, name: &str, streams: u16, bytes: u64, (total, count): (Sample, u64)) {
+    if count > 0 {
+        let moved = gb(bytes * count);
+        println!(
+            "{}/{name}/{streams}: {:.3} GB/s, {:.3} CPU-s/GB (sender and receiver together, \
+             mean of {count} runs)",
+            family.name(),
+            moved / total.seconds,
+            total.cpu / moved,
+        );
     }
 }
 
-/// The baselines and ramjet alternate per channel count, so that drift on a noisy machine
-/// affects both alike; at the end, each image's runs alternate with the io_uring baseline for
-/// paired ratios.
-fn loopback(c: &mut Criterion) {
-    let mut group = c.benchmark_group("loopback_tcp_2GiB");
-    group.throughput(Throughput::Bytes(BYTES));
-    group.sample_size(10);
-    group.sampling_mode(SamplingMode::Flat);
-    group.warm_up_time(Duration::from_secs(2));
-    group.measurement_time(Duration::from_secs(10));
-
-    let len = usize::try_from(BYTES).expect("64-bit");
-    let mut src = MmapMut::map_anon(len).expect("map");
-    Rng::new(1).fill(&mut src);
-    let mut dst = MmapMut::map_anon(len).expect("map");
-    dst.fill(1);
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let guest_dst = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
-    guest_dst.prefault().expect("prefault");
-    let images = [ImageKind::Random, ImageKind::Mixed].map(|kind| {
-        let src = Arc::new(GuestMemory::anonymous(BYTES).expect("memory"));
-        image::fill(&src, kind, 7).expect("image");
-        (kind, src)
-    });
-    let transports: [(&str, Arc<dyn Transport>); 2] = [
-        ("uring", Arc::new(Uring::default())),
-        ("blocking", Arc::new(Blocking)),
-    ];
+/// One group: the baselines and ramjet per channel count under criterion, then, for each image
+/// and channel count that ran, the reference baseline and ramjet on both transports in
+/// alternation; returns the table of paired medians (`None` if a filter left everything out).
+fn group(c: &mut Criterion, fixture: &Fixture, family: Family) -> Option<String> {
+    let bytes = fixture.bytes;
+    let listener = RawListener::bind(family);
+    let baselines: &[Raw] = match family {
+        Family::Tcp => &[Raw::WriteRead, Raw::UringSend],
+        Family::Unix => &[Raw::WriteRead],
+    };
+    // The baseline each image's runs alternate with.
+    let reference = match family {
+        Family::Tcp => Raw::UringSend,
+        Family::Unix => Raw::WriteRead,
+    };
+    let mut group = c.benchmark_group(format!("loopback_{}_{}", family.name(), label(bytes)));
+    configure(&mut group, bytes, 3.0);
+    let mut ran = Vec::new();
     for streams in [1u16, 2] {
-        for (name, uring) in [
-            ("baseline_write_read", false),
-            ("baseline_uring_send", true),
-        ] {
-            bench(&mut group, name, streams, || {
-                raw_copy(&listener, &src, &mut dst, usize::from(streams), uring);
+        for &how in baselines {
+            let id = BenchmarkId::new(how.name(), streams);
+            let prepare = || {
+                fixture.src();
+                fixture.dst();
+            };
+            let totals = bench(&mut group, id, prepare, || {
+                fixture.raw(&listener, streams, how);
             });
+            report(family, how.name(), streams, bytes, totals);
         }
-        for (kind, image) in &images {
-            for (name, transport) in &transports {
-                let name = format!("ramjet_{kind}_{name}");
-                bench(&mut group, &name, streams, || {
-                    migrate(image, &guest_dst, transport, streams);
+        for (i, (kind, _)) in fixture.images.iter().enumerate() {
+            let mut any = false;
+            for (t, (transport, _)) in fixture.transports.iter().enumerate() {
+                let name = format!("ramjet_{kind}_{transport}");
+                let id = BenchmarkId::new(&name, streams);
+                let prepare = || {
+                    fixture.image(i);
+                    fixture.guest_dst();
+                };
+                let totals = bench(&mut group, id, prepare, || {
+                    fixture.migrate(i, t, streams, family);
                 });
+                any |= totals.1 > 0;
+                report(family, &name, streams, bytes, totals);
+            }
+            if any {
+                ran.push((i, streams));
             }
         }
     }
     group.finish();
-    for (kind, image) in &images {
-        for streams in [1u16, 2] {
-            let mut baseline = || raw_copy(&listener, &src, &mut dst, usize::from(streams), true);
-            let mut uring = || migrate(image, &guest_dst, &transports[0].1, streams);
-            let mut blocking = || migrate(image, &guest_dst, &transports[1].1, streams);
-            let (on_blocking, on_uring) = (
-                format!("ramjet_{kind}_blocking"),
-                format!("ramjet_{kind}_uring"),
-            );
-            paired(
-                streams,
-                8,
-                &mut [
-                    ("baseline_uring_send", &mut baseline),
-                    (&on_blocking, &mut blocking),
-                    (&on_uring, &mut uring),
-                ],
-            );
-        }
+    if ran.is_empty() {
+        return None;
     }
+
+    let rounds = measure::rounds(DEFAULT_ROUNDS);
+    let mut table = format!(
+        "loopback_{} paired medians: {} per run, {rounds} alternations per row of {} and \
+         ramjet (blocking, uring); warm destinations; crc on; GB/s = guest RAM / wall time; \
+         CPU-s/GB = process user+system, both ends; x = median of per-round ratios against \
+         the baseline (speed: above 1 is faster; CPU: below 1 is cheaper)\n",
+        family.name(),
+        label(bytes),
+        reference.name(),
+    );
+    let _ = writeln!(
+        table,
+        "{:<7} {:>3} | {:>9} {:>9} | {:>9} {:>9} {:>7} {:>9} | {:>9} {:>9} {:>7} {:>9}",
+        "image",
+        "ch",
+        "base GB/s",
+        "CPU-s/GB",
+        "blk GB/s",
+        "CPU-s/GB",
+        "x speed",
+        "x CPU",
+        "uring GB/s",
+        "CPU-s/GB",
+        "x speed",
+        "x CPU",
+    );
+    for (i, streams) in ran {
+        // Case 0 is the baseline, 1 ramjet blocking, 2 ramjet on io_uring.
+        let samples = alternate(rounds, 3, &mut |case| match case {
+            0 => fixture.raw(&listener, streams, reference),
+            1 => fixture.migrate(i, 1, streams, family),
+            _ => fixture.migrate(i, 0, streams, family),
+        });
+        let moved = gb(bytes);
+        let rate = |s: &[Sample]| median(s.iter().map(|s| moved / s.seconds).collect());
+        let cpu = |s: &[Sample]| median(s.iter().map(|s| s.cpu / moved).collect());
+        let base = &samples[0];
+        let ratios = |s: &[Sample]| {
+            let pairs = || s.iter().zip(base);
+            (
+                median(pairs().map(|(r, b)| b.seconds / r.seconds).collect()),
+                median(pairs().map(|(r, b)| r.cpu / b.cpu).collect()),
+            )
+        };
+        let (blocking, uring) = (&samples[1], &samples[2]);
+        let (b_speed, b_cpu) = ratios(blocking);
+        let (u_speed, u_cpu) = ratios(uring);
+        let _ = writeln!(
+            table,
+            "{:<7} {:>3} | {:>9.3} {:>9.3} | {:>9.3} {:>9.3} {:>6.3}x {:>8.3}x | {:>9.3} \
+             {:>9.3} {:>6.3}x {:>8.3}x",
+            fixture.images[i].0.to_string(),
+            streams,
+            rate(base),
+            cpu(base),
+            rate(blocking),
+            cpu(blocking),
+            b_speed,
+            b_cpu,
+            rate(uring),
+            cpu(uring),
+            u_speed,
+            u_cpu,
+        );
+    }
+    Some(table)
 }
 
-criterion_group!(benches, loopback);
-criterion_main!(benches);
+/// Both groups, then their tables of paired medians together at the end, with the load before
+/// and after: figures from a busy machine are not figures.
+fn main() {
+    let mut criterion = Criterion::default().configure_from_args();
+    let before = load();
+    println!("loopback bench: {before}");
+    let fixture = Fixture::new(bench_bytes());
+    let tables = [Family::Tcp, Family::Unix].map(|family| group(&mut criterion, &fixture, family));
+    criterion.final_summary();
+    for table in tables.into_iter().flatten() {
+        println!();
+        print!("{table}");
+    }
+    println!();
+    println!(
+        "loopback bench: {before} at the start, {} at the end",
+        load()
+    );
+}

@@ -32,183 +32,33 @@
 //! (the landing group moves at most 256 MiB); `RAMJET_BENCH_ROUNDS` sets the paired
 //! alternations (default 10).
 
-use std::cell::{Cell, OnceCell, RefCell};
-use std::io::{self, IoSliceMut, Read, Write};
+use std::cell::{OnceCell, RefCell};
+use std::io::{IoSliceMut, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
 
 use aws_lc_rs::aead::{self, AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-use criterion::measurement::WallTime;
-use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::{BenchmarkId, Criterion};
 use memmap2::{Advice, MmapMut};
+use ramjet_benches::measure::{
+    self, Sample, alternate, bench, bench_bytes, configure, gb, label, load, median,
+};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::testkit::image::{self, ImageKind, Rng};
 use ramjet_dataplane::testkit::pki::{Scratch, credentials};
 use ramjet_dataplane::transport::{self, Listener, Transport};
 use ramjet_dataplane::{
-    Compression, PAGE_SIZE, PreSwitchover, ReceiveOptions, SendOptions, Sender, TlsClient,
-    TlsServer, receive,
+    Compression, PreSwitchover, ReceiveOptions, SendOptions, Sender, TlsClient, TlsServer, receive,
 };
 
-/// Guest RAM per migration unless `RAMJET_BENCH_BYTES` says otherwise.
-const DEFAULT_BYTES: u64 = 2 << 30;
 /// The most the landing group moves per run.
 const LANDING_BYTES_MAX: u64 = 256 << 20;
 /// Paired alternations unless `RAMJET_BENCH_ROUNDS` says otherwise.
 const DEFAULT_ROUNDS: usize = 10;
 
-/// Parses `256M`, `2G`, `2GiB`, `512k` or a plain number of bytes.
-fn parse_bytes(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(digits);
-    let shift = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        _ => return None,
-    };
-    number.parse::<u64>().ok()?.checked_mul(1 << shift)
-}
-
-/// Guest RAM per migration: `RAMJET_BENCH_BYTES`, in whole pages, or 2 GiB.
-fn bench_bytes() -> u64 {
-    let Ok(text) = std::env::var("RAMJET_BENCH_BYTES") else {
-        return DEFAULT_BYTES;
-    };
-    let bytes = parse_bytes(&text)
-        .unwrap_or_else(|| panic!("RAMJET_BENCH_BYTES={text:?}: expected e.g. 256M or 2G"));
-    let page = PAGE_SIZE as u64;
-    assert!(bytes >= page, "RAMJET_BENCH_BYTES={text:?}: below one page");
-    bytes / page * page
-}
-
 fn rounds() -> usize {
-    std::env::var("RAMJET_BENCH_ROUNDS")
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(DEFAULT_ROUNDS)
-}
-
-/// `2GiB`, `256MiB`, `12KiB` or bytes: for group names.
-fn label(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 && b.is_multiple_of(1 << 30) => format!("{}GiB", b >> 30),
-        b if b >= 1 << 20 && b.is_multiple_of(1 << 20) => format!("{}MiB", b >> 20),
-        b if b.is_multiple_of(1 << 10) => format!("{}KiB", b >> 10),
-        b => format!("{b}B"),
-    }
-}
-
-/// Ten samples, flat, with criterion's times sized for iterations of `bytes` at about
-/// `gb_per_second`: one or two iterations per sample, whatever the size.
-fn configure(group: &mut BenchmarkGroup<'_, WallTime>, bytes: u64, gb_per_second: f64) {
-    let seconds = gb(bytes) / gb_per_second;
-    group.throughput(Throughput::Bytes(bytes));
-    group.sample_size(10);
-    group.sampling_mode(SamplingMode::Flat);
-    group.warm_up_time(Duration::from_secs_f64(seconds.max(0.5)));
-    group.measurement_time(Duration::from_secs_f64((10.0 * seconds).max(1.0)));
-}
-
-/// User + system CPU seconds of this process (`RUSAGE_SELF`) or thread (`RUSAGE_THREAD`).
-fn cpu_seconds(who: libc::c_int) -> f64 {
-    // SAFETY: rusage is a plain C struct for which all-zero is a valid value.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes only the struct we pass, which lives across the call.
-    let rc = unsafe { libc::getrusage(who, &raw mut usage) };
-    assert_eq!(rc, 0, "getrusage: {}", io::Error::last_os_error());
-    let seconds = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
-}
-
-/// One measured run: wall seconds, process CPU seconds, and the CPU seconds of the thread that
-/// ran it (the receiving thread, in the landing group).
-#[derive(Debug, Clone, Copy, Default)]
-struct Sample {
-    seconds: f64,
-    cpu: f64,
-    thread_cpu: f64,
-}
-
-impl Sample {
-    fn of(run: &mut dyn FnMut()) -> Sample {
-        let (start, cpu, thread_cpu) = (
-            Instant::now(),
-            cpu_seconds(libc::RUSAGE_SELF),
-            cpu_seconds(libc::RUSAGE_THREAD),
-        );
-        run();
-        Sample {
-            seconds: start.elapsed().as_secs_f64(),
-            cpu: cpu_seconds(libc::RUSAGE_SELF) - cpu,
-            thread_cpu: cpu_seconds(libc::RUSAGE_THREAD) - thread_cpu,
-        }
-    }
-
-    fn add(&mut self, other: Sample) {
-        self.seconds += other.seconds;
-        self.cpu += other.cpu;
-        self.thread_cpu += other.thread_cpu;
-    }
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        f64::midpoint(values[n / 2 - 1], values[n / 2])
-    }
-}
-
-/// Runs each of `cases` cases (`run(i)` runs case `i`) once per round, `rounds` times,
-/// starting each round one case further on, so that every case goes first equally often:
-/// drift over the run affects all alike. Returns each case's samples, round by round.
-fn alternate(rounds: usize, cases: usize, run: &mut dyn FnMut(usize)) -> Vec<Vec<Sample>> {
-    let mut samples = vec![Vec::with_capacity(rounds); cases];
-    for round in 0..rounds {
-        for k in 0..cases {
-            let i = (round + k) % cases;
-            samples[i].push(Sample::of(&mut || run(i)));
-        }
-    }
-    samples
-}
-
-/// Benchmarks `run` under criterion as `id`, calling `prepare` untimed before each batch of
-/// iterations (to make what is made on first use); returns the totals over every iteration
-/// criterion ran, warm-up included, and how many there were.
-fn bench(
-    group: &mut BenchmarkGroup<'_, WallTime>,
-    id: BenchmarkId,
-    prepare: impl Fn(),
-    mut run: impl FnMut(),
-) -> (Sample, u64) {
-    let total = Cell::new(Sample::default());
-    let count = Cell::new(0u64);
-    group.bench_function(id, |b| {
-        b.iter_custom(|iterations| {
-            prepare();
-            let mut sum = Sample::default();
-            for _ in 0..iterations {
-                sum.add(Sample::of(&mut run));
-            }
-            let mut all = total.get();
-            all.add(sum);
-            total.set(all);
-            count.set(count.get() + iterations);
-            Duration::from_secs_f64(sum.seconds)
-        });
-    });
-    (total.get(), count.get())
+    measure::rounds(DEFAULT_ROUNDS)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -288,10 +138,6 @@ fn migrate(
 
 fn mode(tls: bool) -> &'static str {
     if tls { "tls" } else { "plaintext" }
-}
-
-fn gb(bytes: u64) -> f64 {
-    bytes as f64 / 1e9
 }
 
 /// Plaintext and TLS migrations of both images at 1 and 2 channels, under criterion, then
@@ -859,14 +705,6 @@ fn landing(c: &mut Criterion) -> Option<String> {
     }
     table += "(vs (a): throughput ratio, above 1 is faster; CPU ratio, below 1 is cheaper)\n";
     Some(table)
-}
-
-/// The machine's load: `/proc/loadavg`'s 1, 5 and 15 minute averages and the CPU count.
-fn load() -> String {
-    let averages = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let averages: Vec<&str> = averages.split_whitespace().take(3).collect();
-    let cpus = thread::available_parallelism().map_or(0, usize::from);
-    format!("load average {} on {cpus} CPUs", averages.join(" "))
 }
 
 /// Both groups, then their tables of paired medians together at the end, with the load before
