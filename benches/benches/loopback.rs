@@ -38,11 +38,10 @@ use memmap2::MmapMut;
 use ramjet_benches::measure::{
     self, Sample, alternate, bench, bench_bytes, configure, gb, label, load, median,
 };
-use ramjet_dataplane::Compression;
+use ramjet_benches::migrate::migrate;
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::testkit::image::{self, ImageKind, Rng};
-use ramjet_dataplane::transport::{Blocking, Listener, Transport, Uring};
-use ramjet_dataplane::{PreSwitchover, ReceiveOptions, SendOptions, Sender, receive};
+use ramjet_dataplane::transport::{Blocking, Transport, Uring};
 
 /// The plain copies' write and read size.
 const CHUNK: usize = 1 << 20;
@@ -180,44 +179,12 @@ fn raw_copy(listener: &RawListener, src: &[u8], dst: &mut [u8], streams: usize, 
     });
 }
 
-/// One whole migration of the image `src` into `dst` over `family`, as of a paused guest:
-/// switchover, every page (sent in place from the frozen memory), device state, confirmation.
-fn migrate(
-    src: &Arc<GuestMemory>,
-    dst: &Arc<GuestMemory>,
-    transport: &Arc<dyn Transport>,
-    channels: u16,
-    family: Family,
-) {
-    let endpoint = match family {
+/// Where a migration over `family` connects.
+fn endpoint(family: Family) -> String {
+    match family {
         Family::Tcp => "tcp:127.0.0.1:0".to_owned(),
         Family::Unix => format!("unix:{}", Family::path("migrate").display()),
-    };
-    let listener = Listener::bind(&endpoint.parse().expect("endpoint")).expect("bind");
-    let at = listener.endpoint().clone();
-    let receive_options = ReceiveOptions {
-        transport: Arc::clone(transport),
-        ..ReceiveOptions::default()
-    };
-    let dst = Arc::clone(dst);
-    // The listener goes with the receiver, which removes a Unix socket's path when it ends.
-    let receiver = thread::spawn(move || {
-        receive(&listener, dst, &receive_options, Arc::new(|_| {})).expect("receive")
-    });
-    let options = SendOptions {
-        channels,
-        compression: Compression::Auto,
-        transport: Arc::clone(transport),
-        ..SendOptions::default()
-    };
-    let sender =
-        Sender::connect(Arc::clone(src), &at, &options, Arc::new(|_| {})).expect("connect");
-    let summary = sender
-        .migrate_paused(&[0u8; 4096], PreSwitchover::Skip)
-        .expect("migrate");
-    let received = receiver.join().expect("receiver thread");
-    assert!(received.handover.may_run(), "{:?}", received.handover);
-    assert_eq!(summary.stats.pages(), src.total_pages(), "every page sent");
+    }
 }
 
 /// What the groups share, each made on first use, so that a filter that leaves a group out
@@ -302,7 +269,7 @@ impl Fixture {
             self.guest_dst(),
             transport,
             channels,
-            family,
+            &endpoint(family),
         );
     }
 }
