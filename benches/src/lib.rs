@@ -21,3 +21,4 @@
 
 pub mod measure;
 pub mod migrate;
+pub mod raw;
