@@ -24,28 +24,20 @@
 
 use std::cell::{OnceCell, RefCell};
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread;
 
 use criterion::{BenchmarkId, Criterion};
-use io_uring::{IoUring, opcode, types};
 use memmap2::MmapMut;
 use ramjet_benches::measure::{
     self, Sample, alternate, bench, bench_bytes, configure, gb, label, load, median,
 };
-use ramjet_dataplane::Compression;
+use ramjet_benches::migrate::migrate;
+use ramjet_benches::raw::{Raw, RawListener, raw_copy};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::testkit::image::{self, ImageKind, Rng};
-use ramjet_dataplane::transport::{Blocking, Listener, Transport, Uring};
-use ramjet_dataplane::{PreSwitchover, ReceiveOptions, SendOptions, Sender, receive};
+use ramjet_dataplane::transport::{Blocking, Transport, Uring};
 
-/// The plain copies' write and read size.
-const CHUNK: usize = 1 << 20;
 /// Paired alternations unless `RAMJET_BENCH_ROUNDS` says otherwise.
 const DEFAULT_ROUNDS: usize = 8;
 
@@ -64,160 +56,26 @@ impl Family {
         }
     }
 
+    /// A listener for the plain copies.
+    fn raw_listener(self) -> RawListener {
+        match self {
+            Family::Tcp => RawListener::tcp(),
+            Family::Unix => RawListener::unix(Family::path("raw")),
+        }
+    }
+
     /// A socket path of this process for `what` (Unix).
     fn path(what: &str) -> PathBuf {
         std::env::temp_dir().join(format!("ramjet-bench-{}-{what}.sock", std::process::id()))
     }
 }
 
-/// How a plain copy sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Raw {
-    /// Blocking `write_all` of 1 MiB chunks.
-    WriteRead,
-    /// io_uring `Send` of at most 1 MiB, one at a time.
-    UringSend,
-}
-
-impl Raw {
-    fn name(self) -> &'static str {
-        match self {
-            Raw::WriteRead => "baseline_write_read",
-            Raw::UringSend => "baseline_uring_send",
-        }
-    }
-}
-
-/// Where the plain copies connect.
-enum RawListener {
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
-}
-
-impl RawListener {
-    fn bind(family: Family) -> RawListener {
-        match family {
-            Family::Tcp => RawListener::Tcp(TcpListener::bind("127.0.0.1:0").expect("bind")),
-            Family::Unix => {
-                let path = Family::path("raw");
-                let _ = std::fs::remove_file(&path);
-                RawListener::Unix(UnixListener::bind(&path).expect("bind"), path)
-            }
-        }
-    }
-}
-
-impl Drop for RawListener {
-    fn drop(&mut self) {
-        if let RawListener::Unix(_, path) = self {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-/// Sends `part` on socket `fd` with io_uring `Send` operations of at most 1 MiB, one at a time.
-fn uring_send(fd: RawFd, part: &[u8]) {
-    let mut ring = IoUring::new(4).expect("ring");
-    let fd = types::Fd(fd);
-    let mut at = 0;
-    while at < part.len() {
-        let len = u32::try_from((part.len() - at).min(CHUNK)).expect("1 MiB fits");
-        let entry = opcode::Send::new(fd, part[at..].as_ptr(), len).build();
-        // SAFETY: `part` outlives the operation, which completes before the next loop.
-        unsafe { ring.submission().push(&entry).expect("queue") };
-        ring.submit_and_wait(1).expect("submit");
-        let sent = ring.completion().next().expect("completion").result();
-        assert!(sent > 0, "send failed: {sent}");
-        at += sent as usize;
-    }
-}
-
-fn send_part(mut stream: impl Write + AsRawFd, part: &[u8], how: Raw) {
-    match how {
-        Raw::UringSend => uring_send(stream.as_raw_fd(), part),
-        Raw::WriteRead => {
-            for chunk in part.chunks(CHUNK) {
-                stream.write_all(chunk).expect("write");
-            }
-        }
-    }
-}
-
-fn recv_part(mut stream: impl Read, part: &mut [u8]) {
-    for chunk in part.chunks_mut(CHUNK) {
-        stream.read_exact(chunk).expect("read");
-    }
-}
-
-/// The baselines: `streams` connections to `listener`, each moving its share of `src` into
-/// `dst` (sent as `how` says, received with `read_exact`, in 1 MiB pieces).
-fn raw_copy(listener: &RawListener, src: &[u8], dst: &mut [u8], streams: usize, how: Raw) {
-    let share = src.len().div_ceil(streams);
-    thread::scope(|scope| {
-        for part in src.chunks(share) {
-            scope.spawn(move || match listener {
-                RawListener::Tcp(l) => {
-                    let addr = l.local_addr().expect("address");
-                    send_part(TcpStream::connect(addr).expect("connect"), part, how);
-                }
-                RawListener::Unix(_, path) => {
-                    send_part(UnixStream::connect(path).expect("connect"), part, how);
-                }
-            });
-        }
-        for part in dst.chunks_mut(share) {
-            match listener {
-                RawListener::Tcp(l) => {
-                    let stream = l.accept().expect("accept").0;
-                    scope.spawn(move || recv_part(stream, part));
-                }
-                RawListener::Unix(l, _) => {
-                    let stream = l.accept().expect("accept").0;
-                    scope.spawn(move || recv_part(stream, part));
-                }
-            }
-        }
-    });
-}
-
-/// One whole migration of the image `src` into `dst` over `family`, as of a paused guest:
-/// switchover, every page (sent in place from the frozen memory), device state, confirmation.
-fn migrate(
-    src: &Arc<GuestMemory>,
-    dst: &Arc<GuestMemory>,
-    transport: &Arc<dyn Transport>,
-    channels: u16,
-    family: Family,
-) {
-    let endpoint = match family {
+/// Where a migration over `family` connects.
+fn endpoint(family: Family) -> String {
+    match family {
         Family::Tcp => "tcp:127.0.0.1:0".to_owned(),
         Family::Unix => format!("unix:{}", Family::path("migrate").display()),
-    };
-    let listener = Listener::bind(&endpoint.parse().expect("endpoint")).expect("bind");
-    let at = listener.endpoint().clone();
-    let receive_options = ReceiveOptions {
-        transport: Arc::clone(transport),
-        ..ReceiveOptions::default()
-    };
-    let dst = Arc::clone(dst);
-    // The listener goes with the receiver, which removes a Unix socket's path when it ends.
-    let receiver = thread::spawn(move || {
-        receive(&listener, dst, &receive_options, Arc::new(|_| {})).expect("receive")
-    });
-    let options = SendOptions {
-        channels,
-        compression: Compression::Auto,
-        transport: Arc::clone(transport),
-        ..SendOptions::default()
-    };
-    let sender =
-        Sender::connect(Arc::clone(src), &at, &options, Arc::new(|_| {})).expect("connect");
-    let summary = sender
-        .migrate_paused(&[0u8; 4096], PreSwitchover::Skip)
-        .expect("migrate");
-    let received = receiver.join().expect("receiver thread");
-    assert!(received.handover.may_run(), "{:?}", received.handover);
-    assert_eq!(summary.stats.pages(), src.total_pages(), "every page sent");
+    }
 }
 
 /// What the groups share, each made on first use, so that a filter that leaves a group out
@@ -302,7 +160,7 @@ impl Fixture {
             self.guest_dst(),
             transport,
             channels,
-            family,
+            &endpoint(family),
         );
     }
 }
@@ -326,7 +184,7 @@ fn report(family: Family, name: &str, streams: u16, bytes: u64, (total, count): 
 /// alternation; returns the table of paired medians (`None` if a filter left everything out).
 fn group(c: &mut Criterion, fixture: &Fixture, family: Family) -> Option<String> {
     let bytes = fixture.bytes;
-    let listener = RawListener::bind(family);
+    let listener = family.raw_listener();
     let baselines: &[Raw] = match family {
         Family::Tcp => &[Raw::WriteRead, Raw::UringSend],
         Family::Unix => &[Raw::WriteRead],
@@ -403,6 +261,11 @@ fn group(c: &mut Criterion, fixture: &Fixture, family: Family) -> Option<String>
         "x CPU",
     );
     for (i, streams) in ran {
+        // Made before anything is measured (a filter may have left their benches out).
+        fixture.src();
+        fixture.dst();
+        fixture.image(i);
+        fixture.guest_dst();
         // Case 0 is the baseline, 1 ramjet blocking, 2 ramjet on io_uring.
         let samples = alternate(rounds, 3, &mut |case| match case {
             0 => fixture.raw(&listener, streams, reference),

@@ -13,6 +13,10 @@
 //!   over real loopback sockets: large reads into a buffer and a copy out (or an out-of-place
 //!   open), against exact reads straight into the destination. `RAMJET_BENCH_BYTES=256M` makes a quick run.
 //!
+//! - `same_host`: a paused 2 GiB memfd guest handed over by file descriptor on one host
+//!   (`--same-host`), with its downtime, against passing, mapping (and touching) the descriptor
+//!   by hand and against copying the same guest over the same Unix socket.
+//!
 //! [`measure`] holds what they share. Run with `cargo bench -p ramjet-benches` (one file:
 //! `--bench tls`). The destination memory is prefaulted (warm), as a
 //! VMM's guest RAM is before a migration arrives.
@@ -20,3 +24,5 @@
 #![warn(missing_docs)]
 
 pub mod measure;
+pub mod migrate;
+pub mod raw;

@@ -68,6 +68,24 @@ impl Job {
     }
 }
 
+/// A whole round for the channel writers that encode their own jobs ([`RoundWork::jobs`]).
+#[derive(Debug)]
+pub(super) struct RoundWork {
+    pub(super) dirty: DirtySet,
+    pub(super) channels: u16,
+    pub(super) round: u32,
+    /// As for [`plan`].
+    pub(super) frozen: Option<Frozen>,
+}
+
+impl RoundWork {
+    /// The round's jobs for channel `channel`, as [`plan`] cuts them.
+    pub(super) fn jobs(&self, channel: u16) -> impl Iterator<Item = Job> + '_ {
+        plan(&self.dirty, self.channels, self.round, self.frozen.as_ref())
+            .filter(move |job| job.channel == channel)
+    }
+}
+
 /// The jobs of one round: every dirty page of `dirty` in exactly one job, for the channel that
 /// owns it ([`channel_of`]), never across regions; a channel's sparse chunks share a job up to
 /// [`CHUNK_LEN`] pages and [`JOB_WORDS`] chunks. Jobs come region by region; within a region a

@@ -1,5 +1,9 @@
-//! Frames on their way from the codec workers to a channel's writer.
+//! Frames on their way from the codec workers to a channel's writer, and whole rounds on their
+//! way to writers that encode them.
 
+use std::sync::Arc;
+
+use super::job::RoundWork;
 use crate::arena::Slot;
 use crate::memory::{Frozen, MemoryError};
 use crate::wire::Piece;
@@ -29,6 +33,11 @@ pub(super) enum Outgoing {
         region: usize,
         memory: Frozen,
     },
+    /// A whole round, whose jobs of this channel its writer plans and encodes itself, right
+    /// before it sends them: the pages are still in its cache when the kernel copies them, and
+    /// no frame is handed from thread to thread (a job through a codec worker takes three
+    /// hand-offs). Only for rounds that go uncompressed (see `writers_encode` in `mod.rs`).
+    Round(Arc<RoundWork>),
     /// A control frame.
     Control(Vec<u8>),
     /// Our error message for the receiver: sent even while the session is stopping.
@@ -36,17 +45,20 @@ pub(super) enum Outgoing {
 }
 
 impl Outgoing {
-    /// Bytes on the wire.
+    /// Bytes on the wire (none for a round: its writer encodes it into frames first).
     pub(super) fn len(&self) -> usize {
         match self {
             Outgoing::Pooled(_, len) | Outgoing::InPlace { len, .. } => *len,
+            Outgoing::Round(_) => 0,
             Outgoing::Control(frame) | Outgoing::Farewell(frame) => frame.len(),
         }
     }
 
-    /// Appends the frame's bytes, in order, to `out`.
+    /// Appends the frame's bytes, in order, to `out` (nothing for a round: its writer encodes
+    /// it into frames first).
     pub(super) fn slices<'a>(&'a self, out: &mut Vec<&'a [u8]>) -> Result<(), MemoryError> {
         match self {
+            Outgoing::Round(_) => {}
             Outgoing::Pooled(frame, len) => out.push(&frame.data[..*len]),
             Outgoing::InPlace {
                 frame,
@@ -70,7 +82,7 @@ impl Outgoing {
     pub(super) fn into_buffer(self) -> Option<FrameBuf> {
         match self {
             Outgoing::Pooled(frame, _) | Outgoing::InPlace { frame, .. } => Some(frame),
-            Outgoing::Control(_) | Outgoing::Farewell(_) => None,
+            Outgoing::Round(_) | Outgoing::Control(_) | Outgoing::Farewell(_) => None,
         }
     }
 }

@@ -36,32 +36,23 @@ pub(super) struct WorkerContext {
 
 impl WorkerContext {
     pub(super) fn run(self) {
-        let mut encoder = Encoder::new();
-        let mut offsets = [0u32; CHUNK_LEN];
+        let mut codec = Codec::new(&self.memory, &self.pool, &self.stop, &self.counters);
         while let Ok(job) = self.jobs.recv() {
-            if !self.stop.is_stopped() {
-                self.encode(&mut encoder, &mut offsets, &job);
+            if !self.stop.is_stopped()
+                && let Some(queue) = self.queues.get(usize::from(job.channel))
+                && let Some(outgoing) = codec.encode(&job, self.compression(queue))
+                && let Err(e) = queue.send(outgoing)
+                && let Some(frame) = e.into_inner().into_buffer()
+            {
+                self.pool.give(frame);
             }
             let _ = self.acks.send(());
         }
     }
 
-    fn encode(&self, encoder: &mut Encoder, offsets: &mut [u32; CHUNK_LEN], job: &Job) {
-        let Some(queue) = self.queues.get(usize::from(job.channel)) else {
-            return;
-        };
-        let first = job.chunks().first().map_or(0, |&(chunk, _)| chunk) * CHUNK_PAGES;
-        let mut count = 0;
-        for &(chunk, mut mask) in job.chunks() {
-            // `Job::fits` keeps every offset within a u32.
-            let base = u32::try_from(chunk * CHUNK_PAGES - first).unwrap_or(u32::MAX);
-            while mask != 0 && count < CHUNK_LEN {
-                offsets[count] = base + mask.trailing_zeros();
-                count += 1;
-                mask &= mask - 1;
-            }
-        }
-        let compression = match self.compression {
+    /// Whether the next job of the channel queue `queue` goes compressed.
+    fn compression(&self, queue: &channel::Sender<Outgoing>) -> PageCompression {
+        match self.compression {
             Compression::Off => PageCompression::Off,
             Compression::Lz4 => PageCompression::Lz4,
             // The link is the bottleneck while frames pile up in front of it, and compressing
@@ -73,11 +64,57 @@ impl WorkerContext {
                 PageCompression::Lz4
             }
             Compression::Auto => PageCompression::Off,
-        };
+        }
+    }
+}
+
+/// What encoding jobs takes, for one thread: a codec worker, or a channel writer that encodes
+/// its channel's jobs itself (see [`Outgoing::Round`]).
+pub(super) struct Codec<'a> {
+    memory: &'a GuestMemory,
+    pool: &'a Pool<FrameBuf>,
+    stop: &'a Stop,
+    counters: &'a Counters,
+    encoder: Encoder,
+    offsets: [u32; CHUNK_LEN],
+}
+
+impl<'a> Codec<'a> {
+    pub(super) fn new(
+        memory: &'a GuestMemory,
+        pool: &'a Pool<FrameBuf>,
+        stop: &'a Stop,
+        counters: &'a Counters,
+    ) -> Self {
+        Codec {
+            memory,
+            pool,
+            stop,
+            counters,
+            encoder: Encoder::new(),
+            offsets: [0; CHUNK_LEN],
+        }
+    }
+
+    /// Encodes `job` as one pages frame in a pool buffer, ready for its channel's writer:
+    /// copied (live rounds) or in place (a frozen job). `None` after a failure, which it
+    /// reports to the session's stop.
+    pub(super) fn encode(&mut self, job: &Job, compression: PageCompression) -> Option<Outgoing> {
+        let first = job.chunks().first().map_or(0, |&(chunk, _)| chunk) * CHUNK_PAGES;
+        let mut count = 0;
+        for &(chunk, mut mask) in job.chunks() {
+            // `Job::fits` keeps every offset within a u32.
+            let base = u32::try_from(chunk * CHUNK_PAGES - first).unwrap_or(u32::MAX);
+            while mask != 0 && count < CHUNK_LEN {
+                self.offsets[count] = base + mask.trailing_zeros();
+                count += 1;
+                mask &= mask - 1;
+            }
+        }
         let batch = Batch {
             region: job.region,
             first,
-            offsets: &offsets[..count],
+            offsets: &self.offsets[..count],
             round: job.round,
         };
         let Some(mut frame) = self.pool.take() else {
@@ -85,23 +122,25 @@ impl WorkerContext {
                 channel: job.channel,
                 what: "the frame buffer pool broke",
             });
-            return;
+            return None;
         };
         let encoded = match &job.frozen {
-            Some(memory) => encoder.encode_in_place(
+            Some(memory) => self.encoder.encode_in_place(
                 memory,
                 &batch,
                 compression,
                 &mut frame.data,
                 &mut frame.pieces,
             ),
-            None => encoder.encode(&self.memory, &batch, compression, &mut frame.data),
+            None => self
+                .encoder
+                .encode(self.memory, &batch, compression, &mut frame.data),
         };
         match encoded {
             Ok((len, counts)) => {
                 self.counters.add_pages(counts);
                 self.counters.add_queued(len as u64);
-                let outgoing = match &job.frozen {
+                Some(match &job.frozen {
                     Some(memory) => Outgoing::InPlace {
                         frame,
                         len,
@@ -109,12 +148,7 @@ impl WorkerContext {
                         memory: memory.clone(),
                     },
                     None => Outgoing::Pooled(frame, len),
-                };
-                if let Err(e) = queue.send(outgoing)
-                    && let Some(frame) = e.into_inner().into_buffer()
-                {
-                    self.pool.give(frame);
-                }
+                })
             }
             Err(source) => {
                 self.pool.give(frame);
@@ -122,6 +156,7 @@ impl WorkerContext {
                     channel: job.channel,
                     source,
                 });
+                None
             }
         }
     }

@@ -1,15 +1,21 @@
 //! The channel writers: each sends its channel's queued frames in large vectored writes and
-//! gives their buffers back to the pool.
+//! gives their buffers back to the pool. A round queued for it whole ([`Outgoing::Round`]) it
+//! plans and encodes itself, a few frames at a time, each batch sent right after it was encoded
+//! so that its pages are still in the cache when the kernel copies them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{self as channel, Receiver};
 
-use super::outgoing::{FrameBuf, Outgoing, WRITE_BATCH_BYTES};
+use super::job::{Job, RoundWork};
+use super::outgoing::{FrameBuf, Outgoing, QUEUE_FRAMES, WRITE_BATCH_BYTES};
 use super::rate::RateLimit;
+use super::worker::Codec;
 use crate::arena::Arena;
+use crate::codec::PageCompression;
 use crate::error::Error;
+use crate::memory::GuestMemory;
 use crate::pool::{Pool, recycle};
 use crate::session::{Counters, Stop};
 use crate::transport::LinkWriter;
@@ -26,69 +32,138 @@ pub(super) struct WriterContext {
     pub(super) stop: Arc<Stop>,
     pub(super) counters: Arc<Counters>,
     pub(super) timeout: Duration,
+    /// What the rounds it encodes itself read, and where it acknowledges each.
+    pub(super) memory: Arc<GuestMemory>,
+    pub(super) acks: channel::Sender<()>,
+}
+
+/// The most frames a writer encodes itself for one write: with every other writer doing the
+/// same, the pool still has buffers for the rest (it holds `QUEUE_FRAMES + 4` per channel).
+const INLINE_FRAMES: usize = QUEUE_FRAMES / 2;
+
+/// The most frames in one write.
+const BATCH_FRAMES: usize = 64;
+
+/// A writer's state between writes.
+struct Writer {
+    link: Box<dyn LinkWriter>,
+    batch: Vec<Outgoing>,
+    /// Bytes on the wire of the frames in `batch`.
+    bytes: usize,
+    spare: Vec<&'static [u8]>,
+    /// Its link failed: frames are recycled unsent from then on.
+    broken: bool,
 }
 
 impl WriterContext {
     /// Writes queued frames in large vectored writes until the queue closes. After a failure
-    /// (its own or the session's) it keeps draining the queue, recycling buffers unsent, so
-    /// that workers never wait on it.
+    /// (its own or the session's) it keeps draining the queue, recycling buffers unsent and
+    /// acknowledging rounds unencoded, so that nobody waits on it.
     pub(super) fn run(self, mut link: Box<dyn LinkWriter>) {
         // Without registration the transport still sends, just less cheaply.
         let _ = link.register(&self.arena);
-        let mut batch: Vec<Outgoing> = Vec::with_capacity(64);
-        let mut spare: Vec<&[u8]> = Vec::with_capacity(64);
-        let mut broken = false;
+        let mut codec = Codec::new(&self.memory, &self.pool, &self.stop, &self.counters);
+        let mut w = Writer {
+            link,
+            batch: Vec::with_capacity(BATCH_FRAMES),
+            bytes: 0,
+            spare: Vec::with_capacity(BATCH_FRAMES),
+            broken: false,
+        };
         while let Ok(first) = self.queue.recv() {
-            let mut bytes = first.len();
-            batch.push(first);
-            while bytes < WRITE_BATCH_BYTES && batch.len() < 64 {
-                match self.queue.try_recv() {
-                    Ok(next) => {
-                        bytes += next.len();
-                        batch.push(next);
+            let mut next = Some(first);
+            while let Some(outgoing) = next.take() {
+                match outgoing {
+                    Outgoing::Round(work) => {
+                        // Frames queued before the round go first.
+                        self.flush(&mut w);
+                        self.encode_round(&mut w, &mut codec, &work);
+                        let _ = self.acks.send(());
                     }
-                    Err(_) => break,
-                }
-            }
-            let stopping = self.stop.is_stopped();
-            if !broken {
-                let mut slices = recycle(std::mem::take(&mut spare));
-                let listed = batch
-                    .iter()
-                    .filter(|o| !stopping || matches!(o, Outgoing::Farewell(_)))
-                    .try_for_each(|o| o.slices(&mut slices));
-                let written: usize = slices.iter().map(|s| s.len()).sum();
-                let sent = match listed {
-                    Err(source) => Err(Error::Memory {
-                        channel: self.channel,
-                        source,
-                    }),
-                    Ok(()) if slices.is_empty() => Ok(()),
-                    Ok(()) => {
-                        if let Some(limit) = &self.limit {
-                            limit.wait(written, &self.stop);
+                    frame => {
+                        w.bytes += frame.len();
+                        w.batch.push(frame);
+                        if w.bytes < WRITE_BATCH_BYTES && w.batch.len() < BATCH_FRAMES {
+                            next = self.queue.try_recv().ok();
                         }
-                        link.send(&slices)
-                            .map(|()| {
-                                self.counters.add_sent(self.channel, written as u64);
-                                if link.zero_copy() {
-                                    self.counters.add_zero_copy_bytes(written as u64);
-                                }
-                            })
-                            .map_err(|e| Error::io(self.channel, "sending frames", self.timeout, e))
                     }
-                };
-                if let Err(err) = sent {
-                    broken = true;
-                    self.stop.fail(err);
                 }
-                spare = recycle(slices);
             }
-            for outgoing in batch.drain(..) {
-                if let Some(frame) = outgoing.into_buffer() {
-                    self.pool.give(frame);
-                }
+            self.flush(&mut w);
+        }
+    }
+
+    /// Encodes and sends this channel's jobs of `work`, a few frames per write.
+    fn encode_round(&self, w: &mut Writer, codec: &mut Codec<'_>, work: &RoundWork) {
+        let mut encoded = 0;
+        for job in work.jobs(self.channel) {
+            if w.broken || self.stop.is_stopped() {
+                return;
+            }
+            if let Some(frame) = self.encode(codec, &job) {
+                w.bytes += frame.len();
+                w.batch.push(frame);
+                encoded += 1;
+            }
+            if encoded >= INLINE_FRAMES || w.bytes >= WRITE_BATCH_BYTES {
+                self.flush(w);
+                encoded = 0;
             }
         }
+        self.flush(w);
+    }
+
+    fn encode(&self, codec: &mut Codec<'_>, job: &Job) -> Option<Outgoing> {
+        codec.encode(job, PageCompression::Off)
+    }
+
+    /// Sends the batch in one vectored write (unless broken, or stopping: then only a
+    /// farewell goes) and gives its buffers back.
+    fn flush(&self, w: &mut Writer) {
+        if w.batch.is_empty() {
+            return;
+        }
+        let stopping = self.stop.is_stopped();
+        if !w.broken {
+            let mut slices = recycle(std::mem::take(&mut w.spare));
+            let listed = w
+                .batch
+                .iter()
+                .filter(|o| !stopping || matches!(o, Outgoing::Farewell(_)))
+                .try_for_each(|o| o.slices(&mut slices));
+            let written: usize = slices.iter().map(|s| s.len()).sum();
+            let sent = match listed {
+                Err(source) => Err(Error::Memory {
+                    channel: self.channel,
+                    source,
+                }),
+                Ok(()) if slices.is_empty() => Ok(()),
+                Ok(()) => {
+                    if let Some(limit) = &self.limit {
+                        limit.wait(written, &self.stop);
+                    }
+                    w.link
+                        .send(&slices)
+                        .map(|()| {
+                            self.counters.add_sent(self.channel, written as u64);
+                            if w.link.zero_copy() {
+                                self.counters.add_zero_copy_bytes(written as u64);
+                            }
+                        })
+                        .map_err(|e| Error::io(self.channel, "sending frames", self.timeout, e))
+                }
+            };
+            if let Err(err) = sent {
+                w.broken = true;
+                self.stop.fail(err);
+            }
+            w.spare = recycle(slices);
+        }
+        for outgoing in w.batch.drain(..) {
+            if let Some(frame) = outgoing.into_buffer() {
+                self.pool.give(frame);
+            }
+        }
+        w.bytes = 0;
     }
 }

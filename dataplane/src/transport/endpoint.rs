@@ -70,7 +70,11 @@ impl Stream {
                 stream.set_nodelay(true)?;
                 Ok(Stream::Tcp(stream))
             }
-            Endpoint::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path)?)),
+            Endpoint::Unix(path) => {
+                let stream = UnixStream::connect(path)?;
+                widen_send_buffer(stream.as_raw_fd());
+                Ok(Stream::Unix(stream))
+            }
         }
     }
 
@@ -198,6 +202,35 @@ pub(crate) fn read_stepped(
             Err(e) => return Err(ReadStop::Io(e)),
         }
     }
+}
+
+/// What a Unix socket's connecting end (the sender of a migration's pages) asks for as its send
+/// buffer (the kernel caps it at `net.core.wmem_max`). A Unix stream socket's writer may have
+/// only its send buffer's worth of bytes unread by the peer: with the default (208 KiB) each
+/// 1 MiB write waits for the reader several times, and every wait is two wake-ups; with much
+/// more (4 MiB) the bytes wait so long in the socket that the reader's copy no longer finds
+/// them in the cache. Measured on two cores, 2 channels of random pages, paired against plain
+/// copies: 4 MiB 0.75 of their speed, 512 KiB 0.86, 1 MiB 0.88-0.94.
+const UNIX_SEND_BUFFER: libc::c_int = 1 << 20;
+
+/// Asks for a send buffer of [`UNIX_SEND_BUFFER`] bytes on socket `fd`, best effort (the
+/// default one is what the kernel falls back to).
+fn widen_send_buffer(fd: RawFd) {
+    // A c_int is 4 bytes.
+    const LEN: libc::socklen_t = 4;
+    const _: () = assert!(size_of::<libc::c_int>() == LEN as usize);
+    let value = UNIX_SEND_BUFFER;
+    // SAFETY: the option value is a c_int that lives across the call, and its length is
+    // passed with it; a bad descriptor only makes the call fail.
+    let _ = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw const value).cast(),
+            LEN,
+        )
+    };
 }
 
 /// Which of a socket's queues [`queued`] measures.

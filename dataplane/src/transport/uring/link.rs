@@ -188,11 +188,9 @@ impl Link {
 impl LinkWriter for Link {
     fn send(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
         self.iovecs.clear();
-        self.iovecs
-            .extend(bufs.iter().filter(|b| !b.is_empty()).map(|b| libc::iovec {
-                iov_base: b.as_ptr().cast_mut().cast(),
-                iov_len: b.len(),
-            }));
+        for b in bufs {
+            push_merged(&mut self.iovecs, b.as_ptr().cast_mut(), b.len());
+        }
         // A zero-copy send whose every buffer is in the registered arena uses it, so the kernel
         // need not pin the pages again (vectored fixed buffers need Linux 6.15).
         let fixed = self.zero_copy
@@ -261,14 +259,9 @@ impl LinkReader for Link {
 
     fn recv_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         self.iovecs.clear();
-        self.iovecs.extend(
-            bufs.iter_mut()
-                .filter(|b| !b.is_empty())
-                .map(|b| libc::iovec {
-                    iov_base: b.as_mut_ptr().cast(),
-                    iov_len: b.len(),
-                }),
-        );
+        for b in bufs.iter_mut() {
+            push_merged(&mut self.iovecs, b.as_mut_ptr(), b.len());
+        }
         // On TCP the first try takes whatever has arrived; if that is not all, the low-water
         // mark (never above what is still needed) makes one wake-up bring every remaining
         // byte, where MSG_WAITALL would wake and copy at every arriving segment. Elsewhere
@@ -333,6 +326,25 @@ impl LinkReader for Link {
         }
         Ok(got)
     }
+}
+
+/// Appends the `len` bytes at `at` to `iovecs`, as part of the last iovec if they follow it
+/// in memory: a frame's consecutive guest pages then go as one buffer, which the kernel copies
+/// in one piece instead of a page at a time. Empty buffers are left out.
+fn push_merged(iovecs: &mut Vec<libc::iovec>, at: *mut u8, len: usize) {
+    if len == 0 {
+        return;
+    }
+    if let Some(last) = iovecs.last_mut()
+        && last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == at
+    {
+        last.iov_len += len;
+        return;
+    }
+    iovecs.push(libc::iovec {
+        iov_base: at.cast(),
+        iov_len: len,
+    });
 }
 
 /// Drops the first `n` bytes from a list of iovecs.
