@@ -16,6 +16,9 @@
 //! apart, as "source done".
 //! - `ramjet_copy`: the copying migration of the same memory over the same kind of socket,
 //!   2 channels, crc on, into prefaulted (warm) destination memory.
+//! - `baseline_unix_copy`: the same bytes copied by hand over 2 Unix socket streams
+//!   (`write_all`/`read_exact` of 1 MiB between two mappings, the destination warm): the
+//!   floor of any copying migration over this socket.
 //!
 //! Before each run the source's mapping is faulted in (as a running guest's is) and the
 //! receiver's memory is fresh; neither is timed. Each benchmark prints GB/s of guest RAM and the
@@ -33,8 +36,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion};
-use memmap2::MmapOptions;
+use memmap2::{Mmap, MmapMut, MmapOptions};
 use ramjet_benches::measure::{self, bench_bytes, configure, gb, label, load, median};
+use ramjet_benches::raw::{Raw, RawListener, raw_copy};
 use ramjet_dataplane::internals::fds::{recv_with_fds, send_with_fds};
 use ramjet_dataplane::memory::{GuestAddr, GuestMemory, Region};
 use ramjet_dataplane::testkit::image::{self, ImageKind};
@@ -47,11 +51,12 @@ use ramjet_dataplane::{
 const DEFAULT_ROUNDS: usize = 6;
 
 /// The cases, in table order.
-const CASES: [&str; 4] = [
+const CASES: [&str; 5] = [
     "baseline_fd_pass_map",
     "baseline_fd_pass_map_touch",
     "ramjet_same_host",
     "ramjet_copy",
+    "baseline_unix_copy",
 ];
 
 /// What one run measured: its timed part's wall and process CPU time, and the downtime of a
@@ -77,6 +82,9 @@ struct Bench {
     /// The copying migration's destination, prefaulted once.
     warm: Arc<GuestMemory>,
     socket: PathBuf,
+    /// The plain copy's source (the memfd, mapped) and destination (warm), and its listener.
+    raw: RefCell<(Mmap, MmapMut)>,
+    raw_listener: RawListener,
 }
 
 impl Bench {
@@ -167,12 +175,26 @@ impl Bench {
         }
     }
 
+    /// The plain copy over 2 Unix socket streams.
+    fn raw_copy(&self) -> Run {
+        let (src, dst) = &mut *self.raw.borrow_mut();
+        let (started, cpu_started) = (Instant::now(), cpu());
+        raw_copy(&self.raw_listener, src, dst, 2, Raw::WriteRead);
+        Run {
+            timed: started.elapsed(),
+            cpu: cpu() - cpu_started,
+            downtime: None,
+            source_done: None,
+        }
+    }
+
     fn run(&self, case: usize) -> Run {
         match case {
             0 => self.baseline(false),
             1 => self.baseline(true),
             2 => self.ramjet(SameHost::On),
-            _ => self.ramjet(SameHost::Off),
+            3 => self.ramjet(SameHost::Off),
+            _ => self.raw_copy(),
         }
     }
 }
@@ -191,15 +213,21 @@ fn same_host(c: &mut Criterion) {
     };
     let warm = Arc::new(GuestMemory::anonymous(bytes).expect("memory"));
     warm.prefault().expect("prefault");
-    let socket = std::env::temp_dir().join(format!(
-        "ramjet-bench-{}-same-host.sock",
-        std::process::id()
-    ));
+    let path = |what: &str| {
+        std::env::temp_dir().join(format!("ramjet-bench-{}-{what}.sock", std::process::id()))
+    };
+    let len = usize::try_from(bytes).expect("64-bit");
+    // SAFETY: the memfd is this bench's and never truncated.
+    let raw_src = unsafe { MmapOptions::new().len(len).map(memfd.as_raw_fd()) }.expect("map");
+    let mut raw_dst = MmapMut::map_anon(len).expect("map");
+    raw_dst.fill(1);
     let bench = Bench {
         bytes,
         memfd,
         warm,
-        socket,
+        socket: path("same-host"),
+        raw: RefCell::new((raw_src, raw_dst)),
+        raw_listener: RawListener::unix(path("raw")),
     };
     println!("{} random memfd guest, paused; {}", label(bytes), load());
 
@@ -294,11 +322,12 @@ fn same_host(c: &mut Criterion) {
     };
     println!(
         "paired: ramjet_same_host / ramjet_copy total time x{:.4}; ramjet_same_host / \
-         baseline_fd_pass_map x{:.2}; baseline_fd_pass_map_touch / ramjet_copy x{:.3} (median of \
-         {rounds} alternations)",
+         baseline_fd_pass_map x{:.2}; baseline_fd_pass_map_touch / ramjet_copy x{:.3}; \
+         ramjet_copy speed / baseline_unix_copy speed x{:.3} (median of {rounds} alternations)",
         ratio(2, 3),
         ratio(2, 0),
-        ratio(1, 3)
+        ratio(1, 3),
+        1.0 / ratio(3, 4)
     );
     let _ = std::fs::remove_file(&bench.socket);
 }
