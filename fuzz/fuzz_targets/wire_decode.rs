@@ -207,7 +207,18 @@ fn hello(bytes: &[u8], fix: bool) -> bool {
     };
     let channels = u16::from_le_bytes(array(&bytes[34..36]));
     let channel = u16::from_le_bytes(array(&bytes[32..34]));
-    assert!(channel < channels && channels <= MAX_CHANNELS);
+    let flags = u16::from_le_bytes(array(&bytes[10..12]));
+    // Data channels are numbered from 0; the fault channel (flag bit 1) is one past them.
+    let fault = flags & 2 != 0;
+    assert!(channels <= MAX_CHANNELS);
+    if fault {
+        assert_eq!(channel, channels, "the fault channel is one past the data channels");
+    } else {
+        assert!(channel < channels);
+    }
+    if flags & 8 != 0 {
+        assert_eq!(channel, 0, "only channel 0 offers the memory");
+    }
     assert_eq!(table_len % Hello::REGION_LEN, 0);
     let regions = table_len / Hello::REGION_LEN;
     assert!(regions >= 1 && regions <= MAX_REGIONS as usize);
