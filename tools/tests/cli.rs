@@ -9,15 +9,21 @@ fn ramjet(args: &[&str]) -> std::process::Output {
         .expect("run ramjet")
 }
 
-#[test]
-fn the_demo_migrates_a_running_guest_and_verifies_it() {
-    let out = ramjet(&["demo", "--size", "32M", "--dirty-rate", "5000"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+/// Runs ramjet, asserts that it succeeded (showing both streams if not) and returns its stdout.
+fn ramjet_ok(args: &[&str]) -> String {
+    let out = ramjet(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn the_demo_migrates_a_running_guest_and_verifies_it() {
+    let stdout = ramjet_ok(&["demo", "--size", "32M", "--dirty-rate", "5000"]);
     assert!(
         stdout.contains("verified: destination identical"),
         "{stdout}"
@@ -46,7 +52,7 @@ fn the_demo_migrates_a_running_guest_and_verifies_it() {
 /// check finds the destination mapping the source's very memfd, and the source refusing it.
 #[test]
 fn the_demo_hands_a_guest_over_on_one_host() {
-    let out = ramjet(&[
+    let stdout = ramjet_ok(&[
         "demo",
         "--size",
         "32M",
@@ -54,12 +60,6 @@ fn the_demo_hands_a_guest_over_on_one_host() {
         "5000",
         "--same-host",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(stdout.contains("rounds:      1 (SharedMemory)"), "{stdout}");
     assert!(
         stdout.contains("memory:      handed over by file descriptor (same host)"),
@@ -80,7 +80,7 @@ fn the_demo_hands_a_guest_over_on_one_host() {
 /// destination equal to the source at the pause but for the pages its guest wrote.
 #[test]
 fn the_demo_switches_to_postcopy() {
-    let out = ramjet(&[
+    let stdout = ramjet_ok(&[
         "demo",
         "--size",
         "32M",
@@ -88,12 +88,6 @@ fn the_demo_switches_to_postcopy() {
         "5000",
         "--postcopy",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     for line in [
         "source      MIGRATION postcopy-active",
         "destination MIGRATION postcopy-active",
@@ -123,7 +117,7 @@ fn the_demo_migrates_a_kvm_guest() {
         eprintln!("the_demo_migrates_a_kvm_guest: skipped: {why}");
         return;
     }
-    let out = ramjet(&[
+    let stdout = ramjet_ok(&[
         "demo",
         "--guest",
         "kvm",
@@ -132,12 +126,6 @@ fn the_demo_migrates_a_kvm_guest() {
         "--dirty-rate",
         "5000",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(stdout.contains("KVM dirty log"), "{stdout}");
     let last = stdout.lines().last().unwrap_or_default();
     assert!(
@@ -173,13 +161,7 @@ fn the_kvm_demo_without_kvm_says_why() {
 /// authenticated with throwaway certificates, and the summary says so.
 #[test]
 fn the_demo_encrypts_with_tls() {
-    let out = ramjet(&["demo", "--size", "32M", "--dirty-rate", "5000", "--tls"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = ramjet_ok(&["demo", "--size", "32M", "--dirty-rate", "5000", "--tls"]);
     assert!(
         stdout.contains("verified: destination identical"),
         "{stdout}"
@@ -274,15 +256,9 @@ fn a_short_stress_pass_finds_no_violation() {
 /// must end in a TLS error), and the summary says the pass was TLS.
 #[test]
 fn a_short_tls_stress_pass_finds_no_violation() {
-    let out = ramjet(&[
+    let stdout = ramjet_ok(&[
         "stress", "--tls", "--runs", "20", "--seed", "1", "--jobs", "4",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(stdout.contains("20 runs in"), "{stdout}");
     assert!(stdout.contains(", TLS: 0 violations"), "{stdout}");
     let rows: Vec<&str> = stdout
@@ -318,13 +294,7 @@ fn tls_stress_arguments_are_checked() {
 /// violation, and the table has a row per kill point that came up and the ownership columns.
 #[test]
 fn a_short_processes_pass_finds_no_violation() {
-    let out = ramjet(&["stress", "--processes", "--runs", "6", "--seed", "3"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = ramjet_ok(&["stress", "--processes", "--runs", "6", "--seed", "3"]);
     assert!(stdout.contains("6 runs in"), "{stdout}");
     assert!(stdout.contains(": 0 violations"), "{stdout}");
     assert!(stdout.contains("dgone-after"), "{stdout}");
