@@ -5,7 +5,7 @@ use ramjet_dataplane::internals::wire::VERSION;
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::{Error, Fact, Handover};
 
-use super::plan::{Fault, Message, Mode, Plan, Stray, StrayWhen, Strike, When};
+use super::plan::{Fault, Lose, Message, Mode, Plan, Stray, StrayWhen, Strike, When};
 
 /// How a run ended, as the sender saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -349,11 +349,13 @@ fn fault_decides_the_end(
     {
         violations.push(format!("a cancel {when:?} ended {outcome:?}"));
     }
-    let (message, lost, reconnect) = match e.plan.strike {
+    let (message, lost, reconnect, silenced) = match e.plan.strike {
         Strike::Handover {
-            message, reconnect, ..
-        } => (message, true, reconnect),
-        Strike::Late { message, .. } => (message, false, true),
+            message,
+            reconnect,
+            how,
+        } => (message, true, reconnect, how == Lose::Silence),
+        Strike::Late { message, .. } => (message, false, true, false),
         _ => return,
     };
     if !e.struck {
@@ -361,11 +363,22 @@ fn fault_decides_the_end(
     }
     // In postcopy a go or decided lost with no way back leaves the migration paused.
     let paused_for_good = e.plan.mode == Mode::Postcopy && lost && !reconnect;
+    // In postcopy a decided silenced on channel 0 silences the receiver's *done* too: if the
+    // destination fetched its last pages on the fault channel before the source gave up on
+    // the decided, it completes and leaves, and the source, which never hears the done and
+    // finds nobody to reconnect to, stays paused. The guest runs in one place (the
+    // destination, with all its memory); the source cannot know that, so it says paused.
+    let done_silenced = e.plan.mode == Mode::Postcopy
+        && message == Message::Decided
+        && silenced
+        && outcome == Outcome::Paused
+        && owner == Owner::Destination;
     match message {
         Message::Ready if lost && outcome == Outcome::Completed => {
             violations.push("ready was lost, and yet the sender handed over".into());
         }
         Message::Go | Message::Decided if paused_for_good && outcome == Outcome::Paused => {}
+        Message::Decided if done_silenced => {}
         Message::Go | Message::Decided if outcome != Outcome::Completed => {
             violations.push(format!(
                 "{message:?} came after ready, and yet the sender did not hand over: {}",
