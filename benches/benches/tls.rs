@@ -44,13 +44,12 @@ use memmap2::{Advice, MmapMut};
 use ramjet_benches::measure::{
     self, Sample, alternate, bench, bench_bytes, configure, gb, label, load, median,
 };
+use ramjet_benches::migrate::migrate_with;
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::testkit::image::{self, ImageKind, Rng};
 use ramjet_dataplane::testkit::pki::{Scratch, credentials};
-use ramjet_dataplane::transport::{self, Listener, Transport};
-use ramjet_dataplane::{
-    Compression, PreSwitchover, ReceiveOptions, SendOptions, Sender, TlsClient, TlsServer, receive,
-};
+use ramjet_dataplane::transport::{self, Transport};
+use ramjet_dataplane::{Compression, ReceiveOptions, SendOptions, TlsClient, TlsServer};
 
 /// The most the landing group moves per run.
 const LANDING_BYTES_MAX: u64 = 256 << 20;
@@ -101,32 +100,19 @@ fn migrate(
     channels: u16,
     tls: Option<&Tls>,
 ) -> Report {
-    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().expect("endpoint")).expect("bind");
-    let at = listener.endpoint().clone();
-    let receive_options = ReceiveOptions {
-        transport: Arc::clone(transport),
-        tls: tls.map(|t| t.server.clone()),
-        ..ReceiveOptions::default()
-    };
-    let dst = Arc::clone(dst);
-    let receiver = thread::spawn(move || {
-        receive(&listener, dst, &receive_options, Arc::new(|_| {})).expect("receive")
-    });
-    let options = SendOptions {
+    let send = SendOptions {
         channels,
         compression: Compression::Off,
         transport: Arc::clone(transport),
         tls: tls.map(|t| t.client.clone()),
         ..SendOptions::default()
     };
-    let sender =
-        Sender::connect(Arc::clone(src), &at, &options, Arc::new(|_| {})).expect("connect");
-    let summary = sender
-        .migrate_paused(&[0u8; 4096], PreSwitchover::Skip)
-        .expect("migrate");
-    let received = receiver.join().expect("receiver thread");
-    assert!(received.handover.may_run(), "{:?}", received.handover);
-    assert_eq!(summary.stats.pages(), src.total_pages(), "every page sent");
+    let receive = ReceiveOptions {
+        transport: Arc::clone(transport),
+        tls: tls.map(|t| t.server.clone()),
+        ..ReceiveOptions::default()
+    };
+    let (summary, received) = migrate_with(src, dst, "tcp:127.0.0.1:0", &send, receive);
     let name = |n: ramjet_dataplane::Negotiated| format!("{} with {}", n.suite, n.key_exchange);
     let suite = summary.tls.map(name);
     assert_eq!(suite, received.tls.map(name), "both ends name one suite");

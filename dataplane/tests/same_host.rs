@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use common::{Lines, Net};
 use ramjet_dataplane::memory::{Backing, GuestAddr, GuestMemory, MemoryError, Region};
-use ramjet_dataplane::testkit::Workload;
 use ramjet_dataplane::testkit::image::{self, ImageKind};
+use ramjet_dataplane::testkit::{self, Workload};
 use ramjet_dataplane::transport::{Endpoint, Listener};
 use ramjet_dataplane::{
     BoxError, Error, Everything, Guest, Handover, LiveOptions, MemoryTransfer, PAGE_SIZE,
@@ -116,19 +116,7 @@ fn assert_refused_here(memory: &GuestMemory) {
 /// access to it from then on.
 #[test]
 fn a_paused_guest_is_handed_over_without_copying() {
-    let file = {
-        let path = std::env::temp_dir().join(format!("ramjet-share-{}", std::process::id()));
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("file");
-        file.set_len(1 << 20).expect("length");
-        std::fs::remove_file(&path).expect("unlink");
-        file
-    };
+    let file = testkit::scratch_file("share", 1 << 20).expect("file");
     let layout_of = |file: &File| {
         vec![
             Region::memfd(0, GuestAddr(0), BYTES).expect("memfd"),

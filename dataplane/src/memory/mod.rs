@@ -55,21 +55,7 @@ pub(crate) mod tests {
 
     /// A read-write file of `len` bytes that is already unlinked: gone when dropped.
     pub(crate) fn scratch_file(tag: &str, len: u64) -> File {
-        let path = std::env::temp_dir().join(format!(
-            "ramjet-{tag}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(len).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        file
+        crate::testkit::scratch_file(tag, len).expect("scratch file")
     }
 
     #[test]
