@@ -157,10 +157,11 @@ pub mod internals {
         pub use crate::transport::fds::{recv_with_fds, send_with_fds};
     }
 
-    /// The page codec: how each page of a frame is encoded, and lz4 decoding.
+    /// The page codec: how each page of a frame is encoded, and decoding compressed pages.
     pub mod codec {
         pub use crate::codec::{
-            Batch, BatchCounts, Encoder, PageCompression, decode_lz4, is_zero, looks_compressible,
+            Batch, BatchCounts, Decoder, Encoder, PageCompression, ZSTD_LEVEL, decode_lz4, is_zero,
+            looks_compressible,
         };
     }
 }

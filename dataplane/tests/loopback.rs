@@ -32,7 +32,12 @@ fn every_path(image: Image, seed: u64, tls: bool) {
     } else {
         (
             &[1, 2, 4],
-            &[Compression::Off, Compression::Lz4, Compression::Auto],
+            &[
+                Compression::Off,
+                Compression::Lz4,
+                Compression::Zstd,
+                Compression::Auto,
+            ],
         )
     };
     let src = guest(bytes, image, seed);
@@ -81,22 +86,39 @@ fn every_path(image: Image, seed: u64, tls: bool) {
                 assert_eq!(received.stats.pages(), src.total_pages(), "{what}");
                 match image {
                     Image::Zero => assert_eq!(stats.pages_zero, src.total_pages(), "{what}"),
-                    Image::Random => assert_eq!(stats.pages_zero + stats.pages_lz4, 0, "{what}"),
+                    Image::Random => assert_eq!(
+                        stats.pages_zero + stats.pages_lz4 + stats.pages_zstd,
+                        0,
+                        "{what}"
+                    ),
                     Image::Mixed => {
-                        // Half the pages are zero; with lz4 the text pages compress.
+                        // Half the pages are zero; with lz4 or zstd the text pages compress.
                         let half = src.total_pages() / 2;
                         assert!(
                             stats.pages_zero.abs_diff(half) < half / 20,
                             "{what}: {stats:?}"
                         );
-                        if compression == Compression::Lz4 {
-                            assert!(stats.pages_lz4 > src.total_pages() / 5, "{what}: {stats:?}");
+                        let compressed = match compression {
+                            Compression::Lz4 => Some(stats.pages_lz4),
+                            Compression::Zstd => Some(stats.pages_zstd),
+                            _ => None,
+                        };
+                        if let Some(compressed) = compressed {
+                            assert!(compressed > src.total_pages() / 5, "{what}: {stats:?}");
                         }
                     }
                 }
-                if compression == Compression::Off {
+                if compression != Compression::Lz4 {
                     assert_eq!(stats.pages_lz4, 0, "{what}");
                 }
+                if compression != Compression::Zstd {
+                    assert_eq!(stats.pages_zstd, 0, "{what}");
+                }
+                assert_eq!(
+                    (received.stats.pages_lz4, received.stats.pages_zstd),
+                    (stats.pages_lz4, stats.pages_zstd),
+                    "{what}: the receiver counts what was sent"
+                );
                 if tls {
                     let suite = sent.tls.as_ref().map(|t| t.suite.as_str());
                     assert_eq!(suite, Some("TLS13_AES_256_GCM_SHA384"), "{what}");

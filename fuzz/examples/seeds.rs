@@ -83,6 +83,7 @@ fn valid_ops() -> Vec<Op> {
                 (0, PageSpec::Raw(7)),
                 (1, PageSpec::Lz4(5)),
                 (0, PageSpec::Raw(0)),
+                (0, PageSpec::Zstd(9)),
             ],
         },
         Op::Pages {
@@ -130,6 +131,13 @@ fn receiver() -> Seeds {
         "raw-encoder-lz4".into(),
         [&[FLAG_PREFILL][..], &real].concat(),
     ));
+    let mut zstd = encoder_frame(PageCompression::Zstd);
+    zstd.extend(FrameHeader::end_of_round(1, 3));
+    zstd.extend(FrameHeader::end_of_stream(1, 3));
+    seeds.push((
+        "raw-encoder-zstd".into(),
+        [&[FLAG_PREFILL][..], &zstd].concat(),
+    ));
     let mut plain = encoder_frame(PageCompression::Off);
     plain.extend(FrameHeader::end_of_round(1, 3));
     plain.extend(FrameHeader::end_of_stream(1, 3));
@@ -141,7 +149,21 @@ fn receiver() -> Seeds {
         edit(&mut ops);
         program_input(FLAG_PREFILL, &ops)
     };
-    let defects: [(&str, Vec<u8>); 9] = [
+    let defects: [(&str, Vec<u8>); 10] = [
+        (
+            "bad-zstd",
+            with(&|ops| {
+                ops[1] = Op::Pages {
+                    region: 1,
+                    first: 0,
+                    round: 0,
+                    pages: vec![(
+                        0,
+                        PageSpec::ZstdFrame(vec![0x28, 0xb5, 0x2f, 0xfd, 0, 1, 2]),
+                    )],
+                };
+            }),
+        ),
         (
             "bad-lz4",
             with(&|ops| {
@@ -242,6 +264,7 @@ fn wire_decode() -> Seeds {
     frame("error", 0, &FrameHeader::error("disk full"));
     frame("confirm", 0, &FrameHeader::ready(2, 100, 5));
     frame("pages-lz4", 0, &encoder_frame(PageCompression::Lz4));
+    frame("pages-zstd", 0, &encoder_frame(PageCompression::Zstd));
     frame("pages-raw", 0, &encoder_frame(PageCompression::Off));
     frame("pages-program", 0, &program::build_ops(&valid_ops()[..1]));
     frame("pages-fix-crc", 4, &program::build_ops(&valid_ops()[1..2]));

@@ -229,8 +229,8 @@ fn check(
             assert_eq!(received.rounds, model.rounds, "rounds");
             let s = &received.stats;
             assert_eq!(
-                (s.pages_zero, s.pages_raw, s.pages_lz4),
-                (model.zero, model.raw, model.lz4),
+                (s.pages_zero, s.pages_raw, s.pages_lz4, s.pages_zstd),
+                (model.zero, model.raw, model.lz4, model.zstd),
                 "page counters"
             );
             assert_eq!(

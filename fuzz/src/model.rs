@@ -4,9 +4,9 @@
 //! round and end of stream counts, device state in order, a crc over every frame), sequentially
 //! and without any of the receiver's concurrency, IO or unsafe code.
 //!
-//! One receiver behaviour is modelled on purpose: an lz4 page that does not decode fails the
-//! channel at the next end of round or end of stream (decoding runs on worker threads), not at
-//! its frame.
+//! One receiver behaviour is modelled on purpose: a compressed (lz4 or zstd) page that does not
+//! decode fails the channel at the next end of round or end of stream (decoding runs on worker
+//! threads), not at its frame.
 
 use ramjet_dataplane::internals::wire::{FrameHeader, FrameKind, MAX_DEVICE_STATE, PageTable};
 
@@ -25,6 +25,8 @@ pub struct Accepted {
     pub raw: u64,
     /// lz4 pages accepted.
     pub lz4: u64,
+    /// zstd pages accepted.
+    pub zstd: u64,
     /// Header and payload bytes of every frame read, the receiver's confirmation included.
     pub wire_bytes: u64,
 }
@@ -56,7 +58,7 @@ pub fn run(stream: &[u8], initial: Vec<Vec<u8>>) -> Expected {
         round: 0,
         round_pages: 0,
         total_pages: 0,
-        lz4_failed: false,
+        decode_failed: false,
         accepted: Accepted::default(),
     };
     m.stamps = m.named.iter().map(|r| vec![0; r.len()]).collect();
@@ -76,7 +78,7 @@ struct Model<'a> {
     round: u32,
     round_pages: u64,
     total_pages: u64,
-    lz4_failed: bool,
+    decode_failed: bool,
     accepted: Accepted,
 }
 
@@ -101,7 +103,7 @@ impl<'a> Model<'a> {
                 FrameKind::Pages => self.pages(&h, due)?,
                 FrameKind::EndOfRound => {
                     crc(&h, &[], &[])?;
-                    if h.round != due || self.lz4_failed || h.value != self.round_pages {
+                    if h.round != due || self.decode_failed || h.value != self.round_pages {
                         return Err("bad end of round".into());
                     }
                     self.round = due;
@@ -119,7 +121,7 @@ impl<'a> Model<'a> {
                 }
                 FrameKind::EndOfStream => {
                     crc(&h, &[], &[])?;
-                    if self.lz4_failed
+                    if self.decode_failed
                         || self.round_pages != 0
                         || h.round != self.round
                         || h.value != self.total_pages
@@ -196,9 +198,20 @@ impl<'a> Model<'a> {
                     let mut page = vec![0u8; PAGE];
                     match lz4_flex::block::decompress_into(src, &mut page) {
                         Ok(n) if n == PAGE => dst.copy_from_slice(&page),
-                        _ => self.lz4_failed = true,
+                        _ => self.decode_failed = true,
                     }
                     self.accepted.lz4 += 1;
+                }
+                ramjet_dataplane::internals::wire::Encoding::Zstd => {
+                    // One-shot into a page's room: more, less or garbage fails.
+                    let mut page = vec![0u8; PAGE];
+                    let decoded = zstd::bulk::Decompressor::new()
+                        .and_then(|mut z| z.decompress_to_buffer(src, &mut page[..]));
+                    match decoded {
+                        Ok(n) if n == PAGE => dst.copy_from_slice(&page),
+                        _ => self.decode_failed = true,
+                    }
+                    self.accepted.zstd += 1;
                 }
             }
             self.stamps[region][index] = due;

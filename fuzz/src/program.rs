@@ -108,23 +108,29 @@ pub fn page_step(b: u8) -> u32 {
 /// One page of a program's pages frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PageSpec {
-    /// Encoding byte % 4 == 0: a zero page.
+    /// Encoding byte % 6 == 0: a zero page.
     Zero,
-    /// % 4 == 1, then a seed byte: the raw [`pattern_page`].
+    /// % 6 == 1, then a seed byte: the raw [`pattern_page`].
     Raw(u8),
-    /// % 4 == 2, then a seed byte: the [`pattern_page`] compressed with lz4.
+    /// % 6 == 2, then a seed byte: the [`pattern_page`] compressed with lz4.
     Lz4(u8),
-    /// % 4 == 3, then `bytes`: those bytes as the lz4 block (usually not a valid one).
+    /// % 6 == 3, then `bytes`: those bytes as the lz4 block (usually not a valid one).
     Lz4Block(Vec<u8>),
+    /// % 6 == 4, then a seed byte: the [`pattern_page`] compressed with zstd.
+    Zstd(u8),
+    /// % 6 == 5, then `bytes`: those bytes as the zstd frame (usually not a valid one).
+    ZstdFrame(Vec<u8>),
 }
 
 impl PageSpec {
     fn read(c: &mut Cursor<'_>) -> PageSpec {
-        match c.u8() % 4 {
+        match c.u8() % 6 {
             0 => PageSpec::Zero,
             1 => PageSpec::Raw(c.u8()),
             2 => PageSpec::Lz4(c.u8()),
-            _ => PageSpec::Lz4Block(c.short_bytes().to_vec()),
+            3 => PageSpec::Lz4Block(c.short_bytes().to_vec()),
+            4 => PageSpec::Zstd(c.u8()),
+            _ => PageSpec::ZstdFrame(c.short_bytes().to_vec()),
         }
     }
 
@@ -136,6 +142,11 @@ impl PageSpec {
             PageSpec::Lz4Block(block) => {
                 out.push(3);
                 push_short(out, block);
+            }
+            PageSpec::Zstd(seed) => out.extend([4, *seed]),
+            PageSpec::ZstdFrame(frame) => {
+                out.push(5);
+                push_short(out, frame);
             }
         }
     }
@@ -155,6 +166,14 @@ impl PageSpec {
                 }
             }
             PageSpec::Lz4Block(block) => (Encoding::Lz4, block.clone()),
+            PageSpec::Zstd(seed) => {
+                let page = pattern_page(*seed);
+                match zstd::bulk::compress(&page, 1) {
+                    Ok(frame) if !frame.is_empty() && frame.len() < PAGE => (Encoding::Zstd, frame),
+                    _ => (Encoding::Raw, page),
+                }
+            }
+            PageSpec::ZstdFrame(frame) => (Encoding::Zstd, frame.clone()),
         }
     }
 }
@@ -446,6 +465,8 @@ mod tests {
                     (1, PageSpec::Raw(7)),
                     (2, PageSpec::Lz4(3)),
                     (0xFF, PageSpec::Lz4Block(vec![1, 2, 3])),
+                    (1, PageSpec::Zstd(4)),
+                    (2, PageSpec::ZstdFrame(vec![0x28, 0xb5, 0x2f, 0xfd])),
                 ],
             },
             Op::EndOfRound(0),

@@ -238,7 +238,7 @@ pub struct MigrationArgs {
     /// Channels (sockets).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: u16,
-    /// Page compression: off, lz4 or auto.
+    /// Page compression: off, lz4, zstd or auto.
     #[arg(long, default_value = "auto")]
     pub compress: Compression,
     /// Transport; io_uring where the kernel allows it unless given.

@@ -552,8 +552,8 @@ fn print_summary(
         Bytes(report.downtime_bytes)
     );
     println!(
-        "pages:       {} zero, {} raw, {} lz4",
-        stats.pages_zero, stats.pages_raw, stats.pages_lz4
+        "pages:       {} zero, {} raw, {} lz4, {} zstd",
+        stats.pages_zero, stats.pages_raw, stats.pages_lz4, stats.pages_zstd
     );
 }
 

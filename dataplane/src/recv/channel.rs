@@ -222,13 +222,13 @@ impl ChannelReader {
     /// into guest memory); then the crc is verified and the pages applied.
     fn pages(&mut self, header: &FrameHeader) -> Result<(), Error> {
         let region = self.check_pages(header)?;
-        let lz4_bytes = self.table.lz4_bytes();
-        let mut lz = match lz4_bytes {
+        let compressed = self.table.compressed_bytes();
+        let mut lz = match compressed {
             0 => None,
             n => {
                 let mut buf = self.shared.pool.take().ok_or(Error::Internal {
                     channel: self.channel,
-                    what: "the lz4 buffer pool broke",
+                    what: "the compressed-page buffer pool broke",
                 })?;
                 buf.data.resize(n, 0);
                 buf.pages.clear();
@@ -307,7 +307,7 @@ impl ChannelReader {
                     // SAFETY: `check_page` passed for this page in this frame.
                     iov.push(IoSliceMut::new(unsafe { self.page(lease, region, page) }?));
                 }
-                Encoding::Lz4 => {
+                Encoding::Lz4 | Encoding::Zstd => {
                     let (part, rest) =
                         std::mem::take(&mut lz_rest).split_at_mut(entry.len as usize);
                     lz_rest = rest;
@@ -343,10 +343,12 @@ impl ChannelReader {
                     // SAFETY: `check_page` passed for this page in this frame.
                     hasher.update(unsafe { self.page(&shared.lease, region, page) }?);
                 }
-                (Encoding::Lz4, Some(lz)) => hasher.update(&lz.data[lz_at..lz_at + len]),
+                (Encoding::Lz4 | Encoding::Zstd, Some(lz)) => {
+                    hasher.update(&lz.data[lz_at..lz_at + len]);
+                }
                 _ => {}
             }
-            if entry.encoding == Encoding::Lz4 {
+            if entry.encoding.is_compressed() {
                 lz_at += len;
             }
         }
@@ -370,11 +372,11 @@ impl ChannelReader {
                     }
                 }
                 Encoding::Raw => counts.raw += 1,
-                Encoding::Lz4 => {
-                    counts.lz4 += 1;
+                encoding @ (Encoding::Lz4 | Encoding::Zstd) => {
+                    counts.add(encoding);
                     let len = entry.len as usize;
                     if let Some(lz) = lz.as_deref_mut() {
-                        lz.pages.push((page, lz_at, len));
+                        lz.pages.push((page, lz_at, len, encoding));
                     }
                     lz_at += len;
                 }

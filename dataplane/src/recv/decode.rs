@@ -1,17 +1,18 @@
-//! The decode workers: they expand the lz4 pages of a channel's frames into guest memory while
-//! the channel's reader goes on reading.
+//! The decode workers: they expand the compressed (lz4 and zstd) pages of a channel's frames
+//! into guest memory while the channel's reader goes on reading.
 
 use crossbeam_channel::{self as channels, Receiver};
 
 use super::shared::Shared;
-use crate::codec::decode_lz4;
+use crate::codec::Decoder;
 use crate::error::Error;
+use crate::wire::Encoding;
 
-/// An lz4 payload buffer and the pages in it: (page, start, length).
+/// A buffer of compressed page data and the pages in it: (page, start, length, encoding).
 #[derive(Debug, Default)]
 pub(super) struct LzBuf {
     pub(super) data: Vec<u8>,
-    pub(super) pages: Vec<(u64, usize, usize)>,
+    pub(super) pages: Vec<(u64, usize, usize, Encoding)>,
 }
 
 /// Pages of one frame for a decode worker.
@@ -22,12 +23,13 @@ pub(super) struct DecodeJob {
     pub(super) done: channels::Sender<Result<(), Error>>,
 }
 
-/// Expands lz4 pages into guest memory until the job queue closes.
+/// Expands compressed pages into guest memory until the job queue closes.
 pub(super) fn run(shared: &Shared, jobs: &Receiver<DecodeJob>) {
+    let mut decoder = Decoder::new();
     while let Ok(job) = jobs.recv() {
         let mut result = Ok(());
         if !shared.stop.is_stopped() {
-            for &(page, start, len) in &job.buf.pages {
+            for &(page, start, len, encoding) in &job.buf.pages {
                 // SAFETY: the channel reader handed this page to this job alone (see the module
                 // docs) and waits for the job before it touches the page again.
                 let dst = match unsafe { shared.lease.page_mut(job.region, page) } {
@@ -40,7 +42,9 @@ pub(super) fn run(shared: &Shared, jobs: &Receiver<DecodeJob>) {
                         break;
                     }
                 };
-                if let Err(problem) = decode_lz4(&job.buf.data[start..start + len], dst) {
+                if let Err(problem) =
+                    decoder.decode(encoding, &job.buf.data[start..start + len], dst)
+                {
                     result = Err(Error::protocol(
                         job.channel,
                         format!("region index {} page {page}: {problem}", job.region),

@@ -23,7 +23,7 @@ use super::handover::Handover;
 use super::options::{ReceiveOptions, Received};
 use super::shared::{LINGER, Shared};
 use super::{Done, Running};
-use crate::codec::{BatchCounts, decode_lz4};
+use crate::codec::{BatchCounts, Decoder};
 use std::io::Write;
 
 use crate::dirty::DirtySet;
@@ -698,6 +698,7 @@ struct PageReader {
     table: PageTable,
     payload: Vec<u8>,
     page: Box<[u8; PAGE_SIZE]>,
+    decoder: Decoder,
     pushed: u64,
 }
 
@@ -718,6 +719,7 @@ impl PageReader {
             table: PageTable::new(),
             payload: Vec::new(),
             page: Box::new([0; PAGE_SIZE]),
+            decoder: Decoder::new(),
             pushed: 0,
         }
     }
@@ -893,9 +895,10 @@ impl PageReader {
                     Ok(raw) => self.active.placer.place(region, page, Some(raw)),
                     Err(_) => return Err(self.protocol("a raw page is not a page long".into())),
                 },
-                Encoding::Lz4 => {
-                    decode_lz4(bytes, &mut self.page[..]).map_err(|why| {
-                        self.protocol(format!("page {page}'s lz4 block is invalid: {why}"))
+                encoding @ (Encoding::Lz4 | Encoding::Zstd) => {
+                    let decoded = self.decoder.decode(encoding, bytes, &mut self.page[..]);
+                    decoded.map_err(|why| {
+                        self.protocol(format!("page {page}'s data is invalid: {why}"))
                     })?;
                     self.active.placer.place(region, page, Some(&self.page))
                 }

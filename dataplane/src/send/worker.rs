@@ -55,6 +55,7 @@ impl WorkerContext {
         match self.compression {
             Compression::Off => PageCompression::Off,
             Compression::Lz4 => PageCompression::Lz4,
+            Compression::Zstd => PageCompression::Zstd,
             // The link is the bottleneck while frames pile up in front of it, and compressing
             // pays only if it is slower than the workers compress.
             Compression::Auto

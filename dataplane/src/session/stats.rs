@@ -17,6 +17,7 @@ pub struct Counters {
     zero: AtomicU64,
     raw: AtomicU64,
     lz4: AtomicU64,
+    zstd: AtomicU64,
     wire_bytes: AtomicU64,
     /// Sender: frame bytes handed to the channel writers, and bytes they have sent.
     queued: AtomicU64,
@@ -44,6 +45,7 @@ impl Counters {
         self.zero.fetch_add(counts.zero, Ordering::Relaxed);
         self.raw.fetch_add(counts.raw, Ordering::Relaxed);
         self.lz4.fetch_add(counts.lz4, Ordering::Relaxed);
+        self.zstd.fetch_add(counts.zstd, Ordering::Relaxed);
     }
 
     pub(crate) fn wire_bytes(&self) -> u64 {
@@ -111,6 +113,7 @@ impl Counters {
             pages_zero: self.zero.load(Ordering::Relaxed),
             pages_raw: self.raw.load(Ordering::Relaxed),
             pages_lz4: self.lz4.load(Ordering::Relaxed),
+            pages_zstd: self.zstd.load(Ordering::Relaxed),
             wire_bytes: self.wire_bytes.load(Ordering::Relaxed),
             rounds: self.rounds.load(Ordering::Relaxed),
             remaining_pages: self.remaining_pages.load(Ordering::Relaxed),
@@ -129,6 +132,8 @@ pub struct Stats {
     pub pages_raw: u64,
     /// Pages sent or received lz4-compressed.
     pub pages_lz4: u64,
+    /// Pages sent or received zstd-compressed.
+    pub pages_zstd: u64,
     /// Bytes of frames on the wire (headers, tables, data), both directions.
     pub wire_bytes: u64,
     /// Rounds started (sender) or finished on channel 0 (receiver).
@@ -146,7 +151,7 @@ pub struct Stats {
 impl Stats {
     /// All pages.
     pub fn pages(&self) -> u64 {
-        self.pages_zero + self.pages_raw + self.pages_lz4
+        self.pages_zero + self.pages_raw + self.pages_lz4 + self.pages_zstd
     }
 
     /// The stats in `query-migrate` terms, for a guest of `total_bytes` after `elapsed`.
@@ -163,7 +168,7 @@ impl Stats {
                 0.0
             }
         };
-        let normal = self.pages_raw + self.pages_lz4;
+        let normal = self.pages_raw + self.pages_lz4 + self.pages_zstd;
         RamStats {
             transferred: self.wire_bytes,
             remaining: self.remaining_pages * PAGE_SIZE as u64,
@@ -193,6 +198,7 @@ mod tests {
             pages_zero: 10,
             pages_raw: 20,
             pages_lz4: 10,
+            pages_zstd: 0,
             wire_bytes: 1_000_000,
             rounds: 2,
             remaining_pages: 3,

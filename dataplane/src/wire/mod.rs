@@ -183,8 +183,12 @@
 //! ```text
 //!      0    4 page offset from the frame's first page; strictly increasing
 //!      4    4 encoding << 24 | data length: 0 zero page (length 0), 1 raw (length 4096),
-//!             2 lz4 block (0 < length < 4096, decoding to exactly 4096 bytes)
+//!             2 lz4 block (0 < length < 4096, decoding to exactly 4096 bytes),
+//!             3 zstd frame (0 < length < 4096, decoding to exactly 4096 bytes)
 //! ```
+//!
+//! A receiver decodes every encoding whatever the sender chose; a receiver from before zstd
+//! (encoding 3) refuses such a page as an invalid encoding, and the migration fails there.
 //!
 //! The data lengths must add up to the payload length minus the table. A pages frame is at most
 //! 8 MiB; the device state at most 1 GiB in all.

@@ -98,7 +98,7 @@ impl<'a> PagesFrameWriter<'a> {
     pub fn push(&mut self, offset: u32, encoding: Encoding, len: usize) {
         debug_assert!(matches!(
             (encoding, len),
-            (Encoding::Zero, 0) | (Encoding::Raw, PAGE) | (Encoding::Lz4, 1..PAGE)
+            (Encoding::Zero, 0) | (Encoding::Raw, PAGE) | (Encoding::Lz4 | Encoding::Zstd, 1..PAGE)
         ));
         let len = len.min(PAGE);
         // A zero page has no data to hash.
@@ -178,6 +178,15 @@ pub enum Encoding {
     Raw = 1,
     /// An lz4 block that decodes to exactly one page.
     Lz4 = 2,
+    /// A zstd frame that decodes to exactly one page.
+    Zstd = 3,
+}
+
+impl Encoding {
+    /// Whether the page's data is compressed (it must be decoded into the page).
+    pub fn is_compressed(self) -> bool {
+        matches!(self, Encoding::Lz4 | Encoding::Zstd)
+    }
 }
 
 /// One page table entry.
@@ -209,7 +218,8 @@ impl PageEntry {
             0 if len == 0 => Encoding::Zero,
             1 if len == WIRE_PAGE_SIZE => Encoding::Raw,
             2 if len > 0 && len < WIRE_PAGE_SIZE => Encoding::Lz4,
-            0..=2 => return Err(invalid("page data length", len)),
+            3 if len > 0 && len < WIRE_PAGE_SIZE => Encoding::Zstd,
+            0..=3 => return Err(invalid("page data length", len)),
             other => return Err(invalid("page encoding", other)),
         };
         Ok(PageEntry {
@@ -284,11 +294,11 @@ impl PageTable {
             .map(|entry| (self.first.saturating_add(u64::from(entry.offset)), entry))
     }
 
-    /// Bytes of lz4 data in the frame.
-    pub fn lz4_bytes(&self) -> usize {
+    /// Bytes of compressed (lz4 and zstd) data in the frame.
+    pub fn compressed_bytes(&self) -> usize {
         self.entries
             .iter()
-            .filter(|entry| entry.encoding == Encoding::Lz4)
+            .filter(|entry| entry.encoding.is_compressed())
             .map(|entry| entry.len as usize)
             .sum()
     }
@@ -317,13 +327,14 @@ mod tests {
             e(0, Encoding::Zero, 0),
             e(3, Encoding::Raw, 4096),
             e(4, Encoding::Lz4, 100),
+            e(5, Encoding::Zstd, 60),
         ];
-        let h = FrameHeader::pages(0, 10, 1, 3, 24 + 4196);
+        let h = FrameHeader::pages(0, 10, 1, 4, 32 + 4256);
         let mut table = PageTable::new();
         table.decode(&h, &table_bytes(&good)).unwrap();
         assert_eq!(table.entries(), good);
 
-        let cases: [(&[PageEntry], u32, &str); 6] = [
+        let cases: [(&[PageEntry], u32, &str); 8] = [
             (
                 &[e(1, Encoding::Zero, 0), e(1, Encoding::Zero, 0)],
                 16,
@@ -332,6 +343,8 @@ mod tests {
             (&[e(0, Encoding::Raw, 100)], 108, "page data length"),
             (&[e(0, Encoding::Lz4, 4096)], 8 + 4096, "page data length"),
             (&[e(0, Encoding::Lz4, 0)], 8, "page data length"),
+            (&[e(0, Encoding::Zstd, 4096)], 8 + 4096, "page data length"),
+            (&[e(0, Encoding::Zstd, 0)], 8, "page data length"),
             (&[e(0, Encoding::Zero, 5)], 13, "page data length"),
             (
                 &[e(0, Encoding::Raw, 4096)],
@@ -416,7 +429,7 @@ mod tests {
                 (105, Encoding::Raw, 4096)
             ]
         );
-        assert_eq!(table.lz4_bytes(), lz4.len());
+        assert_eq!(table.compressed_bytes(), lz4.len());
         assert_eq!(&copied[table_end..table_end + lz4.len()], &lz4[..]);
         assert_eq!(&copied[table_end + lz4.len()..len], &raw[..]);
 

@@ -91,7 +91,7 @@ pub struct Parameters {
     pub max_bandwidth: u64,
     /// `downtime-limit` in milliseconds.
     pub downtime_limit: u64,
-    /// `multifd-compression`: `none`, `lz4` or `auto` (ramjet's codec).
+    /// `multifd-compression`: `none`, `lz4`, `zstd` (QEMU's names) or `auto` (ramjet's).
     pub multifd_compression: Compression,
     /// `tls-creds`: the id of a `tls-creds-x509` object; empty: no TLS.
     pub tls_creds: String,
@@ -329,11 +329,12 @@ impl Settings {
             next.multifd_compression = match codec.as_str() {
                 "none" => Compression::Off,
                 "lz4" => Compression::Lz4,
+                "zstd" => Compression::Zstd,
                 "auto" => Compression::Auto,
                 other => {
                     return Err(QmpError::generic(format!(
                         "Parameter 'multifd-compression' does not accept value '{other}': \
-                         ramjet has none, lz4 and auto"
+                         ramjet has none, lz4, zstd and auto"
                     )));
                 }
             };
@@ -360,6 +361,7 @@ impl Settings {
             "multifd-compression": match p.multifd_compression {
                 Compression::Off => "none",
                 Compression::Lz4 => "lz4",
+                Compression::Zstd => "zstd",
                 Compression::Auto => "auto",
             },
             "tls-creds": p.tls_creds,
@@ -542,7 +544,7 @@ mod tests {
             (json!({"multifd-channels": 0}), "between 1 and 64"),
             (json!({"multifd-channels": 65}), "between 1 and 64"),
             (json!({"downtime-limit": 2_000_001}), "range"),
-            (json!({"multifd-compression": "zstd"}), "'zstd'"),
+            (json!({"multifd-compression": "zlib"}), "'zlib'"),
             (json!({"max-bandwidth": "fast"}), "'max-bandwidth'"),
             (json!({"xbzrle-cache-size": 1}), "xbzrle-cache-size"),
         ] {
