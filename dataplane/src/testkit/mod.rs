@@ -2,10 +2,12 @@
 //! feature and not part of the embedder's API: deterministic guest [images](image), a toy guest
 //! that keeps writing its memory ([`Workload`]), a check that a migration left no file
 //! descriptor or thread behind ([`Resources`]), a [relay] that loses a handover message, and
-//! [scratch files](scratch_file).
+//! [scratch files](scratch_file), and a [real link](netns) between two network namespaces,
+//! shaped to a rate.
 
 pub mod image;
 mod leaks;
+pub mod netns;
 pub mod pki;
 pub mod relay;
 mod workload;
