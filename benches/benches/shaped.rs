@@ -1,0 +1,157 @@
+//! Compression across a real slow link: migrations of a paused guest holding the mixed image
+//! (50 % zero, 25 % text-like, 25 % random pages) from one network namespace to another over a
+//! veth pair shaped by the kernel's `tbf` (`testkit::netns`), at 250 MB/s, at 1 GB/s and
+//! unshaped, with each page codec: off, lz4, zstd and auto. Sender and receiver are threads of
+//! this process, sharing the machine's cores; the destination memory is prefaulted once before
+//! anything is measured.
+//!
+//! For each link speed the four codecs alternate round by round (each goes first equally
+//! often); the table gives each codec's medians of guest-RAM throughput (GB of guest RAM over
+//! wall time), CPU seconds per GB (the process: both ends), the bytes on the wire, and its
+//! throughput as a median of per-round ratios against `off` in the same round.
+//!
+//! Run with `cargo bench -p ramjet-benches --bench shaped` (as root: it makes network
+//! namespaces; it says so and stops where it cannot). `RAMJET_BENCH_BYTES` sets the guest size
+//! (default 512 MiB), `RAMJET_BENCH_ROUNDS` the alternations (default 3).
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use ramjet_benches::measure::{Sample, alternate, gb, label, load, median, parse_bytes, rounds};
+use ramjet_dataplane::memory::GuestMemory;
+use ramjet_dataplane::testkit::image::{self, ImageKind};
+use ramjet_dataplane::testkit::netns::{Link, Side};
+use ramjet_dataplane::transport::{Endpoint, Listener};
+use ramjet_dataplane::{
+    Compression, PreSwitchover, ReceiveOptions, SendOptions, Sender, Summary, receive,
+};
+
+const DEFAULT_BYTES: u64 = 512 << 20;
+const CODECS: [Compression; 4] = [
+    Compression::Off,
+    Compression::Lz4,
+    Compression::Zstd,
+    Compression::Auto,
+];
+const CHANNELS: u16 = 2;
+
+/// One migration of `src` into `dst` across `link` with `compression`; returns the sender's
+/// summary.
+fn migrate(
+    link: &Link,
+    src: &Arc<GuestMemory>,
+    dst: &Arc<GuestMemory>,
+    compression: Compression,
+) -> Summary {
+    let (at_tx, at_rx) = mpsc::channel();
+    let dst = Arc::clone(dst);
+    let receiver = link.spawn(Side::Receiver, move || {
+        let endpoint: Endpoint = format!("tcp:{}:0", Link::RECEIVER_IP)
+            .parse()
+            .expect("endpoint");
+        let listener = Listener::bind(&endpoint).expect("bind");
+        at_tx.send(listener.endpoint().clone()).expect("address");
+        receive(&listener, dst, &ReceiveOptions::default(), Arc::new(|_| {})).expect("receive")
+    });
+    let at = at_rx.recv().expect("address");
+    let src = Arc::clone(src);
+    let options = SendOptions {
+        channels: CHANNELS,
+        compression,
+        ..SendOptions::default()
+    };
+    let summary = link
+        .spawn(Side::Sender, move || {
+            Sender::connect(src, &at, &options, Arc::new(|_| {}))
+                .expect("connect")
+                .migrate_paused(&[0u8; 4096], PreSwitchover::Skip)
+                .expect("migrate")
+        })
+        .join()
+        .expect("sender thread")
+        .expect("enter the sender's namespace");
+    let received = receiver
+        .join()
+        .expect("receiver thread")
+        .expect("enter the receiver's namespace");
+    assert!(received.handover.may_run());
+    summary
+}
+
+fn main() {
+    // `cargo bench` passes criterion's flags (`--bench`); this bench takes none.
+    let link = match Link::new() {
+        Ok(link) => link,
+        Err(why) => {
+            println!("shaped bench skipped: {why}");
+            return;
+        }
+    };
+    let bytes = std::env::var("RAMJET_BENCH_BYTES")
+        .ok()
+        .and_then(|t| parse_bytes(&t))
+        .unwrap_or(DEFAULT_BYTES)
+        / 4096
+        * 4096;
+    let rounds = rounds(3);
+    let src = Arc::new(GuestMemory::anonymous(bytes).expect("memory"));
+    image::fill(&src, ImageKind::Mixed, 7).expect("image");
+    let dst = Arc::new(GuestMemory::anonymous(bytes).expect("memory"));
+    // Prefaulted: every page touched once before anything is measured.
+    dst.fill(0, 0, usize::try_from(bytes).expect("64-bit"), 0xA5)
+        .expect("prefault");
+    println!("shaped bench: {}", load());
+    let mut tables = Vec::new();
+    for (name, rate) in [
+        ("250 MB/s", Some(250_000_000u64)),
+        ("1 GB/s", Some(1_000_000_000)),
+        ("unshaped", None),
+    ] {
+        link.shape(rate).expect("shape");
+        let wire = RefCell::new(vec![Vec::new(); CODECS.len()]);
+        let pages = RefCell::new(vec![(0u64, 0u64); CODECS.len()]);
+        let samples = alternate(rounds, CODECS.len(), &mut |i| {
+            let summary = migrate(&link, &src, &dst, CODECS[i]);
+            wire.borrow_mut()[i].push(summary.stats.wire_bytes as f64);
+            pages.borrow_mut()[i] = (summary.stats.pages_lz4, summary.stats.pages_zstd);
+        });
+        let wire = wire.into_inner();
+        let pages = pages.into_inner();
+        let mut table = format!(
+            "{name}: {} mixed guest, {CHANNELS} channels, {rounds} alternations, prefaulted \
+             destination; GB/s = guest RAM / wall time; CPU-s/GB = process user+system, both \
+             ends; x off = median of per-round speed ratios against off\n\
+             codec |   GB/s  CPU-s/GB |   wire MB  x off | lz4 pages  zstd pages (last run)\n",
+            label(bytes)
+        );
+        for (i, codec) in CODECS.iter().enumerate() {
+            let speed: Vec<f64> = samples[i].iter().map(|s| gb(bytes) / s.seconds).collect();
+            let cpu: Vec<f64> = samples[i]
+                .iter()
+                .map(|s: &Sample| s.cpu / gb(bytes))
+                .collect();
+            let ratio: Vec<f64> = samples[i]
+                .iter()
+                .zip(&samples[0])
+                .map(|(s, off)| off.seconds / s.seconds)
+                .collect();
+            table += &format!(
+                "{:>5} | {:>6.3} {:>9.3} | {:>9.1} {:>5.3}x | {:>9} {:>11}\n",
+                codec.to_string(),
+                median(speed),
+                median(cpu),
+                median(wire[i].clone()) / 1e6,
+                median(ratio),
+                pages[i].0,
+                pages[i].1,
+            );
+        }
+        print!("{table}");
+        tables.push(table);
+    }
+    println!("\nshaped bench, all tables ({}):", load());
+    for table in tables {
+        print!("{table}");
+    }
+}
