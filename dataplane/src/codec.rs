@@ -1,6 +1,7 @@
 //! Page encoding: zero-page detection, the compression gate, how each page of a batch goes on
-//! the wire (zero, raw, lz4 or zstd), and decoding a compressed page ([`Decoder`]). Used by the codec worker pools on both sides; where the bytes go in
-//! a frame is [`wire`](crate::wire)'s business ([`PagesFrameWriter`]).
+//! the wire (zero, raw, lz4 or zstd), and decoding a compressed page ([`Decoder`]). Used by the
+//! codec worker pools on both sides; where the bytes go in a frame is [`wire`](crate::wire)'s
+//! business ([`PagesFrameWriter`]).
 
 use std::fmt;
 use std::str::FromStr;

@@ -547,6 +547,53 @@ fn lz4_pages_must_decode_to_exactly_one_page() {
     }
 }
 
+/// zstd pages are held to the same rule as lz4's: half a page, a bomb of 64 pages, a truncated
+/// frame, an lz4 block declared zstd and a zstd frame declared lz4 each fail the migration,
+/// naming the page.
+#[test]
+fn zstd_pages_must_decode_to_exactly_one_page() {
+    let zstd = |content: &[u8]| zstd::bulk::compress(content, 1).expect("zstd");
+    let page = zstd(&[b'z'; 4096]);
+    let cases = [
+        (Encoding::Zstd, zstd(&[b'a'; 2048]), "decodes to 2048 bytes"),
+        (
+            Encoding::Zstd,
+            zstd(&vec![b'a'; 64 * 4096]),
+            "does not decode",
+        ),
+        (
+            Encoding::Zstd,
+            page[..page.len() - 1].to_vec(),
+            "does not decode",
+        ),
+        (
+            Encoding::Zstd,
+            lz4_flex::block::compress(&[b'z'; 4096]),
+            "does not decode",
+        ),
+        (Encoding::Lz4, page.clone(), "lz4 page"),
+    ];
+    for t in &common::transports() {
+        let src = source();
+        let (hello, _) = valid_stream(&src, 1).remove(0);
+        for (encoding, data, needle) in &cases {
+            let entry = PageEntry {
+                offset: 0,
+                encoding: *encoding,
+                len: data.len() as u32,
+            };
+            let frames = [
+                pages_frame(0, 0, 1, entry, data),
+                FrameHeader::end_of_round(1, 1),
+                FrameHeader::end_of_stream(1, 1),
+            ];
+            let err = one_channel(t, &hello, &frames);
+            assert_names(&err, needle);
+            assert_names(&err, "page 0");
+        }
+    }
+}
+
 #[test]
 fn lengths_over_their_limits_are_refused_before_allocating() {
     for t in &common::transports() {
