@@ -16,13 +16,12 @@
 
 use std::cell::RefCell;
 use std::sync::Arc;
-use std::sync::mpsc;
+use std::thread;
 
 use ramjet_benches::measure::{Sample, alternate, gb, label, load, median, parse_bytes, rounds};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::testkit::image::{self, ImageKind};
 use ramjet_dataplane::testkit::netns::{Link, Side};
-use ramjet_dataplane::transport::{Endpoint, Listener};
 use ramjet_dataplane::{
     Compression, PreSwitchover, ReceiveOptions, SendOptions, Sender, Summary, receive,
 };
@@ -44,17 +43,12 @@ fn migrate(
     dst: &Arc<GuestMemory>,
     compression: Compression,
 ) -> Summary {
-    let (at_tx, at_rx) = mpsc::channel();
+    let listener = link.listen().expect("listen on the link");
+    let at = listener.endpoint().clone();
     let dst = Arc::clone(dst);
-    let receiver = link.spawn(Side::Receiver, move || {
-        let endpoint: Endpoint = format!("tcp:{}:0", Link::RECEIVER_IP)
-            .parse()
-            .expect("endpoint");
-        let listener = Listener::bind(&endpoint).expect("bind");
-        at_tx.send(listener.endpoint().clone()).expect("address");
+    let receiver = thread::spawn(move || {
         receive(&listener, dst, &ReceiveOptions::default(), Arc::new(|_| {})).expect("receive")
     });
-    let at = at_rx.recv().expect("address");
     let src = Arc::clone(src);
     let options = SendOptions {
         channels: CHANNELS,
@@ -71,10 +65,7 @@ fn migrate(
         .join()
         .expect("sender thread")
         .expect("enter the sender's namespace");
-    let received = receiver
-        .join()
-        .expect("receiver thread")
-        .expect("enter the receiver's namespace");
+    let received = receiver.join().expect("receiver thread");
     assert!(received.handover.may_run());
     summary
 }

@@ -5,12 +5,11 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::mpsc;
+use std::thread;
 
 use common::{Image, guest};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::testkit::netns::{Link, Side};
-use ramjet_dataplane::transport::{Endpoint, Listener};
 use ramjet_dataplane::{
     Compression, Error, PreSwitchover, ReceiveOptions, Received, SendOptions, Sender, Summary,
     receive,
@@ -37,26 +36,19 @@ fn migrate_across(
     dst: &Arc<GuestMemory>,
     options: SendOptions,
 ) -> (Result<Summary, Error>, Result<Received, Error>) {
-    let (at_tx, at_rx) = mpsc::channel();
+    let listener = link.listen().expect("listen on the link");
+    let at = listener.endpoint().clone();
     let dst = Arc::clone(dst);
-    let receiver = link.spawn(Side::Receiver, move || {
-        let endpoint: Endpoint = format!("tcp:{}:0", Link::RECEIVER_IP)
-            .parse()
-            .expect("endpoint");
-        let listener = Listener::bind(&endpoint).expect("bind on the link");
-        at_tx
-            .send(listener.endpoint().clone())
-            .expect("send the address");
+    let receiver = thread::spawn(move || {
         receive(&listener, dst, &ReceiveOptions::default(), Arc::new(|_| {}))
     });
-    let at = at_rx.recv().expect("the receiver's address");
     let src = Arc::clone(src);
     let sender = link.spawn(Side::Sender, move || {
         let sender = Sender::connect(src, &at, &options, Arc::new(|_| {}))?;
         sender.migrate_paused(b"device state", PreSwitchover::Skip)
     });
     let sent = sender.join().expect("sender thread").expect("enter");
-    let received = receiver.join().expect("receiver thread").expect("enter");
+    let received = receiver.join().expect("receiver thread");
     (sent, received)
 }
 

@@ -131,6 +131,24 @@ impl Link {
         sent.split_whitespace().next()?.parse().ok()
     }
 
+    /// A listener on [`Link::RECEIVER_IP`] (any port) in the receiver's namespace, bound from
+    /// a thread there; it and the connections it accepts stay in that namespace whichever
+    /// thread uses them.
+    ///
+    /// # Errors
+    ///
+    /// Entering the namespace or binding failed.
+    pub fn listen(&self) -> io::Result<crate::transport::Listener> {
+        let endpoint = crate::transport::Endpoint::Tcp((Self::RECEIVER_IP, 0).into());
+        let bound = self
+            .spawn(Side::Receiver, move || {
+                crate::transport::Listener::bind(&endpoint)
+            })
+            .join()
+            .map_err(|_| io::Error::other("the binding thread panicked"))?;
+        bound?
+    }
+
     /// Runs `f` on a new thread inside `side`'s namespace.
     ///
     /// # Errors
