@@ -12,7 +12,9 @@
 //!
 //! Run with `cargo bench -p ramjet-benches --bench shaped` (as root: it makes network
 //! namespaces; it says so and stops where it cannot). `RAMJET_BENCH_BYTES` sets the guest size
-//! (default 512 MiB), `RAMJET_BENCH_ROUNDS` the alternations (default 3).
+//! (default 512 MiB), `RAMJET_BENCH_ROUNDS` the alternations (default 3), `RAMJET_BENCH_LINKS`
+//! the link speeds (by name, comma-separated: `250 MB/s,1 GB/s,unshaped`), and
+//! `RAMJET_BENCH_LOG=1` prints the sender's log lines (`auto`'s decisions) on stderr.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::testkit::image::{self, ImageKind};
 use ramjet_dataplane::testkit::netns::{Link, Side};
 use ramjet_dataplane::{
-    Compression, PreSwitchover, ReceiveOptions, SendOptions, Sender, Summary, receive,
+    Compression, Log, PreSwitchover, ReceiveOptions, SendOptions, Sender, Summary, receive,
 };
 
 const DEFAULT_BYTES: u64 = 512 << 20;
@@ -50,11 +52,14 @@ fn migrate(
         receive(&listener, dst, &ReceiveOptions::default(), Arc::new(|_| {})).expect("receive")
     });
     let src = Arc::clone(src);
-    let options = SendOptions {
+    let mut options = SendOptions {
         channels: CHANNELS,
         compression,
         ..SendOptions::default()
     };
+    if std::env::var_os("RAMJET_BENCH_LOG").is_some() {
+        options.log = Log::new(|line| eprintln!("ramjet: {line}"));
+    }
     let summary = link
         .spawn(Side::Sender, move || {
             Sender::connect(src, &at, &options, Arc::new(|_| {}))
@@ -98,7 +103,11 @@ fn main() {
         ("250 MB/s", Some(250_000_000u64)),
         ("1 GB/s", Some(1_000_000_000)),
         ("unshaped", None),
-    ] {
+    ]
+    .into_iter()
+    .filter(|(name, _)| {
+        std::env::var("RAMJET_BENCH_LINKS").map_or(true, |only| only.split(',').any(|n| n == *name))
+    }) {
         link.shape(rate).expect("shape");
         let wire = RefCell::new(vec![Vec::new(); CODECS.len()]);
         let pages = RefCell::new(vec![(0u64, 0u64); CODECS.len()]);

@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 use crate::memory::{Frozen, GuestMemory, MemoryError, PAGE_SIZE};
 #[cfg(doc)]
@@ -21,11 +22,13 @@ pub enum Compression {
     /// Pages that the sampling gate calls compressible are zstd-compressed (at a fast level):
     /// a better ratio than lz4 for about twice the CPU, for links slower than the codec.
     Zstd,
-    /// lz4 only where it pays: to a peer on another machine, while the link is the bottleneck
-    /// (the channel's send queue is at least half full) and slower than the workers can compress
-    /// (measured over the last 100 ms, below 0.65 GB/s per codec worker: on two cores lz4 pays
-    /// only on links slower than about 1.3 GB/s). To a peer on this machine the link is the same
-    /// CPUs, so pages go raw.
+    /// Whichever of off, lz4 and zstd gets the pages across soonest, decided from what the
+    /// session measures as it goes: how fast each channel's socket drains (a `max_bandwidth`
+    /// cap counts as a slow link), what each codec costs and saves on the guest's pages, the
+    /// cores free for it, and how fast each codec actually went. It starts uncompressed, and
+    /// compresses only once the link is measured slower than the codec; over a fast link
+    /// (loopback, a Unix socket) pages go raw. A session's decisions are logged
+    /// (`SendOptions::log`).
     #[default]
     Auto,
 }
@@ -136,6 +139,74 @@ pub const ZSTD_LEVEL: i32 = 1;
 pub struct Encoder {
     scratch: Vec<u8>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// What it measures for `Compression::Auto`, once asked to ([`Encoder::measure`]).
+    measuring: Option<Box<Measuring>>,
+}
+
+/// What an encoder measured of the pages it encoded ([`Encoder::measure`]), for
+/// `Compression::Auto`: how many were not zero, how many of those the gate let through (only
+/// those are ever compressed), how many each codec compressed, the CPU time of the batches,
+/// and samples of what each codec makes of a compressible page and how long it takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Tally {
+    /// Pages that were not zero.
+    pub nonzero: u64,
+    /// Of those, pages the gate let through.
+    pub gated: u64,
+    /// Gated pages that batches compressed, with lz4 and with zstd.
+    pub compressed: [u64; 2],
+    /// The encoding thread's CPU time over whole batches (without the samples), in ns.
+    pub batch_nanos: u64,
+    /// Time spent on samples, in ns.
+    pub sample_nanos: u64,
+    /// The latest samples of lz4 and of zstd.
+    pub samples: [Samples; 2],
+}
+
+/// A codec's latest samples: compressible pages it compressed, each timed on its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Samples {
+    /// Samples taken (the last [`Samples::KEEP`] of them are in `taken`).
+    pub count: usize,
+    /// ns it took, and the bytes it came to (a page that did not shrink counts as a whole
+    /// page: it is sent raw).
+    pub taken: [(u32, u32); Samples::KEEP],
+}
+
+impl Samples {
+    /// Samples kept between two looks.
+    pub const KEEP: usize = 4;
+
+    fn push(&mut self, nanos: u64, bytes: usize) {
+        let at = self.count % Self::KEEP;
+        self.taken[at] = (
+            u32::try_from(nanos).unwrap_or(u32::MAX),
+            u32::try_from(bytes).unwrap_or(u32::MAX),
+        );
+        self.count += 1;
+    }
+
+    /// The samples kept, in no particular order.
+    pub fn kept(&self) -> &[(u32, u32)] {
+        &self.taken[..self.count.min(Self::KEEP)]
+    }
+}
+
+/// An encoder's measuring state.
+struct Measuring {
+    tally: Tally,
+    /// Gated pages since the last sample, and the earliest time for the next.
+    since_sample: u32,
+    next_sample: Instant,
+    /// Where samples are compressed to.
+    scratch: Vec<u8>,
+}
+
+impl Measuring {
+    /// Samples at most every 4 ms, looking at the clock every 32 gated pages: about 1 % of a
+    /// core even while nothing else is compressed (each codec compresses the page twice).
+    const SAMPLE_EVERY: Duration = Duration::from_millis(4);
+    const LOOK_EVERY: u32 = 32;
 }
 
 impl fmt::Debug for Encoder {
@@ -160,6 +231,43 @@ impl Encoder {
             // a page are used.
             scratch: vec![0; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
             zstd: None,
+            measuring: None,
+        }
+    }
+
+    /// From now on it measures what it encodes (see [`Tally`]), and samples every codec on a
+    /// gated page at most every 4 ms.
+    pub fn measure(&mut self) {
+        if self.measuring.is_none() {
+            self.measuring = Some(Box::new(Measuring {
+                tally: Tally::default(),
+                since_sample: 0,
+                next_sample: Instant::now(),
+                scratch: vec![0; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
+            }));
+        }
+    }
+
+    /// What it measured since the last call (nothing unless [`measure`](Self::measure)d).
+    pub fn take_tally(&mut self) -> Tally {
+        self.measuring
+            .as_mut()
+            .map(|m| std::mem::take(&mut m.tally))
+            .unwrap_or_default()
+    }
+
+    /// The thread's CPU time, if this encoder measures.
+    fn batch_start(&self) -> Option<u64> {
+        self.measuring.as_ref().and_then(|_| thread_cpu_nanos())
+    }
+
+    /// Counts the CPU time of a batch since `start` (without the samples taken in it).
+    fn batch_end(&mut self, start: Option<u64>, samples: u64) {
+        if let Some(m) = &mut self.measuring {
+            m.tally.sample_nanos += samples;
+            if let (Some(start), Some(end)) = (start, thread_cpu_nanos()) {
+                m.tally.batch_nanos += end.saturating_sub(start).saturating_sub(samples);
+            }
         }
     }
 
@@ -176,6 +284,8 @@ impl Encoder {
         compression: PageCompression,
         buf: &mut [u8],
     ) -> Result<(usize, BatchCounts), MemoryError> {
+        let start = self.batch_start();
+        let mut samples = 0;
         let mut frame = PagesFrameWriter::new(buf, batch.offsets.len());
         let mut counts = BatchCounts::default();
         // One read claim for the whole batch.
@@ -184,7 +294,7 @@ impl Encoder {
             let at = (batch.first + u64::from(offset)) * PAGE_SIZE as u64;
             let data = frame.data();
             reader.read(batch.region as usize, at, data)?;
-            let (encoding, len) = match self.classify(data, compression) {
+            let (encoding, len) = match self.classify(data, compression, &mut samples) {
                 Class::Zero => (Encoding::Zero, 0),
                 Class::Raw => (Encoding::Raw, PAGE_SIZE),
                 Class::Compressed(encoding, n) => {
@@ -196,6 +306,7 @@ impl Encoder {
             frame.push(offset, encoding, len);
         }
         let len = frame.finish(batch.region, batch.first, batch.round);
+        self.batch_end(start, samples);
         Ok((len, counts))
     }
 
@@ -212,12 +323,14 @@ impl Encoder {
         buf: &mut [u8],
         pieces: &mut Vec<Piece>,
     ) -> Result<(usize, BatchCounts), MemoryError> {
+        let start = self.batch_start();
+        let mut samples = 0;
         let mut frame = PagesFrameWriter::in_place(buf, batch.offsets.len(), pieces);
         let mut counts = BatchCounts::default();
         for &offset in batch.offsets {
             let number = batch.first + u64::from(offset);
             let page = memory.page(batch.region as usize, number)?;
-            let encoding = match self.classify(page, compression) {
+            let encoding = match self.classify(page, compression, &mut samples) {
                 Class::Zero => {
                     frame.push(offset, Encoding::Zero, 0);
                     Encoding::Zero
@@ -235,36 +348,87 @@ impl Encoder {
             counts.add(encoding);
         }
         let len = frame.finish(batch.region, batch.first, batch.round);
+        self.batch_end(start, samples);
         Ok((len, counts))
     }
 
-    /// How `page` goes on the wire; a compressed page's data is in `self.scratch`.
-    fn classify(&mut self, page: &[u8], compression: PageCompression) -> Class {
+    /// How `page` goes on the wire; a compressed page's data is in `self.scratch`. Time spent
+    /// sampling other codecs is added to `samples` (ns).
+    fn classify(&mut self, page: &[u8], compression: PageCompression, samples: &mut u64) -> Class {
         if is_zero(page) {
             return Class::Zero;
         }
-        if compression == PageCompression::Off || !looks_compressible(page) {
+        let Some(m) = self.measuring.as_deref_mut() else {
+            if compression == PageCompression::Off || !looks_compressible(page) {
+                return Class::Raw;
+            }
+            return match compress(compression, page, &mut self.scratch, &mut self.zstd) {
+                Some((encoding, n)) => Class::Compressed(encoding, n),
+                None => Class::Raw,
+            };
+        };
+        m.tally.nonzero += 1;
+        if !looks_compressible(page) {
             return Class::Raw;
         }
-        let compressed = match compression {
-            PageCompression::Lz4 => lz4_flex::block::compress_into(page, &mut self.scratch)
-                .ok()
-                .map(|n| (Encoding::Lz4, n)),
-            // Only a result shorter than a page is used: a page of room is enough (zstd fails
-            // at once on a page that does not fit, which then goes raw).
-            PageCompression::Zstd => zstd_compressor(&mut self.zstd)
-                .and_then(|zstd| {
-                    zstd.compress_to_buffer(page, &mut self.scratch[..PAGE_SIZE])
-                        .ok()
-                })
-                .map(|n| (Encoding::Zstd, n)),
-            PageCompression::Off => None,
+        m.tally.gated += 1;
+        m.since_sample += 1;
+        if m.since_sample >= Measuring::LOOK_EVERY {
+            m.since_sample = 0;
+            let now = Instant::now();
+            if now >= m.next_sample {
+                m.next_sample = now + Measuring::SAMPLE_EVERY;
+                for (i, codec) in [PageCompression::Lz4, PageCompression::Zstd]
+                    .into_iter()
+                    .enumerate()
+                {
+                    // Once untimed: a codec not run for milliseconds starts with cold caches
+                    // (its code, its tables), which a batch pays once, not per page.
+                    compress(codec, page, &mut m.scratch, &mut self.zstd);
+                    let timed = Instant::now();
+                    let n = compress(codec, page, &mut m.scratch, &mut self.zstd);
+                    let nanos = nanos_since(timed);
+                    m.tally.samples[i].push(nanos, n.map_or(PAGE_SIZE, |(_, n)| n));
+                }
+                *samples += nanos_since(now);
+            }
+        }
+        let index = match compression {
+            PageCompression::Off => return Class::Raw,
+            PageCompression::Lz4 => 0,
+            PageCompression::Zstd => 1,
         };
-        match compressed {
-            Some((encoding, n)) if n > 0 && n < PAGE_SIZE => Class::Compressed(encoding, n),
-            _ => Class::Raw,
+        m.tally.compressed[index] += 1;
+        match compress(compression, page, &mut self.scratch, &mut self.zstd) {
+            Some((encoding, n)) => Class::Compressed(encoding, n),
+            None => Class::Raw,
         }
     }
+}
+
+/// Compresses `page` into `out` with `compression`: the encoding and length if that came out
+/// shorter than a page (`None`: it goes raw).
+fn compress(
+    compression: PageCompression,
+    page: &[u8],
+    out: &mut [u8],
+    zstd: &mut Option<zstd::bulk::Compressor<'static>>,
+) -> Option<(Encoding, usize)> {
+    let compressed = match compression {
+        PageCompression::Lz4 => lz4_flex::block::compress_into(page, out)
+            .ok()
+            .map(|n| (Encoding::Lz4, n)),
+        // Only a result shorter than a page is used: a page of room is enough (zstd fails at
+        // once on a page that does not fit, which then goes raw).
+        PageCompression::Zstd => zstd_compressor(zstd)
+            .and_then(|zstd| {
+                zstd.compress_to_buffer(page, out.get_mut(..PAGE_SIZE)?)
+                    .ok()
+            })
+            .map(|n| (Encoding::Zstd, n)),
+        PageCompression::Off => None,
+    };
+    compressed.filter(|&(_, n)| n > 0 && n < PAGE_SIZE)
 }
 
 /// The zstd context in `slot`, made on first use; `None` (pages then go raw) if zstd cannot
@@ -276,6 +440,27 @@ fn zstd_compressor<'a>(
         *slot = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
     }
     slot.as_mut()
+}
+
+fn nanos_since(at: Instant) -> u64 {
+    u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The calling thread's CPU time in ns (`None` if the clock cannot be read).
+pub(crate) fn thread_cpu_nanos() -> Option<u64> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec for the duration of the call, which is all
+    // clock_gettime touches.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    if rc != 0 {
+        return None;
+    }
+    let secs = u64::try_from(now.tv_sec).ok()?;
+    let nanos = u64::try_from(now.tv_nsec).ok()?;
+    secs.checked_mul(1_000_000_000)?.checked_add(nanos)
 }
 
 /// Which codec an encoder tries on the pages of one batch (the session's [`Compression`]
@@ -502,6 +687,66 @@ mod tests {
             .encode(&memory, &batch(7, &[1], 1), PageCompression::Off, &mut buf)
             .unwrap_err();
         assert!(err.to_string().contains("outside guest memory"));
+    }
+
+    /// A measuring encoder counts what it saw and samples both codecs on a compressible page;
+    /// what it sends is what it would send without measuring.
+    #[test]
+    #[cfg_attr(miri, ignore = "zstd is C, and the CPU clock a system call")]
+    fn a_measuring_encoder_tallies_pages_and_samples_both_codecs() {
+        const PAGES: usize = 64;
+        let memory = GuestMemory::anonymous(PAGES as u64 * PAGE_SIZE as u64).unwrap();
+        let text = b"migration ".repeat(PAGE_SIZE / 10 + 1);
+        let noise: Vec<u8> = (0..PAGE_SIZE)
+            .map(|i| (i * 7919 % 251) as u8 ^ (i >> 3) as u8)
+            .collect();
+        // 48 text pages, 8 noise pages, 8 zero pages.
+        for page in 0..56u64 {
+            let data = if page < 48 {
+                &text[..PAGE_SIZE]
+            } else {
+                &noise[..]
+            };
+            memory.write(0, page * PAGE_SIZE as u64, data).unwrap();
+        }
+        let offsets: Vec<u32> = (0..PAGES as u32).collect();
+        let (mut plain, mut measured) = (
+            vec![0u8; frame_capacity(PAGES)],
+            vec![0u8; frame_capacity(PAGES)],
+        );
+        let mut encoder = Encoder::new();
+        encoder.measure();
+        let (len, counts) = encoder
+            .encode(
+                &memory,
+                &batch(0, &offsets, 1),
+                PageCompression::Lz4,
+                &mut measured,
+            )
+            .unwrap();
+        let tally = encoder.take_tally();
+        assert_eq!((tally.nonzero, tally.gated), (56, 48));
+        assert_eq!(tally.compressed, [counts.lz4, 0]);
+        assert_eq!(counts.lz4, 48);
+        // One sample of each codec (the clock is looked at every 32 compressible pages, and
+        // the first look samples), each of a text page, which both shrink.
+        for samples in tally.samples {
+            assert_eq!(samples.count, 1, "{tally:?}");
+            let (_, bytes) = samples.kept()[0];
+            assert!(bytes < PAGE_SIZE as u32 / 4, "{tally:?}");
+        }
+        assert!(tally.batch_nanos > 0 && tally.sample_nanos > 0, "{tally:?}");
+        assert_eq!(encoder.take_tally(), Tally::default(), "taken");
+        let (plain_len, plain_counts) = Encoder::new()
+            .encode(
+                &memory,
+                &batch(0, &offsets, 1),
+                PageCompression::Lz4,
+                &mut plain,
+            )
+            .unwrap();
+        assert_eq!((len, counts), (plain_len, plain_counts));
+        assert_eq!(measured[..len], plain[..len]);
     }
 
     #[test]

@@ -160,8 +160,8 @@ pub mod internals {
     /// The page codec: how each page of a frame is encoded, and decoding compressed pages.
     pub mod codec {
         pub use crate::codec::{
-            Batch, BatchCounts, Decoder, Encoder, PageCompression, ZSTD_LEVEL, decode_lz4, is_zero,
-            looks_compressible,
+            Batch, BatchCounts, Decoder, Encoder, PageCompression, Samples, Tally, ZSTD_LEVEL,
+            decode_lz4, is_zero, looks_compressible,
         };
     }
 }

@@ -5,15 +5,11 @@
 mod common;
 
 use std::sync::Arc;
-use std::thread;
 
-use common::{Image, guest};
+use common::{Image, guest, migrate_across};
 use ramjet_dataplane::memory::GuestMemory;
 use ramjet_dataplane::testkit::netns::{Link, Side};
-use ramjet_dataplane::{
-    Compression, Error, PreSwitchover, ReceiveOptions, Received, SendOptions, Sender, Summary,
-    receive,
-};
+use ramjet_dataplane::{Compression, SendOptions};
 
 /// 250 MB/s: a slow link, where compression pays.
 const SLOW: u64 = 250_000_000;
@@ -26,30 +22,6 @@ fn link() -> Option<Link> {
             None
         }
     }
-}
-
-/// Migrates the paused guest `src` into `dst` across `link` with `options`: the receiver
-/// listens in its namespace, the sender connects from the other.
-fn migrate_across(
-    link: &Link,
-    src: &Arc<GuestMemory>,
-    dst: &Arc<GuestMemory>,
-    options: SendOptions,
-) -> (Result<Summary, Error>, Result<Received, Error>) {
-    let listener = link.listen().expect("listen on the link");
-    let at = listener.endpoint().clone();
-    let dst = Arc::clone(dst);
-    let receiver = thread::spawn(move || {
-        receive(&listener, dst, &ReceiveOptions::default(), Arc::new(|_| {}))
-    });
-    let src = Arc::clone(src);
-    let sender = link.spawn(Side::Sender, move || {
-        let sender = Sender::connect(src, &at, &options, Arc::new(|_| {}))?;
-        sender.migrate_paused(b"device state", PreSwitchover::Skip)
-    });
-    let sent = sender.join().expect("sender thread").expect("enter");
-    let received = receiver.join().expect("receiver thread");
-    (sent, received)
 }
 
 /// Every codec moves each image kind byte for byte across a link shaped to 250 MB/s, into
@@ -78,7 +50,7 @@ fn every_codec_moves_every_image_across_a_shaped_link() {
                 compression,
                 ..SendOptions::default()
             };
-            let (sent, received) = migrate_across(&link, &src, &dst, options);
+            let (sent, received) = migrate_across(Some(&link), &src, &dst, options);
             let sent = sent.unwrap_or_else(|e| panic!("{what}: sender: {}", e.chain()));
             let received = received.unwrap_or_else(|e| panic!("{what}: receiver: {}", e.chain()));
             assert!(received.handover.may_run(), "{what}");

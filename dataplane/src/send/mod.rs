@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{self as channel, Receiver, RecvTimeoutError};
 use ramjet_control::Fact;
 
+mod auto;
 mod job;
 mod options;
 mod outgoing;
@@ -47,15 +48,16 @@ mod writer;
 pub use options::{PreSwitchover, RoundStats, SendOptions, Summary};
 pub use postcopy::Postcopy;
 
+use auto::Auto;
 use job::{CHUNK_LEN, Job, RoundWork};
-use outgoing::{FrameBuf, Outgoing, QUEUE_FRAMES};
-use rate::{RateLimit, RateMeter};
+use outgoing::{FrameBuf, Holds, Outgoing, QUEUE_FRAMES};
+use rate::RateLimit;
 use return_path::Reply;
-use worker::{AUTO_LZ4_BYTES_PER_WORKER, WorkerContext};
+use worker::WorkerContext;
 use writer::WriterContext;
 
 use crate::arena::Arena;
-use crate::codec::Compression;
+use crate::codec::{Compression, PageCompression};
 use crate::dirty::DirtySet;
 use crate::error::Error;
 use crate::handle::LiveHandle;
@@ -102,17 +104,18 @@ impl Dispatch<'_> {
 }
 
 /// Whether the channel writers encode the rounds' jobs themselves ([`Outgoing::Round`]) instead
-/// of the codec workers: when nothing is compressed (a job is then a zero check and a crc
-/// pass, best done right before the kernel copies the same pages, while they are in the
-/// cache), there are at least as many writers as workers (so as many threads encode), and
-/// every channel is a plaintext Unix socket, whose send is one plain copy. On TCP the send also
-/// carries the protocol's work (over loopback, the receive side's too), and with TLS the
-/// sealing: there the workers' crc in parallel keeps the cores busier. Measured on two cores
-/// (`benches/examples/probe.rs`, paired against plain copies): 2 Unix channels 0.64 → 0.70
-/// of the plain copy's speed; 1 Unix channel 1.17 → 0.80 and 2 TCP channels 0.96 → 0.78 had
-/// the writers encoded.
+/// of the codec workers: when nothing is compressed, or `auto` decides (over a Unix socket, a
+/// plain copy, that keeps to raw pages unless the link is capped), so that a job is a zero
+/// check and a crc pass, best done right before the kernel copies the same pages while they
+/// are in the cache; when there are at least as many writers as workers (so as many threads
+/// encode); and when every channel is a plaintext Unix socket, whose send is one plain copy.
+/// On TCP the send also carries the protocol's work (over loopback, the receive side's too),
+/// and with TLS the sealing: there the workers' crc in parallel keeps the cores busier.
+/// Measured on two cores (`benches/examples/probe.rs`, paired against plain copies): 2 Unix
+/// channels 0.64 → 0.70 of the plain copy's speed; 1 Unix channel 1.17 → 0.80 and 2 TCP
+/// channels 0.96 → 0.78 had the writers encoded.
 fn writers_encode(compression: Compression, streams: &[Conn], workers: usize) -> bool {
-    compression == Compression::Off
+    matches!(compression, Compression::Off | Compression::Auto)
         && streams.len() >= workers
         && streams
             .iter()
@@ -140,6 +143,8 @@ pub struct Sender {
     /// Whether each writer encodes its channel's jobs of a round itself, instead of the codec
     /// workers (see [`Outgoing::Round`]).
     inline: bool,
+    /// `Compression::Auto`'s measurements and choices, if that is the compression.
+    auto: Option<Arc<Auto>>,
     confirm: Receiver<Result<Reply, Error>>,
     /// Where the receiver listens and this session's hello, for delivering the decision on a
     /// new connection.
@@ -257,6 +262,10 @@ impl Sender {
                 .map(|data| FrameBuf {
                     data,
                     pieces: Vec::with_capacity(CHUNK_LEN + 1),
+                    holds: Holds {
+                        nonzero: 0,
+                        codec: PageCompression::Off,
+                    },
                 })
                 .collect(),
         );
@@ -441,6 +450,7 @@ impl Sender {
             acks: acks_rx,
             queues: Vec::with_capacity(channels),
             inline: false,
+            auto: None,
             confirm: confirm_rx,
             endpoint: at.0.clone(),
             hello: at.1,
@@ -464,21 +474,24 @@ impl Sender {
             options: options.clone(),
             memory_transfer: MemoryTransfer::Copied(String::new()),
         };
-        let compression = match options.compression {
-            Compression::Auto if streams.iter().any(|c| c.is_local()) => Compression::Off,
-            other => other,
-        };
+        let compression = options.compression;
         sender.inline = writers_encode(compression, streams, options.workers);
+        if compression == Compression::Auto {
+            sender.auto = Some(Arc::new(Auto::new(
+                channels,
+                options.workers + channels,
+                sender.inline,
+                options.log.clone(),
+            )));
+        }
         for (index, stream) in streams.iter_mut().enumerate() {
             let channel = u16::try_from(index).unwrap_or(u16::MAX);
             let confirm = (channel == 0).then(|| confirm_tx.clone());
             sender.start_channel(wiring, options, channel, stream, confirm, exit_tx.clone());
         }
-        let meter = Arc::new(RateMeter::new());
         for worker in 0..options.workers {
             let ctx = WorkerContext {
-                meter: Arc::clone(&meter),
-                auto_below: AUTO_LZ4_BYTES_PER_WORKER.saturating_mul(options.workers as u64),
+                auto: sender.auto.clone(),
                 memory: Arc::clone(&wiring.memory),
                 jobs: jobs_rx.clone(),
                 acks: acks_tx.clone(),
@@ -527,6 +540,8 @@ impl Sender {
             timeout: wiring.timeout,
             memory: Arc::clone(&wiring.memory),
             acks: wiring.acks.0.clone(),
+            compression: options.compression,
+            auto: self.auto.clone(),
         };
         let name = format!("ramjet-send-{channel}");
         let spawned = session::spawn(name, "channel writer", &wiring.stop, move || {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::job::RoundWork;
 use crate::arena::Slot;
+use crate::codec::PageCompression;
 use crate::memory::{Frozen, MemoryError};
 use crate::wire::Piece;
 
@@ -19,6 +20,15 @@ pub(super) const WRITE_BATCH_BYTES: usize = 1 << 20;
 pub(super) struct FrameBuf {
     pub(super) data: Slot,
     pub(super) pieces: Vec<Piece>,
+    /// What the frame holds, for `Compression::Auto`'s measurements.
+    pub(super) holds: Holds,
+}
+
+/// The non-zero pages of a frame, and the codec they were encoded with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Holds {
+    pub(super) nonzero: u32,
+    pub(super) codec: PageCompression,
 }
 
 /// A frame on its way to a writer.
@@ -36,7 +46,8 @@ pub(super) enum Outgoing {
     /// A whole round, whose jobs of this channel its writer plans and encodes itself, right
     /// before it sends them: the pages are still in its cache when the kernel copies them, and
     /// no frame is handed from thread to thread (a job through a codec worker takes three
-    /// hand-offs). Only for rounds that go uncompressed (see `writers_encode` in `mod.rs`).
+    /// hand-offs). Only where the workers would not compress (`off`), or may not
+    /// (`auto`, which picks the writer's codec: see `writers_encode` in `mod.rs`).
     Round(Arc<RoundWork>),
     /// A control frame.
     Control(Vec<u8>),
@@ -76,6 +87,14 @@ impl Outgoing {
             Outgoing::Control(frame) | Outgoing::Farewell(frame) => out.push(frame),
         }
         Ok(())
+    }
+
+    /// What the frame holds, if it is a pages frame.
+    pub(super) fn holds(&self) -> Option<Holds> {
+        match self {
+            Outgoing::Pooled(frame, _) | Outgoing::InPlace { frame, .. } => Some(frame.holds),
+            Outgoing::Round(_) | Outgoing::Control(_) | Outgoing::Farewell(_) => None,
+        }
     }
 
     /// The pool buffer, if it has one.

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use crossbeam_channel::{self as channel, Receiver};
 
+use super::auto::Auto;
 use super::job::{CHUNK_LEN, Job};
-use super::outgoing::{FrameBuf, Outgoing, QUEUE_FRAMES};
-use super::rate::RateMeter;
+use super::outgoing::{FrameBuf, Holds, Outgoing};
 use crate::codec::{Batch, Compression, Encoder, PageCompression};
 use crate::error::Error;
 use crate::memory::GuestMemory;
@@ -15,15 +15,10 @@ use crate::pool::Pool;
 use crate::session::{Counters, Stop};
 use crate::wire::CHUNK_PAGES;
 
-/// `Compression::Auto` compresses only below this link rate per codec worker (lz4 compresses
-/// text-like pages at about 0.65 GB/s per core).
-pub(super) const AUTO_LZ4_BYTES_PER_WORKER: u64 = 650_000_000;
-
 /// What a codec worker needs.
 pub(super) struct WorkerContext {
-    pub(super) meter: Arc<RateMeter>,
-    /// `Compression::Auto` compresses below this wire rate (bytes per second).
-    pub(super) auto_below: u64,
+    /// `Compression::Auto`'s state, if that is the session's compression.
+    pub(super) auto: Option<Arc<Auto>>,
     pub(super) memory: Arc<GuestMemory>,
     pub(super) jobs: Receiver<Job>,
     pub(super) acks: channel::Sender<()>,
@@ -37,34 +32,17 @@ pub(super) struct WorkerContext {
 impl WorkerContext {
     pub(super) fn run(self) {
         let mut codec = Codec::new(&self.memory, &self.pool, &self.stop, &self.counters);
+        codec.auto = self.auto.as_deref();
         while let Ok(job) = self.jobs.recv() {
             if !self.stop.is_stopped()
                 && let Some(queue) = self.queues.get(usize::from(job.channel))
-                && let Some(outgoing) = codec.encode(&job, self.compression(queue))
+                && let Some(outgoing) = codec.encode(&job, self.compression)
                 && let Err(e) = queue.send(outgoing)
                 && let Some(frame) = e.into_inner().into_buffer()
             {
                 self.pool.give(frame);
             }
             let _ = self.acks.send(());
-        }
-    }
-
-    /// Whether the next job of the channel queue `queue` goes compressed.
-    fn compression(&self, queue: &channel::Sender<Outgoing>) -> PageCompression {
-        match self.compression {
-            Compression::Off => PageCompression::Off,
-            Compression::Lz4 => PageCompression::Lz4,
-            Compression::Zstd => PageCompression::Zstd,
-            // The link is the bottleneck while frames pile up in front of it, and compressing
-            // pays only if it is slower than the workers compress.
-            Compression::Auto
-                if queue.len() * 2 >= QUEUE_FRAMES
-                    && self.meter.sample(self.counters.wire_bytes()) < self.auto_below =>
-            {
-                PageCompression::Lz4
-            }
-            Compression::Auto => PageCompression::Off,
         }
     }
 }
@@ -78,6 +56,10 @@ pub(super) struct Codec<'a> {
     counters: &'a Counters,
     encoder: Encoder,
     offsets: [u32; CHUNK_LEN],
+    /// `Compression::Auto`'s state: it picks each job's codec, and this measures for it.
+    pub(super) auto: Option<&'a Auto>,
+    /// Batches since its measurements were last folded into `auto`.
+    unfolded: u32,
 }
 
 impl<'a> Codec<'a> {
@@ -94,13 +76,33 @@ impl<'a> Codec<'a> {
             counters,
             encoder: Encoder::new(),
             offsets: [0; CHUNK_LEN],
+            auto: None,
+            unfolded: 0,
         }
     }
 
+    /// Batches between two folds of this encoder's measurements into the session's [`Auto`].
+    const FOLD_EVERY: u32 = 8;
+
     /// Encodes `job` as one pages frame in a pool buffer, ready for its channel's writer:
-    /// copied (live rounds) or in place (a frozen job). `None` after a failure, which it
-    /// reports to the session's stop.
-    pub(super) fn encode(&mut self, job: &Job, compression: PageCompression) -> Option<Outgoing> {
+    /// copied (live rounds) or in place (a frozen job), with `compression` (`Auto`: the codec
+    /// its channel goes with now). `None` after a failure, which it reports to the session's
+    /// stop.
+    pub(super) fn encode(&mut self, job: &Job, compression: Compression) -> Option<Outgoing> {
+        let compression = match (compression, self.auto) {
+            (Compression::Auto, Some(auto)) => {
+                self.encoder.measure();
+                self.unfolded += 1;
+                if self.unfolded >= Self::FOLD_EVERY {
+                    self.unfolded = 0;
+                    auto.fold(&self.encoder.take_tally());
+                }
+                auto.codec()
+            }
+            (Compression::Lz4, _) => PageCompression::Lz4,
+            (Compression::Zstd, _) => PageCompression::Zstd,
+            (Compression::Off | Compression::Auto, _) => PageCompression::Off,
+        };
         let first = job.chunks().first().map_or(0, |&(chunk, _)| chunk) * CHUNK_PAGES;
         let mut count = 0;
         for &(chunk, mut mask) in job.chunks() {
@@ -139,6 +141,10 @@ impl<'a> Codec<'a> {
         };
         match encoded {
             Ok((len, counts)) => {
+                frame.holds = Holds {
+                    nonzero: u32::try_from(counts.pages() - counts.zero).unwrap_or(u32::MAX),
+                    codec: compression,
+                };
                 self.counters.add_pages(counts);
                 self.counters.add_queued(len as u64);
                 Some(match &job.frozen {

@@ -4,16 +4,17 @@
 //! so that its pages are still in the cache when the kernel copies them.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{self as channel, Receiver};
 
-use super::job::{Job, RoundWork};
+use super::auto::{Auto, LinkMeter};
+use super::job::RoundWork;
 use super::outgoing::{FrameBuf, Outgoing, QUEUE_FRAMES, WRITE_BATCH_BYTES};
 use super::rate::RateLimit;
 use super::worker::Codec;
 use crate::arena::Arena;
-use crate::codec::PageCompression;
+use crate::codec::{Compression, thread_cpu_nanos};
 use crate::error::Error;
 use crate::memory::GuestMemory;
 use crate::pool::{Pool, recycle};
@@ -35,6 +36,10 @@ pub(super) struct WriterContext {
     /// What the rounds it encodes itself read, and where it acknowledges each.
     pub(super) memory: Arc<GuestMemory>,
     pub(super) acks: channel::Sender<()>,
+    /// The session's compression, and `Compression::Auto`'s state if that is it: the writer
+    /// measures its link for it, and encodes its rounds with the codec it picks.
+    pub(super) compression: Compression,
+    pub(super) auto: Option<Arc<Auto>>,
 }
 
 /// The most frames a writer encodes itself for one write: with every other writer doing the
@@ -53,6 +58,8 @@ struct Writer {
     spare: Vec<&'static [u8]>,
     /// Its link failed: frames are recycled unsent from then on.
     broken: bool,
+    /// `Compression::Auto`'s measurements of this channel.
+    meter: Option<LinkMeter>,
 }
 
 impl WriterContext {
@@ -63,12 +70,17 @@ impl WriterContext {
         // Without registration the transport still sends, just less cheaply.
         let _ = link.register(&self.arena);
         let mut codec = Codec::new(&self.memory, &self.pool, &self.stop, &self.counters);
+        codec.auto = self.auto.as_deref();
         let mut w = Writer {
             link,
             batch: Vec::with_capacity(BATCH_FRAMES),
             bytes: 0,
             spare: Vec::with_capacity(BATCH_FRAMES),
             broken: false,
+            meter: self
+                .auto
+                .clone()
+                .map(|auto| LinkMeter::new(auto, self.channel)),
         };
         while let Ok(first) = self.queue.recv() {
             let mut next = Some(first);
@@ -100,7 +112,7 @@ impl WriterContext {
             if w.broken || self.stop.is_stopped() {
                 return;
             }
-            if let Some(frame) = self.encode(codec, &job) {
+            if let Some(frame) = codec.encode(&job, self.compression) {
                 w.bytes += frame.len();
                 w.batch.push(frame);
                 encoded += 1;
@@ -111,10 +123,6 @@ impl WriterContext {
             }
         }
         self.flush(w);
-    }
-
-    fn encode(&self, codec: &mut Codec<'_>, job: &Job) -> Option<Outgoing> {
-        codec.encode(job, PageCompression::Off)
     }
 
     /// Sends the batch in one vectored write (unless broken, or stopping: then only a
@@ -139,18 +147,28 @@ impl WriterContext {
                 }),
                 Ok(()) if slices.is_empty() => Ok(()),
                 Ok(()) => {
+                    let measure = w
+                        .meter
+                        .as_ref()
+                        .map(|_| (Instant::now(), thread_cpu_nanos()));
                     if let Some(limit) = &self.limit {
                         limit.wait(written, &self.stop);
                     }
-                    w.link
-                        .send(&slices)
-                        .map(|()| {
-                            self.counters.add_sent(self.channel, written as u64);
-                            if w.link.zero_copy() {
-                                self.counters.add_zero_copy_bytes(written as u64);
-                            }
-                        })
-                        .map_err(|e| Error::io(self.channel, "sending frames", self.timeout, e))
+                    let sent = w.link.send(&slices);
+                    if let (Some(meter), Some((start, cpu))) = (&mut w.meter, measure) {
+                        let cpu = cpu
+                            .zip(thread_cpu_nanos())
+                            .map_or(0, |(start, end)| end.saturating_sub(start));
+                        let holds = w.batch.iter().filter_map(Outgoing::holds);
+                        meter.record((start, Instant::now()), written as u64, holds, cpu);
+                    }
+                    sent.map(|()| {
+                        self.counters.add_sent(self.channel, written as u64);
+                        if w.link.zero_copy() {
+                            self.counters.add_zero_copy_bytes(written as u64);
+                        }
+                    })
+                    .map_err(|e| Error::io(self.channel, "sending frames", self.timeout, e))
                 }
             };
             if let Err(err) = sent {

@@ -48,10 +48,6 @@ impl Counters {
         self.zstd.fetch_add(counts.zstd, Ordering::Relaxed);
     }
 
-    pub(crate) fn wire_bytes(&self) -> u64 {
-        self.wire_bytes.load(Ordering::Relaxed)
-    }
-
     pub(crate) fn add_wire_bytes(&self, bytes: u64) {
         self.wire_bytes.fetch_add(bytes, Ordering::Relaxed);
     }

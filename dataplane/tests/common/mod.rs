@@ -295,6 +295,41 @@ pub fn migrate(
     }
 }
 
+/// Migrates the paused guest `src` into `dst` with `options`: across the network-namespace
+/// `link` (the receiver listens in its namespace, the sender connects from the other), or
+/// without one over TCP loopback.
+pub fn migrate_across(
+    link: Option<&ramjet_dataplane::testkit::netns::Link>,
+    src: &Arc<GuestMemory>,
+    dst: &Arc<GuestMemory>,
+    options: SendOptions,
+) -> (Result<Summary, Error>, Result<Received, Error>) {
+    use ramjet_dataplane::testkit::netns::Side;
+    let listener = match link {
+        Some(link) => link.listen().expect("listen on the link"),
+        None => Listener::bind(&endpoint(Net::Tcp)).expect("bind"),
+    };
+    let at = listener.endpoint().clone();
+    let dst = Arc::clone(dst);
+    let receiver = thread::spawn(move || {
+        receive(&listener, dst, &ReceiveOptions::default(), Arc::new(|_| {}))
+    });
+    let src = Arc::clone(src);
+    let send = move || {
+        let sender = Sender::connect(src, &at, &options, Arc::new(|_| {}))?;
+        sender.migrate_paused(b"device state", PreSwitchover::Skip)
+    };
+    let sent = match link {
+        Some(link) => link
+            .spawn(Side::Sender, send)
+            .join()
+            .expect("sender thread"),
+        None => Ok(thread::spawn(send).join().expect("sender thread")),
+    };
+    let received = receiver.join().expect("receiver thread");
+    (sent.expect("enter the sender's namespace"), received)
+}
+
 /// Starts a relay that accepts `channels` connections and forwards each to `to`, sender to
 /// receiver at `rate` bytes per second in 4 KiB steps, and answers back as they come; returns
 /// where it listens.

@@ -1,0 +1,1150 @@
+//! `Compression::Auto`: the pages go with the codec under which, by what the session measures
+//! as it goes, they cross soonest.
+//!
+//! What is measured:
+//! - **each channel's speed with each codec**, by its writer ([`LinkMeter`]): the time per
+//!   non-zero page it sent, over windows of at least 10 ms and 1 MiB whose frames all went with
+//!   the current codec (a wait of more than 20 ms for frames, as between rounds, ends a
+//!   window). The first window after a switch is left out (the socket still holds the last
+//!   codec's bytes); the median of the next three to five is the codec's measured speed, and
+//!   it stands for a second.
+//! - **the link**, by the same writer: the bytes the socket drains per second of the writer's
+//!   time in `send` (the `max_bandwidth` wait counts as sending: a cap is a slow link), over the
+//!   windows in which it was sending at least half the time (the first left out) — only then is
+//!   the link what it waits for; a window with less tells only that the link is at least as
+//!   fast as it went, and a link that never held the writer up counts as unbounded. Also the
+//!   writer's CPU time per byte sent.
+//! - **the codecs**, by whoever encodes ([`Tally`] from each [`Encoder`]): the CPU time of
+//!   batches, the share of non-zero pages the gate lets through, and every few milliseconds a
+//!   compressible page compressed with lz4 and with zstd on its own: the median time and the
+//!   mean size of the latest samples.
+//! - **the cores** the session's threads can have ([`CpuMeter`]): what they use plus what
+//!   nobody uses.
+//!
+//! From these, [`page_time`] predicts each codec's time per non-zero page on a channel: with
+//! codec workers, the larger of its CPU time (encoding plus sending, over the channel's share
+//! of the cores) and its wire time (bytes over the link's rate); with writers that encode, their
+//! sum. [`estimates`] takes a codec's measured speed where there is one, and otherwise its
+//! prediction scaled by how far the current codec's prediction is from its measured speed;
+//! [`choose`] picks the fastest, keeping the current codec unless another is at least
+//! [`HYSTERESIS`] faster. A session starts uncompressed and decides nothing before it has
+//! measured its link, its cores and its current codec's speed. Once a codec's measured speed
+//! is a second old, the prediction stands in for it again: a codec that lost is tried again
+//! when the prediction favours it, so a link or a machine that changes is followed, and a
+//! prediction that was wrong is corrected by the next measurement.
+//!
+//! [`Encoder`]: crate::codec::Encoder
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::outgoing::Holds;
+use crate::Log;
+use crate::codec::{PageCompression, Tally};
+use crate::memory::PAGE_SIZE;
+use crate::session::lock;
+
+/// Another codec must be estimated this much faster (a fraction of the current codec's time)
+/// for a channel to switch to it.
+pub(crate) const HYSTERESIS: f64 = 0.1;
+
+/// How long a codec's measured speed stands.
+const MEASURED_FOR: Duration = Duration::from_secs(1);
+
+/// What every codec is predicted from, per non-zero page.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Model {
+    /// The share of non-zero pages the gate lets through (the only ones ever compressed).
+    pub(crate) gated: f64,
+    /// CPU time every codec spends on a non-zero page (reading, zero check, framing, crc), ns.
+    pub(crate) base_ns: f64,
+    /// lz4 and zstd: ns and bytes per gated page; `None` until measured.
+    pub(crate) codecs: [Option<CodecCost>; 2],
+}
+
+/// What a codec costs per gated page.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct CodecCost {
+    pub(crate) ns: f64,
+    pub(crate) bytes: f64,
+}
+
+/// What a channel's link was measured at.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Link {
+    /// Bytes per second the socket drains while the writer waits on it.
+    pub(crate) bytes_per_sec: f64,
+    /// The writer's CPU time per byte sent, ns.
+    pub(crate) cpu_ns_per_byte: f64,
+}
+
+/// How a channel's pages are encoded and sent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Pipeline {
+    /// Codec workers encode while the writer sends: they overlap, over this many cores for the
+    /// channel (its share of the cores the session's threads can use: see [`CpuMeter`]).
+    Workers { cores: f64 },
+    /// The writer encodes and then sends: one after the other, on its own thread.
+    Writer,
+}
+
+const CODECS: [PageCompression; 3] = [
+    PageCompression::Off,
+    PageCompression::Lz4,
+    PageCompression::Zstd,
+];
+
+/// The predicted time per non-zero page (ns) with `codec`, or `None` if that codec has not
+/// been measured.
+pub(crate) fn page_time(
+    model: &Model,
+    link: &Link,
+    pipeline: Pipeline,
+    codec: PageCompression,
+) -> Option<f64> {
+    let page = PAGE_SIZE as f64;
+    let (ns, bytes) = match codec {
+        PageCompression::Off => (0.0, page),
+        PageCompression::Lz4 => model.codecs[0].map(|c| (c.ns, c.bytes))?,
+        PageCompression::Zstd => model.codecs[1].map(|c| (c.ns, c.bytes))?,
+    };
+    let gated = model.gated.clamp(0.0, 1.0);
+    let wire = (1.0 - gated) * page + gated * bytes.min(page);
+    let encode = model.base_ns.max(0.0) + gated * ns.max(0.0);
+    // An unbounded link (never the bottleneck so far) takes no time.
+    let send = wire * 1e9 / link.bytes_per_sec.max(1.0);
+    let time = match pipeline {
+        Pipeline::Workers { cores } => {
+            let cpu = (encode + link.cpu_ns_per_byte.max(0.0) * wire) / cores.max(1e-3);
+            cpu.max(send)
+        }
+        Pipeline::Writer => encode + send,
+    };
+    time.is_finite().then_some(time)
+}
+
+/// Each codec's estimated time per non-zero page on a channel now using `current`: its
+/// `measured` time where there is one, else its predicted time ([`page_time`]) scaled by the
+/// current codec's measured time over its predicted one (between ½ and 2). `None` where there
+/// is neither.
+pub(crate) fn estimates(
+    model: &Model,
+    link: &Link,
+    pipeline: Pipeline,
+    measured: &[Option<f64>; 3],
+    current: PageCompression,
+) -> [Option<f64>; 3] {
+    let predicted = CODECS.map(|c| page_time(model, link, pipeline, c));
+    let now = usize::from(codec_index(current));
+    let scale = match (measured[now], predicted[now]) {
+        (Some(m), Some(p)) if p > 0.0 => (m / p).clamp(0.5, 2.0),
+        _ => 1.0,
+    };
+    let mut out = [None; 3];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = measured[i].or(predicted[i].map(|p| p * scale));
+    }
+    out
+}
+
+/// The codec a channel now using `current` goes on with, given each codec's estimated time
+/// per page: the fastest if that is at least [`HYSTERESIS`] faster than `current`'s (or
+/// `current` has none), else `current`.
+pub(crate) fn choose(estimates: &[Option<f64>; 3], current: PageCompression) -> PageCompression {
+    let Some((best, best_time)) = CODECS
+        .iter()
+        .zip(estimates)
+        .filter_map(|(&c, t)| t.filter(|t| t.is_finite()).map(|t| (c, t)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+    else {
+        return current;
+    };
+    match estimates[usize::from(codec_index(current))] {
+        Some(now) if best_time >= now * (1.0 - HYSTERESIS) => current,
+        _ => best,
+    }
+}
+
+/// The codecs' measurements: sums that halve as they grow, so that recent pages count most,
+/// and each codec's latest samples.
+#[derive(Debug, Default)]
+struct Costs {
+    nonzero: u64,
+    gated: u64,
+    compressed: [u64; 2],
+    batch_nanos: u64,
+    /// lz4's and zstd's latest samples: ns and bytes.
+    samples: [VecDeque<(u32, u32)>; 2],
+}
+
+impl Costs {
+    /// Non-zero pages after which the sums are halved (a few MiB of guest RAM), and the
+    /// samples kept per codec (about a quarter of a second of one encoder's).
+    const KEEP_PAGES: u64 = 4096;
+    const KEEP_SAMPLES: usize = 64;
+
+    fn add(&mut self, tally: &Tally) {
+        self.nonzero += tally.nonzero;
+        self.gated += tally.gated;
+        self.batch_nanos += tally.batch_nanos;
+        for (sum, n) in self.compressed.iter_mut().zip(tally.compressed) {
+            *sum += n;
+        }
+        if self.nonzero > Self::KEEP_PAGES {
+            self.nonzero /= 2;
+            self.gated /= 2;
+            self.batch_nanos /= 2;
+            for sum in &mut self.compressed {
+                *sum /= 2;
+            }
+        }
+        for (kept, new) in self.samples.iter_mut().zip(&tally.samples) {
+            kept.extend(new.kept());
+            while kept.len() > Self::KEEP_SAMPLES {
+                kept.pop_front();
+            }
+        }
+    }
+
+    /// The model, once a non-zero page was seen. A codec's time is the median of its samples:
+    /// now and then one is interrupted (by the network's softirqs, or the scheduler), which
+    /// says how busy the cores are (the [`CpuMeter`]'s business), not what the codec costs.
+    fn model(&self) -> Option<Model> {
+        if self.nonzero == 0 {
+            return None;
+        }
+        let codecs = self.samples.each_ref().map(|kept| {
+            let mut times: Vec<u32> = kept.iter().map(|&(ns, _)| ns).collect();
+            times.sort_unstable();
+            let median = *times.get(times.len() / 2)?;
+            let bytes = kept.iter().map(|&(_, b)| f64::from(b)).sum::<f64>() / kept.len() as f64;
+            Some(CodecCost {
+                ns: f64::from(median),
+                bytes,
+            })
+        });
+        let codec_nanos: f64 = self
+            .compressed
+            .iter()
+            .zip(&codecs)
+            .map(|(&n, cost)| n as f64 * cost.map_or(0.0, |c| c.ns))
+            .sum();
+        let nonzero = self.nonzero as f64;
+        Some(Model {
+            gated: self.gated as f64 / nonzero,
+            base_ns: ((self.batch_nanos as f64 - codec_nanos) / nonzero).max(0.0),
+            codecs,
+        })
+    }
+}
+
+/// One channel's measurements, by its writer.
+#[derive(Debug, Default, Clone, Copy)]
+struct Measured {
+    link: Option<Link>,
+    /// Per codec: ns per non-zero page, and when last measured.
+    speed: [Option<(f64, Instant)>; 3],
+}
+
+fn codec_index(codec: PageCompression) -> u8 {
+    match codec {
+        PageCompression::Off => 0,
+        PageCompression::Lz4 => 1,
+        PageCompression::Zstd => 2,
+    }
+}
+
+fn codec_at(index: u8) -> PageCompression {
+    CODECS
+        .get(usize::from(index))
+        .copied()
+        .unwrap_or(PageCompression::Off)
+}
+
+/// A session's `Compression::Auto` state: what every channel measured, the codecs' costs as
+/// measured by every encoder, the cores, and the codec.
+///
+/// One codec for every channel: the channels share the codec workers, and each round's pages
+/// are split evenly among them, so a round lasts as long as its slowest channel and a worker
+/// waiting on one channel's full queue holds up the others; a channel on a codec of its own
+/// would be measured at the others' pace. So every channel's measurements decide together.
+#[derive(Debug)]
+pub(crate) struct Auto {
+    /// The codec, as [`codec_index`].
+    codec: AtomicU8,
+    channels: Vec<Mutex<Measured>>,
+    costs: Mutex<Costs>,
+    /// Whether the writers encode (else codec workers do).
+    writers_encode: bool,
+    /// The cores the session's threads can have, once measured.
+    cpu: Mutex<CpuMeter>,
+    /// CPU time the session's encoders and writers spent, ns.
+    own_cpu: AtomicU64,
+    /// Whether it has had what it needs to decide.
+    decided: AtomicBool,
+    /// Where its first decision and each change of codec are logged.
+    log: Log,
+}
+
+impl Auto {
+    /// The state for `channels` channels, encoded by their writers or by codec workers, with
+    /// `threads` threads that encode or send; it starts uncompressed.
+    pub(crate) fn new(channels: usize, threads: usize, writers_encode: bool, log: Log) -> Self {
+        Auto {
+            codec: AtomicU8::new(0),
+            channels: (0..channels)
+                .map(|_| Mutex::new(Measured::default()))
+                .collect(),
+            costs: Mutex::new(Costs::default()),
+            writers_encode,
+            cpu: Mutex::new(CpuMeter::new(threads)),
+            own_cpu: AtomicU64::new(0),
+            decided: AtomicBool::new(false),
+            log,
+        }
+    }
+
+    /// The codec the next batch goes with.
+    pub(crate) fn codec(&self) -> PageCompression {
+        codec_at(self.codec.load(Ordering::Relaxed))
+    }
+
+    /// Counts `nanos` more of the session's CPU time; returns the total.
+    fn add_own_cpu(&self, nanos: u64) -> u64 {
+        self.own_cpu
+            .fetch_add(nanos, Ordering::Relaxed)
+            .saturating_add(nanos)
+    }
+
+    /// Folds an encoder's `tally` into the costs, and decides the codec again.
+    pub(crate) fn fold(&self, tally: &Tally) {
+        let now = Instant::now();
+        let own = self.add_own_cpu(tally.batch_nanos.saturating_add(tally.sample_nanos));
+        let model = {
+            let mut costs = lock(&self.costs);
+            costs.add(tally);
+            costs.model()
+        };
+        let channels = self.channels.len().max(1) as f64;
+        // With codec workers, nothing changes before the cores are measured.
+        let pipeline = if self.writers_encode {
+            Pipeline::Writer
+        } else {
+            match lock(&self.cpu).cores(own, now) {
+                Some(all) => Pipeline::Workers {
+                    cores: all / channels,
+                },
+                None => return,
+            }
+        };
+        let (Some(model), Some((link, speed))) = (model, self.measured(now)) else {
+            return;
+        };
+        let index = self.codec.load(Ordering::Relaxed);
+        let current = codec_at(index);
+        // Nothing changes before the current codec's speed is known.
+        if speed[usize::from(index)].is_none() {
+            return;
+        }
+        let estimated = estimates(&model, &link, pipeline, &speed, current);
+        let next = choose(&estimated, current);
+        let decided = if next == current {
+            // The first decision is logged even when it keeps the codec.
+            !self.decided.swap(true, Ordering::Relaxed)
+        } else {
+            self.decided.store(true, Ordering::Relaxed);
+            self.codec
+                .compare_exchange(
+                    index,
+                    codec_index(next),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        };
+        if decided {
+            let what = if next == current { "stays" } else { "now" };
+            let line = decision_line(what, next, &estimated, &speed, &model, &link, pipeline);
+            self.log.line(&line);
+        }
+    }
+
+    /// The channels' measurements together, as of `now`: their mean link (`None` until one
+    /// was measured), and per codec the mean of their speeds measured within
+    /// [`MEASURED_FOR`].
+    fn measured(&self, now: Instant) -> Option<(Link, [Option<f64>; 3])> {
+        // Links: the mean of the measured rates (a channel whose link never held its writer
+        // up counts only if none did), and of the CPU per byte.
+        let (mut rates, mut cpu, mut links, mut bounded) = (0.0, 0.0, 0u32, 0u32);
+        let mut speeds = [(0.0, 0u32); 3];
+        for channel in &self.channels {
+            let measured = *lock(channel);
+            if let Some(link) = measured.link {
+                links += 1;
+                cpu += link.cpu_ns_per_byte;
+                if link.bytes_per_sec.is_finite() {
+                    rates += link.bytes_per_sec;
+                    bounded += 1;
+                }
+            }
+            for (sum, speed) in speeds.iter_mut().zip(measured.speed) {
+                if let Some((ns, at)) = speed
+                    && now.saturating_duration_since(at) < MEASURED_FOR
+                {
+                    sum.0 += ns;
+                    sum.1 += 1;
+                }
+            }
+        }
+        let link = (links > 0).then(|| Link {
+            bytes_per_sec: if bounded > 0 {
+                rates / f64::from(bounded)
+            } else {
+                f64::INFINITY
+            },
+            cpu_ns_per_byte: cpu / f64::from(links),
+        })?;
+        Some((
+            link,
+            speeds.map(|(sum, n)| (n > 0).then(|| sum / f64::from(n))),
+        ))
+    }
+}
+
+/// How many cores the session's threads can have: those they used plus those nobody used
+/// (`/proc/stat`), over windows of at least [`CpuMeter::WINDOW`], at most one per thread.
+/// Another process on the machine, or a receiver on this host, leaves fewer.
+#[derive(Debug)]
+pub(crate) struct CpuMeter {
+    threads: f64,
+    /// At the window's start: when, the session's CPU time (ns), and the machine's idle and
+    /// total ticks.
+    at: Option<(Instant, u64, u64, u64)>,
+    /// Cores, once measured.
+    cores: Option<f64>,
+}
+
+impl CpuMeter {
+    /// `/proc/stat` counts in ticks of 10 ms: a window is at least five per core.
+    const WINDOW: Duration = Duration::from_millis(50);
+    const WEIGHT: f64 = 0.5;
+
+    fn new(threads: usize) -> Self {
+        CpuMeter {
+            threads: threads.max(1) as f64,
+            at: None,
+            cores: None,
+        }
+    }
+
+    /// The cores, given the session's CPU time `own` (ns) so far.
+    fn cores(&mut self, own: u64, now: Instant) -> Option<f64> {
+        match self.at {
+            Some((at, _, _, _)) if now.saturating_duration_since(at) < Self::WINDOW => {}
+            _ => {
+                let Some((idle, total)) = machine_ticks() else {
+                    return self.cores;
+                };
+                if let Some((at, own_at, idle_at, total_at)) = self.at {
+                    let wall = now.saturating_duration_since(at).as_secs_f64();
+                    let ticks = total.saturating_sub(total_at) as f64;
+                    if ticks > 0.0 && wall > 0.0 {
+                        let cpus = thread::available_parallelism().map_or(1, usize::from) as f64;
+                        let idle = idle.saturating_sub(idle_at) as f64 / ticks * cpus;
+                        let used = own.saturating_sub(own_at) as f64 / 1e9 / wall;
+                        let sample = (idle + used).clamp(0.25, self.threads.min(cpus));
+                        self.cores = Some(match self.cores {
+                            Some(cores) => cores + Self::WEIGHT * (sample - cores),
+                            None => sample,
+                        });
+                    }
+                }
+                self.at = Some((now, own, idle, total));
+            }
+        }
+        self.cores
+    }
+}
+
+/// The machine's idle and total CPU ticks so far (`/proc/stat`'s first line; idle includes
+/// waiting for I/O), or `None` if they cannot be read.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_ticks(stat.lines().next()?)
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal ...` as (idle, total).
+fn parse_ticks(line: &str) -> Option<(u64, u64)> {
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let ticks: Vec<u64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    // guest and guest_nice are counted in user and nice already.
+    let total = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
+    Some((idle, total))
+}
+
+/// The log line for a decision (`what`: `now` for a switch to `codec`, `stays` for keeping
+/// it): every codec's estimate (and whether it was measured) and what the predictions came
+/// from.
+fn decision_line(
+    what: &str,
+    codec: PageCompression,
+    estimated: &[Option<f64>; 3],
+    measured: &[Option<f64>; 3],
+    model: &Model,
+    link: &Link,
+    pipeline: Pipeline,
+) -> String {
+    let name = |c: PageCompression| match c {
+        PageCompression::Off => "off",
+        PageCompression::Lz4 => "lz4",
+        PageCompression::Zstd => "zstd",
+    };
+    let each: Vec<String> = CODECS
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| match estimated[i] {
+            Some(ns) if measured[i].is_some() => format!("{} {:.2} measured", name(c), ns / 1e3),
+            Some(ns) => format!("{} {:.2} predicted", name(c), ns / 1e3),
+            None => format!("{} unknown", name(c)),
+        })
+        .collect();
+    let cores = match pipeline {
+        Pipeline::Workers { cores } => format!("{cores:.2} cores"),
+        Pipeline::Writer => "writers encode".to_owned(),
+    };
+    let costs: Vec<String> = [PageCompression::Lz4, PageCompression::Zstd]
+        .iter()
+        .zip(&model.codecs)
+        .map(|(&c, cost)| match cost {
+            Some(cost) => format!(
+                "{} {:.2} µs to {:.0} bytes",
+                name(c),
+                cost.ns / 1e3,
+                cost.bytes
+            ),
+            None => format!("{} unmeasured", name(c)),
+        })
+        .collect();
+    let rate = if link.bytes_per_sec.is_finite() {
+        format!("{:.3} GB/s", link.bytes_per_sec / 1e9)
+    } else {
+        "never the bottleneck".to_owned()
+    };
+    format!(
+        "compression auto: {what} {}: µs per non-zero page and channel {}; {cores} per channel, link \
+         {rate} ({:.2} ns CPU per byte), {:.0} % of non-zero pages compressible, base {:.2} µs \
+         per page; per compressible page {}",
+        name(codec),
+        each.join(", "),
+        link.cpu_ns_per_byte,
+        model.gated * 100.0,
+        model.base_ns / 1e3,
+        costs.join(", "),
+    )
+}
+
+/// A channel writer's measurements (see the module documentation), published to the
+/// session's [`Auto`] at the end of each window.
+#[derive(Debug)]
+pub(crate) struct LinkMeter {
+    auto: Arc<Auto>,
+    channel: u16,
+    /// The window: when it started and its last send ended, the writer's time in `send`, the
+    /// bytes, the writer's CPU time, the non-zero pages, and their codec (`None` while empty;
+    /// `Err` once mixed).
+    started: Option<Instant>,
+    last: Option<Instant>,
+    busy: Duration,
+    bytes: u64,
+    cpu_nanos: u64,
+    nonzero: u64,
+    codec: Option<Result<PageCompression, ()>>,
+    /// Bytes per second (0: not measured yet), and CPU ns per byte.
+    rate: f64,
+    cpu_per_byte: f64,
+    /// Windows that measured the link: the first is not counted, as the connection and the
+    /// pipeline behind it are still starting up.
+    windows: u32,
+    /// Per codec: its speed in the windows since the session last switched to it.
+    speed: [Windows; 3],
+}
+
+/// A codec's speed on a channel (ns per non-zero page) in its last few windows, since the
+/// session switched to it.
+#[derive(Debug, Default, Clone, Copy)]
+struct Windows {
+    /// Windows seen, the first not counted: the socket still held the last codec's bytes.
+    seen: u32,
+    last: [f64; Windows::KEEP],
+}
+
+impl Windows {
+    const KEEP: usize = 5;
+    /// A speed stands once this many windows measured it.
+    const ENOUGH: usize = 3;
+
+    /// Adds the speed `ns` of one window; returns the median of the last few, once there are
+    /// [`ENOUGH`](Self::ENOUGH). A median, because now and then a window holds a stall of tens
+    /// of milliseconds (a TCP loss on a shaped link), which would make a mean of a few windows
+    /// a matter of luck.
+    fn push(&mut self, ns: f64) -> Option<f64> {
+        self.seen += 1;
+        let counted = usize::try_from(self.seen - 1).unwrap_or(usize::MAX);
+        if counted == 0 {
+            return None;
+        }
+        self.last[(counted - 1) % Self::KEEP] = ns;
+        let n = counted.min(Self::KEEP);
+        if n < Self::ENOUGH {
+            return None;
+        }
+        let mut sorted = self.last;
+        let sorted = &mut sorted[..n];
+        sorted.sort_by(f64::total_cmp);
+        Some(sorted[n / 2])
+    }
+}
+
+impl LinkMeter {
+    const WINDOW: Duration = Duration::from_millis(10);
+    const WINDOW_BYTES: u64 = 1 << 20;
+    /// A wait this long for frames ends a window, and is not counted in it.
+    const GAP: Duration = Duration::from_millis(20);
+    /// A window measures the link if the writer spent at least this share of it sending.
+    const BUSY: f64 = 0.5;
+    /// How much each new window counts.
+    const WEIGHT: f64 = 0.3;
+
+    /// The meter of channel `channel`, for `auto`.
+    pub(crate) fn new(auto: Arc<Auto>, channel: u16) -> Self {
+        LinkMeter {
+            auto,
+            channel,
+            started: None,
+            last: None,
+            busy: Duration::ZERO,
+            bytes: 0,
+            cpu_nanos: 0,
+            nonzero: 0,
+            codec: None,
+            rate: 0.0,
+            cpu_per_byte: 0.0,
+            windows: 0,
+            speed: [Windows::default(); 3],
+        }
+    }
+
+    /// Counts one send of `bytes` holding the pages `holds` lists, from `start` to `end`
+    /// (waiting for the rate limit included), that took `cpu_nanos` of the writer's CPU time;
+    /// at the end of a window updates the session's measurements of the channel.
+    pub(crate) fn record(
+        &mut self,
+        (start, end): (Instant, Instant),
+        bytes: u64,
+        holds: impl Iterator<Item = Holds>,
+        cpu_nanos: u64,
+    ) {
+        if let Some(last) = self.last
+            && start.saturating_duration_since(last) > Self::GAP
+        {
+            self.close(last);
+        }
+        self.started.get_or_insert(start);
+        self.last = Some(end);
+        self.busy += end.saturating_duration_since(start);
+        self.bytes += bytes;
+        self.cpu_nanos += cpu_nanos;
+        for held in holds {
+            self.nonzero += u64::from(held.nonzero);
+            if held.nonzero > 0 {
+                self.codec = match self.codec {
+                    None => Some(Ok(held.codec)),
+                    Some(Ok(c)) if c == held.codec => Some(Ok(c)),
+                    Some(_) => Some(Err(())),
+                };
+            }
+        }
+        if let Some(started) = self.started
+            && end.saturating_duration_since(started) >= Self::WINDOW
+            && self.bytes >= Self::WINDOW_BYTES
+        {
+            self.close(end);
+        }
+    }
+
+    /// Ends the window at `end`, and publishes what it measured.
+    fn close(&mut self, end: Instant) {
+        let Some(started) = self.started.take() else {
+            return;
+        };
+        let auto = Arc::clone(&self.auto);
+        auto.add_own_cpu(self.cpu_nanos);
+        let wall = end.saturating_duration_since(started).as_secs_f64();
+        let (busy, bytes) = (self.busy.as_secs_f64(), self.bytes as f64);
+        let full = wall >= Self::WINDOW.as_secs_f64() && self.bytes >= Self::WINDOW_BYTES;
+        let current = auto.codec();
+        let mut speed = None;
+        if full && busy > 0.0 {
+            if busy >= Self::BUSY * wall {
+                self.windows += 1;
+                let sample = bytes / busy;
+                self.rate = match (self.windows, self.rate) {
+                    (1, _) => 0.0,
+                    (_, rate) if rate > 0.0 => rate + Self::WEIGHT * (sample - rate),
+                    _ => sample,
+                };
+            } else if self.rate > 0.0 {
+                // The link kept up with everything it was given: at least this fast.
+                self.rate = self.rate.max(bytes / wall);
+            }
+            let cpu = self.cpu_nanos as f64 / bytes;
+            self.cpu_per_byte = if self.cpu_per_byte > 0.0 {
+                self.cpu_per_byte + Self::WEIGHT * (cpu - self.cpu_per_byte)
+            } else {
+                cpu
+            };
+            // A window all of one codec, the channel's codec now, that sent enough pages
+            // to measure its speed.
+            if let Some(Ok(codec)) = self.codec
+                && codec == current
+                && self.nonzero >= Self::WINDOW_BYTES / PAGE_SIZE as u64 / 2
+            {
+                let i = usize::from(codec_index(codec));
+                speed = self.speed[i]
+                    .push(wall * 1e9 / self.nonzero as f64)
+                    .map(|ns| (i, ns));
+            }
+        }
+        // Speeds measured before the session last switched away are not counted again.
+        for (i, windows) in self.speed.iter_mut().enumerate() {
+            if i != usize::from(codec_index(current)) {
+                *windows = Windows::default();
+            }
+        }
+        if full && let Some(state) = auto.channels.get(usize::from(self.channel)) {
+            let mut measured = lock(state);
+            // A link that never held the writer up is faster than anything it was given.
+            let rate = if self.rate > 0.0 {
+                self.rate
+            } else {
+                f64::INFINITY
+            };
+            measured.link = Some(Link {
+                bytes_per_sec: rate,
+                cpu_ns_per_byte: self.cpu_per_byte,
+            });
+            if let Some((i, ns)) = speed
+                && let Some(slot) = measured.speed.get_mut(i)
+            {
+                *slot = Some((ns, end));
+            }
+        }
+        self.last = None;
+        self.busy = Duration::ZERO;
+        self.bytes = 0;
+        self.cpu_nanos = 0;
+        self.nonzero = 0;
+        self.codec = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::codec::Samples;
+
+    const PAGE: f64 = PAGE_SIZE as f64;
+
+    /// Half the non-zero pages compressible, 0.5 µs a page whatever the codec; lz4 5 µs to
+    /// 2000 bytes, zstd 15 µs to 1000.
+    fn model() -> Model {
+        Model {
+            gated: 0.5,
+            base_ns: 500.0,
+            codecs: [
+                Some(CodecCost {
+                    ns: 5_000.0,
+                    bytes: 2_000.0,
+                }),
+                Some(CodecCost {
+                    ns: 15_000.0,
+                    bytes: 1_000.0,
+                }),
+            ],
+        }
+    }
+
+    fn link(bytes_per_sec: f64) -> Link {
+        Link {
+            bytes_per_sec,
+            cpu_ns_per_byte: 0.0,
+        }
+    }
+
+    const ONE_CORE: Pipeline = Pipeline::Workers { cores: 1.0 };
+
+    #[test]
+    fn a_page_takes_the_slower_of_cpu_and_wire_with_workers_and_both_with_writers() {
+        let (m, slow) = (model(), link(100e6));
+        // Off: 4096 bytes at 100 MB/s is 40.96 µs on the wire, 0.5 µs of CPU.
+        let off = page_time(&m, &slow, ONE_CORE, PageCompression::Off).expect("off");
+        assert!((off - 40_960.0).abs() < 1e-6, "{off}");
+        // lz4: (2048 + 1000) bytes, 30.48 µs on the wire; 3 µs of CPU.
+        let lz4 = page_time(&m, &slow, ONE_CORE, PageCompression::Lz4).expect("lz4");
+        assert!((lz4 - 30_480.0).abs() < 1e-6, "{lz4}");
+        // With the writer encoding, CPU and wire add up.
+        let serial = page_time(&m, &slow, Pipeline::Writer, PageCompression::Lz4).expect("lz4");
+        assert!((serial - 33_480.0).abs() < 1e-6, "{serial}");
+        // Half a core doubles the CPU time: zstd's 8 µs becomes 16, still under the wire's
+        // (2048 + 500) bytes = 25.48 µs.
+        let half = Pipeline::Workers { cores: 0.5 };
+        let zstd = page_time(&m, &slow, half, PageCompression::Zstd).expect("zstd");
+        assert!((zstd - 25_480.0).abs() < 1e-6, "{zstd}");
+        // The writer's CPU per byte counts as CPU: 1 ns a byte on a fast link.
+        let costly = Link {
+            bytes_per_sec: 100e9,
+            cpu_ns_per_byte: 1.0,
+        };
+        let off = page_time(&m, &costly, ONE_CORE, PageCompression::Off).expect("off");
+        assert!((off - (500.0 + PAGE)).abs() < 1e-6, "{off}");
+    }
+
+    #[test]
+    fn an_unmeasured_codec_has_no_time_and_an_unbounded_link_no_wire_time() {
+        let mut m = model();
+        m.codecs[1] = None;
+        let fast = link(f64::INFINITY);
+        assert_eq!(page_time(&m, &fast, ONE_CORE, PageCompression::Zstd), None);
+        assert_eq!(
+            page_time(&m, &fast, ONE_CORE, PageCompression::Off),
+            Some(500.0)
+        );
+        assert_eq!(
+            page_time(&m, &fast, ONE_CORE, PageCompression::Lz4),
+            Some(3_000.0)
+        );
+    }
+
+    #[test]
+    fn measured_speeds_stand_and_predictions_are_scaled_by_the_current_codecs_error() {
+        let (m, slow) = (model(), link(100e6));
+        // Off predicted 40.96 µs, measured 61.44: every prediction is taken 1.5 times.
+        let measured = [Some(61_440.0), None, Some(20_000.0)];
+        let e = estimates(&m, &slow, ONE_CORE, &measured, PageCompression::Off);
+        assert_eq!(e[0], Some(61_440.0));
+        assert!((e[1].expect("lz4") - 30_480.0 * 1.5).abs() < 1e-6, "{e:?}");
+        assert_eq!(e[2], Some(20_000.0), "measured beats predicted");
+        // The scale stays within ½ and 2.
+        let measured = [Some(1e9), None, None];
+        let e = estimates(&m, &slow, ONE_CORE, &measured, PageCompression::Off);
+        assert!((e[1].expect("lz4") - 30_480.0 * 2.0).abs() < 1e-6, "{e:?}");
+        let measured = [Some(1.0), None, None];
+        let e = estimates(&m, &slow, ONE_CORE, &measured, PageCompression::Off);
+        assert!((e[1].expect("lz4") - 30_480.0 * 0.5).abs() < 1e-6, "{e:?}");
+    }
+
+    #[test]
+    fn the_current_codec_stays_unless_another_is_a_tenth_faster() {
+        use PageCompression::{Lz4, Off, Zstd};
+        assert_eq!(choose(&[Some(100.0), Some(91.0), None], Off), Off);
+        assert_eq!(choose(&[Some(100.0), Some(89.0), None], Off), Lz4);
+        assert_eq!(choose(&[Some(100.0), Some(89.0), Some(50.0)], Off), Zstd);
+        assert_eq!(choose(&[Some(60.0), Some(89.0), Some(55.0)], Zstd), Zstd);
+        // Without an estimate for the current codec, the fastest known one.
+        assert_eq!(choose(&[Some(60.0), None, None], Lz4), Off);
+        assert_eq!(choose(&[None, None, None], Zstd), Zstd);
+        // Nothing that is not a number wins.
+        assert_eq!(choose(&[Some(100.0), Some(f64::NAN), None], Off), Off);
+    }
+
+    fn codec() -> impl Strategy<Value = PageCompression> {
+        prop_oneof![
+            Just(PageCompression::Off),
+            Just(PageCompression::Lz4),
+            Just(PageCompression::Zstd),
+        ]
+    }
+
+    fn cost() -> impl Strategy<Value = Option<CodecCost>> {
+        proptest::option::of(
+            (0.0..100_000.0f64, 0.0..8192.0f64).prop_map(|(ns, bytes)| CodecCost { ns, bytes }),
+        )
+    }
+
+    fn any_model() -> impl Strategy<Value = Model> {
+        (0.0..=1.0f64, 0.0..10_000.0f64, cost(), cost()).prop_map(|(gated, base_ns, a, b)| Model {
+            gated,
+            base_ns,
+            codecs: [a, b],
+        })
+    }
+
+    proptest! {
+        /// A switch goes to the fastest estimate, and only when it beats the current codec's by
+        /// the hysteresis; a codec without an estimate is never picked.
+        #[test]
+        fn choose_switches_only_to_a_clearly_faster_known_codec(
+            times in proptest::array::uniform3(proptest::option::of(0.0..1e6f64)),
+            current in codec(),
+        ) {
+            let next = choose(&times, current);
+            if next != current {
+                let t = times[usize::from(codec_index(next))];
+                prop_assert!(t.is_some());
+                let t = t.unwrap_or(f64::INFINITY);
+                prop_assert!(times.iter().flatten().all(|&o| t <= o));
+                if let Some(now) = times[usize::from(codec_index(current))] {
+                    prop_assert!(t < now * (1.0 - HYSTERESIS));
+                }
+            }
+        }
+
+        /// A faster link or more cores never make a page slower.
+        #[test]
+        fn more_link_or_cores_never_cost_time(
+            m in any_model(),
+            rate in 1e6..1e11f64,
+            more in 1.0..100.0f64,
+            cores in 0.1..8.0f64,
+            cpu_per_byte in 0.0..2.0f64,
+            c in codec(),
+        ) {
+            let slow = Link { bytes_per_sec: rate, cpu_ns_per_byte: cpu_per_byte };
+            let fast = Link { bytes_per_sec: rate * more, ..slow };
+            let few = Pipeline::Workers { cores };
+            let many = Pipeline::Workers { cores: cores * more };
+            for pipeline in [few, Pipeline::Writer] {
+                let (a, b) = (page_time(&m, &slow, pipeline, c), page_time(&m, &fast, pipeline, c));
+                if let (Some(a), Some(b)) = (a, b) {
+                    prop_assert!(b <= a * (1.0 + 1e-9), "{a} {b}");
+                }
+            }
+            let (a, b) = (page_time(&m, &slow, few, c), page_time(&m, &slow, many, c));
+            if let (Some(a), Some(b)) = (a, b) {
+                prop_assert!(b <= a * (1.0 + 1e-9), "{a} {b}");
+            }
+        }
+
+        /// On an unbounded link with free sends, compressing only adds CPU: off is never beaten.
+        #[test]
+        fn nothing_beats_off_on_an_unbounded_link(m in any_model(), cores in 0.1..8.0f64) {
+            let fast = link(f64::INFINITY);
+            for pipeline in [Pipeline::Workers { cores }, Pipeline::Writer] {
+                let t = CODECS.map(|c| page_time(&m, &fast, pipeline, c));
+                let estimated = estimates(&m, &fast, pipeline, &[t[0], None, None], PageCompression::Off);
+                prop_assert_eq!(choose(&estimated, PageCompression::Off), PageCompression::Off);
+            }
+        }
+    }
+
+    #[test]
+    fn a_speed_stands_on_the_median_of_its_windows_after_the_first() {
+        let mut w = Windows::default();
+        assert_eq!(w.push(1e9), None, "the first window is left out");
+        assert_eq!(w.push(10.0), None);
+        assert_eq!(w.push(30.0), None);
+        assert_eq!(w.push(20.0), Some(20.0));
+        // A stall in one window does not move it.
+        assert_eq!(w.push(5000.0), Some(30.0));
+        assert_eq!(w.push(25.0), Some(25.0));
+        // Only the last five count.
+        for _ in 0..5 {
+            w.push(7.0);
+        }
+        assert_eq!(w.push(7.0), Some(7.0));
+    }
+
+    #[test]
+    fn proc_stat_lines_parse_to_idle_and_total() {
+        let line = "cpu  3626354 39126 953009 4852830 537800 0 61094 9041 10 0";
+        let total = 3626354 + 39126 + 953009 + 4852830 + 537800 + 61094 + 9041;
+        assert_eq!(parse_ticks(line), Some((4852830 + 537800, total)));
+        assert_eq!(parse_ticks("cpu0 1 2 3 4 5"), None);
+        assert_eq!(parse_ticks("cpu 1 2 x 4"), None);
+        assert_eq!(parse_ticks("cpu 1 2"), None);
+        assert_eq!(parse_ticks(""), None);
+    }
+
+    fn samples(taken: &[(u32, u32)]) -> Samples {
+        let mut s = Samples::default();
+        for (i, t) in taken.iter().enumerate() {
+            s.taken[i] = *t;
+        }
+        s.count = taken.len();
+        s
+    }
+
+    #[test]
+    fn costs_take_the_median_time_and_mean_size_and_leave_the_codecs_out_of_the_base() {
+        let mut costs = Costs::default();
+        assert_eq!(costs.model(), None);
+        costs.add(&Tally {
+            nonzero: 100,
+            gated: 50,
+            compressed: [50, 0],
+            // 50 lz4 pages at 4 µs, and 1 µs for each of the 100 pages.
+            batch_nanos: 50 * 4_000 + 100 * 1_000,
+            sample_nanos: 0,
+            // One sample held up 1 ms by an interrupt.
+            samples: [
+                samples(&[(4_000, 2_000), (1_000_000, 2_000), (3_000, 1_000)]),
+                samples(&[]),
+            ],
+        });
+        let m = costs.model().expect("model");
+        assert_eq!(m.gated, 0.5);
+        assert_eq!(
+            m.codecs[0],
+            Some(CodecCost {
+                ns: 4_000.0,
+                bytes: 5_000.0 / 3.0
+            })
+        );
+        assert_eq!(m.codecs[1], None);
+        assert!((m.base_ns - 1_000.0).abs() < 1e-9, "{m:?}");
+        // The sums halve as they grow; the shares stay.
+        for _ in 0..100 {
+            costs.add(&Tally {
+                nonzero: 100,
+                gated: 25,
+                ..Tally::default()
+            });
+        }
+        assert!(costs.nonzero <= Costs::KEEP_PAGES);
+        let m = costs.model().expect("model");
+        assert!((m.gated - 0.25).abs() < 0.02, "{m:?}");
+    }
+
+    /// A run of back-to-back sends of `bytes` each `every` apart (the writer busy `busy` of
+    /// it), `count` of them, holding `nonzero` pages of `codec` each; returns when they end.
+    #[allow(clippy::too_many_arguments)]
+    fn sends(
+        meter: &mut LinkMeter,
+        from: Instant,
+        count: u32,
+        every: Duration,
+        busy: Duration,
+        bytes: u64,
+        nonzero: u32,
+        codec: PageCompression,
+    ) -> Instant {
+        let mut at = from;
+        for _ in 0..count {
+            let holds = [Holds { nonzero, codec }];
+            meter.record((at + every - busy, at + every), bytes, holds.into_iter(), 0);
+            at += every;
+        }
+        at
+    }
+
+    fn measured(auto: &Auto) -> Measured {
+        *lock(&auto.channels[0])
+    }
+
+    #[test]
+    fn a_writer_measures_its_link_only_while_it_waits_on_it() {
+        use PageCompression::Off;
+        let auto = Arc::new(Auto::new(1, 2, true, Log::default()));
+        let mut meter = LinkMeter::new(Arc::clone(&auto), 0);
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // 1 MiB every 10 ms, all of it spent sending: 100 MiB/s. The first window is left
+        // out; until a window measures the link, it is unbounded.
+        let t = sends(&mut meter, t0, 1, ms(10), ms(10), 1 << 20, 256, Off);
+        let link = measured(&auto).link.expect("published");
+        assert!(link.bytes_per_sec.is_infinite());
+        let t = sends(&mut meter, t, 1, ms(10), ms(10), 1 << 20, 256, Off);
+        let rate = measured(&auto).link.expect("link").bytes_per_sec;
+        assert!((rate - 104_857_600.0).abs() < 1.0, "{rate}");
+        // A window mostly idle (a 1 ms send every 10 ms): the link kept up, so it is at least
+        // as fast as it went, 1 MiB in 31 ms: slower than measured, so no change.
+        let t = sends(&mut meter, t, 4, ms(10), ms(1), 1 << 18, 64, Off);
+        let rate = measured(&auto).link.expect("link").bytes_per_sec;
+        assert!((rate - 104_857_600.0).abs() < 1.0, "{rate}");
+        // Off's speed: the median of three windows after the first, 10 ms per 256 pages
+        // (the idle window's 31 ms is the odd one out).
+        assert_eq!(measured(&auto).speed[0], None);
+        let t = sends(&mut meter, t, 1, ms(10), ms(10), 1 << 20, 256, Off);
+        let (ns, _) = measured(&auto).speed[0].expect("speed");
+        assert!((ns - 10e6 / 256.0).abs() < 1.0, "{ns}");
+        // A wait of more than 20 ms ends the window and is not counted: two sends 5 ms each
+        // around a 30 ms wait make two windows too short to count, not one of 40 ms.
+        let t = sends(&mut meter, t + ms(30), 1, ms(5), ms(5), 1 << 20, 256, Off);
+        let t = sends(&mut meter, t + ms(30), 1, ms(5), ms(5), 1 << 20, 256, Off);
+        let (ns, _) = measured(&auto).speed[0].expect("speed");
+        assert!((ns - 10e6 / 256.0).abs() < 1.0, "{ns}");
+        // A window of frames of another codec than the session's says nothing of speeds.
+        sends(
+            &mut meter,
+            t,
+            2,
+            ms(10),
+            ms(10),
+            1 << 20,
+            64,
+            PageCompression::Lz4,
+        );
+        assert_eq!(measured(&auto).speed[1], None);
+    }
+
+    #[test]
+    fn auto_compresses_once_measured_slow_and_goes_back_when_measured_slower() {
+        use PageCompression::{Lz4, Off};
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let log = {
+            let lines = Arc::clone(&lines);
+            Log::new(move |l| lines.lock().expect("lines").push(l.to_owned()))
+        };
+        // Writers encode: no cores to measure first.
+        let auto = Arc::new(Auto::new(1, 1, true, log));
+        let mut meter = LinkMeter::new(Arc::clone(&auto), 0);
+        let ms = Duration::from_millis;
+        // lz4 halves a compressible page in 5 µs; zstd is not sampled.
+        let tally = Tally {
+            nonzero: 256,
+            gated: 128,
+            batch_nanos: 256 * 500,
+            samples: [samples(&[(5_000, 2_048); 4]), samples(&[])],
+            ..Tally::default()
+        };
+        auto.fold(&tally);
+        assert_eq!(auto.codec(), Off, "nothing measured yet");
+        // A slow link: 1 MiB of raw pages every 40 ms, the writer waiting all along.
+        let t = sends(
+            &mut meter,
+            Instant::now(),
+            4,
+            ms(40),
+            ms(40),
+            1 << 20,
+            256,
+            Off,
+        );
+        auto.fold(&tally);
+        assert_eq!(auto.codec(), Lz4, "{:?}", lines.lock().expect("lines"));
+        // lz4 goes slower than off did (the prediction was wrong): measured, it loses.
+        sends(&mut meter, t, 4, ms(60), ms(60), 1 << 20, 256, Lz4);
+        auto.fold(&tally);
+        assert_eq!(auto.codec(), Off);
+        let lines = lines.lock().expect("lines").clone();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(
+            lines[0].starts_with("compression auto: now lz4: "),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[1].starts_with("compression auto: now off: "),
+            "{lines:#?}"
+        );
+        assert!(lines[1].contains("lz4 234.38 measured"), "{lines:#?}");
+    }
+}
