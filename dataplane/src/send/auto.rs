@@ -432,10 +432,11 @@ impl CpuMeter {
     const WINDOW: Duration = Duration::from_millis(50);
     const WEIGHT: f64 = 0.5;
 
+    /// A meter whose first window starts now.
     fn new(threads: usize) -> Self {
         CpuMeter {
             threads: threads.max(1) as f64,
-            at: None,
+            at: machine_ticks().map(|(idle, total)| (Instant::now(), 0, idle, total)),
             cores: None,
         }
     }
