@@ -7,7 +7,7 @@
 //!   the current codec (a wait of more than 20 ms for frames, as between rounds, ends a
 //!   window). The first window after a switch is left out (the socket still holds the last
 //!   codec's bytes); the median of the next three to five is the codec's measured speed, and
-//!   it stands for a second.
+//!   it stands for two seconds.
 //! - **the link**, by the same writer: the bytes the socket drains per second of the writer's
 //!   time in `send` (the `max_bandwidth` wait counts as sending: a cap is a slow link), over the
 //!   windows in which it was sending at least half the time (the first left out) — only then is
@@ -29,7 +29,7 @@
 //! [`choose`] picks the fastest, keeping the current codec unless another is at least
 //! [`HYSTERESIS`] faster. A session starts uncompressed and decides nothing before it has
 //! measured its link, its cores and its current codec's speed. Once a codec's measured speed
-//! is a second old, the prediction stands in for it again: a codec that lost is tried again
+//! is two seconds old, the prediction stands in for it again: a codec that lost is tried again
 //! when the prediction favours it, so a link or a machine that changes is followed, and a
 //! prediction that was wrong is corrected by the next measurement.
 //!
@@ -52,7 +52,7 @@ use crate::session::lock;
 pub(crate) const HYSTERESIS: f64 = 0.1;
 
 /// How long a codec's measured speed stands.
-const MEASURED_FOR: Duration = Duration::from_secs(1);
+const MEASURED_FOR: Duration = Duration::from_secs(2);
 
 /// What every codec is predicted from, per non-zero page.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -182,7 +182,7 @@ struct Costs {
 
 impl Costs {
     /// Non-zero pages after which the sums are halved (a few MiB of guest RAM), and the
-    /// samples kept per codec (about a quarter of a second of one encoder's).
+    /// samples kept per codec (about a third of a second's, with two encoders).
     const KEEP_PAGES: u64 = 4096;
     const KEEP_SAMPLES: usize = 64;
 
