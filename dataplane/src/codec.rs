@@ -353,7 +353,7 @@ impl Encoder {
     }
 
     /// How `page` goes on the wire; a compressed page's data is in `self.scratch`. Time spent
-    /// sampling other codecs is added to `samples` (ns).
+    /// sampling the codecs (see [`Encoder::measure`]) is added to `samples` (ns).
     fn classify(&mut self, page: &[u8], compression: PageCompression, samples: &mut u64) -> Class {
         if is_zero(page) {
             return Class::Zero;
