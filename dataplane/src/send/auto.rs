@@ -416,7 +416,8 @@ impl Auto {
 
 /// How many cores the session's threads can have: those they used plus those nobody used
 /// (`/proc/stat`), over windows of at least [`CpuMeter::WINDOW`], at most one per thread.
-/// Another process on the machine, or a receiver on this host, leaves fewer.
+/// Another process on the machine, or a receiver on this host, leaves fewer. Without
+/// `/proc/stat` every core counts as free.
 #[derive(Debug)]
 pub(crate) struct CpuMeter {
     threads: f64,
@@ -441,19 +442,31 @@ impl CpuMeter {
         }
     }
 
-    /// The cores, given the session's CPU time `own` (ns) so far.
+    /// The cores, given the session's CPU time `own` (ns) so far, at `now`.
     fn cores(&mut self, own: u64, now: Instant) -> Option<f64> {
+        let cpus = thread::available_parallelism().map_or(1, usize::from) as f64;
+        self.cores_with(own, now, cpus, machine_ticks)
+    }
+
+    /// [`cores`](Self::cores) on a machine of `cpus` CPUs whose idle and total ticks `ticks`
+    /// reads. Where they cannot be read, every core counts as free.
+    fn cores_with(
+        &mut self,
+        own: u64,
+        now: Instant,
+        cpus: f64,
+        ticks: impl FnOnce() -> Option<(u64, u64)>,
+    ) -> Option<f64> {
         match self.at {
             Some((at, _, _, _)) if now.saturating_duration_since(at) < Self::WINDOW => {}
             _ => {
-                let Some((idle, total)) = machine_ticks() else {
-                    return self.cores;
+                let Some((idle, total)) = ticks() else {
+                    return Some(self.threads.min(cpus));
                 };
                 if let Some((at, own_at, idle_at, total_at)) = self.at {
                     let wall = now.saturating_duration_since(at).as_secs_f64();
                     let ticks = total.saturating_sub(total_at) as f64;
                     if ticks > 0.0 && wall > 0.0 {
-                        let cpus = thread::available_parallelism().map_or(1, usize::from) as f64;
                         let idle = idle.saturating_sub(idle_at) as f64 / ticks * cpus;
                         let used = own.saturating_sub(own_at) as f64 / 1e9 / wall;
                         let sample = (idle + used).clamp(0.25, self.threads.min(cpus));
@@ -973,6 +986,33 @@ mod tests {
         assert_eq!(parse_ticks("cpu 1 2 x 4"), None);
         assert_eq!(parse_ticks("cpu 1 2"), None);
         assert_eq!(parse_ticks(""), None);
+    }
+
+    #[test]
+    fn the_cores_are_what_the_session_used_and_nobody_used() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut meter = CpuMeter {
+            threads: 4.0,
+            at: Some((t0, 0, 1_000, 10_000)),
+            cores: None,
+        };
+        // Within the window nothing is measured yet.
+        assert_eq!(meter.cores_with(0, t0 + ms(10), 2.0, || Some((0, 0))), None);
+        // 100 ms on 2 CPUs (20 ticks): 5 ticks idle is half a core; the session used 50 ms of
+        // CPU in it, another half.
+        let cores = meter.cores_with(50_000_000, t0 + ms(100), 2.0, || Some((1_005, 10_020)));
+        assert!((cores.expect("measured") - 1.0).abs() < 1e-9, "{cores:?}");
+        // The next window, all idle: 2 cores (at most the CPUs), averaged with the last.
+        let cores = meter.cores_with(50_000_000, t0 + ms(200), 2.0, || Some((1_025, 10_040)));
+        assert!((cores.expect("measured") - 1.5).abs() < 1e-9, "{cores:?}");
+        // Never below a quarter of a core; without /proc/stat, every core.
+        let mut busy = CpuMeter::new(4);
+        busy.at = Some((t0, 0, 0, 0));
+        let cores = busy.cores_with(0, t0 + ms(100), 2.0, || Some((0, 20)));
+        assert_eq!(cores, Some(0.25));
+        let cores = busy.cores_with(0, t0 + ms(200), 2.0, || None);
+        assert_eq!(cores, Some(2.0));
     }
 
     fn samples(taken: &[(u32, u32)]) -> Samples {
