@@ -674,7 +674,11 @@ fn sender_against(
 
 /// Runs the real sender to `at`; returns its error after checking its facts.
 fn send_to(t: &Arc<dyn Transport>, at: &Endpoint) -> Error {
-    let src = source();
+    send_from(t, at, &source())
+}
+
+/// [`send_to`] from guest memory `src`.
+fn send_from(t: &Arc<dyn Transport>, at: &Endpoint, src: &Arc<GuestMemory>) -> Error {
     let facts = Arc::new(Facts::default());
     let options = SendOptions {
         transport: Arc::clone(t),
@@ -682,8 +686,8 @@ fn send_to(t: &Arc<dyn Transport>, at: &Endpoint) -> Error {
         timeout: SHORT,
         ..SendOptions::default()
     };
-    let result = Sender::connect(Arc::clone(&src), at, &options, facts.sink()).and_then(|mut s| {
-        s.round(&DirtySet::all(&src))?;
+    let result = Sender::connect(Arc::clone(src), at, &options, facts.sink()).and_then(|mut s| {
+        s.round(&DirtySet::all(src))?;
         s.switchover()?;
         s.finish(b"")
     });
@@ -744,9 +748,17 @@ fn a_receiver_that_is_not_listening() {
     }
 }
 
+/// Every transport, and io_uring with zero-copy sends (whose writers keep sending while the
+/// kernel still reads their buffers) where this machine has it.
+fn senders_transports() -> Vec<Arc<dyn Transport>> {
+    let mut all = common::transports();
+    all.extend(common::zero_copy());
+    all
+}
+
 #[test]
 fn a_silent_receiver_times_out() {
-    for t in &common::transports() {
+    for t in &senders_transports() {
         let err = sender_against(t, |listener| {
             let (mut s, _) = listener.accept().expect("accept");
             read_hello(&mut s);
@@ -766,9 +778,33 @@ fn a_silent_receiver_times_out() {
     }
 }
 
+/// A receiver that accepts and then stops reading, its connection left open, with far more
+/// to come than the sockets hold: the sender times out with the reason, whether its writers
+/// wait for room in the socket or (zero-copy) for the kernel to release lent buffers, and
+/// does not hang.
+#[test]
+fn a_receiver_that_stops_reading_times_the_sender_out() {
+    for t in &senders_transports() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let at = Endpoint::Tcp(listener.local_addr().expect("addr"));
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let fake = thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            read_hello(&mut s);
+            reply(&mut s, Verdict::Accept);
+            // Holds the connection open, unread, until the sender gave up.
+            let _ = done_rx.recv();
+        });
+        let err = send_from(t, &at, &guest(64 << 20, Image::Random, 5));
+        let _ = done_tx.send(());
+        fake.join().expect("fake receiver");
+        assert!(err.is_timeout(), "{}: {}", t.name(), err.chain());
+    }
+}
+
 #[test]
 fn the_receivers_error_and_garbage_reach_the_sender() {
-    for t in &common::transports() {
+    for t in &senders_transports() {
         let err = sender_against(t, |listener| {
             let (mut s, _) = listener.accept().expect("accept");
             read_hello(&mut s);

@@ -54,7 +54,7 @@ use outgoing::{FrameBuf, Holds, Outgoing, QUEUE_FRAMES};
 use rate::RateLimit;
 use return_path::Reply;
 use worker::WorkerContext;
-use writer::WriterContext;
+use writer::{LENT_FRAMES, WriterContext};
 
 use crate::arena::Arena;
 use crate::codec::{Compression, PageCompression};
@@ -252,7 +252,7 @@ impl Sender {
         let slots = if shared {
             1
         } else {
-            channels * (QUEUE_FRAMES + 4) + options.workers * 2
+            channels * (QUEUE_FRAMES + 4 + LENT_FRAMES) + options.workers * 2
         };
         let (arena, slots) =
             Arena::new(slots, frame_capacity(CHUNK_LEN)).map_err(Error::Buffers)?;

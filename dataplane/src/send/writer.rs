@@ -2,11 +2,18 @@
 //! gives their buffers back to the pool. A round queued for it whole ([`Outgoing::Round`]) it
 //! plans and encodes itself, a few frames at a time, each batch sent right after it was encoded
 //! so that its pages are still in the cache when the kernel copies them.
+//!
+//! A zero-copy link reads a batch's buffers in place until the peer acknowledged its bytes: the
+//! writer lends them ([`LinkWriter::send_lent`]) and sends on, and gives them back to the pool
+//! once the link released them. Waiting for that after every write would leave the link idle
+//! for a round trip (through every queue on the way) per write: across a veth pair shaped to
+//! 1 GB/s, two channels moved 0.70 GB/s that way against 0.95 copying.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{self as channel, Receiver};
+use crossbeam_channel::{self as channel, Receiver, TryRecvError};
 
 use super::auto::{Auto, LinkMeter};
 use super::job::RoundWork;
@@ -43,11 +50,25 @@ pub(super) struct WriterContext {
 }
 
 /// The most frames a writer encodes itself for one write: with every other writer doing the
-/// same, the pool still has buffers for the rest (it holds `QUEUE_FRAMES + 4` per channel).
+/// same, the pool still has buffers for the rest (it holds `QUEUE_FRAMES + 4` per channel besides the lent ones).
 const INLINE_FRAMES: usize = QUEUE_FRAMES / 2;
 
 /// The most frames in one write.
 const BATCH_FRAMES: usize = 64;
+
+/// The most frames a writer keeps lent to a zero-copy link beyond the batch it is sending: the
+/// pool holds this many more per channel (see `wire_up` in `mod.rs`).
+pub(super) const LENT_FRAMES: usize = QUEUE_FRAMES;
+
+/// Batches lent to the link, oldest first, each under its ticket.
+#[derive(Default)]
+struct Lent {
+    batches: VecDeque<(u64, Vec<Outgoing>)>,
+    /// Frames in `batches`.
+    frames: usize,
+    /// Emptied batches, for the next ones.
+    spare: Vec<Vec<Outgoing>>,
+}
 
 /// A writer's state between writes.
 struct Writer {
@@ -60,6 +81,18 @@ struct Writer {
     broken: bool,
     /// `Compression::Auto`'s measurements of this channel.
     meter: Option<LinkMeter>,
+    /// What the link still reads in place.
+    lent: Lent,
+}
+
+impl Drop for Writer {
+    /// Batches the link never released may still be read by the kernel: they are leaked,
+    /// never given back to be reused (nor their frozen memory thawed).
+    fn drop(&mut self) {
+        for (_, batch) in self.lent.batches.drain(..) {
+            std::mem::forget(batch);
+        }
+    }
 }
 
 impl WriterContext {
@@ -81,8 +114,21 @@ impl WriterContext {
                 .auto
                 .clone()
                 .map(|auto| LinkMeter::new(auto, self.channel)),
+            lent: Lent::default(),
         };
-        while let Ok(first) = self.queue.recv() {
+        loop {
+            let first = match self.queue.try_recv() {
+                Ok(first) => first,
+                Err(TryRecvError::Disconnected) => break,
+                // Nothing to send: take back what the link still reads before waiting.
+                Err(TryRecvError::Empty) => {
+                    self.settle(&mut w);
+                    match self.queue.recv() {
+                        Ok(first) => first,
+                        Err(_) => break,
+                    }
+                }
+            };
             let mut next = Some(first);
             while let Some(outgoing) = next.take() {
                 match outgoing {
@@ -102,6 +148,72 @@ impl WriterContext {
                 }
             }
             self.flush(&mut w);
+        }
+        self.settle(&mut w);
+    }
+
+    /// Gives back the batches `link` released, without waiting.
+    fn reclaim(&self, link: &mut dyn LinkWriter, lent: &mut Lent) {
+        if lent.batches.is_empty() {
+            return;
+        }
+        let released = link.released();
+        while lent
+            .batches
+            .front()
+            .is_some_and(|(ticket, _)| *ticket <= released)
+        {
+            let Some((_, mut batch)) = lent.batches.pop_front() else {
+                break;
+            };
+            lent.frames -= batch.len();
+            self.give_back(&mut batch);
+            lent.spare.push(batch);
+        }
+    }
+
+    /// Waits until the link released every lent batch, and gives them back. Not while the
+    /// session stops, nor on a broken link: those batches may never be released.
+    fn settle(&self, w: &mut Writer) {
+        if w.lent.batches.is_empty() {
+            return;
+        }
+        if !w.broken && !self.stop.is_stopped() {
+            let last = w.link.lent();
+            if let Err(e) = w.link.wait_released(last) {
+                w.broken = true;
+                self.stop
+                    .fail(Error::io(self.channel, "sending frames", self.timeout, e));
+            }
+        }
+        self.reclaim(&mut *w.link, &mut w.lent);
+    }
+
+    /// Makes room among the lent frames for a batch of `frames`: waits for the oldest lent
+    /// batches to be released while there are more than [`LENT_FRAMES`] with it.
+    fn make_room(
+        &self,
+        link: &mut dyn LinkWriter,
+        lent: &mut Lent,
+        frames: usize,
+    ) -> std::io::Result<()> {
+        self.reclaim(link, lent);
+        while lent.frames > 0 && lent.frames + frames > LENT_FRAMES {
+            let Some(&(oldest, _)) = lent.batches.front() else {
+                break;
+            };
+            link.wait_released(oldest)?;
+            self.reclaim(link, lent);
+        }
+        Ok(())
+    }
+
+    /// Gives the buffers of `batch` back to the pool.
+    fn give_back(&self, batch: &mut Vec<Outgoing>) {
+        for outgoing in batch.drain(..) {
+            if let Some(frame) = outgoing.into_buffer() {
+                self.pool.give(frame);
+            }
         }
     }
 
@@ -126,12 +238,14 @@ impl WriterContext {
     }
 
     /// Sends the batch in one vectored write (unless broken, or stopping: then only a
-    /// farewell goes) and gives its buffers back.
+    /// farewell goes) and gives its buffers back, or lends them to the link until it
+    /// releases them.
     fn flush(&self, w: &mut Writer) {
         if w.batch.is_empty() {
             return;
         }
         let stopping = self.stop.is_stopped();
+        let mut lent = false;
         if !w.broken {
             let mut slices = recycle(std::mem::take(&mut w.spare));
             let listed = w
@@ -154,7 +268,18 @@ impl WriterContext {
                     if let Some(limit) = &self.limit {
                         limit.wait(written, &self.stop);
                     }
-                    let sent = w.link.send(&slices);
+                    let frames = w.batch.len();
+                    let room = self.make_room(&mut *w.link, &mut w.lent, frames);
+                    let sent = room.and_then(|()| {
+                        lent = true;
+                        // SAFETY: the bytes are the frames of `w.batch` (pool buffers, control
+                        // frames, pages of frozen memory), which go with their ticket into
+                        // `w.lent` below, succeeded or not, and leave it only once the link
+                        // released that ticket (`reclaim`) or are leaked (`Writer`'s drop).
+                        // Nothing writes a lent frame: its pool buffer is out of the pool, and
+                        // the memory stays frozen while its `Frozen` lives.
+                        unsafe { w.link.send_lent(&slices) }
+                    });
                     if let (Some(meter), Some((start, cpu))) = (&mut w.meter, measure) {
                         let cpu = cpu
                             .zip(thread_cpu_nanos())
@@ -177,10 +302,15 @@ impl WriterContext {
             }
             w.spare = recycle(slices);
         }
-        for outgoing in w.batch.drain(..) {
-            if let Some(frame) = outgoing.into_buffer() {
-                self.pool.give(frame);
-            }
+        if lent {
+            let batch = std::mem::replace(&mut w.batch, w.lent.spare.pop().unwrap_or_default());
+            w.lent.frames += batch.len();
+            w.lent.batches.push_back((w.link.lent(), batch));
+            self.reclaim(&mut *w.link, &mut w.lent);
+        } else {
+            let mut batch = std::mem::take(&mut w.batch);
+            self.give_back(&mut batch);
+            w.batch = batch;
         }
         w.bytes = 0;
     }

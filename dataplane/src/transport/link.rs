@@ -24,6 +24,37 @@ pub trait LinkWriter: Send {
     fn zero_copy(&self) -> bool {
         false
     }
+
+    /// Writes every byte of `bufs`, in order, like [`send`](Self::send), but a zero-copy link
+    /// returns once the kernel has taken them, while it still reads them in place (until the
+    /// peer acknowledged them, on TCP): the next send can go at once, instead of a round trip
+    /// later. The send gets the next ticket ([`lent`](Self::lent) tells it, after the call).
+    ///
+    /// # Safety
+    ///
+    /// Every byte of `bufs` must stay valid and unchanged until [`released`](Self::released)
+    /// returns the send's ticket or a later one, whether the send succeeded or failed; if the
+    /// link is dropped before that, for good.
+    unsafe fn send_lent(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+        self.send(bufs)
+    }
+
+    /// The ticket of the last [`send_lent`](Self::send_lent) (0 before the first).
+    fn lent(&self) -> u64 {
+        0
+    }
+
+    /// Every lent send up to this ticket is done with its buffers. Does not wait.
+    fn released(&mut self) -> u64 {
+        u64::MAX
+    }
+
+    /// Waits until every lent send up to `ticket` is done with its buffers, for at most the
+    /// link's timeout (then `TimedOut`).
+    fn wait_released(&mut self, ticket: u64) -> io::Result<()> {
+        let _ = ticket;
+        Ok(())
+    }
 }
 
 /// The receiving half of a channel.

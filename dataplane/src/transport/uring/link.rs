@@ -12,11 +12,18 @@ use io_uring::{opcode, squeue, types};
 
 use super::op::Runner;
 use crate::arena::Arena;
+use crate::transport::ZeroCopy;
 use crate::transport::endpoint::{Queue, Stream, queued};
 use crate::transport::link::{LinkReader, LinkWriter};
 
 /// `IORING_RECVSEND_POLL_FIRST` (linux/io_uring.h): wait for readiness before the first try.
 const POLL_FIRST: u16 = 1;
+/// `IORING_SEND_ZC_REPORT_USAGE` (linux/io_uring.h, Linux 6.2): a zero-copy send's
+/// notification says whether the kernel copied its bytes after all.
+const REPORT_USAGE: u16 = 8;
+/// Zero-copy sends whose notifications an adapting link ([`ZeroCopy::Auto`]) reads before it
+/// judges: if the kernel copied every one of them, it copies from then on.
+pub(super) const JUDGED_SENDS: u64 = 8;
 /// The largest receive low-water mark asked for; the kernel caps it at half the largest
 /// receive buffer anyway.
 const MAX_LOWAT: usize = 4 << 20;
@@ -25,12 +32,15 @@ const MAX_LOWAT: usize = 4 << 20;
 ///
 /// Drop order matters: fields drop in declaration order, so `runner` (and with it the ring)
 /// goes first (closing it ends every registration, and no operation is ever in flight between
-/// calls), and only then the socket and the arena that the ring had registered.
+/// calls; a lent send's bytes, which the kernel may still read, are its caller's to keep), and
+/// only then the socket and the arena that the ring had registered.
 pub(super) struct Link {
     runner: Runner,
     /// Keeps the registered socket open for as long as the ring may use it.
     socket: OwnedFd,
     zero_copy: bool,
+    /// Whether to stop sending zero-copy once the kernel reports it copies anyway.
+    adapt: bool,
     /// A TCP reader's `SO_RCVLOWAT`, as last set (see [`Link::set_lowat`]).
     lowat: Option<usize>,
     /// The arena registered as fixed buffer 0, kept alive as long as the ring (it is never
@@ -44,6 +54,13 @@ pub(super) struct Link {
     /// Bytes the last `move_all` moved.
     moved: usize,
     iovecs: Vec<libc::iovec>,
+    /// The ticket of the last lent send ([`LinkWriter::send_lent`]).
+    tickets: u64,
+    /// The operations of lent sends whose zero-copy notification has not come: (ticket,
+    /// operation).
+    lent: Vec<(u64, u64)>,
+    /// Scratch for the operations whose notification came.
+    notified: Vec<u64>,
 }
 
 // SAFETY: `iovecs` holds raw pointers only during a call on `&mut self`, which completes every
@@ -52,13 +69,17 @@ pub(super) struct Link {
 unsafe impl Send for Link {}
 
 impl Link {
-    /// The writing half of a channel over `stream`, sending with `SENDMSG_ZC` if `zero_copy`.
+    /// The writing half of a channel over `stream`, sending with `SENDMSG_ZC` unless
+    /// `zero_copy` is `Off`; with `Auto`, only until the kernel reports that it copied the
+    /// bytes of [`JUDGED_SENDS`] zero-copy sends in a row all the same.
     pub(super) fn writer(
         stream: &Stream,
         timeout: Option<Duration>,
-        zero_copy: bool,
+        zero_copy: ZeroCopy,
     ) -> io::Result<Link> {
-        Link::new(stream, timeout, zero_copy)
+        let mut link = Link::new(stream, timeout, zero_copy != ZeroCopy::Off)?;
+        link.adapt = zero_copy == ZeroCopy::Auto;
+        Ok(link)
     }
 
     /// The reading half of a channel over `stream`; on TCP it receives with a low-water mark
@@ -82,12 +103,16 @@ impl Link {
             runner,
             socket,
             zero_copy,
+            adapt: false,
             lowat: None,
             registered: None,
             use_fixed: false,
             fixed_sends: 0,
             moved: 0,
             iovecs: Vec::with_capacity(64),
+            tickets: 0,
+            lent: Vec::new(),
+            notified: Vec::new(),
         })
     }
 
@@ -124,14 +149,19 @@ impl Link {
 
     /// Moves every byte described by `self.iovecs`, one operation at a time, each made by
     /// `make` for the bytes still to go; `at_zero` is the error when an operation moves nothing.
+    /// With `lend`, zero-copy sends return before their notification, which is awaited under
+    /// ticket `self.tickets`.
     ///
     /// # Safety
     ///
-    /// The buffers in `self.iovecs` must stay valid until this returns.
+    /// The buffers in `self.iovecs` must stay valid until this returns; with `lend`, until
+    /// every notification awaited under ticket `self.tickets` came, or for good if the link is
+    /// dropped before.
     unsafe fn move_all(
         &mut self,
         make: impl Fn(*mut libc::msghdr, bool) -> squeue::Entry,
         at_zero: io::ErrorKind,
+        lend: bool,
     ) -> io::Result<()> {
         let mut iovecs = std::mem::take(&mut self.iovecs);
         self.moved = 0;
@@ -147,9 +177,26 @@ impl Link {
                     }
                 }
                 let mut msg = msghdr(&mut iovecs);
-                // SAFETY: the kernel uses `msg`, `iovecs` and the buffers they describe, which
-                // outlive `run`, and `run` returns only after the operation's last completion.
-                let moved = match unsafe { self.runner.run(make(&raw mut msg, again)) } {
+                let entry = make(&raw mut msg, again);
+                let ran = if lend {
+                    // SAFETY: `msg` and `iovecs` outlive `run_lent`; the caller keeps the bytes
+                    // until the notification recorded in `self.lent` below came.
+                    let ran = unsafe { self.runner.run_lent(entry) };
+                    let op = match &ran {
+                        Ok((_, op)) => *op,
+                        Err(_) => self.runner.last_unnotified(),
+                    };
+                    if let Some(op) = op {
+                        self.lent.push((self.tickets, op));
+                    }
+                    ran.map(|(moved, _)| moved)
+                } else {
+                    // SAFETY: the kernel uses `msg`, `iovecs` and the buffers they describe,
+                    // which outlive `run`, and `run` returns only after the operation's last
+                    // completion.
+                    unsafe { self.runner.run(entry) }
+                };
+                let moved = match ran {
                     // A receive waiting for its low-water mark times out while bytes trickle
                     // in below it: those bytes are progress, so take them and wait again. (A
                     // cancelled MSG_WAITALL operation reports the bytes it moved itself.)
@@ -185,8 +232,13 @@ impl Link {
     }
 }
 
-impl LinkWriter for Link {
-    fn send(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+impl Link {
+    /// Sends `bufs` (see [`LinkWriter::send`]), lent if `lend` (see [`LinkWriter::send_lent`]).
+    ///
+    /// # Safety
+    ///
+    /// With `lend`, as [`LinkWriter::send_lent`]; else the buffers must outlive the call.
+    unsafe fn send_all(&mut self, bufs: &[&[u8]], lend: bool) -> io::Result<()> {
         self.iovecs.clear();
         for b in bufs {
             push_merged(&mut self.iovecs, b.as_ptr().cast_mut(), b.len());
@@ -199,7 +251,7 @@ impl LinkWriter for Link {
                 .registered
                 .as_ref()
                 .is_some_and(|arena| bufs.iter().all(|b| arena.contains(b)));
-        let zero_copy = self.zero_copy;
+        let (zero_copy, report) = (self.zero_copy, self.adapt);
         let make = |msg: *mut libc::msghdr, _again| {
             let (fd, flags) = (
                 types::Fixed(0),
@@ -207,19 +259,32 @@ impl LinkWriter for Link {
             );
             if zero_copy {
                 let send = opcode::SendMsgZc::new(fd, msg).flags(flags);
+                let send = send.ioprio(if report { REPORT_USAGE } else { 0 });
                 send.buf_index(fixed.then_some(0)).build()
             } else {
                 opcode::SendMsg::new(fd, msg).flags(flags).build()
             }
         };
-        // SAFETY: the caller's buffers outlive this call.
-        let sent = unsafe { self.move_all(make, io::ErrorKind::WriteZero) };
+        // SAFETY: the caller's buffers outlive this call, or with `lend` the notifications
+        // awaited under the current ticket.
+        let sent = unsafe { self.move_all(make, io::ErrorKind::WriteZero, lend && zero_copy) };
+        if self.adapt {
+            self.judge_zero_copy();
+        }
         match sent {
             // A kernel without vectored fixed buffers refuses the operation: stop naming the
             // registration, and send this batch unregistered if nothing of it went out.
             Err(e) if fixed && self.moved == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
                 self.stop_using_fixed();
-                self.send(bufs)
+                // SAFETY: as for this call.
+                unsafe { self.send_all(bufs, lend) }
+            }
+            // Nor does one without usage reports (before Linux 6.2): send zero-copy without
+            // asking, and keep to it.
+            Err(e) if report && self.moved == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                self.adapt = false;
+                // SAFETY: as for this call.
+                unsafe { self.send_all(bufs, lend) }
             }
             Ok(()) if fixed => {
                 self.fixed_sends += 1;
@@ -227,6 +292,61 @@ impl LinkWriter for Link {
             }
             other => other,
         }
+    }
+}
+
+impl Link {
+    /// Stops sending zero-copy once the kernel reported that it copied the bytes of the
+    /// first [`JUDGED_SENDS`] zero-copy sends all the same; any send it did not copy keeps
+    /// zero-copy on for good.
+    fn judge_zero_copy(&mut self) {
+        let (copied, in_place) = self.runner.zero_copy_usage();
+        if in_place > 0 {
+            self.adapt = false;
+        } else if copied >= JUDGED_SENDS {
+            self.adapt = false;
+            self.zero_copy = false;
+        }
+    }
+}
+
+impl LinkWriter for Link {
+    fn send(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+        // SAFETY: not lent: the caller's buffers outlive the call, which is all it needs.
+        unsafe { self.send_all(bufs, false) }
+    }
+
+    unsafe fn send_lent(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+        self.tickets += 1;
+        // SAFETY: the caller keeps the bytes until `released` reaches this ticket, which it
+        // does only once every notification awaited under it came.
+        unsafe { self.send_all(bufs, true) }
+    }
+
+    fn lent(&self) -> u64 {
+        self.tickets
+    }
+
+    fn released(&mut self) -> u64 {
+        if !self.lent.is_empty() {
+            self.runner.take_notified(&mut self.notified);
+            for op in self.notified.drain(..) {
+                self.lent.retain(|&(_, o)| o != op);
+            }
+        }
+        match self.lent.iter().map(|&(ticket, _)| ticket).min() {
+            Some(oldest) => oldest - 1,
+            None => self.tickets,
+        }
+    }
+
+    fn wait_released(&mut self, ticket: u64) -> io::Result<()> {
+        // No send has a later ticket than the last, and every one of them is awaited.
+        let ticket = ticket.min(self.tickets);
+        while self.released() < ticket {
+            self.runner.wait_notified()?;
+        }
+        Ok(())
     }
 
     fn zero_copy(&self) -> bool {
@@ -276,7 +396,7 @@ impl LinkReader for Link {
             }
         };
         // SAFETY: the caller's buffers outlive this call.
-        unsafe { self.move_all(make, io::ErrorKind::UnexpectedEof) }
+        unsafe { self.move_all(make, io::ErrorKind::UnexpectedEof, false) }
     }
 
     fn recv_some(&mut self, buf: &mut [u8], at_least: usize) -> io::Result<usize> {
@@ -379,7 +499,7 @@ mod tests {
 
     use super::*;
     use crate::transport::uring::tests::{available, tcp_pair};
-    use crate::transport::{Transport, Uring};
+    use crate::transport::{Transport, Uring, ZeroCopy};
 
     /// On TCP a receive raises the socket's low-water mark after a short first try; the mark
     /// never exceeds what the receive still needs, so a small receive after a large one, and
@@ -537,6 +657,88 @@ mod tests {
         // Linux 6.15 and later take vectored fixed buffers; older kernels fall back.
         if link.use_fixed {
             assert_eq!(registered, 1);
+        }
+    }
+
+    /// Lent zero-copy sends return before the kernel let go of their bytes, each under the
+    /// next ticket; once released, every byte arrived in order. Waiting for a ticket never
+    /// issued waits only for those issued.
+    #[test]
+    fn lent_sends_are_released_in_order_and_arrive_whole() {
+        if !available() || !Uring::default().supports_zero_copy() {
+            eprintln!("skipped: no SENDMSG_ZC");
+            return;
+        }
+        let (peer, ours) = tcp_pair();
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let timeout = Some(Duration::from_secs(10));
+        let mut link = Link::writer(&Stream::Tcp(ours), timeout, ZeroCopy::On).unwrap();
+        // Leaked: lent bytes must outlive whatever the kernel does with them.
+        let batches: &'static [Vec<u8>] = Vec::leak(
+            (0..6u8)
+                .map(|i| (0..256 << 10).map(|j: u32| (j % 251) as u8 ^ i).collect())
+                .collect(),
+        );
+        let total = batches.iter().map(Vec::len).sum::<usize>();
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut got = Vec::new();
+            (&peer).take(total as u64).read_to_end(&mut got).unwrap();
+            got
+        });
+        assert_eq!(link.lent(), 0);
+        for (i, batch) in batches.iter().enumerate() {
+            let (head, tail) = batch.split_at(1000);
+            // SAFETY: the bytes are leaked, so they stay valid and unchanged for good.
+            unsafe { link.send_lent(&[head, tail]) }.unwrap();
+            assert_eq!(link.lent(), i as u64 + 1);
+            assert!(link.released() <= link.lent());
+        }
+        link.wait_released(6).unwrap();
+        assert_eq!(link.released(), 6);
+        assert!(link.lent.is_empty(), "every notification came");
+        // A ticket not issued yet waits for nothing more.
+        link.wait_released(100).unwrap();
+        let got = reader.join().unwrap();
+        assert!(
+            got == batches.concat(),
+            "the bytes arrived changed or out of order"
+        );
+    }
+
+    /// With `ZeroCopy::Auto` a link whose zero-copy sends the kernel copies anyway (here
+    /// loopback, which `Transport::split` would not even try) copies after the sends it
+    /// judges by; with `ZeroCopy::On` it keeps sending zero-copy.
+    #[test]
+    fn an_adapting_link_copies_once_the_kernel_says_it_copies_anyway() {
+        if !available() || !Uring::default().supports_zero_copy() {
+            eprintln!("skipped: no SENDMSG_ZC");
+            return;
+        }
+        for (mode, stays) in [(ZeroCopy::Auto, false), (ZeroCopy::On, true)] {
+            let (peer, ours) = tcp_pair();
+            let timeout = Some(Duration::from_secs(10));
+            let mut link = Link::writer(&Stream::Tcp(ours), timeout, mode).unwrap();
+            assert!(link.zero_copy());
+            let sends = JUDGED_SENDS + 2;
+            let reader = std::thread::spawn(move || {
+                use std::io::Read;
+                let mut got = Vec::new();
+                (&peer).take(sends * 4096).read_to_end(&mut got).unwrap();
+                got
+            });
+            let page = [7u8; 4096];
+            for _ in 0..sends {
+                link.send(&[&page]).unwrap();
+            }
+            assert_eq!(link.zero_copy(), stays, "{mode:?}");
+            let (copied, in_place) = link.runner.zero_copy_usage();
+            if mode == ZeroCopy::Auto {
+                assert_eq!((copied, in_place), (JUDGED_SENDS, 0), "loopback copies");
+            }
+            let got = reader.join().unwrap();
+            assert!(got.iter().all(|&b| b == 7) && got.len() == 4096 * sends as usize);
         }
     }
 

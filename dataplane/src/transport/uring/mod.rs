@@ -42,7 +42,10 @@ pub enum ZeroCopy {
     /// Zero-copy on TCP; fails on Unix sockets, which do not support it.
     On,
     /// Zero-copy on TCP to a peer that is not on this machine: loopback copies in the kernel
-    /// anyway, and Unix sockets refuse it.
+    /// anyway, and Unix sockets refuse it. A channel whose first zero-copy sends the kernel
+    /// reports it copied all the same (a peer behind a veth pair or a bridge on this host)
+    /// copies from then on: the kernel's copy costs as much, and the pinning and the
+    /// notifications come on top.
     #[default]
     Auto,
 }
@@ -137,9 +140,8 @@ impl Transport for Uring {
 
     fn split(&self, stream: &Stream) -> io::Result<(Box<dyn LinkWriter>, Box<dyn LinkReader>)> {
         let zero_copy = match self.zero_copy {
-            ZeroCopy::Off => false,
-            ZeroCopy::On => true,
-            ZeroCopy::Auto => !stream.is_local() && zero_copy_supported(),
+            ZeroCopy::Auto if stream.is_local() || !zero_copy_supported() => ZeroCopy::Off,
+            mode => mode,
         };
         split(stream, zero_copy)
     }
@@ -157,14 +159,15 @@ impl Transport for Uring {
                  sealed into a buffer of the channel's own",
             ));
         }
-        split(stream, false)
+        split(stream, ZeroCopy::Off)
     }
 }
 
-/// The halves of a channel over `stream`, the writer sending zero-copy if `zero_copy`.
+/// The halves of a channel over `stream`, the writer sending zero-copy as `zero_copy` says
+/// (`Auto` here: zero-copy until the kernel reports that it copies anyway).
 fn split(
     stream: &Stream,
-    zero_copy: bool,
+    zero_copy: ZeroCopy,
 ) -> io::Result<(Box<dyn LinkWriter>, Box<dyn LinkReader>)> {
     let (read_timeout, write_timeout) = match stream {
         Stream::Tcp(s) => (s.read_timeout()?, s.write_timeout()?),
