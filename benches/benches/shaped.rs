@@ -12,8 +12,10 @@
 //!
 //! Run with `cargo bench -p ramjet-benches --bench shaped` (as root: it makes network
 //! namespaces; it says so and stops where it cannot). `RAMJET_BENCH_BYTES` sets the guest size
-//! (default 512 MiB), `RAMJET_BENCH_ROUNDS` the alternations (default 3), `RAMJET_BENCH_LINKS`
-//! the link speeds (by name, comma-separated: `250 MB/s,1 GB/s,unshaped`), and
+//! (default 2 GiB: at 1 GB/s a smaller guest moves in under half a second, where the first
+//! tens of milliseconds, which `auto` spends measuring, weigh too much), `RAMJET_BENCH_ROUNDS`
+//! the alternations (default 3), `RAMJET_BENCH_LINKS` the link speeds (by name,
+//! comma-separated: `250 MB/s,1 GB/s,unshaped`), and
 //! `RAMJET_BENCH_LOG=1` prints the sender's log lines (`auto`'s decisions) on stderr.
 
 use std::cell::RefCell;
@@ -28,7 +30,7 @@ use ramjet_dataplane::{
     Compression, Log, PreSwitchover, ReceiveOptions, SendOptions, Sender, Summary, receive,
 };
 
-const DEFAULT_BYTES: u64 = 512 << 20;
+const DEFAULT_BYTES: u64 = 2 << 30;
 const CODECS: [Compression; 4] = [
     Compression::Off,
     Compression::Lz4,
