@@ -305,7 +305,10 @@ impl Encoder {
     fn batch_end(&mut self, start: Option<u64>, samples: u64) {
         if let Some(m) = &mut self.measuring {
             m.tally.sample_nanos += samples;
-            if let (Some(start), Some(end)) = (start, thread_cpu_nanos()) {
+            // The clock is read only for a timed batch.
+            if let Some(start) = start
+                && let Some(end) = thread_cpu_nanos()
+            {
                 m.tally.batch_nanos += end.saturating_sub(start).saturating_sub(samples);
                 m.tally.timed_batches += 1;
             }

@@ -27,13 +27,19 @@
 //! sum. [`estimates`] takes a codec's measured speed where there is one, and otherwise its
 //! prediction, whose part that bounds the current codec (CPU or wire) is scaled by how far the
 //! current codec's prediction is from its measured speed; [`choose`] picks the fastest,
-//! keeping the current codec unless another is at least [`HYSTERESIS`] faster, and otherwise
-//! [`trial`] tries a codec with no measured speed that is estimated less than [`TRIAL`] times
-//! slower. A session starts uncompressed and decides nothing before it has measured its link,
-//! its cores and its current codec's speed. Once a codec's measured speed is two seconds old,
-//! the prediction stands in for it again: a codec that lost is tried again when the prediction
-//! favours it or comes close, so a link or a machine that changes is followed, and a
-//! prediction that was wrong is corrected by the next measurement.
+//! keeping the current codec unless another is at least [`HYSTERESIS`] faster, and otherwise,
+//! where the channel waits on its link ([`LINK_BOUND`]), [`trial`] tries a codec with no
+//! measured speed that is estimated less than [`TRIAL`] times slower. A session starts
+//! uncompressed and decides nothing before it has measured its link, its cores and its current
+//! codec's speed. Once a codec's measured speed is two seconds old, the prediction stands in
+//! for it again: a codec that lost is tried again when the prediction favours it or comes
+//! close, so a link or a machine that changes is followed, and a prediction that was wrong is
+//! corrected by the next measurement.
+//!
+//! Measuring costs little: the gate looks at one page in eight while nothing is compressed,
+//! and one batch in eight reads the thread's CPU clock (a system call that takes the
+//! scheduler's lock: read for every batch, it made `auto` 7–10 % slower than `off` on an
+//! unshaped link).
 //!
 //! [`Encoder`]: crate::codec::Encoder
 
@@ -239,6 +245,22 @@ pub(crate) fn choose(estimates: &[Option<f64>; 3], current: PageCompression) -> 
 /// 1.2–1.9× slower than off and is 1.2–1.3× faster; unshaped it is predicted 2.2–2.7×
 /// slower, and is.
 pub(crate) const TRIAL: f64 = 1.5;
+
+/// How close to its link's time a channel's measured time must be for it to try another
+/// codec ([`trial`]): only a channel that waits on its link (here, at least two thirds of the
+/// time) can gain from sending fewer bytes. Measured in the shaped bench, as measured time over
+/// link time with off: 0.95–1.5 at 250 MB/s, 1.1–1.25 at 1 GB/s (now and then 2, when a tbf
+/// burst made the link look fast), 1.6–1.85 unshaped, where a trial of lz4 ran 1.7 times slower
+/// than off for its windows.
+pub(crate) const LINK_BOUND: f64 = 1.5;
+
+/// Whether a channel whose codec was `measured` (ns per page) at what `parts` predicts for it
+/// waits on its link: within [`LINK_BOUND`] of the link's part.
+pub(crate) fn waits_on_link(measured: Option<f64>, parts: Option<Parts>) -> bool {
+    measured
+        .zip(parts)
+        .is_some_and(|(measured, parts)| measured <= parts.link * LINK_BOUND)
+}
 
 /// A codec for a channel now using `current` to try: the fastest by `estimates` of those
 /// with no `measured` speed and estimated less than [`TRIAL`] times `current`'s time.
@@ -447,7 +469,10 @@ impl Auto {
         let estimated = estimates(&model, &link, pipeline, &speed, current);
         let mut next = choose(&estimated, current);
         let mut what = "now";
+        // Another codec is tried only where the channel waits on its link.
+        let parts = page_parts(&model, &link, pipeline, current);
         if next == current
+            && waits_on_link(speed[usize::from(index)], parts)
             && let Some(other) = trial(&estimated, &speed, current)
         {
             (next, what) = (other, "trying");
@@ -522,6 +547,10 @@ impl Auto {
 #[derive(Debug)]
 pub(crate) struct CpuMeter {
     threads: f64,
+    /// The CPUs this process may use, asked once: `available_parallelism` reads the cgroup's
+    /// files on every call (asked on every fold, it cost the session a tenth of its CPU
+    /// unshaped).
+    cpus: f64,
     /// At the window's start: when, the session's CPU time (ns), and the machine's idle and
     /// total ticks.
     at: Option<(Instant, u64, u64, u64)>,
@@ -538,6 +567,7 @@ impl CpuMeter {
     fn new(threads: usize) -> Self {
         CpuMeter {
             threads: threads.max(1) as f64,
+            cpus: thread::available_parallelism().map_or(1, usize::from) as f64,
             at: machine_ticks().map(|(idle, total)| (Instant::now(), 0, idle, total)),
             cores: None,
         }
@@ -545,8 +575,7 @@ impl CpuMeter {
 
     /// The cores, given the session's CPU time `own` (ns) so far, at `now`.
     fn cores(&mut self, own: u64, now: Instant) -> Option<f64> {
-        let cpus = thread::available_parallelism().map_or(1, usize::from) as f64;
-        self.cores_with(own, now, cpus, machine_ticks)
+        self.cores_with(own, now, self.cpus, machine_ticks)
     }
 
     /// [`cores`](Self::cores) on a machine of `cpus` CPUs whose idle and total ticks `ticks`
@@ -992,6 +1021,26 @@ mod tests {
         assert!((e[2].expect("zstd") - 16_000.0).abs() < 1e-6, "{e:?}");
     }
 
+    /// Figures from the shaped bench's logs, off's time per page against its link's.
+    #[test]
+    fn only_a_channel_that_waits_on_its_link_tries_another_codec() {
+        let parts = |link| {
+            Some(Parts {
+                cpu: 1_000.0,
+                link,
+                serial: false,
+            })
+        };
+        // 1 GB/s: 7.35 µs a page, 6.03 of them the link's.
+        assert!(waits_on_link(Some(7_350.0), parts(6_030.0)));
+        // Unshaped: 4.65 µs a page, the link's 2.53.
+        assert!(!waits_on_link(Some(4_650.0), parts(2_530.0)));
+        // An unbounded link, or nothing measured or predicted: no.
+        assert!(!waits_on_link(Some(4_650.0), parts(0.0)));
+        assert!(!waits_on_link(None, parts(6_030.0)));
+        assert!(!waits_on_link(Some(7_350.0), None));
+    }
+
     #[test]
     fn a_codec_not_measured_lately_is_tried_when_it_comes_close() {
         use PageCompression::{Lz4, Off, Zstd};
@@ -1185,6 +1234,7 @@ mod tests {
         let ms = Duration::from_millis;
         let mut meter = CpuMeter {
             threads: 4.0,
+            cpus: 2.0,
             at: Some((t0, 0, 1_000, 10_000)),
             cores: None,
         };
