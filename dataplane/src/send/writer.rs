@@ -86,11 +86,23 @@ struct Writer {
 }
 
 impl Drop for Writer {
-    /// Batches the link never released may still be read by the kernel: they are leaked,
-    /// never given back to be reused (nor their frozen memory thawed).
+    /// Batches the link never released (its session failed first) may still be read by the
+    /// kernel, until it frees the socket's buffers: their pool buffers are leaked, never given
+    /// back to be reused. Their freezes end, though: a guest that goes on here after a failed
+    /// migration must be writable again, and what the kernel may still read of its pages
+    /// goes, if at all, down a connection whose session failed, to a receiver that never
+    /// runs a guest without this sender's go.
     fn drop(&mut self) {
         for (_, batch) in self.lent.batches.drain(..) {
-            std::mem::forget(batch);
+            for outgoing in batch {
+                match outgoing {
+                    Outgoing::InPlace { frame, memory, .. } => {
+                        std::mem::forget(frame);
+                        drop(memory);
+                    }
+                    other => std::mem::forget(other),
+                }
+            }
         }
     }
 }
@@ -275,7 +287,8 @@ impl WriterContext {
                         // SAFETY: the bytes are the frames of `w.batch` (pool buffers, control
                         // frames, pages of frozen memory), which go with their ticket into
                         // `w.lent` below, succeeded or not, and leave it only once the link
-                        // released that ticket (`reclaim`) or are leaked (`Writer`'s drop).
+                        // released that ticket (`reclaim`), or are leaked (`Writer`'s drop:
+                        // only the freeze of a failed session's pages ends, see there).
                         // Nothing writes a lent frame: its pool buffer is out of the pool, and
                         // the memory stays frozen while its `Frozen` lives.
                         unsafe { w.link.send_lent(&slices) }

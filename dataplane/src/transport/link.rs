@@ -34,7 +34,9 @@ pub trait LinkWriter: Send {
     ///
     /// Every byte of `bufs` must stay valid and unchanged until [`released`](Self::released)
     /// returns the send's ticket or a later one, whether the send succeeded or failed; if the
-    /// link is dropped before that, for good.
+    /// link is dropped before that, it must not be reused (a caller may still let bytes change
+    /// whose later sending no longer matters: the kernel took its own references to the pages
+    /// before the call returned, so nothing is freed under it).
     unsafe fn send_lent(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
         self.send(bufs)
     }
