@@ -50,7 +50,8 @@ pub(super) struct WriterContext {
 }
 
 /// The most frames a writer encodes itself for one write: with every other writer doing the
-/// same, the pool still has buffers for the rest (it holds `QUEUE_FRAMES + 4` per channel besides the lent ones).
+/// same, the pool still has buffers for the rest (it holds `QUEUE_FRAMES + 4` per channel
+/// besides the lent ones).
 const INLINE_FRAMES: usize = QUEUE_FRAMES / 2;
 
 /// The most frames in one write.

@@ -612,17 +612,35 @@ mod tests {
         }
     }
 
+    /// Whether this kernel sends zero-copy (printed where it does not).
+    fn zero_copy_here() -> bool {
+        let here = available() && Uring::default().supports_zero_copy();
+        if !here {
+            eprintln!("skipped: no SENDMSG_ZC");
+        }
+        here
+    }
+
+    /// A thread that reads `len` bytes from `peer` and returns them.
+    fn read_from(peer: std::net::TcpStream, len: u64) -> std::thread::JoinHandle<Vec<u8>> {
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut got = Vec::new();
+            (&peer).take(len).read_to_end(&mut got).unwrap();
+            got
+        })
+    }
+
     /// Zero-copy sends from the registered arena use it as a fixed buffer; a batch with a
     /// buffer outside it is sent unregistered. Either way the bytes arrive in order.
     #[test]
     fn zero_copy_sends_use_the_registered_arena() {
-        if !available() || !Uring::default().supports_zero_copy() {
-            eprintln!("skipped: no SENDMSG_ZC");
+        if !zero_copy_here() {
             return;
         }
         let (peer, ours) = tcp_pair();
-        peer.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
         let timeout = Some(Duration::from_secs(10));
         let mut link = Link::new(&Stream::Tcp(ours), timeout, true).unwrap();
         let (arena, mut slots) = Arena::new(4, 64 << 10).unwrap();
@@ -632,15 +650,7 @@ mod tests {
         link.register(&arena).unwrap();
         assert!(link.registered.is_some());
         let outside = vec![9u8; 1000];
-        let reader = std::thread::spawn(move || {
-            use std::io::Read;
-            let mut got = Vec::new();
-            (&peer)
-                .take(2 * 4 * (64 << 10) + 1000)
-                .read_to_end(&mut got)
-                .unwrap();
-            got
-        });
+        let reader = read_from(peer, 2 * 4 * (64 << 10) + 1000);
         let all: Vec<&[u8]> = slots.iter().map(|s| &s[..]).collect();
         link.send(&all).unwrap();
         let registered = link.fixed_sends;
@@ -665,13 +675,10 @@ mod tests {
     /// issued waits only for those issued.
     #[test]
     fn lent_sends_are_released_in_order_and_arrive_whole() {
-        if !available() || !Uring::default().supports_zero_copy() {
-            eprintln!("skipped: no SENDMSG_ZC");
+        if !zero_copy_here() {
             return;
         }
         let (peer, ours) = tcp_pair();
-        peer.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
         let timeout = Some(Duration::from_secs(10));
         let mut link = Link::writer(&Stream::Tcp(ours), timeout, ZeroCopy::On).unwrap();
         // Leaked: lent bytes must outlive whatever the kernel does with them.
@@ -681,12 +688,7 @@ mod tests {
                 .collect(),
         );
         let total = batches.iter().map(Vec::len).sum::<usize>();
-        let reader = std::thread::spawn(move || {
-            use std::io::Read;
-            let mut got = Vec::new();
-            (&peer).take(total as u64).read_to_end(&mut got).unwrap();
-            got
-        });
+        let reader = read_from(peer, total as u64);
         assert_eq!(link.lent(), 0);
         for (i, batch) in batches.iter().enumerate() {
             let (head, tail) = batch.split_at(1000);
@@ -712,8 +714,7 @@ mod tests {
     /// judges by; with `ZeroCopy::On` it keeps sending zero-copy.
     #[test]
     fn an_adapting_link_copies_once_the_kernel_says_it_copies_anyway() {
-        if !available() || !Uring::default().supports_zero_copy() {
-            eprintln!("skipped: no SENDMSG_ZC");
+        if !zero_copy_here() {
             return;
         }
         for (mode, stays) in [(ZeroCopy::Auto, false), (ZeroCopy::On, true)] {
@@ -722,12 +723,7 @@ mod tests {
             let mut link = Link::writer(&Stream::Tcp(ours), timeout, mode).unwrap();
             assert!(link.zero_copy());
             let sends = JUDGED_SENDS + 2;
-            let reader = std::thread::spawn(move || {
-                use std::io::Read;
-                let mut got = Vec::new();
-                (&peer).take(sends * 4096).read_to_end(&mut got).unwrap();
-                got
-            });
+            let reader = read_from(peer, sends * 4096);
             let page = [7u8; 4096];
             for _ in 0..sends {
                 link.send(&[&page]).unwrap();
@@ -746,8 +742,7 @@ mod tests {
     /// sends but keeps it alive: the ring still has it registered until the ring is closed.
     #[test]
     fn falling_back_from_fixed_buffers_keeps_the_registered_arena_alive() {
-        if !available() || !Uring::default().supports_zero_copy() {
-            eprintln!("skipped: no SENDMSG_ZC");
+        if !zero_copy_here() {
             return;
         }
         let (peer, ours) = tcp_pair();
