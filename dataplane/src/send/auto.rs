@@ -242,8 +242,8 @@ pub(crate) fn choose(estimates: &[Option<f64>; 3], current: PageCompression) -> 
 /// where the peer shares the cores), and the measurement corrects it; a trial of a codec
 /// that loses costs at most those windows every [`MEASURED_FOR`], while one that wins pays
 /// for the rest of the migration. Measured in the shaped bench: at 1 GB/s lz4 is predicted
-/// 1.2–1.9× slower than off and is 1.2–1.3× faster; unshaped it is predicted 2.2–2.7×
-/// slower, and is.
+/// 1.1–1.9× slower than off and is 1.2–1.3× faster; unshaped it is mostly predicted 2.2–2.7×
+/// slower, and is, but now and then within 1.5× (which [`LINK_BOUND`] keeps from a trial).
 pub(crate) const TRIAL: f64 = 1.5;
 
 /// How close to its link's time a channel's measured time must be for it to try another
@@ -548,7 +548,7 @@ impl Auto {
 pub(crate) struct CpuMeter {
     threads: f64,
     /// The CPUs this process may use, asked once: `available_parallelism` reads the cgroup's
-    /// files on every call (asked on every fold, it cost the session a tenth of its CPU
+    /// files on every call (asked on every fold, it cost the session a few percent of its CPU
     /// unshaped).
     cpus: f64,
     /// At the window's start: when, the session's CPU time (ns), and the machine's idle and
