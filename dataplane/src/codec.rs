@@ -173,7 +173,7 @@ pub struct Tally {
 
 impl Tally {
     /// Uncompressed, the gate looks at one non-zero page in this many: on every page it
-    /// slowed encoding uncompressed by a tenth (11.9 → 10.5 GB/s on the mixed image, one
+    /// slowed encoding uncompressed by an eighth (12.0 → 10.5 GB/s on the mixed image, one
     /// core), which a link faster than the codecs pays in full.
     pub const LOOK_OFF_EVERY: u32 = 8;
     /// One batch in this many is timed (the first of them).
