@@ -351,7 +351,7 @@ impl Costs {
             .sum();
         let nonzero = self.nonzero as f64;
         Some(Model {
-            gated: self.gated as f64 / self.looked.max(1) as f64,
+            gated: self.gated as f64 / self.looked as f64,
             base_ns: ((self.batch_nanos as f64 - codec_nanos) / nonzero).max(0.0),
             codecs,
         })

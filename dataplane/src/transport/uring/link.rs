@@ -293,9 +293,7 @@ impl Link {
             other => other,
         }
     }
-}
 
-impl Link {
     /// Stops sending zero-copy once the kernel reported that it copied the bytes of the
     /// first [`JUDGED_SENDS`] zero-copy sends all the same; any send it did not copy keeps
     /// zero-copy on for good.
