@@ -15,7 +15,8 @@
 //! (default 2 GiB: at 1 GB/s a smaller guest moves in under half a second, where the first
 //! tens of milliseconds, which `auto` spends measuring, weigh too much), `RAMJET_BENCH_ROUNDS`
 //! the alternations (default 3), `RAMJET_BENCH_LINKS` the link speeds (by name,
-//! comma-separated: `250 MB/s,1 GB/s,unshaped`), and
+//! comma-separated: `250 MB/s,1 GB/s,unshaped`), `RAMJET_BENCH_CODECS` the codecs besides
+//! `off`, which always runs as the baseline (comma-separated: `lz4,zstd,auto`), and
 //! `RAMJET_BENCH_LOG=1` prints the sender's log lines (`auto`'s decisions) on stderr.
 
 use std::cell::RefCell;
@@ -93,6 +94,14 @@ fn main() {
         / 4096
         * 4096;
     let rounds = rounds(3);
+    let codecs: Vec<Compression> = CODECS
+        .into_iter()
+        .filter(|codec| {
+            *codec == Compression::Off
+                || std::env::var("RAMJET_BENCH_CODECS")
+                    .map_or(true, |only| only.split(',').any(|n| n == codec.to_string()))
+        })
+        .collect();
     let src = Arc::new(GuestMemory::anonymous(bytes).expect("memory"));
     image::fill(&src, ImageKind::Mixed, 7).expect("image");
     let dst = Arc::new(GuestMemory::anonymous(bytes).expect("memory"));
@@ -111,10 +120,10 @@ fn main() {
         std::env::var("RAMJET_BENCH_LINKS").map_or(true, |only| only.split(',').any(|n| n == *name))
     }) {
         link.shape(rate).expect("shape");
-        let wire = RefCell::new(vec![Vec::new(); CODECS.len()]);
-        let pages = RefCell::new(vec![(0u64, 0u64); CODECS.len()]);
-        let samples = alternate(rounds, CODECS.len(), &mut |i| {
-            let summary = migrate(&link, &src, &dst, CODECS[i]);
+        let wire = RefCell::new(vec![Vec::new(); codecs.len()]);
+        let pages = RefCell::new(vec![(0u64, 0u64); codecs.len()]);
+        let samples = alternate(rounds, codecs.len(), &mut |i| {
+            let summary = migrate(&link, &src, &dst, codecs[i]);
             wire.borrow_mut()[i].push(summary.stats.wire_bytes as f64);
             pages.borrow_mut()[i] = (summary.stats.pages_lz4, summary.stats.pages_zstd);
         });
@@ -127,7 +136,7 @@ fn main() {
              codec |   GB/s  CPU-s/GB |   wire MB  x off | lz4 pages  zstd pages (last run)\n",
             label(bytes)
         );
-        for (i, codec) in CODECS.iter().enumerate() {
+        for (i, codec) in codecs.iter().enumerate() {
             let speed: Vec<f64> = samples[i].iter().map(|s| gb(bytes) / s.seconds).collect();
             let cpu: Vec<f64> = samples[i]
                 .iter()
