@@ -277,7 +277,7 @@ impl WriterContext {
                     let measure = w
                         .meter
                         .as_ref()
-                        .map(|_| (Instant::now(), thread_cpu_nanos()));
+                        .map(|_| (Instant::now(), thread_cpu_nanos(), w.link.in_flight()));
                     if let Some(limit) = &self.limit {
                         limit.wait(written, &self.stop);
                     }
@@ -294,12 +294,19 @@ impl WriterContext {
                         // the memory stays frozen while its `Frozen` lives.
                         unsafe { w.link.send_lent(&slices) }
                     });
-                    if let (Some(meter), Some((start, cpu))) = (&mut w.meter, measure) {
+                    if let (Some(meter), Some((start, cpu, in_flight))) = (&mut w.meter, measure) {
                         let cpu = cpu
                             .zip(thread_cpu_nanos())
                             .map_or(0, |(start, end)| end.saturating_sub(start));
                         let holds = w.batch.iter().filter_map(Outgoing::holds);
-                        meter.record((start, Instant::now()), written as u64, holds, cpu);
+                        let in_flight = (in_flight, w.link.in_flight());
+                        meter.record(
+                            (start, Instant::now()),
+                            written as u64,
+                            holds,
+                            cpu,
+                            in_flight,
+                        );
                     }
                     sent.map(|()| {
                         self.counters.add_sent(self.channel, written as u64);

@@ -39,6 +39,12 @@ impl LinkWriter for TlsWriter {
         }
         Ok(())
     }
+
+    /// Sealed bytes, which the records' headers and tags make a little more than the plain
+    /// ones sent: under 0.2 % at full records.
+    fn in_flight(&self) -> Option<u64> {
+        self.inner.in_flight()
+    }
 }
 
 /// The receiving direction: reads ciphertext ahead and opens it in its own buffer.

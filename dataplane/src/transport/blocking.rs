@@ -3,7 +3,9 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 
-use super::endpoint::Stream;
+use std::os::fd::AsRawFd;
+
+use super::endpoint::{Queue, Stream, queued};
 use super::link::{LinkReader, LinkWriter, Transport};
 
 /// Plain blocking sockets; see the [module docs](super).
@@ -39,6 +41,13 @@ impl LinkWriter for Stream {
             }
         }
         Ok(())
+    }
+
+    fn in_flight(&self) -> Option<u64> {
+        match self {
+            Stream::Tcp(s) => queued(s.as_raw_fd(), Queue::Out).ok(),
+            Stream::Unix(_) => None,
+        }
     }
 }
 
@@ -81,6 +90,7 @@ impl LinkReader for Stream {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
     use std::os::unix::net::UnixStream;
 
     use super::*;
@@ -107,5 +117,42 @@ mod tests {
         let mut more = [0u8; 1];
         let err = LinkReader::recv(&mut b, &mut more).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// On TCP what the peer has not acknowledged is in flight, which on loopback is only what
+    /// its full window holds back; a Unix socket does not tell.
+    #[test]
+    fn in_flight_is_what_the_peer_has_not_acknowledged() {
+        use std::io::Write;
+        use std::net::{TcpListener, TcpStream};
+        use std::time::{Duration, Instant};
+
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut a = Stream::Unix(a);
+        LinkWriter::send(&mut a, &[&[7u8; 10_000]]).unwrap();
+        assert_eq!(a.in_flight(), None);
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let mut sent = 0usize;
+        loop {
+            match (&tcp).write(&[1u8; 1 << 16]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let ours = Stream::Tcp(tcp);
+        let waiting = ours.in_flight().expect("a TCP socket tells");
+        assert!(waiting > 0 && waiting <= sent as u64, "{waiting} of {sent}");
+        io::copy(&mut (&mut peer).take(sent as u64), &mut io::sink()).unwrap();
+        // The last acknowledgements follow the reads; nothing more is sent.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ours.in_flight() != Some(0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(ours.in_flight(), Some(0));
     }
 }

@@ -25,6 +25,14 @@ pub trait LinkWriter: Send {
         false
     }
 
+    /// Bytes it took that the peer has not yet acknowledged (TCP's `SIOCOUTQ`, see `tcp(7)`).
+    /// Bytes sent less its growth are what the link carried, where a send's own time tells
+    /// only how fast the socket's buffer took them. `None` where the link cannot tell (a Unix
+    /// socket's `SIOCOUTQ` counts the memory its buffers take, not bytes).
+    fn in_flight(&self) -> Option<u64> {
+        None
+    }
+
     /// Writes every byte of `bufs`, in order, like [`send`](Self::send), but a zero-copy link
     /// returns once the kernel has taken them, while it still reads them in place (until the
     /// peer acknowledged them, on TCP): the next send can go at once, instead of a round trip

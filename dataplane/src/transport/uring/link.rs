@@ -38,6 +38,8 @@ pub(super) struct Link {
     runner: Runner,
     /// Keeps the registered socket open for as long as the ring may use it.
     socket: OwnedFd,
+    /// Whether the socket is TCP (else Unix).
+    tcp: bool,
     zero_copy: bool,
     /// Whether to stop sending zero-copy once the kernel reports it copies anyway.
     adapt: bool,
@@ -86,7 +88,7 @@ impl Link {
     /// (see [`Link::set_lowat`]).
     pub(super) fn reader(stream: &Stream, timeout: Option<Duration>) -> io::Result<Link> {
         let mut reader = Link::new(stream, timeout, false)?;
-        if matches!(stream, Stream::Tcp(_)) {
+        if reader.tcp {
             reader.lowat = Some(1);
         }
         Ok(reader)
@@ -102,6 +104,7 @@ impl Link {
         Ok(Link {
             runner,
             socket,
+            tcp: matches!(stream, Stream::Tcp(_)),
             zero_copy,
             adapt: false,
             lowat: None,
@@ -351,6 +354,14 @@ impl LinkWriter for Link {
         self.zero_copy
     }
 
+    fn in_flight(&self) -> Option<u64> {
+        if self.tcp {
+            queued(self.socket.as_raw_fd(), Queue::Out).ok()
+        } else {
+            None
+        }
+    }
+
     fn register(&mut self, arena: &Arc<Arena>) -> io::Result<()> {
         if !self.zero_copy || self.registered.is_some() {
             return Ok(());
@@ -498,6 +509,33 @@ mod tests {
     use super::*;
     use crate::transport::uring::tests::{available, tcp_pair};
     use crate::transport::{Transport, Uring, ZeroCopy};
+
+    /// A TCP link tells what the peer has not acknowledged (the blocking transport's test
+    /// shows it counting a full window; the call is the same); a Unix socket does not tell.
+    #[test]
+    fn in_flight_is_what_the_peer_has_not_acknowledged() {
+        if !available() {
+            return;
+        }
+        let (a, _b) = UnixStream::pair().unwrap();
+        let (mut unix, _) = Uring::default().split(&Stream::Unix(a)).unwrap();
+        unix.send(&[&[3u8; 5000]]).unwrap();
+        assert_eq!(unix.in_flight(), None);
+
+        let (peer, ours) = tcp_pair();
+        let (mut writer, _) = Uring::default().split(&Stream::Tcp(ours)).unwrap();
+        assert_eq!(writer.in_flight(), Some(0));
+        let len = 1u64 << 20;
+        let got = read_from(peer, len);
+        writer.send(&[&vec![5u8; len as usize]]).unwrap();
+        assert!(writer.in_flight().is_some_and(|n| n <= len));
+        assert_eq!(got.join().unwrap().len() as u64, len);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while writer.in_flight() != Some(0) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(writer.in_flight(), Some(0));
+    }
 
     /// On TCP a receive raises the socket's low-water mark after a short first try; the mark
     /// never exceeds what the receive still needs, so a small receive after a large one, and
