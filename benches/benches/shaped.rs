@@ -5,10 +5,12 @@
 //! this process, sharing the machine's cores; the destination memory is prefaulted once before
 //! anything is measured.
 //!
-//! For each link speed the four codecs alternate round by round (each goes first equally
-//! often); the table gives each codec's medians of guest-RAM throughput (GB of guest RAM over
-//! wall time), CPU seconds per GB (the process: both ends), the bytes on the wire, and its
-//! throughput as a median of per-round ratios against `off` in the same round.
+//! For each link speed the four codecs, and `off` once more as a control, alternate round by
+//! round (each goes first equally often); the table gives each codec's medians of guest-RAM
+//! throughput (GB of guest RAM over wall time), CPU seconds per GB (the process: both ends),
+//! the bytes on the wire, and its throughput as a median of per-round ratios against `off` in
+//! the same round, with their range. The control's ratios show how far apart two runs of the
+//! same codec come out on this machine: a codec's ratio within them is no difference.
 //!
 //! Run with `cargo bench -p ramjet-benches --bench shaped` (as root: it makes network
 //! namespaces; it says so and stops where it cannot). `RAMJET_BENCH_BYTES` sets the guest size
@@ -94,14 +96,17 @@ fn main() {
         / 4096
         * 4096;
     let rounds = rounds(3);
-    let codecs: Vec<Compression> = CODECS
+    // (row name, codec): the codecs asked for, off first, and off once more as a control.
+    let mut codecs: Vec<(String, Compression)> = CODECS
         .into_iter()
         .filter(|codec| {
             *codec == Compression::Off
                 || std::env::var("RAMJET_BENCH_CODECS")
                     .map_or(true, |only| only.split(',').any(|n| n == codec.to_string()))
         })
+        .map(|codec| (codec.to_string(), codec))
         .collect();
+    codecs.push(("off*".into(), Compression::Off));
     let src = Arc::new(GuestMemory::anonymous(bytes).expect("memory"));
     image::fill(&src, ImageKind::Mixed, 7).expect("image");
     let dst = Arc::new(GuestMemory::anonymous(bytes).expect("memory"));
@@ -123,7 +128,7 @@ fn main() {
         let wire = RefCell::new(vec![Vec::new(); codecs.len()]);
         let pages = RefCell::new(vec![(0u64, 0u64); codecs.len()]);
         let samples = alternate(rounds, codecs.len(), &mut |i| {
-            let summary = migrate(&link, &src, &dst, codecs[i]);
+            let summary = migrate(&link, &src, &dst, codecs[i].1);
             wire.borrow_mut()[i].push(summary.stats.wire_bytes as f64);
             pages.borrow_mut()[i] = (summary.stats.pages_lz4, summary.stats.pages_zstd);
         });
@@ -132,11 +137,13 @@ fn main() {
         let mut table = format!(
             "{name}: {} mixed guest, {CHANNELS} channels, {rounds} alternations, prefaulted \
              destination; GB/s = guest RAM / wall time; CPU-s/GB = process user+system, both \
-             ends; x off = median of per-round speed ratios against off\n\
-             codec |   GB/s  CPU-s/GB |   wire MB  x off | lz4 pages  zstd pages (last run)\n",
+             ends; x off = median of per-round speed ratios against off (their range); off* = \
+             off again, a control: how far apart two runs of the same codec come out\n\
+             codec |   GB/s  CPU-s/GB |   wire MB  x off (range)     | lz4 pages  zstd pages \
+             (last run)\n",
             label(bytes)
         );
-        for (i, codec) in codecs.iter().enumerate() {
+        for (i, (row, _)) in codecs.iter().enumerate() {
             let speed: Vec<f64> = samples[i].iter().map(|s| gb(bytes) / s.seconds).collect();
             let cpu: Vec<f64> = samples[i]
                 .iter()
@@ -147,13 +154,18 @@ fn main() {
                 .zip(&samples[0])
                 .map(|(s, off)| off.seconds / s.seconds)
                 .collect();
+            let (low, high) = ratio.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| {
+                (lo.min(r), hi.max(r))
+            });
             table += &format!(
-                "{:>5} | {:>6.3} {:>9.3} | {:>9.1} {:>5.3}x | {:>9} {:>11}\n",
-                codec.to_string(),
+                "{:>5} | {:>6.3} {:>9.3} | {:>9.1} {:>5.3}x ({:.2}-{:.2}) | {:>9} {:>11}\n",
+                row,
                 median(speed),
                 median(cpu),
                 median(wire[i].clone()) / 1e6,
-                median(ratio),
+                median(ratio.clone()),
+                low,
+                high,
                 pages[i].0,
                 pages[i].1,
             );

@@ -32,8 +32,8 @@
 //! part that bounded it, CPU or wire: [`calibration`]), or, for a codec not measured yet, at
 //! the current codec's error; [`choose`] picks the fastest, keeping the current codec unless
 //! another is at least [`HYSTERESIS`] faster, and otherwise, where the channel waits on its
-//! link ([`LINK_BOUND`]), [`trial`] tries a codec not measured yet that is estimated less than
-//! [`TRIAL`] times slower. A session starts uncompressed and decides nothing before it has
+//! link ([`LINK_BOUND`]), [`trial`] tries a codec not measured yet (or not for a while, which
+//! doubles after each retry) that is estimated less than [`TRIAL`] times slower. A session starts uncompressed and decides nothing before it has
 //! measured its link, its cores and its current codec's speed. Once a codec's measured speed
 //! is two seconds old, its prediction stands in for it again: a codec that lost comes back
 //! when that prediction, at its remembered error, makes it the faster, so a link or a machine
@@ -274,8 +274,9 @@ pub(crate) fn choose(estimates: &[Option<f64>; 3], current: PageCompression) -> 
 /// for a channel to try it (until its speed is measured: a few windows, some 40 ms). The
 /// model cannot know everything a codec changes (above all the CPU that fewer bytes free,
 /// where the peer shares the cores), and the measurement corrects it; a trial of a codec
-/// that loses costs those windows once a session (its error is remembered from then on),
-/// while one that wins pays for the rest of the migration. Measured in the shaped bench: at 1 GB/s lz4 is predicted
+/// that loses costs those windows once, and again only after [`History::RETRY`], then twice
+/// as long, and so on (its error is remembered meanwhile), while one that wins pays for the
+/// rest of the migration. Measured in the shaped bench: at 1 GB/s lz4 is predicted
 /// 1.1–1.9× slower than off and is 1.2–1.3× faster; unshaped it is mostly predicted 2.2–2.7×
 /// slower, and is, but now and then within 1.5× (which [`LINK_BOUND`] keeps from a trial).
 pub(crate) const TRIAL: f64 = 1.5;
@@ -297,9 +298,10 @@ pub(crate) fn waits_on_link(measured: Option<f64>, parts: Option<Parts>) -> bool
 }
 
 /// A codec for a channel now using `current` to try: the fastest by `estimates` of those not
-/// yet measured in the session (not `known`) and estimated less than [`TRIAL`] times
-/// `current`'s time. A codec measured before is not tried again: its estimate is taken at the
-/// error its prediction had then, and it comes back only if that makes it the faster one.
+/// `known` (not measured in the session, or not for long: [`History::may_try`]) and estimated
+/// less than [`TRIAL`] times `current`'s time. Until then a codec measured before is
+/// estimated at the error its prediction had then, and comes back only if that makes it the
+/// faster one.
 pub(crate) fn trial(
     estimates: &[Option<f64>; 3],
     known: &[bool; 3],
@@ -394,6 +396,33 @@ impl Costs {
     }
 }
 
+/// What a session measured of a codec before.
+#[derive(Debug, Default, Clone, Copy)]
+struct History {
+    /// How far off its prediction was when it was last measured ([`calibration`]).
+    error: Option<Scale>,
+    /// When it last had a measured speed.
+    measured_at: Option<Instant>,
+    /// How often it was tried again after it had been measured.
+    retries: u32,
+}
+
+impl History {
+    /// How long after its last measurement a codec may be tried again; twice that after
+    /// each retry (up to 2^16 times that). A trial's verdict rests on a few windows whose speeds swing by a third
+    /// (measured at 1 GB/s): a wrong one is undone in a long migration, at a cost that grows
+    /// only with the logarithm of its length.
+    const RETRY: Duration = Duration::from_secs(4);
+
+    /// Whether the codec may be tried at `now`: never measured, or not since long enough.
+    fn may_try(&self, now: Instant) -> bool {
+        self.measured_at.is_none_or(|at| {
+            let wait = Self::RETRY.saturating_mul(1 << self.retries.min(16));
+            now.saturating_duration_since(at) >= wait
+        })
+    }
+}
+
 /// One channel's measurements, by its writer.
 #[derive(Debug, Default, Clone, Copy)]
 struct Measured {
@@ -438,9 +467,8 @@ pub(crate) struct Auto {
     writers_encode: bool,
     /// The cores the session's threads can have, once measured.
     cpu: Mutex<CpuMeter>,
-    /// Per codec, how far off its prediction was when it was last measured ([`calibration`]);
-    /// `None` until it is.
-    calibrations: Mutex<[Option<Scale>; 3]>,
+    /// Per codec, what it measured before.
+    history: Mutex<[History; 3]>,
     /// CPU time the session's encoders and writers spent, ns.
     own_cpu: AtomicU64,
     /// Whether it has had what it needs to decide.
@@ -461,7 +489,7 @@ impl Auto {
             costs: Mutex::new(Costs::default()),
             writers_encode,
             cpu: Mutex::new(CpuMeter::new(threads)),
-            calibrations: Mutex::new([None; 3]),
+            history: Mutex::new([History::default(); 3]),
             own_cpu: AtomicU64::new(0),
             decided: AtomicBool::new(false),
             log,
@@ -510,28 +538,36 @@ impl Auto {
         if speed[usize::from(index)].is_none() {
             return;
         }
-        let now = usize::from(index);
+        let cur = usize::from(index);
         let parts = page_parts(&model, &link, pipeline, current);
         // The current codec's error is remembered for when it is no longer measured.
-        let remembered = {
-            let mut remembered = lock(&self.calibrations);
-            if let Some(scale) = speed[now].zip(parts).and_then(|(m, p)| calibration(m, p)) {
-                remembered[now] = Some(scale);
+        let mut history = lock(&self.history);
+        if let Some(error) = speed[cur].zip(parts).and_then(|(m, p)| calibration(m, p)) {
+            history[cur].error = Some(error);
+        }
+        for (past, speed) in history.iter_mut().zip(speed) {
+            if speed.is_some() {
+                past.measured_at = Some(now);
             }
-            *remembered
-        };
+        }
+        let remembered = history.map(|h| h.error);
         let estimated = estimates(&model, &link, pipeline, &speed, &remembered, current);
         let mut next = choose(&estimated, current);
         let mut what = "now";
         // Another codec is tried only where the channel waits on its link, and only one not
-        // measured yet.
-        let known = [0, 1, 2].map(|i| speed[i].is_some() || remembered[i].is_some());
+        // measured yet, or not for long (see `History::may_try`).
+        let known = [0, 1, 2].map(|i| speed[i].is_some() || !history[i].may_try(now));
         if next == current
-            && waits_on_link(speed[now], parts)
+            && waits_on_link(speed[cur], parts)
             && let Some(other) = trial(&estimated, &known, current)
         {
             (next, what) = (other, "trying");
+            let past = &mut history[usize::from(codec_index(other))];
+            if past.measured_at.is_some() {
+                past.retries = past.retries.saturating_add(1);
+            }
         }
+        drop(history);
         let decided = if next == current {
             // The first decision is logged even when it keeps the codec.
             !self.decided.swap(true, Ordering::Relaxed)
@@ -759,13 +795,14 @@ pub(crate) struct LinkMeter {
     auto: Arc<Auto>,
     channel: u16,
     /// The window: when it started and its last send ended, the writer's time in `send`, the
-    /// bytes, the writer's CPU time, the non-zero pages, and their codec (`None` while empty;
-    /// `Err` once mixed).
+    /// bytes, the writer's CPU time in the sends it timed and their bytes, the non-zero pages,
+    /// and their codec (`None` while empty; `Err` once mixed).
     started: Option<Instant>,
     last: Option<Instant>,
     busy: Duration,
     bytes: u64,
     cpu_nanos: u64,
+    cpu_bytes: u64,
     nonzero: u64,
     codec: Option<Result<PageCompression, ()>>,
     /// What waited in the link for the peer ([`LinkWriter::in_flight`]) before the window's
@@ -781,6 +818,8 @@ pub(crate) struct LinkMeter {
     windows: u32,
     /// Per codec: its speed in the windows since the session last switched to it.
     speed: [Windows; 3],
+    /// Sends so far, of which one in [`LinkMeter::TIME_EVERY`] is timed.
+    sends: u32,
 }
 
 /// A codec's speed on a channel (ns per non-zero page) in its last few windows, since the
@@ -828,6 +867,11 @@ impl LinkMeter {
     const BUSY: f64 = 0.5;
     /// How much each new window counts.
     const WEIGHT: f64 = 0.3;
+    /// One send in this many is timed: the thread's CPU clock is a system call that takes the
+    /// scheduler's lock, and read around every send it made `auto` some 4 % slower than `off`
+    /// on an unshaped link (0.950 and 0.962 of off against 1.012 and 0.990 without, 12
+    /// alternations each).
+    const TIME_EVERY: u32 = 8;
 
     /// The meter of channel `channel`, for `auto`.
     pub(crate) fn new(auto: Arc<Auto>, channel: u16) -> Self {
@@ -839,6 +883,7 @@ impl LinkMeter {
             busy: Duration::ZERO,
             bytes: 0,
             cpu_nanos: 0,
+            cpu_bytes: 0,
             nonzero: 0,
             codec: None,
             in_flight: (None, None),
@@ -846,11 +891,20 @@ impl LinkMeter {
             cpu_per_byte: 0.0,
             windows: 0,
             speed: [Windows::default(); 3],
+            sends: 0,
         }
     }
 
+    /// Whether the writer should time its next send's CPU ([`record`](Self::record)): one in
+    /// [`TIME_EVERY`](Self::TIME_EVERY), the first included.
+    pub(crate) fn times_next(&mut self) -> bool {
+        self.sends = self.sends.wrapping_add(1);
+        self.sends % Self::TIME_EVERY == 1
+    }
+
     /// Counts one send of `bytes` holding the pages `holds` lists, from `start` to `end`
-    /// (waiting for the rate limit included), that took `cpu_nanos` of the writer's CPU time,
+    /// (waiting for the rate limit included), that took `cpu_nanos` of the writer's CPU time
+    /// (if timed: [`times_next`](Self::times_next)),
     /// with `in_flight` bytes waiting in the link for the peer before and after it (where the
     /// link tells); at the end of a window updates the session's measurements of the channel.
     pub(crate) fn record(
@@ -858,7 +912,7 @@ impl LinkMeter {
         (start, end): (Instant, Instant),
         bytes: u64,
         holds: impl Iterator<Item = Holds>,
-        cpu_nanos: u64,
+        cpu_nanos: Option<u64>,
         in_flight: (Option<u64>, Option<u64>),
     ) {
         if let Some(last) = self.last
@@ -874,7 +928,10 @@ impl LinkMeter {
         self.last = Some(end);
         self.busy += end.saturating_duration_since(start);
         self.bytes += bytes;
-        self.cpu_nanos += cpu_nanos;
+        if let Some(nanos) = cpu_nanos {
+            self.cpu_nanos += nanos;
+            self.cpu_bytes += bytes;
+        }
         for held in holds {
             self.nonzero += u64::from(held.nonzero);
             if held.nonzero > 0 {
@@ -899,7 +956,13 @@ impl LinkMeter {
             return;
         };
         let auto = Arc::clone(&self.auto);
-        auto.add_own_cpu(self.cpu_nanos);
+        // The sends not timed took as much per byte as those timed.
+        let timed = self.cpu_bytes;
+        let cpu_per_byte = (timed > 0).then(|| self.cpu_nanos as f64 / timed as f64);
+        if timed > 0 {
+            let all = u128::from(self.cpu_nanos) * u128::from(self.bytes) / u128::from(timed);
+            auto.add_own_cpu(u64::try_from(all).unwrap_or(u64::MAX));
+        }
         let wall = end.saturating_duration_since(started).as_secs_f64();
         let (busy, bytes) = (self.busy.as_secs_f64(), self.bytes as f64);
         let full = wall >= Self::WINDOW.as_secs_f64() && self.bytes >= Self::WINDOW_BYTES;
@@ -945,12 +1008,13 @@ impl LinkMeter {
                     .rate
                     .max(carried.unwrap_or(bytes) / wall + others(&auto));
             }
-            let cpu = self.cpu_nanos as f64 / bytes;
-            self.cpu_per_byte = if self.cpu_per_byte > 0.0 {
-                self.cpu_per_byte + Self::WEIGHT * (cpu - self.cpu_per_byte)
-            } else {
-                cpu
-            };
+            if let Some(cpu) = cpu_per_byte {
+                self.cpu_per_byte = if self.cpu_per_byte > 0.0 {
+                    self.cpu_per_byte + Self::WEIGHT * (cpu - self.cpu_per_byte)
+                } else {
+                    cpu
+                };
+            }
             // A window all of one codec, the channel's codec now, that sent enough pages
             // to measure its speed.
             if let Some(Ok(codec)) = self.codec
@@ -992,6 +1056,7 @@ impl LinkMeter {
         self.busy = Duration::ZERO;
         self.bytes = 0;
         self.cpu_nanos = 0;
+        self.cpu_bytes = 0;
         self.nonzero = 0;
         self.codec = None;
         self.in_flight = (None, None);
@@ -1193,6 +1258,30 @@ mod tests {
         };
         assert_eq!(calibration(1.0, zero), None);
         assert_eq!(calibration(f64::NAN, lz4), None);
+    }
+
+    /// A codec measured before is tried again 4 s after it was last measured, 8 s after the
+    /// next time, and so on; one never measured at once.
+    #[test]
+    fn a_codec_measured_before_is_tried_again_ever_later() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut h = History::default();
+        assert!(h.may_try(t0));
+        h.measured_at = Some(t0);
+        assert!(!h.may_try(t0 + s(3)));
+        assert!(h.may_try(t0 + s(4)));
+        h.retries = 1;
+        assert!(!h.may_try(t0 + s(7)));
+        assert!(h.may_try(t0 + s(8)));
+        // However many retries, the wait stops growing (at three days) and never overflows.
+        h.retries = u32::MAX;
+        assert!(!h.may_try(t0 + s(4 << 15)));
+        assert!(h.may_try(t0 + s(4 << 16)));
+        // A clock read before the measurement (another thread's) is no later than it.
+        h.retries = 0;
+        h.measured_at = Some(t0 + s(10));
+        assert!(!h.may_try(t0));
     }
 
     /// Figures from the shaped bench's logs, off's time per page against its link's.
@@ -1500,7 +1589,7 @@ mod tests {
                 (at + every - busy, at + every),
                 bytes,
                 holds.into_iter(),
-                0,
+                None,
                 (None, None),
             );
             at += every;
@@ -1586,7 +1675,7 @@ mod tests {
                 (*at, *at + ms(10)),
                 1 << 20,
                 holds.into_iter(),
-                0,
+                None,
                 in_flight,
             );
             *at += ms(10);
@@ -1611,11 +1700,45 @@ mod tests {
                 codec: Off,
             }]
             .into_iter(),
-            0,
+            None,
             (Some(0), Some(u64::MAX)),
         );
         let rate = measured(&auto).link.expect("link").bytes_per_sec;
         assert!(rate > 0.0 && rate < expected, "{rate}");
+    }
+
+    /// A writer times one send in eight; the others are taken to cost as much per byte.
+    #[test]
+    fn a_writer_times_one_send_in_eight() {
+        let auto = Arc::new(Auto::new(1, 1, true, Log::default()));
+        let mut meter = LinkMeter::new(Arc::clone(&auto), 0);
+        let timed: Vec<bool> = (0..17).map(|_| meter.times_next()).collect();
+        let expected: Vec<bool> = (0..17).map(|i| i % 8 == 0).collect();
+        assert_eq!(timed, expected);
+        // One window of eight sends of 128 KiB, the first taking 2 µs of CPU.
+        let at = Instant::now();
+        let step = Duration::from_micros(1250);
+        for i in 0..8u32 {
+            let start = at + step * i;
+            let cpu = (i == 0).then_some(2_000);
+            let holds = [Holds {
+                nonzero: 32,
+                codec: PageCompression::Off,
+            }];
+            meter.record(
+                (start, start + step),
+                128 << 10,
+                holds.into_iter(),
+                cpu,
+                (None, None),
+            );
+        }
+        let link = measured(&auto).link.expect("link");
+        assert!(
+            (link.cpu_ns_per_byte - 2_000.0 / 131_072.0).abs() < 1e-12,
+            "{link:?}"
+        );
+        assert_eq!(auto.own_cpu.load(Ordering::Relaxed), 16_000);
     }
 
     /// Channels share their link: each measures the whole of it, with what the others
@@ -1648,7 +1771,7 @@ mod tests {
         let mut at = Instant::now();
         for _ in 0..4 {
             for meter in &mut meters {
-                meter.record((at, at + ms(10)), 1 << 20, holds(), 0, (None, None));
+                meter.record((at, at + ms(10)), 1 << 20, holds(), None, (None, None));
             }
             at += ms(10);
         }
@@ -1663,7 +1786,7 @@ mod tests {
         );
         // Channel 1 waits for pages; channel 0 has the link to itself.
         for _ in 0..16 {
-            meters[0].record((at, at + ms(10)), 2 << 20, holds(), 0, (None, None));
+            meters[0].record((at, at + ms(10)), 2 << 20, holds(), None, (None, None));
             at += ms(10);
         }
         assert!((whole(0) / link - 1.0).abs() < 0.01, "{}", whole(0));

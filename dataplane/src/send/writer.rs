@@ -274,10 +274,10 @@ impl WriterContext {
                 }),
                 Ok(()) if slices.is_empty() => Ok(()),
                 Ok(()) => {
-                    let measure = w
-                        .meter
-                        .as_ref()
-                        .map(|_| (Instant::now(), thread_cpu_nanos(), w.link.in_flight()));
+                    let measure = w.meter.as_mut().map(|meter| {
+                        let cpu = meter.times_next().then(thread_cpu_nanos).flatten();
+                        (Instant::now(), cpu, w.link.in_flight())
+                    });
                     if let Some(limit) = &self.limit {
                         limit.wait(written, &self.stop);
                     }
@@ -295,9 +295,9 @@ impl WriterContext {
                         unsafe { w.link.send_lent(&slices) }
                     });
                     if let (Some(meter), Some((start, cpu, in_flight))) = (&mut w.meter, measure) {
-                        let cpu = cpu
-                            .zip(thread_cpu_nanos())
-                            .map_or(0, |(start, end)| end.saturating_sub(start));
+                        let cpu = cpu.and_then(|start| {
+                            thread_cpu_nanos().map(|end| end.saturating_sub(start))
+                        });
                         let holds = w.batch.iter().filter_map(Outgoing::holds);
                         let in_flight = (in_flight, w.link.in_flight());
                         meter.record(
