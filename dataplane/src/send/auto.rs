@@ -33,12 +33,12 @@
 //! the current codec's error; [`choose`] picks the fastest, keeping the current codec unless
 //! another is at least [`HYSTERESIS`] faster, and otherwise, where the channel waits on its
 //! link ([`LINK_BOUND`]), [`trial`] tries a codec not measured yet (or not for a while, which
-//! doubles after each retry) that is estimated less than [`TRIAL`] times slower. A session starts uncompressed and decides nothing before it has
-//! measured its link, its cores and its current codec's speed. Once a codec's measured speed
-//! is two seconds old, its prediction stands in for it again: a codec that lost comes back
-//! when that prediction, at its remembered error, makes it the faster, so a link or a machine
-//! that changes is followed, and a prediction that was wrong is corrected by the next
-//! measurement.
+//! doubles after each retry) that is estimated less than [`TRIAL`] times slower. A session
+//! starts uncompressed and decides nothing before it has measured its link, its cores and its
+//! current codec's speed. Once a codec's measured speed is two seconds old, its prediction
+//! stands in for it again: a codec that lost comes back when that prediction, at its
+//! remembered error, makes it the faster, so a link or a machine that changes is followed, and
+//! a prediction that was wrong is corrected by the next measurement.
 //!
 //! Measuring costs little: the gate looks at one page in eight while nothing is compressed,
 //! and one batch in eight reads the thread's CPU clock (a system call that takes the
@@ -408,10 +408,10 @@ struct History {
 }
 
 impl History {
-    /// How long after its last measurement a codec may be tried again; twice that after
-    /// each retry (up to 2^16 times that). A trial's verdict rests on a few windows whose speeds swing by a third
-    /// (measured at 1 GB/s): a wrong one is undone in a long migration, at a cost that grows
-    /// only with the logarithm of its length.
+    /// How long after its last measurement a codec may be tried again; twice that after each
+    /// retry (at most 2^16 times that). A trial's verdict rests on a few windows whose speeds
+    /// swing by a third (measured at 1 GB/s): a wrong one is undone in a long migration, at a
+    /// cost that grows only with the logarithm of its length.
     const RETRY: Duration = Duration::from_secs(4);
 
     /// Whether the codec may be tried at `now`: never measured, or not since long enough.
@@ -904,9 +904,9 @@ impl LinkMeter {
 
     /// Counts one send of `bytes` holding the pages `holds` lists, from `start` to `end`
     /// (waiting for the rate limit included), that took `cpu_nanos` of the writer's CPU time
-    /// (if timed: [`times_next`](Self::times_next)),
-    /// with `in_flight` bytes waiting in the link for the peer before and after it (where the
-    /// link tells); at the end of a window updates the session's measurements of the channel.
+    /// (if timed: [`times_next`](Self::times_next)), with `in_flight` bytes waiting in the link
+    /// for the peer before and after it (where the link tells); at the end of a window updates
+    /// the session's measurements of the channel.
     pub(crate) fn record(
         &mut self,
         (start, end): (Instant, Instant),
@@ -1453,7 +1453,9 @@ mod tests {
             let fast = link(f64::INFINITY);
             for pipeline in [Pipeline::Workers { cores }, Pipeline::Writer] {
                 let t = CODECS.map(|c| page_time(&m, &fast, pipeline, c));
-                let estimated = estimates(&m, &fast, pipeline, &[t[0], None, None], &[None; 3], PageCompression::Off);
+                let measured = [t[0], None, None];
+                let estimated =
+                    estimates(&m, &fast, pipeline, &measured, &[None; 3], PageCompression::Off);
                 prop_assert_eq!(choose(&estimated, PageCompression::Off), PageCompression::Off);
             }
         }
