@@ -1142,42 +1142,36 @@ mod tests {
         );
     }
 
+    /// [`estimates`] on one core, off the current codec.
+    fn off_now(
+        m: &Model,
+        link: &Link,
+        measured: [Option<f64>; 3],
+        remembered: [Option<Scale>; 3],
+    ) -> [Option<f64>; 3] {
+        estimates(
+            m,
+            link,
+            ONE_CORE,
+            &measured,
+            &remembered,
+            PageCompression::Off,
+        )
+    }
+
     #[test]
     fn measured_speeds_stand_and_predictions_are_scaled_by_the_current_codecs_error() {
         let (m, slow) = (model(), link(100e6));
         // Off predicted 40.96 µs, measured 61.44: every prediction is taken 1.5 times.
-        let measured = [Some(61_440.0), None, Some(20_000.0)];
-        let e = estimates(
-            &m,
-            &slow,
-            ONE_CORE,
-            &measured,
-            &[None; 3],
-            PageCompression::Off,
-        );
+        let off_measured = |measured| off_now(&m, &slow, measured, [None; 3]);
+        let e = off_measured([Some(61_440.0), None, Some(20_000.0)]);
         assert_eq!(e[0], Some(61_440.0));
         assert!((e[1].expect("lz4") - 30_480.0 * 1.5).abs() < 1e-6, "{e:?}");
         assert_eq!(e[2], Some(20_000.0), "measured beats predicted");
         // The scale stays within ½ and 2.
-        let measured = [Some(1e9), None, None];
-        let e = estimates(
-            &m,
-            &slow,
-            ONE_CORE,
-            &measured,
-            &[None; 3],
-            PageCompression::Off,
-        );
+        let e = off_measured([Some(1e9), None, None]);
         assert!((e[1].expect("lz4") - 30_480.0 * 2.0).abs() < 1e-6, "{e:?}");
-        let measured = [Some(1.0), None, None];
-        let e = estimates(
-            &m,
-            &slow,
-            ONE_CORE,
-            &measured,
-            &[None; 3],
-            PageCompression::Off,
-        );
+        let e = off_measured([Some(1.0), None, None]);
         assert!((e[1].expect("lz4") - 30_480.0 * 0.5).abs() < 1e-6, "{e:?}");
     }
 
@@ -1224,31 +1218,15 @@ mod tests {
             }
         );
         let remembered = [None, Some(lz4_error), None];
-        let e = estimates(
-            &m,
-            &slow,
-            ONE_CORE,
-            &measured,
-            &remembered,
-            PageCompression::Off,
-        );
-        assert!(
-            (e[1].expect("lz4") - lz4.time() * 1.4).abs() < 1e-6,
-            "{e:?}"
-        );
+        let off_measured = |measured| off_now(&m, &slow, measured, remembered);
+        let e = off_measured(measured);
+        let lz4_time = lz4.time() * 1.4;
+        assert!((e[1].expect("lz4") - lz4_time).abs() < 1e-6, "{e:?}");
         // zstd, never measured, is taken at off's error (none).
         let zstd = page_time(&m, &slow, ONE_CORE, PageCompression::Zstd).expect("zstd");
         assert!((e[2].expect("zstd") - zstd).abs() < 1e-6, "{e:?}");
         // A measured speed still beats a remembered error.
-        let measured = [Some(40_960.0), Some(1_000.0), None];
-        let e = estimates(
-            &m,
-            &slow,
-            ONE_CORE,
-            &measured,
-            &remembered,
-            PageCompression::Off,
-        );
+        let e = off_measured([Some(40_960.0), Some(1_000.0), None]);
         assert_eq!(e[1], Some(1_000.0));
         // Nothing to calibrate by: no time, or a time that is not a number.
         let zero = Parts {
