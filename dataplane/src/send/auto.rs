@@ -970,7 +970,9 @@ impl LinkMeter {
         // What the link carried: the bytes sent, less what more of them still wait for the
         // peer than when the window began.
         let carried = match self.in_flight {
-            (Some(before), Some(after)) => Some((self.bytes + before).saturating_sub(after) as f64),
+            (Some(before), Some(after)) => {
+                Some(self.bytes.saturating_add(before).saturating_sub(after) as f64)
+            }
             _ => None,
         };
         let mut speed = None;
