@@ -1,7 +1,8 @@
 //! `Compression::Auto` decides from what it measures: over unshaped TCP loopback it sends the
-//! pages raw, and across a link the kernel shapes to 250 MB/s (`testkit::netns`, skipped with
-//! the reason printed where namespaces cannot be made) it compresses them. One test in a
-//! binary of its own, so that nothing else runs beside it: the cores are idle but for it.
+//! pages raw; over the same loopback capped to 250 MB/s by `max_bandwidth`, and across a link
+//! the kernel shapes to 250 MB/s (`testkit::netns`, skipped with the reason printed where
+//! namespaces cannot be made), it compresses them. One test in a binary of its own, so that
+//! nothing else runs beside it: the cores are idle but for it.
 
 mod common;
 
@@ -13,9 +14,14 @@ use ramjet_dataplane::testkit::netns::Link;
 use ramjet_dataplane::{Compression, SendOptions, Stats};
 
 /// Migrates `src` (the mixed image) with `Compression::Auto` across `link` (`None`: TCP
-/// loopback), checks it arrived whole, and returns the sender's stats and its log lines about
-/// the codec.
-fn migrate_auto(link: Option<&Link>, src: &Arc<GuestMemory>, what: &str) -> (Stats, Vec<String>) {
+/// loopback), at most `max_bandwidth` bytes per second, checks it arrived whole, and returns
+/// the sender's stats and its log lines about the codec.
+fn migrate_auto(
+    link: Option<&Link>,
+    max_bandwidth: Option<u64>,
+    src: &Arc<GuestMemory>,
+    what: &str,
+) -> (Stats, Vec<String>) {
     let dst = Arc::new(GuestMemory::anonymous(src.total_pages() * 4096).expect("memory"));
     // Prefaulted, as a destination whose guest was set up before the migration: on this
     // machine a first touch of fresh memory costs 5–12 µs a page, which would make the
@@ -26,6 +32,7 @@ fn migrate_auto(link: Option<&Link>, src: &Arc<GuestMemory>, what: &str) -> (Sta
     let options = SendOptions {
         channels: 2,
         compression: Compression::Auto,
+        max_bandwidth,
         log: lines.log(),
         ..SendOptions::default()
     };
@@ -65,7 +72,7 @@ fn auto_compresses_across_a_slow_link_and_not_over_loopback() {
     // measures slower, and auto goes back), never most.
     let src = guest(512 << 20, Image::Mixed, 29);
     let compressible = src.total_pages() / 4;
-    let (stats, decisions) = migrate_auto(None, &src, "loopback");
+    let (stats, decisions) = migrate_auto(None, None, &src, "loopback");
     assert_eq!(
         last_codec(&decisions),
         Some("off"),
@@ -76,8 +83,23 @@ fn auto_compresses_across_a_slow_link_and_not_over_loopback() {
         "loopback: {stats:?} {decisions:#?}"
     );
 
-    // Across 250 MB/s the link is the bottleneck: once measured, auto compresses most of the
-    // compressible pages, with whichever codec measures fastest.
+    // A cap is a slow link: capped to 250 MB/s, the same loopback is the bottleneck, and
+    // once measured auto compresses most of the compressible pages, with whichever codec
+    // measures fastest.
+    let src = guest(160 << 20, Image::Mixed, 31);
+    let compressible = src.total_pages() / 4;
+    let (stats, decisions) = migrate_auto(None, Some(250_000_000), &src, "capped");
+    assert!(
+        stats.pages_lz4 + stats.pages_zstd > compressible / 2,
+        "capped: {stats:?} {decisions:#?}"
+    );
+    let codec = last_codec(&decisions);
+    assert!(
+        matches!(codec, Some("lz4" | "zstd")),
+        "capped: {decisions:#?}"
+    );
+
+    // Across 250 MB/s the link is the bottleneck, as the cap was.
     let link = match Link::new() {
         Ok(link) => link,
         Err(why) => {
@@ -86,9 +108,7 @@ fn auto_compresses_across_a_slow_link_and_not_over_loopback() {
         }
     };
     link.shape(Some(250_000_000)).expect("shape");
-    let src = guest(160 << 20, Image::Mixed, 31);
-    let compressible = src.total_pages() / 4;
-    let (stats, decisions) = migrate_auto(Some(&link), &src, "250 MB/s");
+    let (stats, decisions) = migrate_auto(Some(&link), None, &src, "250 MB/s");
     assert!(
         stats.pages_lz4 + stats.pages_zstd > compressible / 2,
         "250 MB/s: {stats:?} {decisions:#?}"
