@@ -2,7 +2,6 @@
 //! channel direction.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
-
 use std::os::fd::AsRawFd;
 
 use super::endpoint::{Queue, Stream, queued};
