@@ -181,13 +181,18 @@ impl Tally {
 
     /// The CPU time of all its batches, estimated from the timed ones (ns).
     pub fn all_batches_nanos(&self) -> u64 {
-        if self.timed_batches == 0 {
-            return 0;
-        }
-        let all = u128::from(self.batch_nanos) * u128::from(self.batches)
-            / u128::from(self.timed_batches);
-        u64::try_from(all).unwrap_or(u64::MAX)
+        pro_rata(self.batch_nanos, self.timed_batches, self.batches)
     }
+}
+
+/// What `all` would take, where `part` of it took `nanos`: `nanos * all / part` without
+/// overflow (saturating), and 0 where nothing was timed (`part` 0).
+pub(crate) fn pro_rata(nanos: u64, part: u64, all: u64) -> u64 {
+    if part == 0 {
+        return 0;
+    }
+    let scaled = u128::from(nanos) * u128::from(all) / u128::from(part);
+    u64::try_from(scaled).unwrap_or(u64::MAX)
 }
 
 /// A codec's latest samples: compressible pages it compressed, each timed on its own.

@@ -56,7 +56,7 @@ use std::time::{Duration, Instant};
 
 use super::outgoing::Holds;
 use crate::Log;
-use crate::codec::{PageCompression, Tally};
+use crate::codec::{PageCompression, Tally, pro_rata};
 use crate::memory::PAGE_SIZE;
 use crate::session::lock;
 
@@ -131,11 +131,11 @@ impl Parts {
         }
     }
 
-    /// With the CPU's part times `cpu` and the link's times `link`.
-    fn scaled(self, cpu: f64, link: f64) -> Parts {
+    /// Taken at `scale`: the CPU's part times its `cpu`, the link's times its `link`.
+    fn scaled(self, scale: Scale) -> Parts {
         Parts {
-            cpu: self.cpu * cpu,
-            link: self.link * link,
+            cpu: self.cpu * scale.cpu,
+            link: self.link * scale.link,
             serial: self.serial,
         }
     }
@@ -199,22 +199,14 @@ pub(crate) fn calibration(measured: f64, predicted: Parts) -> Option<Scale> {
         return None;
     }
     let scale = (measured / time).clamp(0.5, 2.0);
-    Some(if predicted.serial {
-        Scale {
-            cpu: scale,
-            link: scale,
-        }
+    let (cpu, link) = if predicted.serial {
+        (scale, scale)
     } else if predicted.cpu >= predicted.link {
-        Scale {
-            cpu: scale,
-            link: 1.0,
-        }
+        (scale, 1.0)
     } else {
-        Scale {
-            cpu: 1.0,
-            link: scale,
-        }
-    })
+        (1.0, scale)
+    };
+    Some(Scale { cpu, link })
 }
 
 /// The factors a prediction's parts are taken at ([`calibration`]).
@@ -222,6 +214,14 @@ pub(crate) fn calibration(measured: f64, predicted: Parts) -> Option<Scale> {
 pub(crate) struct Scale {
     pub(crate) cpu: f64,
     pub(crate) link: f64,
+}
+
+impl Scale {
+    /// As predicted.
+    const NONE: Scale = Scale {
+        cpu: 1.0,
+        link: 1.0,
+    };
 }
 
 /// Each codec's estimated time per non-zero page on a channel now using `current`: its
@@ -243,11 +243,8 @@ pub(crate) fn estimates(
         .and_then(|(m, p)| calibration(m, p));
     let mut out = [None; 3];
     for (i, slot) in out.iter_mut().enumerate() {
-        let scale = remembered[i].or(current_scale).unwrap_or(Scale {
-            cpu: 1.0,
-            link: 1.0,
-        });
-        *slot = measured[i].or(predicted[i].map(|p| p.scaled(scale.cpu, scale.link).time()));
+        let scale = remembered[i].or(current_scale).unwrap_or(Scale::NONE);
+        *slot = measured[i].or(predicted[i].map(|p| p.scaled(scale).time()));
     }
     out
 }
@@ -895,6 +892,14 @@ impl LinkMeter {
         }
     }
 
+    /// Whether a send starting at `start` opens a window: none is open, or the writer waited
+    /// more than [`GAP`](Self::GAP) for it, which ends the open one. Only then is what waits
+    /// in the link before it ([`record`](Self::record)'s `in_flight`) counted.
+    pub(crate) fn opens_window(&self, start: Instant) -> bool {
+        self.last
+            .is_none_or(|last| start.saturating_duration_since(last) > Self::GAP)
+    }
+
     /// Whether the writer should time its next send's CPU ([`record`](Self::record)): one in
     /// [`TIME_EVERY`](Self::TIME_EVERY), the first included.
     pub(crate) fn times_next(&mut self) -> bool {
@@ -905,8 +910,9 @@ impl LinkMeter {
     /// Counts one send of `bytes` holding the pages `holds` lists, from `start` to `end`
     /// (waiting for the rate limit included), that took `cpu_nanos` of the writer's CPU time
     /// (if timed: [`times_next`](Self::times_next)), with `in_flight` bytes waiting in the link
-    /// for the peer before and after it (where the link tells); at the end of a window updates
-    /// the session's measurements of the channel.
+    /// for the peer before it (read only where the send [opens a window](Self::opens_window))
+    /// and after it, where the link tells; at the end of a window updates the session's
+    /// measurements of the channel.
     pub(crate) fn record(
         &mut self,
         (start, end): (Instant, Instant),
@@ -916,7 +922,7 @@ impl LinkMeter {
         in_flight: (Option<u64>, Option<u64>),
     ) {
         if let Some(last) = self.last
-            && start.saturating_duration_since(last) > Self::GAP
+            && self.opens_window(start)
         {
             self.close(last);
         }
@@ -959,10 +965,7 @@ impl LinkMeter {
         // The sends not timed took as much per byte as those timed.
         let timed = self.cpu_bytes;
         let cpu_per_byte = (timed > 0).then(|| self.cpu_nanos as f64 / timed as f64);
-        if timed > 0 {
-            let all = u128::from(self.cpu_nanos) * u128::from(self.bytes) / u128::from(timed);
-            auto.add_own_cpu(u64::try_from(all).unwrap_or(u64::MAX));
-        }
+        auto.add_own_cpu(pro_rata(self.cpu_nanos, timed, self.bytes));
         let wall = end.saturating_duration_since(started).as_secs_f64();
         let (busy, bytes) = (self.busy.as_secs_f64(), self.bytes as f64);
         let full = wall >= Self::WINDOW.as_secs_f64() && self.bytes >= Self::WINDOW_BYTES;
@@ -1662,6 +1665,19 @@ mod tests {
             );
             *at += ms(10);
         };
+        // What waits before a send counts only where it opens a window: the first, and one
+        // after a wait of more than 20 ms.
+        assert!(meter.opens_window(at));
+        meter.record(
+            (at, at + ms(1)),
+            1 << 10,
+            [].into_iter(),
+            None,
+            (Some(0), Some(0)),
+        );
+        assert!(!meter.opens_window(at + ms(21)));
+        assert!(meter.opens_window(at + ms(22)));
+        at += ms(30);
         // The first window is left out; the second measures.
         send(&mut meter, &mut at, true);
         send(&mut meter, &mut at, true);

@@ -276,7 +276,9 @@ impl WriterContext {
                 Ok(()) => {
                     let measure = w.meter.as_mut().map(|meter| {
                         let cpu = meter.times_next().then(thread_cpu_nanos).flatten();
-                        (Instant::now(), cpu, w.link.in_flight())
+                        let start = Instant::now();
+                        let before = meter.opens_window(start).then(|| w.link.in_flight());
+                        (start, cpu, before.flatten())
                     });
                     if let Some(limit) = &self.limit {
                         limit.wait(written, &self.stop);
